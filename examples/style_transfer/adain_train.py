@@ -1,0 +1,652 @@
+"""Training AdaIN with the channel and xor losses that switch encoder channels off (or a baseline).
+
+Three modes, all with AdaIN's content and style losses:
+
+* ``compact`` (the Sensors 2022 method): the encoder trains at a small learning
+  rate and :class:`prunekit.regularizer.ChannelRegularizer` adds the channel
+  loss (switch channels off) and the xor loss (switch the same ones off for
+  every image) on the encoder output, relu4_1.
+* ``baseline``: the encoder is frozen, no regulariser: plain AdaIN.
+* ``uncorrelation``: the encoder trains with the uncorrelation loss instead
+  (*Uncorrelated feature encoding for faster image style transfer*, 2021).
+
+The losses are measured by a frozen copy of the initial encoder (the "loss
+network"), so training the encoder cannot make the style loss easier. The
+content loss compares relu4_1 of the output with either the AdaIN target
+(``content_target="adain"``, measured by the encoder being trained, so a
+channel it switched off is off on both sides) or with the content image's
+relu4_1 under the loss network (``"content"``).
+
+Every batch is a pure function of ``(seed, step)``, and a checkpoint holds the
+model, the optimisers, the step and the RNG, so a resumed run continues
+exactly as the uninterrupted one would.
+
+Example:
+    >>> config = TrainConfig("coco/", "wikiart/", "runs/compact", steps=160000)  # doctest: +SKIP
+    >>> train(config)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import click
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from examples.style_transfer.adain import (
+    ENCODER_OUTPUT,
+    STYLE_LAYERS,
+    AdaINNet,
+    adain,
+    build_decoder,
+    build_encoder,
+    channel_mean_std,
+    encoder_widths,
+)
+from examples.style_transfer.vgg import FeatureExtractor, Preprocessor
+from prunekit.datasets import IMAGE_EXTENSIONS
+from prunekit.io import PathLike, atomic_write, save_torch, write_json
+from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
+from prunekit.regularizer import ChannelRegularizer
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CONTENT_TARGETS",
+    "MODES",
+    "LossNetwork",
+    "PairedCropBatches",
+    "TrainConfig",
+    "TrainedModel",
+    "count_inactive",
+    "list_images",
+    "load_checkpoint",
+    "load_crop",
+    "plot_training_log",
+    "read_log",
+    "style_loss",
+    "train",
+]
+
+MODES = ("compact", "baseline", "uncorrelation")
+CONTENT_TARGETS = ("adain", "content")
+CHECKPOINT_FORMAT = "prunekit-adain-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint.
+
+    Defaults are the reference settings of the Sensors 2022 paper's unofficial
+    implementation: batch 4, 256 px crops, style weight 100, channel 1e4, xor 500,
+    encoder lr 5e-6, decoder lr 1e-4.
+
+    Attributes:
+        content_dir, style_dir: folders of training images (searched recursively).
+        out_dir: where checkpoint.pt, log.jsonl, log.png and config.json go.
+        mode: ``compact`` | ``baseline`` | ``uncorrelation``.
+        weights: encoder weights: ``imagenet`` | ``random`` | path to a VGG-19 state_dict.
+        width: encoder channel multiplier in (0, 1] (below 1: random weights only).
+        preprocess: ``imagenet`` | ``caffe`` input normalisation of the weights.
+        content_target: ``adain`` | ``content`` (see the module docstring).
+        probe_dir: held-out images whose consistently inactive channels are logged;
+            ``None`` uses centre crops of the first ``probe_images`` training images.
+        lr_decay: AdaIN's schedule ``lr / (1 + lr_decay * step)``.
+    """
+
+    content_dir: str
+    style_dir: str
+    out_dir: str
+    mode: str = "compact"
+    weights: str = "imagenet"
+    width: float = 1.0
+    preprocess: str = "imagenet"
+    steps: int = 160_000
+    batch_size: int = 4
+    crop: int = 256
+    load_size: int = 512
+    lr_decoder: float = 1e-4
+    lr_encoder: float = 5e-6
+    lr_decay: float = 5e-5
+    content_weight: float = 1.0
+    style_weight: float = 100.0
+    channel_weight: float = 1e4
+    xor_weight: float = 500.0
+    uncorrelation_weight: float = 1.0
+    content_target: str = "adain"
+    seed: int = 0
+    log_every: int = 50
+    probe_every: int = 500
+    checkpoint_every: int = 1000
+    probe_dir: Optional[str] = None
+    probe_images: int = 16
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting and its allowed values."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.content_target not in CONTENT_TARGETS:
+            raise ValueError(
+                f"content_target={self.content_target!r} is unknown; choose one of {', '.join(CONTENT_TARGETS)}"
+            )
+        encoder_widths(self.width)
+        for name in ("steps", "batch_size", "crop", "load_size", "log_every", "probe_every",
+                     "checkpoint_every", "probe_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if self.batch_size < 2 and self.mode == "compact":
+            raise ValueError("batch_size must be >= 2 in compact mode: the xor loss compares images")
+        if self.crop % 8:
+            raise ValueError(f"crop={self.crop} must be a multiple of 8 (three 2x poolings); e.g. 256")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        for name in ("lr_decoder", "lr_encoder", "lr_decay", "content_weight", "style_weight",
+                     "channel_weight", "xor_weight", "uncorrelation_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether the encoder is updated (every mode but ``baseline``)."""
+        return self.mode != "baseline"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (JSON and ``weights_only`` checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def list_images(folder: PathLike) -> List[Path]:
+    """Image files below ``folder`` (recursive, sorted, hidden files skipped).
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory.
+        ValueError: it holds no image file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    if not files:
+        raise ValueError(
+            f"no image file ({', '.join(IMAGE_EXTENSIONS)}) below {str(root)!r}; point to a folder of images"
+        )
+    return files
+
+
+def load_crop(
+    path: PathLike, crop: int, load_size: Optional[int] = None, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Read an image, scale its shorter side to ``load_size`` (at least ``crop``) and cut a ``crop`` square.
+
+    The crop position is drawn from ``generator``; ``None`` takes the centre.
+    Returns ``[3, crop, crop]`` in [0, 1].
+    """
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read {str(path)!r} as an image ({err.__class__.__name__}); remove it") from None
+    shorter = max(crop, load_size or min(image.size))
+    scale = shorter / min(image.size)
+    size = (max(crop, round(image.width * scale)), max(crop, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    width, height = image.size
+    if generator is None:
+        left, top = (width - crop) // 2, (height - crop) // 2
+    else:
+        left = int(torch.randint(0, width - crop + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - crop + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + crop, top + crop))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(crop, crop, 3).permute(2, 0, 1).float().div(255.0)
+
+
+class PairedCropBatches(Dataset):
+    """Item ``step`` is a (content, style) batch of random crops, a pure function of ``(seed, step)``.
+
+    Images are drawn with replacement, so a resumed run sees exactly the batches
+    the uninterrupted run would have, with or without loader workers.
+    """
+
+    def __init__(
+        self,
+        content_files: Sequence[Path],
+        style_files: Sequence[Path],
+        batch_size: int,
+        crop: int,
+        load_size: Optional[int],
+        seed: int,
+        steps: int,
+    ) -> None:
+        self.content_files = list(content_files)
+        self.style_files = list(style_files)
+        self.batch_size = batch_size
+        self.crop = crop
+        self.load_size = load_size
+        self.seed = seed
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _draw(self, files: Sequence[Path], generator: torch.Generator) -> Tensor:
+        picks = torch.randint(0, len(files), (self.batch_size,), generator=generator).tolist()
+        return torch.stack([load_crop(files[i], self.crop, self.load_size, generator) for i in picks])
+
+    def __getitem__(self, step: int) -> Tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self._draw(self.content_files, generator), self._draw(self.style_files, generator)
+
+
+def _probe_images(config: TrainConfig, content: Sequence[Path], style: Sequence[Path]) -> Tensor:
+    if config.probe_dir is not None:
+        files = list_images(config.probe_dir)[: config.probe_images]
+    else:
+        half = max(1, config.probe_images // 2)
+        files = list(content[:half]) + list(style[: config.probe_images - half])
+    return torch.stack([load_crop(path, config.crop, config.load_size) for path in files])
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class LossNetwork(nn.Module):
+    """A frozen encoder that measures relu1_1..relu4_1 of images in [0, 1] (AdaIN's loss network)."""
+
+    def __init__(self, encoder: nn.Sequential, preprocess: str = "imagenet") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.eval()
+        self.encoder.requires_grad_(False)
+        self.taps = FeatureExtractor(self.encoder, STYLE_LAYERS)
+        self.preprocessor = Preprocessor(preprocess)
+
+    def forward(self, images: Tensor) -> Dict[str, Tensor]:
+        return self.taps(self.preprocessor.normalize(images))
+
+    def train(self, mode: bool = True) -> "LossNetwork":
+        # Frozen by design: ignore a parent's .train().
+        return super().train(False)
+
+
+def style_loss(output: Dict[str, Tensor], style: Dict[str, Tensor]) -> Tensor:
+    """AdaIN's style loss: sum over layers of the MSE between channel means and between channel stds."""
+    total = None
+    for name in STYLE_LAYERS:
+        out_mean, out_std = channel_mean_std(output[name])
+        style_mean, style_std = channel_mean_std(style[name])
+        term = F.mse_loss(out_mean, style_mean) + F.mse_loss(out_std, style_std)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def count_inactive(feature: Tensor) -> int:
+    """Channels of ``[B, C, H, W]`` that are exactly zero on every image: consistently inactive."""
+    return int((feature.detach().flatten(2) != 0).any(dim=2).any(dim=0).logical_not().sum())
+
+
+# --------------------------------------------------------------------------- model state
+
+
+@dataclass
+class TrainedModel:
+    """A network loaded from a checkpoint, with its loss network and config."""
+
+    net: AdaINNet
+    loss_network: LossNetwork
+    config: TrainConfig
+    step: int
+
+
+def _build(config: TrainConfig) -> Tuple[AdaINNet, LossNetwork]:
+    encoder = build_encoder(config.weights, config.width)
+    loss_network = LossNetwork(copy.deepcopy(encoder), config.preprocess)
+    net = AdaINNet(encoder, build_decoder(encoder), config.preprocess)
+    net.encoder.requires_grad_(config.trains_encoder)
+    return net, loss_network
+
+
+def _optimizers(config: TrainConfig, net: AdaINNet) -> Dict[str, torch.optim.Optimizer]:
+    optimizers = {"decoder": torch.optim.Adam(net.decoder.parameters(), lr=config.lr_decoder)}
+    if config.trains_encoder:
+        optimizers["encoder"] = torch.optim.Adam(net.encoder.parameters(), lr=config.lr_encoder)
+    return optimizers
+
+
+def _checkpoint_state(
+    config: TrainConfig, net: AdaINNet, loss_network: LossNetwork,
+    optimizers: Dict[str, torch.optim.Optimizer], step: int,
+) -> Dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "step": step,
+        "encoder": net.encoder.state_dict(),
+        "decoder": net.decoder.state_dict(),
+        "loss_network": loss_network.encoder.state_dict(),
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"checkpoint {str(target)!r} does not exist; train first (adain train)")
+    try:
+        state = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise ValueError(f"cannot read checkpoint {str(target)!r} ({err.__class__.__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(target)!r} is not an AdaIN checkpoint written by adain_train.train")
+    return state
+
+
+def _structure_config(config: TrainConfig) -> TrainConfig:
+    # The checkpoint holds the weights: build the structure without downloading anything.
+    return dataclasses.replace(config, weights="random")
+
+
+def load_checkpoint(path: PathLike) -> TrainedModel:
+    """Load a checkpoint (``weights_only=True``) into a fresh network in eval mode.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an AdaIN checkpoint.
+    """
+    state = _read_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    net, loss_network = _build(_structure_config(config))
+    net.encoder.load_state_dict(state["encoder"])
+    net.decoder.load_state_dict(state["decoder"])
+    loss_network.encoder.load_state_dict(state["loss_network"])
+    net.eval()
+    net.requires_grad_(False)
+    return TrainedModel(net, loss_network, config, int(state["step"]))
+
+
+# --------------------------------------------------------------------------- log
+
+
+def read_log(path: PathLike) -> List[Dict[str, Any]]:
+    """Entries of a ``log.jsonl`` (one JSON object per line); a missing file is an empty log."""
+    target = Path(path)
+    if not target.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(target.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{str(target)!r} line {number} is not JSON; delete the line or the file") from None
+    return entries
+
+
+def _rewrite_log(path: Path, entries: Sequence[Dict[str, Any]]) -> None:
+    with atomic_write(path, "w") as handle:
+        for entry in entries:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def plot_training_log(log_path: PathLike, png_path: PathLike, title: Optional[str] = None) -> None:
+    """PNG of the losses (left) and of the inactive relu4_1 channels (right) over the training steps."""
+    from matplotlib.figure import Figure
+
+    entries = read_log(log_path)
+    if not entries:
+        raise ValueError(f"{str(log_path)!r} has no entries to plot; train for at least log_every steps")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    losses, channels = fig.subplots(1, 2)
+    for key in ("content", "style", "channel", "xor", "uncorrelation"):
+        points = [(e["step"], e[key]) for e in entries if key in e and e[key] > 0]
+        if points:
+            losses.plot(*zip(*points), label=key)
+    losses.set_yscale("log")
+    losses.set_xlabel("step")
+    losses.set_ylabel("loss (unweighted)")
+    losses.legend()
+    for key, label in (("batch_inactive", "inactive on the batch"),
+                       ("probe_inactive", "inactive on every probe image")):
+        points = [(e["step"], e[key]) for e in entries if key in e]
+        if points:
+            channels.plot(*zip(*points), label=label, marker="." if key == "probe_inactive" else None)
+    channels.set_xlabel("step")
+    channels.set_ylabel(f"relu4_1 channels of {entries[-1].get('channels', '?')}")
+    channels.legend()
+    fig.suptitle(title or "AdaIN training")
+    with atomic_write(png_path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _set_lr(config: TrainConfig, optimizers: Dict[str, torch.optim.Optimizer], step: int) -> None:
+    factor = 1.0 / (1.0 + config.lr_decay * step)
+    base = {"decoder": config.lr_decoder, "encoder": config.lr_encoder}
+    for name, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = base[name] * factor
+
+
+def _regularizer(config: TrainConfig, net: AdaINNet) -> Optional[ChannelRegularizer]:
+    if config.mode == "compact":
+        return ChannelRegularizer(net.encoder, [ENCODER_OUTPUT], config.channel_weight, config.xor_weight)
+    if config.mode == "uncorrelation":
+        return ChannelRegularizer(net.encoder, [ENCODER_OUTPUT], 0.0, 0.0, config.uncorrelation_weight)
+    return None
+
+
+def _regularizer_terms(config: TrainConfig, features: Tensor) -> Dict[str, float]:
+    """Unweighted values of the terms the mode uses, for the log."""
+    with torch.no_grad():
+        if config.mode == "compact":
+            return {"channel": float(channel_loss(features)), "xor": float(xor_loss(features))}
+        if config.mode == "uncorrelation":
+            return {"uncorrelation": float(uncorrelation_loss(features))}
+    return {}
+
+
+def _train_step(
+    config: TrainConfig,
+    net: AdaINNet,
+    loss_network: LossNetwork,
+    regularizer: Optional[ChannelRegularizer],
+    optimizers: Dict[str, torch.optim.Optimizer],
+    content: Tensor,
+    style: Tensor,
+) -> Dict[str, Any]:
+    # One encoder pass over content and style: the regulariser (which keeps only
+    # the latest forward) sees both, and the xor loss compares all 2B images.
+    content_features, style_features = net.encode_pair(content, style)
+    penalty = regularizer.loss() if regularizer is not None else None
+    both = torch.cat([content_features, style_features]).detach()
+    terms = _regularizer_terms(config, both)
+    target = adain(content_features, style_features)
+    output = net.decoder(target)
+    output_features = loss_network(output)
+    with torch.no_grad():
+        style_targets = loss_network(style)
+    if config.content_target == "adain":
+        measured = net.encode(output) if config.trains_encoder else output_features["relu4_1"]
+        content_value = F.mse_loss(measured, target.detach())
+    else:
+        with torch.no_grad():
+            reference = loss_network(content)["relu4_1"]
+        content_value = F.mse_loss(output_features["relu4_1"], reference)
+    style_value = style_loss(output_features, style_targets)
+    total = config.content_weight * content_value + config.style_weight * style_value
+    if penalty is not None:
+        total = total + penalty
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    for optimizer in optimizers.values():
+        optimizer.step()
+    if regularizer is not None:
+        regularizer.clear()
+    return {
+        "loss": total.item(),
+        "content": float(content_value),
+        "style": float(style_value),
+        **terms,
+        "batch_inactive": count_inactive(both),
+        "channels": both.shape[1],
+    }
+
+
+def _probe_inactive(net: AdaINNet, probe: Tensor, batch_size: int) -> int:
+    with torch.no_grad():
+        features = torch.cat([net.encode(chunk) for chunk in probe.split(batch_size * 2)])
+    return count_inactive(features)
+
+
+def _progress(steps: Sequence[int], show: bool) -> Any:
+    if not show:
+        import contextlib
+
+        return contextlib.nullcontext(steps)
+    return click.progressbar(steps, label="training AdaIN", file=sys.stderr, show_pos=True)
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> TrainedModel:
+    """Train (or with ``resume``, continue) an AdaIN network; return it with its loss network.
+
+    Writes into ``config.out_dir``: ``config.json``, ``log.jsonl`` (a line every
+    ``log_every`` steps: losses, inactive relu4_1 channels on the batch, and every
+    ``probe_every`` steps on the probe images), ``log.png`` and ``checkpoint.pt``
+    (every ``checkpoint_every`` steps and at the end, written atomically).
+
+    Args:
+        config: the run's settings.
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists. Its config wins,
+            except ``steps`` (so a finished run can be extended) and the log/checkpoint
+            intervals.
+        progress: show a progress bar on stderr.
+        on_log: called with every log entry (e.g. to print it).
+
+    Raises:
+        ValueError: a bad setting, a folder without images, a checkpoint of another run.
+        WeightsUnavailableError: ImageNet weights cannot be downloaded (pass a PATH).
+    """
+    config.validate()
+    out_dir = Path(config.out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    log_path = out_dir / LOG_NAME
+    if not resume and checkpoint_path.is_file():
+        raise ValueError(
+            f"{str(out_dir)!r} already holds a checkpoint; pass resume=True (--resume) to continue "
+            "it, or choose another output folder"
+        )
+    state = _read_checkpoint(checkpoint_path) if resume and checkpoint_path.is_file() else None
+    if state is not None:
+        saved = TrainConfig.from_dict(state["config"])
+        config = dataclasses.replace(
+            saved,
+            steps=config.steps,
+            log_every=config.log_every,
+            probe_every=config.probe_every,
+            checkpoint_every=config.checkpoint_every,
+            out_dir=config.out_dir,
+            num_workers=config.num_workers,
+        )
+        net, loss_network = _build(_structure_config(config))
+        net.encoder.load_state_dict(state["encoder"])
+        net.decoder.load_state_dict(state["decoder"])
+        loss_network.encoder.load_state_dict(state["loss_network"])
+        optimizers = _optimizers(config, net)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        start = int(state["step"])
+        torch.set_rng_state(state["rng"])
+        # Entries logged after the checkpoint will be logged again.
+        _rewrite_log(log_path, [e for e in read_log(log_path) if e["step"] <= start])
+    else:
+        torch.manual_seed(config.seed)
+        net, loss_network = _build(config)
+        optimizers = _optimizers(config, net)
+        start = 0
+        _rewrite_log(log_path, [])
+    write_json(out_dir / "config.json", config.to_dict())
+
+    content_files = list_images(config.content_dir)
+    style_files = list_images(config.style_dir)
+    probe = _probe_images(config, content_files, style_files)
+    batches = PairedCropBatches(
+        content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps
+    )
+    loader = DataLoader(
+        batches, batch_size=None, sampler=range(start, config.steps), num_workers=config.num_workers
+    )
+    regularizer = _regularizer(config, net)
+    net.train()
+    net.encoder.train(config.trains_encoder)
+    step = start
+    try:
+        with _progress(range(start, config.steps), progress) as bar, open(log_path, "a", encoding="utf-8") as log:
+            iterator: Iterator[Tuple[Tensor, Tensor]] = iter(loader)
+            for step in bar:
+                content, style = next(iterator)
+                _set_lr(config, optimizers, step)
+                entry = _train_step(config, net, loss_network, regularizer, optimizers, content, style)
+                done = step + 1
+                if done % config.probe_every == 0 or done == config.steps:
+                    entry["probe_inactive"] = _probe_inactive(net, probe, config.batch_size)
+                if done % config.log_every == 0 or "probe_inactive" in entry:
+                    entry = {"step": done, **entry}
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                    if on_log is not None:
+                        on_log(entry)
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    log.flush()
+                    save_torch(_checkpoint_state(config, net, loss_network, optimizers, done), checkpoint_path)
+                    plot_training_log(log_path, out_dir / "log.png", f"AdaIN, mode {config.mode}")
+                step = done
+    finally:
+        if regularizer is not None:
+            regularizer.remove()
+    net.eval()
+    net.requires_grad_(False)
+    return TrainedModel(net, loss_network, config, step)

@@ -1,0 +1,158 @@
+"""Image I/O for the style-transfer examples: files <-> tensors in [0, 1], resizing, panels.
+
+Tensors are RGB batches ``[1, 3, H, W]`` (a single ``[3, H, W]`` image is accepted
+where noted) with values in [0, 1].
+
+Example:
+    >>> img = torch.rand(1, 3, 32, 48)
+    >>> save_image(img, "out.png")  # doctest: +SKIP
+    >>> load_image("out.png", size=24).shape  # doctest: +SKIP
+    torch.Size([1, 3, 16, 24])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from torch import Tensor
+
+from prunekit.io import PathLike, atomic_write
+
+__all__ = ["load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "to_pil"]
+
+
+def _as_batch(img: Tensor) -> Tensor:
+    if img.dim() == 3:
+        img = img.unsqueeze(0)
+    if img.dim() != 4 or img.shape[0] != 1 or img.shape[1] != 3:
+        raise ValueError(f"expected an RGB image [1, 3, H, W] or [3, H, W], got shape {tuple(img.shape)}")
+    return img
+
+
+def _target_size(width: int, height: int, size: int) -> tuple:
+    """(width, height) with the longer side ``size``, aspect kept, each side at least 1."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_image(path: PathLike, size: Optional[int] = None) -> Tensor:
+    """Read an image file as an RGB tensor ``[1, 3, H, W]`` in [0, 1].
+
+    Args:
+        path: any format Pillow reads (PNG, JPEG, ...); alpha is dropped, grey becomes RGB.
+        size: resize so the LONGER side is ``size`` pixels, keeping the aspect ratio;
+            ``None`` keeps the file's size.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable image, or ``size`` < 1.
+    """
+    if size is not None and int(size) < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"image {str(target)!r} does not exist")
+    try:
+        with Image.open(target) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(
+            f"cannot read {str(target)!r} as an image ({err.__class__.__name__}); pass a PNG or JPEG file"
+        ) from None
+    if size is not None:
+        new_size = _target_size(image.width, image.height, int(size))
+        if new_size != image.size:
+            image = image.resize(new_size, Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_pil(img01: Tensor) -> Image.Image:
+    """Convert ``[1, 3, H, W]`` or ``[3, H, W]`` in [0, 1] to an 8-bit RGB PIL image (values are clamped)."""
+    img = _as_batch(img01.detach().float().cpu())[0]
+    array = (img.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def _format_for(path: Path) -> str:
+    extensions = Image.registered_extensions()
+    suffix = path.suffix.lower()
+    if suffix not in extensions:
+        raise ValueError(
+            f"cannot tell the image format of {str(path)!r} from its suffix {suffix!r}; "
+            f"use .png or .jpg"
+        )
+    return extensions[suffix]
+
+
+def save_image(img01: Union[Tensor, Image.Image], path: PathLike) -> None:
+    """Write an image atomically; the format follows the suffix (``.png``, ``.jpg``, ...)."""
+    target = Path(path)
+    image_format = _format_for(target)
+    image = img01 if isinstance(img01, Image.Image) else to_pil(img01)
+    with atomic_write(target, "wb") as handle:
+        image.save(handle, format=image_format)
+
+
+def resize_longer_side(img: Tensor, size: int) -> Tensor:
+    """Resize ``[1, 3, H, W]`` so its longer side is ``size`` (antialiased bilinear)."""
+    img = _as_batch(img)
+    height, width = img.shape[-2:]
+    new_width, new_height = _target_size(width, height, size)
+    if (new_height, new_width) == (height, width):
+        return img
+    return F.interpolate(img, size=(new_height, new_width), mode="bilinear", align_corners=False, antialias=True)
+
+
+def match_size(img: Tensor, like: Tensor) -> Tensor:
+    """Resize ``img`` to the height and width of ``like`` (antialiased bilinear; aspect not kept)."""
+    img = _as_batch(img)
+    size = tuple(like.shape[-2:])
+    if tuple(img.shape[-2:]) == size:
+        return img
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+
+
+def side_by_side(
+    images: Sequence[Tensor], labels: Optional[Sequence[str]] = None, height: Optional[int] = None
+) -> Image.Image:
+    """Lay images out in one row, each scaled to the same height, with its label underneath.
+
+    Args:
+        images: tensors ``[1, 3, H, W]`` in [0, 1].
+        labels: one caption per image (``None``: no captions).
+        height: row height in pixels; default the tallest image's height.
+    """
+    if not images:
+        raise ValueError("images is empty; pass at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image")
+    pils: List[Image.Image] = [to_pil(img) for img in images]
+    row_height = int(height) if height is not None else max(p.height for p in pils)
+    scaled = [
+        p if p.height == row_height else p.resize((max(1, round(p.width * row_height / p.height)), row_height), Image.Resampling.LANCZOS)
+        for p in pils
+    ]
+    font = ImageFont.load_default()
+    gap = 4
+    caption = 0
+    if labels is not None:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        caption = max(probe.textbbox((0, 0), text, font=font)[3] for text in labels) + 2 * gap if labels else 0
+    width = sum(p.width for p in scaled) + gap * (len(scaled) + 1)
+    canvas = Image.new("RGB", (width, row_height + caption + 2 * gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for index, image in enumerate(scaled):
+        canvas.paste(image, (x, gap))
+        if labels is not None:
+            text = labels[index]
+            text_width = draw.textbbox((0, 0), text, font=font)[2]
+            draw.text((x + max(0, (image.width - text_width) // 2), row_height + 2 * gap), text, fill="black", font=font)
+        x += image.width + gap
+    return canvas

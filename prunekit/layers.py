@@ -1,0 +1,169 @@
+"""Finding the prunable conv layers of a model and the modules that follow them.
+
+A "conv block" is a ``Conv2d`` with the ``BatchNorm2d`` and activation that
+follow it inside the same ``nn.Sequential`` (as in torchvision's VGG
+``features``). Channel statistics are measured at the end of the block, and
+channel masks cover the conv and its BatchNorm together.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from torch import nn
+
+__all__ = [
+    "ConvBlock",
+    "conv_block",
+    "conv_layers",
+    "get_module",
+    "resolve_layers",
+]
+
+# Element-wise activations: a channel that is zero before them is zero (or a
+# constant) after them, so they belong to the conv block.
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+
+
+def conv_layers(model: nn.Module) -> "OrderedDict[str, nn.Conv2d]":
+    """Return the prunable ``Conv2d`` layers of ``model``, by qualified name, in definition order.
+
+    Example:
+        >>> import torchvision
+        >>> list(conv_layers(torchvision.models.vgg11()))[:3]
+        ['features.0', 'features.3', 'features.6']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    return OrderedDict(
+        (name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+    )
+
+
+def resolve_layers(
+    model: nn.Module, layers: Optional[Iterable[str]] = None
+) -> "OrderedDict[str, nn.Conv2d]":
+    """Return the conv layers named in ``layers`` (all of them when ``None``), checking every name.
+
+    Raises:
+        KeyError: a name is not a conv layer of ``model``; the message lists the valid names.
+        ValueError: ``layers`` is empty or names a layer twice.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> list(resolve_layers(model, ["2"]))
+        ['2']
+    """
+    convs = conv_layers(model)
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer to prune")
+    if layers is None:
+        return convs
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(layers)
+    if not names:
+        raise ValueError("layers is empty; pass None for every conv layer or name at least one")
+    seen = set()
+    for name in names:
+        if name not in convs:
+            raise KeyError(
+                f"unknown layer {name!r}; conv layers are: {', '.join(convs)}"
+            )
+        if name in seen:
+            raise ValueError(f"layer {name!r} is named twice; name each layer once")
+        seen.add(name)
+    return OrderedDict((name, convs[name]) for name in names)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule ``name`` of ``model`` (``""`` is the model itself).
+
+    Raises:
+        KeyError: no such submodule; the message lists the conv layers.
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(
+            f"unknown module {name!r}; conv layers are: {', '.join(conv_layers(model))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ConvBlock:
+    """A conv layer with the BatchNorm and activation that directly follow it (either may be absent)."""
+
+    conv_name: str
+    conv: nn.Conv2d
+    batchnorm_name: Optional[str] = None
+    batchnorm: Optional[nn.BatchNorm2d] = None
+    activation_name: Optional[str] = None
+    activation: Optional[nn.Module] = None
+
+    @property
+    def output_name(self) -> str:
+        """Name of the last module of the block: where the block's response is read."""
+        return self.activation_name or self.batchnorm_name or self.conv_name
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The last module of the block."""
+        return self.activation or self.batchnorm or self.conv
+
+
+def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
+    """Find the BatchNorm2d and activation that follow conv ``conv_name``.
+
+    They are found only where the order of execution is certain: the modules
+    after the conv inside the same ``nn.Sequential``. Elsewhere the block is the
+    conv alone.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> conv_block(model, "0").output_name
+        '2'
+    """
+    convs = conv_layers(model)
+    if conv_name not in convs:
+        raise KeyError(f"unknown layer {conv_name!r}; conv layers are: {', '.join(convs)}")
+    conv = convs[conv_name]
+    parent_name, _, child = conv_name.rpartition(".")
+    parent = get_module(model, parent_name)
+    if not isinstance(parent, nn.Sequential):
+        return ConvBlock(conv_name, conv)
+    children = list(parent._modules.items())
+    index = [key for key, _ in children].index(child)
+    prefix = f"{parent_name}." if parent_name else ""
+    bn_name = bn = act_name = act = None
+    for key, module in children[index + 1 :]:
+        if (
+            bn is None
+            and act is None
+            and isinstance(module, nn.BatchNorm2d)
+            and module.num_features == conv.out_channels
+        ):
+            bn_name, bn = prefix + key, module
+        elif act is None and isinstance(module, _ACTIVATIONS):
+            act_name, act = prefix + key, module
+            break
+        else:
+            break
+    return ConvBlock(conv_name, conv, bn_name, bn, act_name, act)

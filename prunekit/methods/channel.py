@@ -1,0 +1,256 @@
+"""Structured pruning of conv output channels chosen from activation statistics."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from prunekit._rollback import rollback_on_error
+from prunekit.methods._amount import Amount, check_amount, count_to_prune
+
+__all__ = [
+    "CRITERIA",
+    "ChannelActivation",
+    "alive_channels",
+    "channel_activation",
+    "channel_scores",
+]
+
+CRITERIA = ("l2", "l0")
+
+Stats = Union[torch.Tensor, Any]  # a 1-D score tensor or a prunekit.ChannelStats
+
+
+def channel_scores(stats: Stats, criterion: str = "l2") -> torch.Tensor:
+    """Return the per-channel score tensor [C] of ``stats`` (a ChannelStats or a 1-D tensor).
+
+    Example:
+        >>> channel_scores(torch.tensor([0.5, 0.0, 2.0])).tolist()
+        [0.5, 0.0, 2.0]
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    if isinstance(stats, torch.Tensor):
+        scores = stats
+    elif hasattr(stats, "score"):
+        scores = stats.score(criterion)
+    else:
+        raise TypeError(
+            f"stats has type {type(stats).__name__}; pass a ChannelStats from "
+            "prunekit.collect_channel_stats or a 1-D tensor of per-channel scores"
+        )
+    if scores.dim() != 1:
+        raise ValueError(
+            f"channel scores must be 1-D (one per channel), got shape {tuple(scores.shape)}"
+        )
+    return scores.detach().float()
+
+
+def _check_selection(amount: Optional[Amount], threshold: Optional[float]) -> None:
+    if (amount is None) == (threshold is None):
+        raise ValueError(
+            "pass exactly one of amount (how many channels to prune) or threshold "
+            f"(prune channels scoring <= threshold); got amount={amount!r}, threshold={threshold!r}"
+        )
+    if amount is not None:
+        check_amount(amount)
+    elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold={threshold!r} must be a number")
+
+
+class ChannelActivation(prune.BasePruningMethod):
+    """Mask whole channels along ``dim`` whose activation score is lowest.
+
+    The scores come from activation statistics (see
+    :func:`prunekit.collect_channel_stats`), not from the weights: a channel
+    whose response after the activation is weak (``l2``) or rarely non-zero
+    (``l0``) is removed whatever its weight magnitude.
+
+    Args:
+        scores: one score per channel (1-D tensor).
+        amount: an int prunes that many lowest-scoring channels, a float in [0, 1]
+            that fraction of the channels.
+        threshold: instead of ``amount``, prune every channel with score <= threshold
+            (``threshold=0`` with ``l0`` scores: the channels that never fire).
+        dim: the channel dimension (0: output channels of a conv weight).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 4, 3)
+        >>> ChannelActivation.apply(conv, "weight", scores=torch.tensor([3., 0., 2., 1.]), amount=2)  # doctest: +ELLIPSIS
+        <...ChannelActivation object at ...>
+        >>> conv.weight_mask.flatten(1).amax(1).tolist()
+        [1.0, 0.0, 1.0, 0.0]
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        amount: Optional[Amount] = None,
+        threshold: Optional[float] = None,
+        dim: int = 0,
+    ) -> None:
+        _check_selection(amount, threshold)
+        self.scores = channel_scores(scores)
+        self.amount = amount
+        self.threshold = threshold
+        self.dim = dim
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        dim = self.dim if self.dim >= 0 else t.dim() + self.dim
+        if not 0 <= dim < t.dim():
+            raise IndexError(f"dim={self.dim} is out of range for a tensor of shape {tuple(t.shape)}")
+        channels = t.shape[dim]
+        if self.scores.numel() != channels:
+            raise ValueError(
+                f"the statistics have {self.scores.numel()} channels but the tensor has "
+                f"{channels} along dim {dim}; collect the statistics on this layer"
+            )
+        scores = self.scores.to(t.device)
+        if self.amount is not None:
+            count = count_to_prune(self.amount, channels, what="channels")
+            pruned = torch.argsort(scores, stable=True)[:count]
+        else:
+            pruned = torch.nonzero(scores <= self.threshold).flatten()
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        mask.index_fill_(dim, pruned, 0)
+        return mask
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls,
+        module: nn.Module,
+        name: str,
+        scores: torch.Tensor,
+        amount: Optional[Amount] = None,
+        threshold: Optional[float] = None,
+        dim: int = 0,
+        importance_scores: Optional[torch.Tensor] = None,
+    ) -> prune.BasePruningMethod:
+        """Mask channels of ``module.<name>`` in place, like ``prune.ln_structured``.
+
+        On an already pruned tensor torch's ``PruningContainer`` hands the method
+        only the channels still alive, so the scores are narrowed to them here.
+        """
+        scores = channel_scores(scores)
+        alive = alive_channels(module, name, dim)
+        if alive is not None:
+            if scores.numel() != alive.numel():
+                raise ValueError(
+                    f"the statistics have {scores.numel()} channels but {name!r} has "
+                    f"{alive.numel()}; collect the statistics on this layer"
+                )
+            scores = scores[alive.to(scores.device)]
+        # torch's container cannot slice a 1-D tensor by channel (it sums over no
+        # dims, i.e. over everything); per entry is the same thing for 1-D.
+        one_d = getattr(module, name).dim() == 1 and cls is ChannelActivation
+        method_cls = _PerEntryChannelActivation if one_d else cls
+        return super(ChannelActivation, method_cls).apply(
+            module,
+            name,
+            scores=scores,
+            amount=amount,
+            threshold=threshold,
+            dim=dim,
+            importance_scores=importance_scores,
+        )
+
+
+class _PerEntryChannelActivation(ChannelActivation):
+    """ChannelActivation on a 1-D tensor (bias, BatchNorm), where each entry is a channel."""
+
+    PRUNING_TYPE = "unstructured"
+
+
+def alive_channels(module: nn.Module, name: str, dim: int = 0) -> Optional[torch.Tensor]:
+    """Bool tensor of the channels of ``module.<name>`` not yet masked; ``None`` if it is not pruned.
+
+    A channel counts as masked when its whole slice of the mask is zero, the
+    rule torch's ``PruningContainer`` uses for structured methods.
+    """
+    if not any(
+        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name
+        for hook in module._forward_pre_hooks.values()
+    ):
+        return None
+    mask = getattr(module, name + "_mask")
+    d = dim if dim >= 0 else mask.dim() + dim
+    other = [i for i in range(mask.dim()) if i != d]
+    return (mask.sum(dim=other) != 0) if other else mask != 0
+
+
+def channel_activation(
+    module: nn.Module,
+    stats: Stats,
+    amount: Optional[Amount] = None,
+    threshold: Optional[float] = None,
+    criterion: str = "l2",
+    batchnorm: Optional[nn.BatchNorm2d] = None,
+) -> nn.Module:
+    """Mask the output channels of conv ``module`` with the lowest activation scores; return it.
+
+    The conv's ``weight`` and ``bias`` are masked for the same channels (a zeroed
+    weight with a live bias is not a dead channel), and so are the ``weight`` and
+    ``bias`` of ``batchnorm`` when given, so a masked channel outputs exactly 0.
+    Nothing is changed if any check fails.
+
+    Args:
+        module: an ``nn.Conv2d``.
+        stats: a :class:`prunekit.ChannelStats` for this conv, or a 1-D score tensor.
+        amount: count (int) or fraction (float) of channels to mask.
+        threshold: instead of ``amount``, mask channels scoring <= threshold.
+        criterion: ``"l2"`` (mean response norm) or ``"l0"`` (firing frequency).
+        batchnorm: the ``nn.BatchNorm2d`` that follows the conv, if any.
+
+    Example:
+        >>> conv = channel_activation(nn.Conv2d(3, 4, 3), torch.tensor([3., 0., 2., 1.]), threshold=0)
+        >>> conv.bias_mask.tolist()
+        [1.0, 0.0, 1.0, 1.0]
+    """
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(
+            f"channel_activation prunes the output channels of an nn.Conv2d; got "
+            f"{type(module).__name__}. Pass the conv layer (see prunekit.conv_layers(model))"
+        )
+    if batchnorm is not None and not isinstance(batchnorm, nn.BatchNorm2d):
+        raise TypeError(f"batchnorm must be an nn.BatchNorm2d, got {type(batchnorm).__name__}")
+    _check_selection(amount, threshold)
+    scores = channel_scores(stats, criterion)
+    channels = module.out_channels
+    if scores.numel() != channels:
+        raise ValueError(
+            f"the statistics have {scores.numel()} channels but the conv has {channels} output "
+            "channels; collect the statistics on this layer of this model"
+        )
+    if batchnorm is not None and batchnorm.num_features != channels:
+        raise ValueError(
+            f"batchnorm has {batchnorm.num_features} features but the conv has {channels} "
+            "output channels; pass the BatchNorm2d that follows this conv"
+        )
+    targets = [(module, "weight")]
+    if module.bias is not None:
+        targets.append((module, "bias"))
+    if batchnorm is not None and batchnorm.affine:
+        targets += [(batchnorm, "weight"), (batchnorm, "bias")]
+    alive = [alive_channels(target, name) for target, name in targets]
+    reference = next((a for a in alive if a is not None), None)
+    for (target, name), current in zip(targets, alive):
+        # torch narrows each tensor to its own live channels; if they differed,
+        # an amount would pick different channels in the weight and the bias.
+        expected = reference if reference is not None else torch.ones(channels, dtype=torch.bool)
+        current = current if current is not None else torch.ones(channels, dtype=torch.bool)
+        if not torch.equal(current.cpu(), expected.cpu()):
+            raise ValueError(
+                f"the masks of the conv and of its bias/batchnorm disagree on which channels are "
+                f"alive ({type(target).__name__}.{name} differs), e.g. after fine-grained pruning "
+                "zeroed a whole channel; apply channel pruning first, or finalize the model"
+            )
+    with rollback_on_error([m for m, _ in targets]):
+        for target, name in targets:
+            ChannelActivation.apply(target, name, scores=scores, amount=amount, threshold=threshold)
+    return module

@@ -1,0 +1,178 @@
+"""Per-layer sparsity plans: applying them, and turning a pruned model back into plain parameters."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from prunekit._rollback import rollback_on_error
+from prunekit.layers import conv_block, resolve_layers
+from prunekit.methods.channel import CRITERIA, alive_channels, channel_activation
+from prunekit.methods.fine_grained import FineGrainedL1
+
+__all__ = ["METHODS", "apply_plan", "copy_model", "finalize", "pruned_tensors"]
+
+METHODS = ("fine-grained", "channel")
+
+
+def pruned_tensors(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, prune.BasePruningMethod]]:
+    """Yield ``(module_name, module, tensor_name, method)`` for every pruning reparametrization."""
+    for module_name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                yield module_name, module, hook._tensor_name, hook
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Make pruning permanent: every ``<name>_orig``/``<name>_mask`` pair becomes a plain parameter.
+
+    The zeros stay, the forward pre-hooks (and their per-forward mask multiply)
+    go, and the state_dict loads into a fresh model of the same class. Works on
+    any torch pruning method, not only prunekit's.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3))
+        >>> model = finalize(apply_plan(model, {"0": 0.5}))
+        >>> sorted(model.state_dict())
+        ['0.bias', '0.weight']
+    """
+    for _, module, name, _ in list(pruned_tensors(model)):
+        prune.remove(module, name)
+    return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on a pruned model.
+
+    torch keeps the masked tensor (``weight = weight_orig * weight_mask``) as a
+    non-leaf tensor, which ``copy.deepcopy`` refuses once autograd recorded it.
+    It is detached for the copy and rebuilt afterwards; the forward pre-hook
+    rebuilds it at every forward anyway.
+
+    Example:
+        >>> twin = copy_model(apply_plan(nn.Sequential(nn.Conv2d(3, 8, 3)), {"0": 0.5}))
+        >>> hasattr(twin[0], "weight_mask")
+        True
+    """
+    reparametrized = list(pruned_tensors(model))
+    for _, module, name, _ in reparametrized:
+        setattr(module, name, getattr(module, name).detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for _, module, name, method in reparametrized:
+            setattr(module, name, method.apply_mask(module))
+
+
+def _check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
+    if not isinstance(plan, Mapping):
+        raise TypeError(
+            f"plan must map conv layer names to sparsities, got {type(plan).__name__}"
+        )
+    layers = resolve_layers(model, list(plan)) if plan else {}
+    checked = {}
+    for name in layers:
+        value = plan[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"plan[{name!r}]={value!r} is not a number; use a sparsity in [0, 1]")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"plan[{name!r}]={value} is outside [0, 1]; use a final sparsity in [0, 1]")
+        checked[name] = float(value)
+    return checked
+
+
+def _fine_grained_step(conv: nn.Conv2d, name: str, sparsity: float) -> int:
+    total = conv.weight.numel()
+    target = round(sparsity * total)
+    done = int((conv.weight_mask == 0).sum()) if hasattr(conv, "weight_mask") else 0
+    if done > target:
+        raise ValueError(
+            f"layer {name!r} already has {done / total:.4f} sparsity, above the planned "
+            f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow weights: "
+            "apply it to the unpruned model"
+        )
+    return target - done
+
+
+def _channel_step(conv: nn.Conv2d, name: str, sparsity: float) -> int:
+    channels = conv.out_channels
+    target = round(sparsity * channels)
+    alive = alive_channels(conv, "weight")
+    done = 0 if alive is None else int((~alive).sum())
+    if done > target:
+        raise ValueError(
+            f"layer {name!r} already has {done} of {channels} channels masked, above the planned "
+            f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow channels: "
+            "apply it to the unpruned model"
+        )
+    return target - done
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Mapping[str, float],
+    method: str = "fine-grained",
+    stats: Optional[Mapping[str, object]] = None,
+    criterion: str = "l2",
+) -> nn.Module:
+    """Prune each conv layer named in ``plan`` to its FINAL sparsity; return ``model``.
+
+    Values are final sparsities, not fractions of what remains: applying a plan
+    twice, or a new plan over an older one, gives exactly the planned sparsity
+    (only the missing zeros are added, through torch's ``PruningContainer``).
+    A value of 0 leaves a dense layer untouched. If anything fails, the model is
+    left as it was.
+
+    Args:
+        model: the model to prune in place.
+        plan: conv layer name -> final sparsity in [0, 1] (see :func:`prunekit.conv_layers`).
+        method: ``"fine-grained"`` (:class:`FineGrainedL1` on the weight) or ``"channel"``
+            (:class:`ChannelActivation`; the value is the fraction of output channels masked,
+            and the BatchNorm that follows the conv is masked too).
+        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
+        criterion: for ``"channel"``, ``"l2"`` or ``"l0"``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> model = apply_plan(model, {"0": 0.5, "2": 0.75})
+        >>> float((model[2].weight == 0).float().mean())
+        0.75
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    checked = _check_plan(model, plan)
+    if method == "channel":
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+        if stats is None:
+            raise ValueError(
+                "method='channel' needs activation statistics: "
+                "stats=prunekit.collect_channel_stats(model, data)"
+            )
+        missing = [name for name in checked if name not in stats]
+        if missing:
+            raise KeyError(
+                f"stats missing for layer {missing[0]!r}; collect them with "
+                f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
+            )
+    blocks = {name: conv_block(model, name) for name in checked}
+    touched = [module for block in blocks.values() for module in (block.conv, block.batchnorm) if module is not None]
+    with rollback_on_error(touched):
+        for name, sparsity in checked.items():
+            block = blocks[name]
+            if method == "fine-grained":
+                count = _fine_grained_step(block.conv, name, sparsity)
+                if count:
+                    FineGrainedL1.apply(block.conv, "weight", amount=count)
+            else:
+                count = _channel_step(block.conv, name, sparsity)
+                if count:
+                    channel_activation(
+                        block.conv, stats[name], amount=count, criterion=criterion, batchnorm=block.batchnorm
+                    )
+    return model

@@ -1,0 +1,216 @@
+"""Sparsity report: parameters, zeros and multiply-accumulates per layer and in total."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+
+_MIB = 1024.0 * 1024.0
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One conv or linear layer: weight and bias counts, and MACs for one input when measured."""
+
+    name: str
+    kind: str
+    params: int
+    zeros: int
+    macs: Optional[int] = None
+    effective_macs: Optional[int] = None
+
+    @property
+    def nonzeros(self) -> int:
+        return self.params - self.zeros
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """What pruning bought: per-layer and total zeros, sizes and MACs.
+
+    ``total_params``/``total_zeros`` cover every parameter of the model
+    (BatchNorm included); the sizes assume each parameter is stored at its
+    dtype, the non-zero size counts the non-zero values alone.
+    """
+
+    layers: List[LayerSparsity]
+    total_params: int
+    total_zeros: int
+    dense_bytes: int
+    nonzero_bytes: int
+    input_size: Optional[Sequence[int]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_nonzeros(self) -> int:
+        return self.total_params - self.total_zeros
+
+    @property
+    def sparsity(self) -> float:
+        return self.total_zeros / self.total_params if self.total_params else 0.0
+
+    @property
+    def compression(self) -> float:
+        """Dense parameters per non-zero parameter (the "6.64x" of a counting report)."""
+        return self.total_params / self.total_nonzeros if self.total_nonzeros else float("inf")
+
+    @property
+    def macs(self) -> Optional[int]:
+        return None if self.input_size is None else sum(layer.macs or 0 for layer in self.layers)
+
+    @property
+    def effective_macs(self) -> Optional[int]:
+        return None if self.input_size is None else sum(layer.effective_macs or 0 for layer in self.layers)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data for JSON: every layer plus the totals."""
+        layers = [dict(asdict(layer), sparsity=layer.sparsity, nonzeros=layer.nonzeros) for layer in self.layers]
+        return {
+            "layers": layers,
+            "total_params": self.total_params,
+            "total_zeros": self.total_zeros,
+            "total_nonzeros": self.total_nonzeros,
+            "sparsity": self.sparsity,
+            "compression": self.compression,
+            "dense_mib": self.dense_bytes / _MIB,
+            "nonzero_mib": self.nonzero_bytes / _MIB,
+            "input_size": list(self.input_size) if self.input_size is not None else None,
+            "macs": self.macs,
+            "effective_macs": self.effective_macs,
+        }
+
+    def __str__(self) -> str:
+        with_macs = self.input_size is not None
+        header = ["layer", "kind", "params", "zeros", "sparsity"] + (["MACs", "eff. MACs"] if with_macs else [])
+        rows = [
+            [layer.name, layer.kind, f"{layer.params:,}", f"{layer.zeros:,}", f"{layer.sparsity:.1%}"]
+            + ([_macs(layer.macs), _macs(layer.effective_macs)] if with_macs else [])
+            for layer in self.layers
+        ]
+        rows.append(
+            ["total (all params)", "", f"{self.total_params:,}", f"{self.total_zeros:,}", f"{self.sparsity:.1%}"]
+            + ([_macs(self.macs), _macs(self.effective_macs)] if with_macs else [])
+        )
+        widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+        lines = ["  ".join(str(cell).rjust(width) if i > 1 else str(cell).ljust(width)
+                           for i, (cell, width) in enumerate(zip(row, widths))) for row in [header] + rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.insert(len(lines) - 1, lines[1])
+        lines.append(
+            f"size: {self.dense_bytes / _MIB:.2f} MiB dense, {self.nonzero_bytes / _MIB:.2f} MiB of non-zeros "
+            f"({self.compression:.2f}x fewer parameters)"
+        )
+        if with_macs and self.effective_macs:
+            lines.append(
+                f"MACs per input of size {'x'.join(map(str, self.input_size))}: {_macs(self.macs)} dense, "
+                f"{_macs(self.effective_macs)} on non-zero weights ({self.macs / self.effective_macs:.2f}x)"
+            )
+        return "\n".join(lines)
+
+
+def _macs(value: Optional[int]) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _count(module: nn.Module) -> tuple:
+    # module.weight is the masked tensor when the module is pruned, so the
+    # zeros of masks and of finalized weights are counted alike.
+    params = zeros = 0
+    for name in ("weight", "bias"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            params += tensor.numel()
+            zeros += int((tensor == 0).sum())
+    return params, zeros
+
+
+def _measure_macs(model: nn.Module, layers: Dict[str, nn.Module], input_size: Sequence[int]) -> Dict[str, tuple]:
+    results: Dict[str, tuple] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            weight = module.weight
+            if isinstance(module, nn.Conv2d):
+                positions = output.shape[0] * output.shape[2] * output.shape[3]
+                per_position = weight[0].numel()
+                dense = positions * module.out_channels * per_position
+                effective = positions * int((weight != 0).sum())
+            else:
+                rows = output.numel() // module.out_features
+                dense = rows * weight.numel()
+                effective = rows * int((weight != 0).sum())
+            results[name] = (dense, effective)
+
+        return hook
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        model.eval()
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size), device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return results
+
+
+def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> SparsityReport:
+    """Count parameters, zeros and (with ``input_size``) MACs of every conv and linear layer.
+
+    Args:
+        model: a dense, pruned (masked) or finalized model.
+        input_size: one input's shape without the batch dimension, e.g. ``(3, 224, 224)``;
+            MACs are then measured by one forward pass of zeros (the model is not changed).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> report = sparsity_report(model, input_size=(3, 8, 8))
+        >>> report.layers[0].macs
+        7776
+    """
+    if input_size is not None:
+        input_size = tuple(int(size) for size in input_size)
+        if not input_size or any(size <= 0 for size in input_size):
+            raise ValueError(f"input_size={input_size} must be positive sizes without the batch, e.g. (3, 224, 224)")
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
+    macs = _measure_macs(model, layers, input_size) if input_size is not None else {}
+    rows = []
+    for name, module in layers.items():
+        params, zeros = _count(module)
+        dense, effective = macs.get(name, (None, None))
+        rows.append(LayerSparsity(name, type(module).__name__, params, zeros, dense, effective))
+    total_params = total_zeros = dense_bytes = nonzero_bytes = 0
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            # A pruned tensor is stored as <name>_orig; count its masked version.
+            tensor = getattr(module, name[: -len("_orig")]) if name.endswith("_orig") else param
+            nonzero = int((tensor != 0).sum())
+            total_params += tensor.numel()
+            total_zeros += tensor.numel() - nonzero
+            dense_bytes += tensor.numel() * tensor.element_size()
+            nonzero_bytes += nonzero * tensor.element_size()
+    return SparsityReport(rows, total_params, total_zeros, dense_bytes, nonzero_bytes, input_size)

@@ -1,0 +1,274 @@
+"""Built-in scan metrics: output distortion against the dense model, and classification accuracy.
+
+``scan`` accepts any ``evaluate(model) -> float``. The metrics here are
+:class:`ForwardMetric` objects: besides being callable, they say which inputs
+they feed the model and how a score follows from the outputs, so the scanner
+can run only the layers after the pruned one (see ``prunekit.sensitivity.scanner``)
+and get the same score as a full forward.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.layers import get_module
+
+__all__ = ["Accuracy", "ForwardMetric", "MODEL_OUTPUT", "OutputDistortion", "model_device"]
+
+#: Key of the model's own output in the ``outputs`` mapping a metric receives.
+MODEL_OUTPUT = ""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class ForwardMetric(abc.ABC):
+    """A score computed from the model's outputs on fixed batches.
+
+    Subclasses give the batches (:meth:`batches`), a per-batch additive statistic
+    (:meth:`batch_statistics`) and the final reduction (:meth:`reduce`). Calling
+    the metric runs full forwards; ``scan`` may instead feed the same
+    statistics from a partial forward, which is why scores must depend only on
+    the outputs named in :attr:`capture`.
+
+    Attributes:
+        name: short name shown in tables and files (``"accuracy"``).
+        higher_is_better: the direction of the score.
+        capture: module names whose outputs the score reads; ``""`` is the model output.
+    """
+
+    name: str = "score"
+    higher_is_better: bool = True
+    capture: Tuple[str, ...] = (MODEL_OUTPUT,)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called by ``scan`` on the dense model before any pruning (e.g. to record references)."""
+
+    @abc.abstractmethod
+    def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
+        """Yield ``(model input on device, target)``: the same batches, in the same order, every time."""
+
+    @abc.abstractmethod
+    def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
+        """Return a 1-D float64 tensor of sums for one batch; totals over batches go to :meth:`reduce`.
+
+        ``outputs`` maps the names of :attr:`capture` to their outputs for this
+        batch. A name may be absent: its output then equals the dense model's
+        (the pruned layer comes after it), which a metric must treat as such.
+        """
+
+    @abc.abstractmethod
+    def reduce(self, totals: Tensor) -> float:
+        """Turn the summed statistics of all batches into the score."""
+
+    def __call__(self, model: nn.Module) -> float:
+        """Score ``model`` with full forwards (under ``torch.no_grad()``)."""
+        device = model_device(model)
+        totals: Optional[Tensor] = None
+        with torch.no_grad(), _captured(model, self.capture) as captured:
+            for inputs, target in self.batches(device):
+                captured.clear()
+                output = model(inputs)
+                outputs = dict(captured)
+                if MODEL_OUTPUT in self.capture:
+                    outputs[MODEL_OUTPUT] = output
+                stats = self.batch_statistics(outputs, target)
+                totals = stats if totals is None else totals + stats
+        if totals is None:
+            raise ValueError(f"{type(self).__name__} has no batch to evaluate; pass at least one")
+        return self.reduce(totals)
+
+    def __repr__(self) -> str:
+        direction = "higher" if self.higher_is_better else "lower"
+        return f"{type(self).__name__}(name={self.name!r}, {direction} is better)"
+
+
+@contextlib.contextmanager
+def _captured(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, Tensor]]:
+    """Record (a copy of) the output of each named submodule while the block runs; hooks removed after."""
+    captured: Dict[str, Tensor] = {}
+    handles = []
+
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            # A copy, since an in-place op further on (ReLU(inplace=True)) may overwrite it.
+            captured[name] = output.detach().clone()
+
+        return hook
+
+    try:
+        for name in names:
+            if name != MODEL_OUTPUT:
+                handles.append(get_module(model, name).register_forward_hook(hook_for(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _as_batches(inputs: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
+    if isinstance(inputs, Tensor):
+        batches = [inputs]
+    elif isinstance(inputs, (list, tuple)):
+        batches = list(inputs)
+    else:
+        raise TypeError(
+            f"inputs must be a tensor (one batch) or a list of tensors, got {type(inputs).__name__}"
+        )
+    if not batches:
+        raise ValueError("inputs is empty; pass at least one batch of model inputs")
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Tensor):
+            raise TypeError(f"inputs[{index}] is a {type(batch).__name__}, not a tensor")
+    return [batch.detach() for batch in batches]
+
+
+def _relative_distance(squared_error: float, squared_norm: float) -> float:
+    if squared_norm > 0.0:
+        return math.sqrt(squared_error / squared_norm)
+    return 0.0 if squared_error == 0.0 else math.inf
+
+
+class OutputDistortion(ForwardMetric):
+    """Relative L2 distance of the pruned model's outputs to the dense model's, on fixed inputs.
+
+    ``||y - y_dense|| / ||y_dense||`` over all calibration batches, for the model
+    output or, with ``layers``, for each named module's output (the score is then
+    the mean over those modules). 0 means unchanged; lower is better. The dense
+    reference is recorded by :meth:`prepare` (``scan`` calls it).
+
+    Args:
+        inputs: one batch (a tensor) or a list of batches fed to the model.
+        layers: module names whose outputs are compared (e.g. VGG style layers
+            ``["features.1", "features.6"]``); ``None`` compares the model output.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> metric = OutputDistortion(torch.randn(2, 3, 8, 8))
+        >>> metric.prepare(model); metric(model)
+        0.0
+    """
+
+    name = "distortion"
+    higher_is_better = False
+
+    def __init__(
+        self, inputs: Union[Tensor, Sequence[Tensor]], layers: Optional[Sequence[str]] = None
+    ) -> None:
+        self.inputs = _as_batches(inputs)
+        if layers is None:
+            self.capture = (MODEL_OUTPUT,)
+        else:
+            names = [layers] if isinstance(layers, str) else list(layers)
+            if not names:
+                raise ValueError("layers is empty; pass None to compare the model output")
+            if len(set(names)) != len(names):
+                raise ValueError(f"layers names a module twice: {names}; name each once")
+            self.capture = tuple(names)
+        self._reference: Optional[List[Dict[str, Tensor]]] = None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Record the outputs of ``model`` (the dense model) that later scores are compared to."""
+        for name in self.capture:
+            if name != MODEL_OUTPUT:
+                get_module(model, name)  # KeyError naming the valid layers
+        reference: List[Dict[str, Tensor]] = []
+        device = model_device(model)
+        with torch.no_grad(), _captured(model, self.capture) as captured:
+            for inputs in self.inputs:
+                captured.clear()
+                output = model(inputs.to(device))
+                outputs = dict(captured)
+                if MODEL_OUTPUT in self.capture:
+                    outputs[MODEL_OUTPUT] = output.detach().clone()
+                reference.append(outputs)
+        self._reference = reference
+
+    def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
+        if self._reference is None:
+            raise RuntimeError(
+                "OutputDistortion has no dense reference yet; call metric.prepare(dense_model) "
+                "first (scan() does it for you)"
+            )
+        for index, inputs in enumerate(self.inputs):
+            yield inputs.to(device), index
+
+    def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
+        assert self._reference is not None  # batches() checked it
+        reference = self._reference[target]
+        stats = torch.zeros(2 * len(self.capture), dtype=torch.float64)
+        for i, name in enumerate(self.capture):
+            ref = reference[name].double()
+            if name in outputs:
+                stats[2 * i] = (outputs[name].double() - ref).pow(2).sum().cpu()
+            stats[2 * i + 1] = ref.pow(2).sum().cpu()
+        return stats
+
+    def reduce(self, totals: Tensor) -> float:
+        values = totals.tolist()
+        distances = [
+            _relative_distance(values[2 * i], values[2 * i + 1]) for i in range(len(self.capture))
+        ]
+        return float(sum(distances) / len(distances))
+
+
+class Accuracy(ForwardMetric):
+    """Top-1 accuracy (fraction in [0, 1]) of a classifier on labelled batches; higher is better.
+
+    Args:
+        loader: iterable of ``(inputs, labels)`` batches, e.g. a ``DataLoader``
+            without shuffling or random augmentation (the same batches every pass).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+        >>> metric = Accuracy([(torch.randn(4, 1, 3, 3), torch.tensor([0, 1, 0, 1]))])
+        >>> 0.0 <= metric(model) <= 1.0
+        True
+    """
+
+    name = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        if not isinstance(loader, Iterable):
+            raise TypeError(f"loader must be an iterable of (inputs, labels), got {type(loader).__name__}")
+        self.loader = loader
+
+    def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
+        for index, batch in enumerate(self.loader):
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
+                raise TypeError(
+                    f"batch {index} is a {type(batch).__name__}; Accuracy needs (inputs, labels) "
+                    "batches, e.g. from a labelled dataset"
+                )
+            inputs, labels = batch[0], batch[1]
+            if not isinstance(labels, Tensor):
+                labels = torch.as_tensor(labels)
+            yield inputs.to(device), labels
+
+    def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
+        logits = outputs[MODEL_OUTPUT]
+        if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"Accuracy needs class scores of shape [batch, classes] matching {target.shape[0]} "
+                f"labels; the model returned shape {tuple(logits.shape)}"
+            )
+        correct = (logits.argmax(dim=1).cpu() == target.cpu()).sum()
+        return torch.tensor([float(correct), float(target.shape[0])], dtype=torch.float64)
+
+    def reduce(self, totals: Tensor) -> float:
+        correct, count = totals.tolist()
+        return correct / count if count else math.nan
+

@@ -1,0 +1,96 @@
+"""Sensitivity curves as a PNG: one small chart per layer, score against sparsity, with the dense baseline."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Optional
+
+from prunekit.io import PathLike, atomic_write
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunekit.sensitivity.result import SensitivityResult
+
+__all__ = ["plot_sensitivity"]
+
+_COLUMNS = 4
+
+
+def _matplotlib() -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "plotting needs matplotlib: pip install 'prunekit[plots]'"
+        ) from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_sensitivity(
+    result: "SensitivityResult",
+    path: PathLike,
+    max_drop: Optional[float] = None,
+    relative: bool = False,
+    title: Optional[str] = None,
+) -> None:
+    """Write ``result`` as a grid of per-layer curves to the PNG file ``path`` (atomically).
+
+    Each chart shows the score at 0 % (the dense baseline) and at every scanned
+    sparsity, the baseline as a dashed line, and with ``max_drop`` the band of
+    acceptable scores and the planned sparsity. All charts share the y axis so
+    layers can be compared at a glance.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'prunekit[plots]'``).
+        ValueError: the baseline is not measured yet.
+
+    Example:
+        >>> plot_sensitivity(result, "sensitivity.png", max_drop=0.01)  # doctest: +SKIP
+    """
+    Figure, FigureCanvasAgg = _matplotlib()
+    if result.baseline is None:
+        raise ValueError("the baseline is not measured yet; finish the scan before plotting")
+    baseline = result.baseline
+    plan = result.plan(max_drop, relative) if max_drop is not None else None
+    layers = result.layers
+    columns = min(_COLUMNS, max(1, len(layers)))
+    rows = math.ceil(len(layers) / columns)
+
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    xs = [0.0] + [100.0 * s for s in result.sparsities]
+    allowed = None
+    if max_drop is not None:
+        delta = max_drop * abs(baseline) if relative else max_drop
+        allowed = baseline - delta if result.higher_is_better else baseline + delta
+
+    for index, ax in enumerate(axes.flat):
+        if index >= len(layers):
+            ax.set_visible(False)
+            continue
+        layer = layers[index]
+        scores = result.scores[layer]
+        points = [(x, y) for x, y in zip(xs, [baseline] + scores) if y is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color="tab:blue")
+        ax.axhline(baseline, linestyle="--", linewidth=1, color="gray", label="dense")
+        if allowed is not None:
+            low, high = sorted((baseline, allowed))
+            ax.axhspan(low, high, color="tab:green", alpha=0.12, linewidth=0)
+        if plan is not None and plan[layer] > 0:
+            ax.axvline(100.0 * plan[layer], color="tab:red", linewidth=1)
+        ax.set_title(layer, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("sparsity (%)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(result.metric, fontsize=8)
+
+    direction = "higher" if result.higher_is_better else "lower"
+    heading = title or f"Sensitivity: {result.metric} ({direction} is better), {result.method} pruning, one layer at a time"
+    if plan is not None:
+        heading += "\nband: tolerance, red line: planned sparsity"
+    figure.suptitle(heading, fontsize=10)
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=100)

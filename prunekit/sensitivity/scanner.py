@@ -1,0 +1,459 @@
+"""The sensitivity scan: prune one conv layer at a time at several sparsities, score, restore.
+
+The driver owns every change made to the model and undoes it. A point is
+measured by swapping the data of the layer's tensors for masked copies
+(computed exactly as :func:`prunekit.apply_plan` would) and swapping the
+original data back; torch's pruning reparametrization is not used, so no
+``_orig``/``_mask``/hook ever appears and the original values are never
+written, whatever ``evaluate`` does or raises (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import sys
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import click
+import torch
+from torch import Tensor, nn
+
+from prunekit.layers import conv_block, resolve_layers
+from prunekit.methods.channel import CRITERIA, ChannelActivation, channel_scores
+from prunekit.methods.fine_grained import FineGrainedL1
+from prunekit.sensitivity._suffix import Chain, sequential_chain
+from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
+from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
+
+__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "scan"]
+
+METHODS = ("fine-grained", "channel")
+
+#: Largest total size (bytes) of cached layer inputs before falling back to full forwards.
+DEFAULT_CACHE_LIMIT = 2 << 30
+
+Target = Tuple[nn.Module, str]
+
+
+# ---------------------------------------------------------------------------
+# Checks
+
+
+def _metric_identity(evaluate: Callable[..., Any], higher_is_better: Optional[bool]) -> Tuple[str, bool]:
+    name = getattr(evaluate, "name", None)
+    if not isinstance(name, str) or not name:
+        name = getattr(evaluate, "__name__", "score")
+        name = "score" if name == "<lambda>" else name
+    if higher_is_better is None:
+        higher_is_better = getattr(evaluate, "higher_is_better", True)
+    return name, bool(higher_is_better)
+
+
+def _score(value: Any) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"evaluate(model) returned {type(value).__name__}; it must return a number")
+    return float(value)
+
+
+def _targets(model: nn.Module, layer: str, method: str) -> List[Target]:
+    """The tensors a point masks: the conv weight, plus bias and following BatchNorm for channels."""
+    block = conv_block(model, layer)
+    targets: List[Target] = [(block.conv, "weight")]
+    if method == "channel":
+        if block.conv.bias is not None:
+            targets.append((block.conv, "bias"))
+        if block.batchnorm is not None and block.batchnorm.affine:
+            targets += [(block.batchnorm, "weight"), (block.batchnorm, "bias")]
+    for module, name in targets:
+        if name not in module._parameters:
+            raise ValueError(
+                f"layer {layer!r} is already pruned ({type(module).__name__} has {name}_orig/"
+                f"{name}_mask); scan the dense model, or make its pruning permanent with "
+                "prunekit.finalize(model) first (the scan then starts from its zeros)"
+            )
+    return targets
+
+
+def _channel_scores(stats: Optional[Mapping[str, Any]], layers: Iterable[str], criterion: str) -> Dict[str, Tensor]:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    if stats is None:
+        raise ValueError(
+            "method='channel' needs activation statistics: "
+            "stats=prunekit.collect_channel_stats(model, data)"
+        )
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must map layer names to ChannelStats, got {type(stats).__name__}")
+    names = list(layers)
+    missing = [name for name in names if name not in stats]
+    if missing:
+        raise KeyError(
+            f"stats missing for layer {missing[0]!r}; collect them with "
+            f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
+        )
+    return {name: channel_scores(stats[name], criterion) for name in names}
+
+
+def _check_resume(previous: SensitivityResult, fresh: SensitivityResult) -> None:
+    differences = []
+    if previous.layers != fresh.layers:
+        differences.append(f"layers {previous.layers} vs {fresh.layers}")
+    if len(previous.sparsities) != len(fresh.sparsities) or not all(
+        math.isclose(a, b, abs_tol=1e-9) for a, b in zip(previous.sparsities, fresh.sparsities)
+    ):
+        differences.append(f"sparsities {list(previous.sparsities)} vs {list(fresh.sparsities)}")
+    for field in ("method", "metric", "higher_is_better"):
+        if getattr(previous, field) != getattr(fresh, field):
+            differences.append(f"{field} {getattr(previous, field)!r} vs {getattr(fresh, field)!r}")
+    if differences:
+        raise ValueError(
+            "resume_from does not match this scan (" + "; ".join(differences) + "); "
+            "rerun with the same options, or start a new scan without resume_from"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Masks
+
+
+class _Masker:
+    """Masked copies of a layer's tensors, computed exactly as ``apply_plan`` computes its masks."""
+
+    def __init__(self, method: str, scores: Optional[Dict[str, Tensor]]) -> None:
+        self.method = method
+        self.scores = scores
+
+    def masked(self, layer: str, targets: Sequence[Target], sparsity: float) -> List[Tensor]:
+        out = []
+        with torch.no_grad():
+            for module, name in targets:
+                tensor = module._parameters[name]
+                if self.method == "fine-grained":
+                    count = round(sparsity * tensor.numel())
+                    pruning: Any = FineGrainedL1(amount=count)
+                else:
+                    channels = targets[0][0].out_channels  # type: ignore[union-attr]
+                    count = round(sparsity * channels)
+                    pruning = ChannelActivation(self.scores[layer], amount=count)  # type: ignore[index]
+                mask = pruning.compute_mask(tensor, torch.ones_like(tensor))
+                # The same product the pruning forward pre-hook computes (weight_orig * weight_mask).
+                out.append(tensor.detach() * mask.to(dtype=tensor.dtype))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# The model's state
+
+
+class _Guard:
+    """Records what the scan may change and puts it back: swapped data, train flags, buffers, grads."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = [(module, module.training) for module in model.modules()]
+        # BatchNorm in train mode would update its running statistics; the scan
+        # runs in eval mode, and this copy undoes an evaluate() that trains anyway.
+        self.buffers = [
+            (buffer, buffer.detach().clone()) for buffer in model.buffers()
+        ]
+        self.grads = [(param, param.grad) for param in model.parameters()]
+        self.swapped: Dict[int, Tuple[nn.Parameter, Tensor]] = {}
+
+    @contextlib.contextmanager
+    def swap(self, targets: Sequence[Target], data: Sequence[Tensor]) -> Iterator[None]:
+        """Give each target parameter the data in ``data`` for the duration of the block."""
+        try:
+            for (module, name), new in zip(targets, data):
+                param = module._parameters[name]
+                assert param is not None
+                if id(param) not in self.swapped:
+                    self.swapped[id(param)] = (param, param.data)
+                param.data = new
+            yield
+        finally:
+            self.unswap()
+
+    def unswap(self) -> None:
+        # Idempotent, so the outer restore can finish an inner one cut short by Ctrl-C.
+        while self.swapped:
+            key = next(iter(self.swapped))
+            param, original = self.swapped[key]
+            param.data = original
+            del self.swapped[key]
+
+    def reset_point(self) -> None:
+        """Undo what evaluate() may have changed besides the weights: buffers and train/eval mode."""
+        for buffer, saved in self.buffers:
+            if not torch.equal(buffer, saved):
+                with torch.no_grad():
+                    buffer.copy_(saved)
+        self.model.eval()
+
+    def restore(self) -> None:
+        self.unswap()
+        for buffer, saved in self.buffers:
+            if not torch.equal(buffer, saved):
+                with torch.no_grad():
+                    buffer.copy_(saved)
+        for module, training in self.training:
+            module.training = training
+        for param, grad in self.grads:
+            param.grad = grad
+
+
+# ---------------------------------------------------------------------------
+# The prefix cache
+
+
+class _SuffixRunner:
+    """Scores a :class:`ForwardMetric` by running only the chain steps from the scanned layer on.
+
+    The input of the current layer's step is kept for each batch and advanced
+    step by step as the scan moves down the network, so the layers before the
+    scanned one run once per layer instead of once per point, and only one
+    layer's input is held at a time.
+    """
+
+    def __init__(self, chain: Chain, metric: ForwardMetric, device: torch.device, limit: int) -> None:
+        self.chain = chain
+        self.metric = metric
+        self.limit = limit
+        self.position = 0
+        self.copy_input = False
+        self.cache: List[Tensor] = []
+        self.targets: List[Any] = []
+        for inputs, target in metric.batches(device):
+            self.cache.append(inputs)
+            self.targets.append(target)
+        self.active = self._size() <= limit
+
+    def _size(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache)
+
+    def advance(self, layer: str) -> None:
+        index = self.chain.step_of(layer)
+        assert index is not None and index >= self.position
+        if index > self.position:
+            with torch.no_grad():
+                for b, inputs in enumerate(self.cache):
+                    self.cache[b] = self.chain.run(inputs, self.position, index)[0]
+            self.position = index
+            if self._size() > self.limit:
+                self.active = False
+                self.cache = []
+        # A conv never writes its input; a container holding the conv might (inplace ops).
+        self.copy_input = self.chain.steps[index].name != layer
+
+    def score(self) -> float:
+        capture = [
+            name
+            for name in self.metric.capture
+            if name != MODEL_OUTPUT and self.chain.outputs[name] >= self.position
+        ]
+        totals: Optional[Tensor] = None
+        with torch.no_grad():
+            for inputs, target in zip(self.cache, self.targets):
+                if self.copy_input:
+                    inputs = inputs.clone()
+                output, outputs = self.chain.run(inputs, self.position, None, capture)
+                if MODEL_OUTPUT in self.metric.capture:
+                    outputs[MODEL_OUTPUT] = output
+                stats = self.metric.batch_statistics(outputs, target)
+                totals = stats if totals is None else totals + stats
+        if totals is None:
+            raise ValueError(f"{type(self.metric).__name__} has no batch to evaluate; pass at least one")
+        return self.metric.reduce(totals)
+
+
+def _suffix_chain(model: nn.Module, evaluate: Any, layers: Iterable[str]) -> Optional[Chain]:
+    """The chain to run suffixes on, or None when this model/metric pair needs full forwards."""
+    if not isinstance(evaluate, ForwardMetric):
+        return None
+    chain = sequential_chain(model)
+    if chain is None:
+        return None
+    if any(chain.step_of(layer) is None for layer in layers):
+        return None
+    if any(name not in chain.outputs for name in evaluate.capture):
+        return None
+    return chain
+
+
+# ---------------------------------------------------------------------------
+# Progress
+
+
+@contextlib.contextmanager
+def _progress_bar(show: bool, length: int) -> Iterator[Callable[[str], None]]:
+    if not show or length == 0:
+        yield lambda item: None
+        return
+    with click.progressbar(
+        length=length,
+        label="scanning",
+        file=sys.stderr,
+        show_eta=True,
+        show_pos=True,
+        item_show_func=lambda item: item,
+    ) as bar:
+        yield lambda item: bar.update(1, item)
+
+
+# ---------------------------------------------------------------------------
+
+
+def scan(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    layers: Optional[Iterable[str]] = None,
+    sparsities: Iterable[float] = DEFAULT_SPARSITIES,
+    method: str = "fine-grained",
+    stats: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    *,
+    criterion: str = "l2",
+    higher_is_better: Optional[bool] = None,
+    resume_from: Optional[SensitivityResult] = None,
+    on_point: Optional[Callable[[SensitivityResult], None]] = None,
+    meta: Optional[Mapping[str, Any]] = None,
+    cache_limit: int = DEFAULT_CACHE_LIMIT,
+) -> SensitivityResult:
+    """Prune each conv layer alone at each sparsity, score the model, and restore it.
+
+    Every point starts from the dense model; only one layer is pruned at a
+    time. The masks are the ones :func:`prunekit.apply_plan` would apply, so a
+    plan read off the result behaves as scanned. The model runs in eval mode
+    during the scan and comes back exactly as it went in: every parameter and
+    buffer bitwise equal (same Parameter objects), no ``_orig``/``_mask``, no
+    hooks, the same train/eval flags and grads, also when ``evaluate`` raises
+    or the scan is interrupted.
+
+    With a built-in metric (:class:`OutputDistortion`, :class:`Accuracy`) and a
+    model whose convs sit in ``nn.Sequential`` containers (or a torchvision
+    VGG), the dense layers before the scanned one are computed once per layer
+    and only the rest of the network runs per point; the scores are identical
+    to full forwards. Any other callable is scored with full forwards.
+
+    A model whose scanned layers already carry a pruning reparametrization is
+    refused: call :func:`prunekit.finalize` first to scan from its zeros.
+
+    Args:
+        model: the dense model.
+        evaluate: ``evaluate(model) -> float``; a metric object's ``name`` and
+            ``higher_is_better`` attributes are recorded in the result.
+        layers: conv layer names (default: every ``Conv2d``).
+        sparsities: increasing levels in [0, 1).
+        method: ``"fine-grained"`` (:class:`FineGrainedL1`, fraction of weights) or
+            ``"channel"`` (:class:`ChannelActivation`, fraction of output channels;
+            the following BatchNorm is masked too).
+        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
+        progress: show a progress bar on stderr.
+        criterion: for ``"channel"``: ``"l2"`` or ``"l0"``.
+        higher_is_better: direction of a plain callable's score (default: the
+            callable's ``higher_is_better`` attribute, else True).
+        resume_from: a partial result of the same scan; its measured points are kept.
+        on_point: called with the (partial) result after the baseline and after every point.
+        meta: free-form information stored in ``result.meta``.
+        cache_limit: bytes of cached layer inputs above which full forwards are used.
+
+    Returns:
+        A :class:`SensitivityResult`.
+
+    Raises:
+        KeyError: unknown layer (the message lists the conv layers) or missing stats.
+        ValueError: bad sparsities, method or stats; an already pruned layer; a
+            ``resume_from`` of a different scan or model.
+        TypeError: ``evaluate`` is not callable or does not return a number.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
+        >>> result = scan(model, metric, sparsities=[0.5, 0.9], progress=False)
+        >>> sorted(result.plan(max_drop=1.0))
+        ['0', '2']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if not callable(evaluate):
+        raise TypeError(
+            f"evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}"
+        )
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    convs = resolve_layers(model, layers)
+    levels = check_sparsities(sparsities)
+    scores = _channel_scores(stats, convs, criterion) if method == "channel" else None
+    targets = {layer: _targets(model, layer, method) for layer in convs}
+    if scores is not None:
+        for layer, values in scores.items():
+            if values.numel() != convs[layer].out_channels:
+                raise ValueError(
+                    f"stats for {layer!r} have {values.numel()} channels but the conv has "
+                    f"{convs[layer].out_channels}; collect them on this model"
+                )
+    name, direction = _metric_identity(evaluate, higher_is_better)
+    result = SensitivityResult(
+        metric=name,
+        higher_is_better=direction,
+        baseline=None,
+        sparsities=levels,
+        scores={layer: [None] * len(levels) for layer in convs},
+        method=method,
+        meta=dict(meta or {}),
+    )
+    if resume_from is not None:
+        _check_resume(resume_from, result)
+        result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
+    masker = _Masker(method, scores)
+
+    guard = _Guard(model)
+    try:
+        model.eval()
+        if isinstance(evaluate, ForwardMetric):
+            evaluate.prepare(model)
+        baseline = _score(evaluate(model))
+        guard.reset_point()
+        previous = resume_from.baseline if resume_from is not None else None
+        if previous is not None and not math.isclose(baseline, previous, rel_tol=1e-6, abs_tol=1e-9):
+            raise ValueError(
+                f"the dense model scores {baseline!r} but the partial scan measured {previous!r}: "
+                "the model, data or metric changed; start a new scan"
+            )
+        result.baseline = baseline
+        if on_point is not None:
+            on_point(result)
+
+        chain = _suffix_chain(model, evaluate, convs)
+        runner = None
+        order = list(convs)
+        if chain is not None:
+            runner = _SuffixRunner(chain, evaluate, model_device(model), cache_limit)  # type: ignore[arg-type]
+            order.sort(key=lambda layer: chain.step_of(layer))  # type: ignore[arg-type, return-value]
+        pending = sum(value is None for values in result.scores.values() for value in values)
+        with _progress_bar(progress, pending) as tick:
+            for layer in order:
+                todo = [i for i, value in enumerate(result.scores[layer]) if value is None]
+                if not todo:
+                    continue
+                if runner is not None and runner.active:
+                    runner.advance(layer)
+                for i in todo:
+                    masked = masker.masked(layer, targets[layer], levels[i])
+                    with guard.swap(targets[layer], masked):
+                        if runner is not None and runner.active:
+                            value = runner.score()
+                        else:
+                            value = _score(evaluate(model))
+                    del masked
+                    guard.reset_point()
+                    result.scores[layer][i] = value
+                    if on_point is not None:
+                        on_point(result)
+                    tick(f"{layer} @ {levels[i]:.0%}")
+    finally:
+        guard.restore()
+    return result

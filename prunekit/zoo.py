@@ -1,0 +1,461 @@
+"""Building and loading the models that prunekit scans.
+
+A model is named by one *spec* string (``prunekit scan --model``):
+
+* ``digits-vgg``: the built-in VGG-style digits classifier, with the trained
+  weights shipped in ``prunekit/assets/digits_vgg.pt``;
+* a torchvision VGG name (``vgg11`` ... ``vgg19``, ``vgg11_bn`` ... ``vgg19_bn``);
+* a checkpoint file: a prunekit checkpoint written by :func:`save_checkpoint`
+  (``{"arch": spec, "state_dict": ...}``, read safely with ``weights_only=True``)
+  or, only with ``trust_checkpoint=True``, a whole pickled model;
+* ``package.module:factory``: ``factory()`` is called and must return an ``nn.Module``.
+
+Weights (``--weights``) are ``None`` (the default of the spec: shipped weights
+for ``digits-vgg``, random init for VGGs), ``"none"`` (no weights loaded),
+``"imagenet"`` (torchvision's weights API, VGG names only) or the path of a
+state_dict file.
+
+State_dict files are read with ``torch.load(..., weights_only=True)``; a
+``{"state_dict": ...}`` wrapper is unwrapped, a ``module.`` prefix (DataParallel)
+is stripped, and pruning reparametrizations left by ``torch.nn.utils.prune``
+(``weight_orig`` + ``weight_mask``) are folded into ``weight = weight_orig * weight_mask``,
+so a state_dict saved from a pruned model loads into a plain one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from prunekit.io import PathLike, save_torch
+from prunekit.layers import conv_layers
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DIGITS_VGG_WEIGHTS",
+    "VGG_NAMES",
+    "WeightsUnavailableError",
+    "available_models",
+    "digits_vgg",
+    "load_model",
+    "load_weights",
+    "save_checkpoint",
+]
+
+DEFAULT_MODEL = "digits-vgg"
+VGG_NAMES = (
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"
+)
+DIGITS_VGG_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_vgg.pt"
+
+_CHECKPOINT_FORMAT = "prunekit-checkpoint-v1"
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SHOW = 5  # keys listed per kind in a state_dict mismatch message
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded (e.g. offline); the message says how to supply them."""
+
+
+def available_models() -> List[str]:
+    """The model names :func:`load_model` builds without a file: ``digits-vgg`` and the torchvision VGGs."""
+    return [DEFAULT_MODEL, *VGG_NAMES]
+
+
+# ---------------------------------------------------------------------------
+# The built-in model
+
+
+def digits_vgg(pretrained: bool = False, num_classes: int = 10) -> nn.Sequential:
+    """A small VGG-style classifier for ``[N, 1, 16, 16]`` digits (six 3x3 convs, 16-16-M-32-32-M-64-64-M).
+
+    The layout follows torchvision's VGG: ``features`` (conv layers ``features.0``,
+    ``features.2``, ``features.5``, ...) then ``classifier``.
+
+    Args:
+        pretrained: load the trained weights shipped with prunekit (10 classes only).
+        num_classes: outputs of the last layer.
+
+    Example:
+        >>> model = digits_vgg()
+        >>> model(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 10])
+    """
+    layers: List[nn.Module] = []
+    in_channels = 1
+    for item in (16, 16, "M", 32, 32, "M", 64, 64, "M"):
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
+            in_channels = int(item)
+    model = nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(*layers),
+            classifier=nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(64 * 2 * 2, 64),
+                nn.ReLU(),
+                nn.Linear(64, num_classes),
+            ),
+        )
+    )
+    if pretrained:
+        if num_classes != 10:
+            raise ValueError(f"the shipped digits weights have 10 classes, not num_classes={num_classes}")
+        if not DIGITS_VGG_WEIGHTS.is_file():
+            raise FileNotFoundError(
+                f"shipped weights {str(DIGITS_VGG_WEIGHTS)!r} not found; reinstall prunekit or "
+                "regenerate them with: python scripts/train_default_model.py"
+            )
+        load_weights(model, DIGITS_VGG_WEIGHTS)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# State dicts
+
+
+def _read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning every failure into an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            detail = f" (it pickles {found.group(1)})" if found else ""
+            raise _PickledObjectError(
+                f"{what} {str(path)!r} holds pickled Python objects{detail}, not just tensors"
+            ) from None
+        raise ValueError(f"{what} {str(path)!r} is not a PyTorch file ({err})") from None
+    except Exception as err:  # zip/pickle readers raise RuntimeError, KeyError, EOFError, ...
+        raise ValueError(
+            f"{what} {str(path)!r} is not a readable PyTorch file ({type(err).__name__}: {err})"
+        ) from None
+
+
+class _PickledObjectError(ValueError):
+    """A torch file needs full unpickling (``weights_only=False``) to be read."""
+
+
+def _as_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(
+            f"{str(path)!r} does not hold a state_dict (a dict of tensors); it holds {type(obj).__name__}"
+        )
+    bad = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"{str(path)!r} is not a state_dict: {len(bad)} entries are not tensors "
+            f"(e.g. {', '.join(map(repr, bad[:_SHOW]))})"
+        )
+    return dict(obj)
+
+
+def _adapt_keys(state: Dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip a DataParallel ``module.`` prefix and fold ``*_orig * *_mask`` pairs the model does not have."""
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    folded = dict(state)
+    for key in list(state):
+        if not key.endswith("_orig") or key in expected:
+            continue
+        base = key[: -len("_orig")]
+        mask = state.get(base + "_mask")
+        if mask is not None and base not in state:
+            folded[base] = state[key] * mask
+            del folded[key], folded[base + "_mask"]
+    # BatchNorm fills in a missing counter itself in older state_dicts; do the same.
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in folded:
+            folded[key] = torch.zeros_like(value)
+    return folded
+
+
+def _mismatch_message(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Optional[str]:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a state_dict file into ``model`` strictly (safe: ``weights_only=True``) and return the model.
+
+    Accepts a plain state_dict, a ``{"state_dict": ...}`` wrapper (such as a prunekit
+    checkpoint), a ``module.`` prefix, and ``weight_orig``/``weight_mask`` pairs from
+    ``torch.nn.utils.prune`` (folded to ``weight_orig * weight_mask``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a state_dict, or its keys/shapes do not match
+            ``model`` (the message lists the first few of each).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3))
+        >>> torch.save(model.state_dict(), "w.pt")  # doctest: +SKIP
+        >>> load_weights(model, "w.pt")  # doctest: +SKIP
+    """
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"weights file {str(target)!r} not found")
+    try:
+        obj = _read_torch_file(target, "weights file")
+    except _PickledObjectError as err:
+        raise ValueError(
+            f"{err}; --weights needs a state_dict (torch.save(model.state_dict(), path)). "
+            "A whole pickled model can be loaded as --model PATH --trust-checkpoint if you trust it"
+        ) from None
+    return _load_state(model, obj, target)
+
+
+def _load_state(model: nn.Module, obj: Any, path: Path) -> nn.Module:
+    expected = model.state_dict()
+    state = _adapt_keys(_as_state_dict(obj, path), expected)
+    problem = _mismatch_message(state, expected)
+    if problem is not None:
+        raise ValueError(
+            f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}. "
+            "Check that the weights were saved from this architecture (e.g. vgg16 weights do not fit vgg19)"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Model specs
+
+
+def _vgg(name: str, weights: Optional[str], progress: bool) -> nn.Module:
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    if weights != "imagenet":
+        return builder(weights=None)
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        state = enum.get_state_dict(progress=progress, check_hash=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; bad hash/partial file: RuntimeError
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        filename = enum.url.rsplit("/", 1)[-1]
+        raise WeightsUnavailableError(
+            f"downloading the ImageNet weights for {name} ({enum}) from {enum.url} failed: {err}. "
+            f"torchvision caches weights in {cache}; put {filename} there, or pass a local "
+            f"state_dict with --weights PATH (e.g. --weights {filename})"
+        ) from err
+    model = builder(weights=None)
+    model.load_state_dict(state)
+    return model
+
+
+def _factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"cannot import {module_name!r} for model {spec!r} ({err}); install the package "
+            "or run from the folder that contains it"
+        ) from err
+    factory = getattr(module, attr, None)
+    if factory is None:
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(
+            f"module {module_name!r} has no attribute {attr!r}; callables it defines: "
+            f"{', '.join(names[:20]) or 'none'}"
+        )
+    if not callable(factory):
+        raise TypeError(f"{spec!r} is a {type(factory).__name__}, not a callable that returns a model")
+    try:
+        model = factory()
+    except Exception as err:
+        raise RuntimeError(f"model factory {spec!r} failed: {type(err).__name__}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
+    try:
+        obj = _read_torch_file(path, "checkpoint")
+    except _PickledObjectError as err:
+        if not trust_checkpoint:
+            raise ValueError(
+                f"{err}: a whole pickled model. Unpickling runs code stored in the file, so it is "
+                "refused by default; pass --trust-checkpoint (trust_checkpoint=True) only if you "
+                "trust where the file comes from, or re-save it with prunekit.zoo.save_checkpoint"
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
+            obj = obj["model"]
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not an nn.Module")
+        return obj
+
+    if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and "state_dict" in obj:
+        arch = obj["arch"]
+        if _FACTORY_SPEC.match(arch) and not trust_checkpoint:
+            raise ValueError(
+                f"checkpoint {str(path)!r} asks to build its model with {arch!r}, which imports and runs "
+                f"code named by the file; pass --trust-checkpoint if you trust it, or load it as "
+                f"--model {arch} --weights {path}"
+            )
+        if arch.lower() not in available_models() and not _FACTORY_SPEC.match(arch):
+            raise ValueError(
+                f"checkpoint {str(path)!r} names architecture {arch!r}; expected one of "
+                f"{', '.join(available_models())} or package.module:factory"
+            )
+        return _load_state(_build(arch, "none", progress), obj, path)
+    if isinstance(obj, Mapping):
+        raise ValueError(
+            f"{str(path)!r} holds a state_dict without an architecture; pass the architecture as "
+            f"--model and the file as --weights (e.g. --model vgg16 --weights {path}), or save a "
+            "prunekit checkpoint with prunekit.zoo.save_checkpoint(model, path, arch)"
+        )
+    raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a model checkpoint")
+
+
+def _build(spec: str, weights: Optional[str], progress: bool) -> nn.Module:
+    """Build a named architecture (built-in, VGG or factory) with the default or no weights."""
+    name = spec.lower()
+    if name == DEFAULT_MODEL:
+        return digits_vgg(pretrained=weights is None)
+    if name in VGG_NAMES:
+        return _vgg(name, weights, progress)
+    return _factory(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or Path(spec).suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".tar")
+
+
+def load_model(
+    spec: str,
+    weights: Optional[str] = None,
+    trust_checkpoint: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Build the model named by ``spec``, load ``weights`` and return it in eval mode.
+
+    Args:
+        spec: ``"digits-vgg"``, a torchvision VGG name (``"vgg19"``, ``"vgg16_bn"``, ...),
+            a checkpoint file, or ``"package.module:factory"``.
+        weights: ``None`` (the spec's default: shipped weights for ``digits-vgg``,
+            random init for a VGG, as-built for a factory), ``"none"`` (load none),
+            ``"imagenet"`` (torchvision VGGs: ``VGG19_Weights.IMAGENET1K_V1`` etc.)
+            or a state_dict file. A checkpoint carries its own weights.
+        trust_checkpoint: allow unpickling a whole model from a checkpoint file
+            (this runs code stored in the file: only for files you trust).
+        progress: show torchvision's download bar for ``"imagenet"``.
+
+    Raises:
+        FileNotFoundError: a checkpoint or weights file does not exist.
+        ValueError: unknown name, unloadable file, weights that do not fit, a
+            pickled model without ``trust_checkpoint``, or a model with no Conv2d.
+        TypeError: a factory is not callable or does not return an ``nn.Module``.
+        WeightsUnavailableError: ``"imagenet"`` weights could not be downloaded.
+
+    Example:
+        >>> model = load_model("digits-vgg")
+        >>> list(conv_layers(model))[:2]
+        ['features.0', 'features.2']
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model must be a non-empty string, got {spec!r}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be None, 'none', 'imagenet' or a path, got {type(weights).__name__}")
+    weights = os.fspath(weights) if weights is not None else None
+    if weights is not None and weights.lower() in ("none", "imagenet"):
+        weights = weights.lower()
+    name = spec.strip().lower()
+    path = Path(spec)
+
+    if name == DEFAULT_MODEL or name in VGG_NAMES:
+        kind = "builtin" if name == DEFAULT_MODEL else "vgg"
+    elif path.is_file():
+        kind = "checkpoint"
+    elif _FACTORY_SPEC.match(spec.strip()):
+        kind = "factory"
+    elif _looks_like_path(spec) or path.exists():
+        raise FileNotFoundError(f"checkpoint file {spec!r} not found")
+    elif name.startswith("vgg"):
+        raise ValueError(f"unknown VGG {spec!r}; valid names: {', '.join(VGG_NAMES)}")
+    else:
+        raise ValueError(
+            f"unknown model {spec!r}; pass {DEFAULT_MODEL}, a torchvision VGG name "
+            f"({', '.join(VGG_NAMES)}), a checkpoint file, or package.module:factory"
+        )
+
+    if weights == "imagenet" and kind != "vgg":
+        raise ValueError(
+            f"--weights imagenet is available for torchvision VGG names ({', '.join(VGG_NAMES)}), "
+            f"not for {spec!r}; pass a state_dict path or none"
+        )
+    if kind == "checkpoint":
+        if weights is not None:
+            raise ValueError(
+                f"checkpoint {spec!r} carries its own weights; drop --weights {weights} "
+                "(or pass the architecture as --model and this file as --weights)"
+            )
+        model = _checkpoint(path, trust_checkpoint, progress)
+    else:
+        file_weights = weights not in (None, "none", "imagenet")
+        if file_weights and not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"weights file {weights!r} not found; --weights takes imagenet, none or a state_dict path"
+            )
+        model = _build(spec.strip(), "none" if file_weights else weights, progress)
+        if file_weights:
+            load_weights(model, weights)
+
+    if not conv_layers(model):
+        raise ValueError(
+            f"model {spec!r} ({type(model).__name__}) has no Conv2d layer; prunekit scans conv layers"
+        )
+    return model.eval()
+
+
+def save_checkpoint(model: nn.Module, path: PathLike, arch: str) -> None:
+    """Write ``{"arch": arch, "state_dict": ...}`` to ``path`` atomically; ``load_model(path)`` rebuilds it.
+
+    The file holds only strings and tensors, so it loads with ``weights_only=True``.
+    A pruned model's ``weight_orig``/``weight_mask`` are kept and folded on load.
+
+    Args:
+        model: the model to save.
+        path: output file.
+        arch: the spec that rebuilds the architecture: ``"digits-vgg"``, a VGG name
+            or ``"package.module:factory"`` (not a file path).
+
+    Example:
+        >>> save_checkpoint(digits_vgg(), "digits.pt", "digits-vgg")  # doctest: +SKIP
+        >>> load_model("digits.pt")  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(arch, str) or not (arch.lower() in available_models() or _FACTORY_SPEC.match(arch)):
+        raise ValueError(
+            f"arch {arch!r} cannot rebuild the model; pass one of {', '.join(available_models())} "
+            "or package.module:factory"
+        )
+    state = OrderedDict((key, value.detach().cpu().clone()) for key, value in model.state_dict().items())
+    save_torch({"format": _CHECKPOINT_FORMAT, "arch": arch, "state_dict": state}, path)
