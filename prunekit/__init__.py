@@ -9,24 +9,50 @@ Example:
 
 __version__ = "0.1.0"
 
+from prunekit import losses
 from prunekit.layers import ConvBlock, conv_block, conv_layers
+from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
 from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activation, fine_grained_l1
 from prunekit.plans import apply_plan, copy_model, finalize
+from prunekit.regularizer import ChannelRegularizer
 from prunekit.report import LayerSparsity, SparsityReport, sparsity_report
+from prunekit.stats import (
+    ChannelStats,
+    collect_channel_stats,
+    load_channel_stats,
+    plot_channel_magnitudes,
+    plot_channel_response,
+    save_channel_stats,
+)
+from prunekit.zoo import WeightsUnavailableError, load_model, save_checkpoint
 
 __all__ = [
     "ChannelActivation",
+    "ChannelRegularizer",
+    "ChannelStats",
     "ConvBlock",
     "FineGrainedL1",
     "LayerSparsity",
     "SparsityReport",
+    "WeightsUnavailableError",
     "__version__",
     "apply_plan",
     "channel_activation",
+    "channel_loss",
+    "collect_channel_stats",
     "conv_block",
     "conv_layers",
     "copy_model",
     "finalize",
     "fine_grained_l1",
+    "load_channel_stats",
+    "load_model",
+    "losses",
+    "plot_channel_magnitudes",
+    "plot_channel_response",
+    "save_channel_stats",
+    "save_checkpoint",
     "sparsity_report",
+    "uncorrelation_loss",
+    "xor_loss",
 ]

@@ -85,6 +85,13 @@ class ChannelStats:
         self.l0 = self.l0.detach().to(torch.float32)
         self.per_image_l0 = self.per_image_l0.detach().to(torch.uint8)
 
+    def __repr__(self) -> str:
+        never = int((self.l0 == 0).sum())
+        return (
+            f"ChannelStats(num_images={self.num_images}, num_channels={self.num_channels}, "
+            f"never_fire={never}, mean_l2={self.l2.mean().item():.4g})"
+        )
+
     @property
     def num_channels(self) -> int:
         """Number of channels ``C``."""

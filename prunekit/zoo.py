@@ -133,7 +133,8 @@ def _read_torch_file(path: Path, what: str) -> Any:
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             detail = f" (it pickles {found.group(1)})" if found else ""
             raise _PickledObjectError(
-                f"{what} {str(path)!r} holds pickled Python objects{detail}, not just tensors"
+                f"{what} {str(path)!r} holds pickled Python objects{detail} that "
+                "torch.load(weights_only=True) refuses"
             ) from None
         raise ValueError(f"{what} {str(path)!r} is not a PyTorch file ({err})") from None
     except Exception as err:  # zip/pickle readers raise RuntimeError, KeyError, EOFError, ...
@@ -278,7 +279,10 @@ def _factory(spec: str) -> nn.Module:
         ) from err
     factory = getattr(module, attr, None)
     if factory is None:
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        public = getattr(module, "__all__", None) or [
+            n for n, v in vars(module).items() if getattr(v, "__module__", None) == module_name
+        ]
+        names = sorted(n for n in public if callable(getattr(module, n, None)) and not n.startswith("_"))
         raise ValueError(
             f"module {module_name!r} has no attribute {attr!r}; callables it defines: "
             f"{', '.join(names[:20]) or 'none'}"
@@ -300,8 +304,8 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
     except _PickledObjectError as err:
         if not trust_checkpoint:
             raise ValueError(
-                f"{err}: a whole pickled model. Unpickling runs code stored in the file, so it is "
-                "refused by default; pass --trust-checkpoint (trust_checkpoint=True) only if you "
+                f"{err}; unpickling a whole model runs code stored in the file, so it is "
+                "refused by default: pass --trust-checkpoint (trust_checkpoint=True) only if you "
                 "trust where the file comes from, or re-save it with prunekit.zoo.save_checkpoint"
             ) from None
         obj = torch.load(path, map_location="cpu", weights_only=False)

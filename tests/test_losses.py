@@ -65,7 +65,8 @@ def test_match_loop_reference(shape):
     feature[0, 1] = 0
     feature[1:, 2] = 0
     eps = 1e-4
-    assert channel_loss(feature, eps).item() == pytest.approx(loop_channel_loss(feature, eps), rel=1e-12)
+    expected = loop_channel_loss(feature, eps)
+    assert channel_loss(feature, eps).item() == pytest.approx(expected, rel=1e-12)
     assert xor_loss(feature, eps).item() == pytest.approx(loop_xor_loss(feature, eps), rel=1e-12)
     feature = torch.randn(shape, dtype=torch.float64)
     assert uncorrelation_loss(feature).item() == pytest.approx(

@@ -40,7 +40,7 @@ KNOWN_BATCHES = [torch.full((1, 1, 2, 2), 3.0), torch.zeros(1, 1, 2, 2)]
 
 @pytest.fixture(scope="module")
 def vgg():
-    """torchvision's vgg11_bn with a small head: its 120M-parameter classifier takes seconds to init."""
+    """vgg11_bn with a small head: its 120M-parameter classifier is slow to initialise."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = torchvision.models.vgg11_bn(init_weights=False)
@@ -86,7 +86,8 @@ def test_vgg_bn_measures_after_batchnorm_and_relu(vgg):
     vgg.eval()
     with torch.no_grad():
         expected = vgg.features[:7](images)  # conv 4, BatchNorm 5, inplace ReLU 6
-    assert torch.allclose(stats["features.4"].l2, expected.flatten(2).norm(dim=2).mean(0), rtol=1e-5)
+    expected_l2 = expected.flatten(2).norm(dim=2).mean(0)
+    assert torch.allclose(stats["features.4"].l2, expected_l2, rtol=1e-5)
 
 
 def test_inplace_relu_sees_activated_response():

@@ -523,8 +523,8 @@ def _train_step(
         regularizer.clear()
     return {
         "loss": total.item(),
-        "content": float(content_value),
-        "style": float(style_value),
+        "content": content_value.item(),
+        "style": style_value.item(),
         **terms,
         "batch_inactive": count_inactive(both),
         "channels": both.shape[1],

@@ -1,0 +1,434 @@
+"""The sensitivity scanner: exact restore, scores as apply_plan would give, prefix cache, resume, results."""
+
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import prune
+
+import prunekit
+from prunekit.methods.fine_grained import FineGrainedL1
+from prunekit.sensitivity import (
+    Accuracy,
+    OutputDistortion,
+    SensitivityResult,
+    check_sparsities,
+    scan,
+    select_sparsity,
+)
+from prunekit.sensitivity._suffix import sequential_chain
+from prunekit.sensitivity.scanner import _Masker
+
+LEVELS = (0.3, 0.6, 0.9)
+
+
+def small_vgg(batchnorm: bool = False) -> nn.Sequential:
+    """Two conv blocks and a classifier, nested like torchvision's VGG."""
+
+    def block(cin: int, cout: int) -> list:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(cout))
+        return layers + [nn.ReLU(inplace=True)]
+
+    features = nn.Sequential(*block(3, 8), nn.MaxPool2d(2), *block(8, 8), *block(8, 16), nn.MaxPool2d(2))
+    return nn.Sequential(
+        features, nn.Sequential(nn.Flatten(), nn.Linear(16 * 2 * 2, 5))
+    )
+
+
+def tiny_torchvision_vgg() -> nn.Module:
+    cfg = [8, "M", 8, 16, "M"]
+    model = torchvision.models.vgg.VGG(
+        torchvision.models.vgg.make_layers(cfg, batch_norm=True), num_classes=4, init_weights=True
+    )
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    model.classifier = nn.Sequential(nn.Linear(16, 12), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(12, 4))
+    return model.eval()
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "params": [(name, id(p), p.detach().clone()) for name, p in model.named_parameters()],
+        "buffers": [(name, b.detach().clone()) for name, b in model.named_buffers()],
+        "training": [(name, m.training) for name, m in model.named_modules()],
+        "attrs": [(name, sorted(vars(m))) for name, m in model.named_modules()],
+        "hooks": [
+            (name, len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()
+        ],
+        "grads": [(name, p.grad) for name, p in model.named_parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert [(n, i) for n, i, _ in after["params"]] == [(n, i) for n, i, _ in before["params"]]
+    for (_, _, a), (_, _, b) in zip(after["params"], before["params"]):
+        assert torch.equal(a, b)
+    assert [n for n, _ in after["buffers"]] == [n for n, _ in before["buffers"]]
+    for (_, a), (_, b) in zip(after["buffers"], before["buffers"]):
+        assert torch.equal(a, b)
+    assert after["training"] == before["training"]
+    assert after["attrs"] == before["attrs"]
+    assert after["hooks"] == before["hooks"]
+    assert all(a is b for (_, a), (_, b) in zip(after["grads"], before["grads"]))
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in model.state_dict().items())
+
+
+def channel_stats(model: nn.Module) -> dict:
+    return {name: torch.rand(conv.out_channels) for name, conv in prunekit.conv_layers(model).items()}
+
+
+def labelled_batches(n_batches: int = 2) -> list:
+    return [(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))) for _ in range(n_batches)]
+
+
+# ---------------------------------------------------------------------------
+# Exact restore
+
+
+@pytest.mark.parametrize("method", ["fine-grained", "channel"])
+def test_scan_returns_model_bitwise_unchanged(method):
+    model = randomize_batchnorm(small_vgg(batchnorm=True)).train()
+    model[0][1].eval()  # mixed flags must come back as they were
+    before = snapshot(model)
+    stats = channel_stats(model) if method == "channel" else None
+    scan(model, OutputDistortion(torch.randn(4, 3, 8, 8)), sparsities=LEVELS, method=method, stats=stats, progress=False)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
+def test_model_restored_when_evaluate_raises(exception):
+    model = randomize_batchnorm(small_vgg(batchnorm=True))
+    before = snapshot(model)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 3:  # baseline, one point, then fail in the middle of the second point
+            raise exception("stop")
+        return float(m(torch.ones(1, 3, 8, 8)).sum().detach())
+
+    with pytest.raises(exception):
+        scan(model, evaluate, sparsities=LEVELS, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_model_restored_when_evaluate_trains_the_model():
+    model = randomize_batchnorm(small_vgg(batchnorm=True))
+    before = snapshot(model)
+    seen = []
+
+    def evaluate(m):
+        seen.append(float(m[0][1].running_mean.sum()))
+        m.train()
+        m(torch.randn(4, 3, 8, 8))  # updates BatchNorm running statistics
+        return 0.0
+
+    scan(model, evaluate, layers=["0.0", "0.4"], sparsities=LEVELS, progress=False)
+    assert len(set(seen)) == 1  # every point saw the dense statistics
+    assert_unchanged(model, before)
+
+
+def test_evaluate_sees_one_layer_pruned_at_the_planned_sparsity():
+    model = small_vgg()
+    seen = []
+
+    def evaluate(m):
+        seen.append({name: float((conv.weight == 0).float().mean()) for name, conv in prunekit.conv_layers(m).items()})
+        assert m.training is False
+        return 1.0
+
+    result = scan(model, evaluate, sparsities=(0.5, 0.75), progress=False)
+    assert len(seen) == 1 + 3 * 2
+    assert all(v == 0.0 for v in seen[0].values())
+    pruned = [{k: v for k, v in point.items() if v > 0} for point in seen[1:]]
+    expected = [{layer: level} for layer in result.layers for level in (0.5, 0.75)]
+    for got, want in zip(pruned, expected):
+        (layer, level), = want.items()
+        assert list(got) == [layer] and got[layer] == pytest.approx(level, abs=0.01)
+
+
+# ---------------------------------------------------------------------------
+# Scores agree with apply_plan and with full forwards
+
+
+@pytest.mark.parametrize("method", ["fine-grained", "channel"])
+def test_scores_equal_apply_plan(method):
+    model = randomize_batchnorm(small_vgg(batchnorm=True)).eval()
+    metric = OutputDistortion(torch.randn(4, 3, 8, 8))
+    stats = channel_stats(model) if method == "channel" else None
+    result = scan(model, metric, sparsities=LEVELS, method=method, stats=stats, progress=False)
+    metric.prepare(model)
+    for layer in result.layers:
+        for level in LEVELS:
+            pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=method, stats=stats)
+            assert metric(pruned) == result.score(layer, level)
+
+
+def test_fine_grained_masks_equal_compute_mask_with_ties():
+    conv = nn.Conv2d(4, 6, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())  # many equal magnitudes
+    masker = _Masker("fine-grained", None)
+    for level in (0.0, 0.25, 0.5, 0.9):
+        (masked,) = masker.masked("conv", [(conv, "weight")], level)
+        count = round(level * conv.weight.numel())
+        mask = FineGrainedL1(amount=count).compute_mask(conv.weight, torch.ones_like(conv.weight))
+        assert torch.equal(masked, conv.weight.detach() * mask)
+
+
+@pytest.mark.parametrize("build", [small_vgg, tiny_torchvision_vgg], ids=["nested-sequential", "torchvision-vgg"])
+@pytest.mark.parametrize("which", ["distortion", "feature-distortion", "accuracy"])
+def test_prefix_cache_scores_equal_full_forwards(build, which):
+    model = randomize_batchnorm(build()).eval()
+    assert sequential_chain(model) is not None
+    if which == "distortion":
+        metric = OutputDistortion([torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8)])
+    elif which == "feature-distortion":
+        convs = list(prunekit.conv_layers(model))
+        metric = OutputDistortion(torch.randn(3, 3, 8, 8), layers=[convs[0], convs[2]])
+    else:
+        metric = Accuracy(labelled_batches())
+
+    def full(m):  # the same metric, but opaque to the scanner: full forwards only
+        return metric(m)
+
+    cached = scan(model, metric, sparsities=LEVELS, progress=False)
+    naive = scan(model, full, sparsities=LEVELS, progress=False)
+    assert cached.baseline == naive.baseline
+    assert cached.scores == naive.scores
+
+
+def test_prefix_cache_runs_fewer_layers():
+    model = small_vgg()
+    calls = {name: 0 for name in prunekit.conv_layers(model)}
+    for name, conv in prunekit.conv_layers(model).items():
+        conv.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    # A hook on a leaf keeps the chain usable (the step still runs through __call__).
+    scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), sparsities=LEVELS, progress=False)
+    # prepare + baseline run everything; a conv then runs for the points of its own and earlier
+    # layers, plus once to advance the cached input past it. A naive scan: 2 + 9 each.
+    assert calls["0.0"] == 2 + len(LEVELS) + 1
+    assert calls["0.3"] == 2 + 2 * len(LEVELS) + 1
+    assert calls["0.5"] == 2 + 3 * len(LEVELS)
+
+
+def test_cache_limit_falls_back_to_full_forwards_with_same_scores():
+    model = small_vgg()
+    metric = OutputDistortion(torch.randn(2, 3, 8, 8))
+    cached = scan(model, metric, sparsities=LEVELS, progress=False)
+    limited = scan(model, metric, sparsities=LEVELS, progress=False, cache_limit=0)
+    assert cached.scores == limited.scores
+
+
+# ---------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_skips_finished_points_and_matches_a_full_scan():
+    model = small_vgg()
+    metric = OutputDistortion(torch.randn(2, 3, 8, 8))
+    full = scan(model, metric, sparsities=LEVELS, progress=False)
+
+    saved = []
+
+    def stop_after_four(result):
+        saved.append(SensitivityResult.from_json(result.to_json()))
+        if result.num_done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_four)
+    partial = saved[-1]
+    assert not partial.complete and partial.num_done == 4
+
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return metric(m)
+
+    counting.name, counting.higher_is_better = metric.name, metric.higher_is_better
+    resumed = scan(model, counting, sparsities=LEVELS, progress=False, resume_from=partial)
+    assert len(calls) == 1 + (3 * len(LEVELS) - 4)  # baseline check + the missing points only
+    assert resumed.complete and resumed.scores == full.scores
+
+
+def test_resume_refuses_other_options():
+    model = small_vgg()
+    metric = OutputDistortion(torch.randn(2, 3, 8, 8))
+    partial = scan(model, metric, sparsities=LEVELS, layers=["0.0"], progress=False)
+    with pytest.raises(ValueError, match="sparsities"):
+        scan(model, metric, sparsities=(0.5,), layers=["0.0"], progress=False, resume_from=partial)
+    with pytest.raises(ValueError, match="layers"):
+        scan(model, metric, sparsities=LEVELS, progress=False, resume_from=partial)
+
+
+def test_resume_refuses_a_changed_model():
+    model = small_vgg()
+    data = labelled_batches()
+    partial = scan(model, Accuracy(data), sparsities=LEVELS, layers=["0.0"], progress=False)
+    partial.baseline = partial.baseline + 0.25
+    with pytest.raises(ValueError, match="changed"):
+        scan(model, Accuracy(data), sparsities=LEVELS, layers=["0.0"], progress=False, resume_from=partial)
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+
+
+def test_unknown_layer_lists_valid_ones():
+    with pytest.raises(KeyError, match="conv layers are: 0.0, 0.3, 0.5"):
+        scan(small_vgg(), lambda m: 0.0, layers=["0.9"], progress=False)
+
+
+@pytest.mark.parametrize(
+    "levels, message",
+    [((), "empty"), ((0.5, 1.0), "outside"), ((-0.1,), "outside"), ((0.5, 0.5), "twice"), ((0.6, 0.5), "order")],
+)
+def test_bad_sparsities_are_refused(levels, message):
+    with pytest.raises(ValueError, match=message):
+        scan(small_vgg(), lambda m: 0.0, sparsities=levels, progress=False)
+
+
+def test_channel_scan_needs_stats():
+    with pytest.raises(ValueError, match="collect_channel_stats"):
+        scan(small_vgg(), lambda m: 0.0, method="channel", progress=False)
+
+
+def test_already_pruned_layer_is_refused_untouched():
+    model = small_vgg()
+    prune.l1_unstructured(model[0][0], "weight", amount=0.5)
+    keys = sorted(model.state_dict())
+    with pytest.raises(ValueError, match="finalize"):
+        scan(model, lambda m: 0.0, progress=False)
+    assert sorted(model.state_dict()) == keys
+
+
+def test_non_numeric_score_is_refused():
+    with pytest.raises(TypeError, match="must return a number"):
+        scan(small_vgg(), lambda m: "good", progress=False)
+
+
+# ---------------------------------------------------------------------------
+# Plan selection (pure)
+
+
+def test_plan_higher_is_better_stops_at_first_failure():
+    # 0.6 fails, 0.9 recovers by chance: still 0.3.
+    assert select_sparsity([0.95, 0.80, 0.95], LEVELS, 0.96, True, max_drop=0.02) == 0.3
+
+
+def test_plan_lower_is_better():
+    assert select_sparsity([0.01, 0.04, 0.2], LEVELS, 0.0, False, max_drop=0.05) == 0.6
+
+
+def test_plan_relative_tolerance():
+    assert select_sparsity([1.9, 1.7, 1.0], LEVELS, 2.0, True, max_drop=0.1, relative=True) == 0.3
+    assert select_sparsity([1.9, 1.7, 1.0], LEVELS, 2.0, True, max_drop=0.15, relative=True) == 0.6
+
+
+def test_plan_is_zero_when_the_lowest_level_fails():
+    assert select_sparsity([0.5, 0.4, 0.3], LEVELS, 0.9, True, max_drop=0.01) == 0.0
+
+
+def test_plan_counts_a_drop_equal_to_the_tolerance_as_within():
+    # 0.95 - 0.94 is 0.010000000000000009 in floating point.
+    assert select_sparsity([0.94], [0.5], 0.95, True, max_drop=0.01) == 0.5
+
+
+def test_plan_missing_or_nan_score_stops():
+    assert select_sparsity([0.0, None, 0.0], LEVELS, 0.0, False, max_drop=0.1) == 0.3
+    assert select_sparsity([0.0, math.nan, 0.0], LEVELS, 0.0, False, max_drop=0.1) == 0.3
+
+
+def test_relative_plan_with_zero_baseline_is_refused():
+    with pytest.raises(ValueError, match="absolute"):
+        select_sparsity([0.1], [0.5], 0.0, False, max_drop=0.1, relative=True)
+
+
+def test_result_plan_is_accepted_by_apply_plan():
+    model = small_vgg()
+    result = scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), sparsities=LEVELS, progress=False)
+    plan = result.plan(max_drop=0.2)
+    assert set(plan) == set(prunekit.conv_layers(model))
+    pruned = prunekit.finalize(prunekit.apply_plan(model, plan))
+    for layer, level in plan.items():
+        weight = pruned.get_submodule(layer).weight
+        assert float((weight == 0).float().mean()) == pytest.approx(level, abs=0.01)
+
+
+# ---------------------------------------------------------------------------
+# Result files
+
+
+def example_result() -> SensitivityResult:
+    return SensitivityResult(
+        metric="accuracy",
+        higher_is_better=True,
+        baseline=0.9,
+        sparsities=(0.4, 0.7),
+        scores={"features.0": [0.9, math.nan], "features.2": [math.inf, None]},
+        method="channel",
+        meta={"model": "vgg11"},
+    )
+
+
+def test_json_round_trip(tmp_path):
+    result = example_result()
+    path = tmp_path / "scan.json"
+    text = result.to_json(path)
+    assert path.read_text() == text
+    json.loads(text)  # strict JSON: NaN/Infinity are spelled as strings
+    again = SensitivityResult.from_json(path)
+    assert again.to_dict() == result.to_dict()
+    assert math.isnan(again.scores["features.0"][1]) and again.scores["features.2"] == [math.inf, None]
+    assert not again.complete
+
+
+def test_from_json_names_a_bad_file(tmp_path):
+    path = tmp_path / "scan.json"
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="scan.json"):
+        SensitivityResult.from_json(path)
+
+
+def test_csv_has_one_row_per_layer_and_one_column_per_sparsity():
+    lines = example_result().to_csv().splitlines()
+    assert lines[0] == "layer,0.4,0.7"
+    assert [line.split(",")[0] for line in lines[1:]] == ["features.0", "features.2"]
+    assert lines[2].split(",")[2] == ""  # not measured
+
+
+def test_table_shows_layers_levels_and_plan():
+    result = SensitivityResult("accuracy", True, 0.9, (0.4, 0.7), {"conv": [0.89, 0.5]})
+    table = result.table(max_drop=0.02)
+    assert "40%" in table and "70%" in table and "conv" in table
+    assert "0.5000*" in table  # beyond tolerance
+    assert table.splitlines()[2].endswith("40%")  # the plan column
+
+
+def test_check_sparsities_accepts_zero():
+    assert check_sparsities([0, 0.5]) == (0.0, 0.5)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = SensitivityResult("accuracy", True, 0.9, (0.4, 0.7), {f"c{i}": [0.89, 0.5] for i in range(5)})
+    path = tmp_path / "curves.png"
+    result.plot(path, max_drop=0.02)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
