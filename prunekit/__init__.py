@@ -10,12 +10,21 @@ Example:
 __version__ = "0.1.0"
 
 from prunekit import losses
+from prunekit.compact import (
+    BorderBiasConv2d,
+    CompactionReport,
+    UnsupportedGraphError,
+    compact,
+    compact_chain,
+    compaction_report,
+)
 from prunekit.layers import ConvBlock, conv_block, conv_layers
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
 from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activation, fine_grained_l1
 from prunekit.plans import apply_plan, copy_model, finalize
 from prunekit.regularizer import ChannelRegularizer
 from prunekit.report import LayerSparsity, SparsityReport, sparsity_report
+from prunekit.sparse import load_sparse, read_sparse_header, save_sparse
 from prunekit.stats import (
     ChannelStats,
     collect_channel_stats,
@@ -27,6 +36,15 @@ from prunekit.stats import (
 from prunekit.zoo import WeightsUnavailableError, load_model, save_checkpoint
 
 __all__ = [
+    "BorderBiasConv2d",
+    "CompactionReport",
+    "UnsupportedGraphError",
+    "compact",
+    "compact_chain",
+    "compaction_report",
+    "load_sparse",
+    "read_sparse_header",
+    "save_sparse",
     "ChannelActivation",
     "ChannelRegularizer",
     "ChannelStats",

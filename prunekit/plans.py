@@ -31,9 +31,9 @@ def pruned_tensors(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, prun
 def finalize(model: nn.Module) -> nn.Module:
     """Make pruning permanent: every ``<name>_orig``/``<name>_mask`` pair becomes a plain parameter.
 
-    The zeros stay, the forward pre-hooks (and their per-forward mask multiply)
-    go, and the state_dict loads into a fresh model of the same class. Works on
-    any torch pruning method, not only prunekit's.
+    The zeros stay (as +0.0), the forward pre-hooks (and their per-forward mask
+    multiply) go, and the state_dict loads into a fresh model of the same class.
+    Works on any torch pruning method, not only prunekit's.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3))
@@ -43,6 +43,11 @@ def finalize(model: nn.Module) -> nn.Module:
     """
     for _, module, name, _ in list(pruned_tensors(model)):
         prune.remove(module, name)
+        tensor = getattr(module, name)
+        with torch.no_grad():
+            # orig * mask leaves -0.0 where a negative weight was masked; a
+            # plain +0.0 is the same number and compresses better.
+            tensor.masked_fill_(tensor == 0, 0.0)
     return model
 
 

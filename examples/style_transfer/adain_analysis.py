@@ -19,14 +19,18 @@ compacted network is therefore exactly the masked one, which the sweep checks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import statistics
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import click
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from examples.style_transfer.adain import ENCODER_LAST_CONV, AdaINNet
 from examples.style_transfer.adain_train import LossNetwork, list_images, load_crop, style_loss
 from examples.style_transfer.imaging import side_by_side
+from prunekit.compact import compact_chain
 from prunekit.io import PathLike, atomic_write, write_json
 from prunekit.methods import channel_activation
 from prunekit.stats import ChannelStats, collect_channel_stats, plot_channel_magnitudes, save_channel_stats
@@ -164,11 +169,8 @@ def compact_adain(masked: AdaINNet) -> AdaINNet:
 
     Returns a new network; ``masked`` is not modified.
     """
-    from prunekit.compact import compact
-
-    pair = copy.deepcopy(nn.Sequential(masked.encoder, masked.decoder))
-    compacted = compact(pair)
-    return AdaINNet(compacted[0], compacted[1], masked.preprocessor.mode)
+    encoder, decoder = compact_chain(masked.encoder, masked.decoder)
+    return AdaINNet(encoder, decoder, masked.preprocessor.mode)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -290,7 +292,10 @@ class SweepRow:
         return self.time_dense_s / self.time_compact_s
 
     def to_dict(self) -> Dict[str, Any]:
+        """Plain dict for JSON; an infinite PSNR (output identical to the dense one) becomes ``None``."""
         data = dict(self.__dict__)
+        if not math.isfinite(data["psnr_db"]):
+            data["psnr_db"] = None
         data["speedup"] = self.speedup
         data["params_saved_fraction"] = 1.0 - self.params / self.params_dense
         return data
@@ -334,10 +339,6 @@ def prune_sweep(
     order = torch.argsort(stats.score("l2"), stable=True)
     rows: List[SweepRow] = []
     outputs: Dict[int, Tensor] = {}
-    import click
-    import contextlib
-    import sys
-
     bar = (click.progressbar(counts, label="prune sweep", file=sys.stderr) if progress
            else contextlib.nullcontext(counts))
     with bar as items:
@@ -407,6 +408,7 @@ def plot_sweep(rows: Sequence[SweepRow], path: PathLike, title: Optional[str] = 
     twin = fidelity.twinx()
     twin.plot(pruned, [r.ssim for r in rows], marker="s", color="tab:orange")
     twin.set_ylabel("SSIM to the dense output", color="tab:orange")
+    twin.set_ylim(min(0.9, min(r.ssim for r in rows) - 0.01), 1.005)
     losses.plot(pruned, [r.content_loss / r.content_loss_dense for r in rows], marker="o", label="content")
     losses.plot(pruned, [r.style_loss / r.style_loss_dense for r in rows], marker="s", label="style")
     losses.set_xlabel("pruned relu4_1 channels")

@@ -550,6 +550,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
+    plot: bool = True,
 ) -> TrainedModel:
     """Train (or with ``resume``, continue) an AdaIN network; return it with its loss network.
 
@@ -560,11 +561,11 @@ def train(
 
     Args:
         config: the run's settings.
-        resume: continue from ``out_dir/checkpoint.pt`` if it exists. Its config wins,
-            except ``steps`` (so a finished run can be extended) and the log/checkpoint
-            intervals.
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists. Its settings win,
+            except ``steps`` (so a finished run can be extended) and ``num_workers``.
         progress: show a progress bar on stderr.
         on_log: called with every log entry (e.g. to print it).
+        plot: redraw ``log.png`` at every checkpoint (needs matplotlib).
 
     Raises:
         ValueError: a bad setting, a folder without images, a checkpoint of another run.
@@ -583,13 +584,7 @@ def train(
     if state is not None:
         saved = TrainConfig.from_dict(state["config"])
         config = dataclasses.replace(
-            saved,
-            steps=config.steps,
-            log_every=config.log_every,
-            probe_every=config.probe_every,
-            checkpoint_every=config.checkpoint_every,
-            out_dir=config.out_dir,
-            num_workers=config.num_workers,
+            saved, steps=config.steps, out_dir=config.out_dir, num_workers=config.num_workers
         )
         net, loss_network = _build(_structure_config(config))
         net.encoder.load_state_dict(state["encoder"])
@@ -642,7 +637,8 @@ def train(
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     log.flush()
                     save_torch(_checkpoint_state(config, net, loss_network, optimizers, done), checkpoint_path)
-                    plot_training_log(log_path, out_dir / "log.png", f"AdaIN, mode {config.mode}")
+                    if plot:
+                        plot_training_log(log_path, out_dir / "log.png", f"AdaIN, mode {config.mode}")
                 step = done
     finally:
         if regularizer is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -29,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.plans import copy_model, pruned_tensors
-from prunekit.sensitivity import ForwardMetric, SensitivityResult
+from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
+from prunekit.report import sparsity_report
+from prunekit.sensitivity import ForwardMetric, SensitivityResult, scan
 from prunekit.sensitivity.metrics import model_device
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
+from examples.style_transfer.imaging import resize_longer_side
 from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names
 
 __all__ = [
@@ -253,7 +256,7 @@ def compare_sensitivities(proxy: SensitivityResult, full: SensitivityResult) -> 
     Returns ``spearman=None`` when fewer than 3 layers are shared or a side is
     constant (no ranking to compare).
     """
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # imported here: it takes about a second, and only this needs it
 
     a = layer_sensitivity(proxy)
     b = layer_sensitivity(full)
@@ -436,8 +439,6 @@ def make_metric(
     settings: ScanSettings,
 ) -> Any:
     """The scan metric ``kind`` (``"proxy"`` or ``"full"``) on images resized to the settings' sizes."""
-    from examples.style_transfer.imaging import resize_longer_side
-
     if kind == "proxy":
         size = settings.proxy_size
         return LossLayerDistortion(
@@ -464,14 +465,13 @@ def run_scan(
     progress: bool = True,
 ) -> SensitivityResult:
     """Scan the convs of ``features`` with metric ``kind``; ``meta`` is stored with the result."""
-    from prunekit.sensitivity import scan
-
     metric = make_metric(kind, features, content01, style01, config, preprocessor, settings)
     info = dict(meta or {})
     info.update({"metric_kind": kind, "scan": settings.to_dict(), "layer_names": conv_index_names()})
     if progress:
         click.echo(f"scanning with the {kind} metric ({metric.name})", err=True)
-    return scan(
+    start = time.perf_counter()
+    result = scan(
         features,
         metric,
         layers=list(settings.layers) if settings.layers is not None else None,
@@ -480,6 +480,8 @@ def run_scan(
         progress=progress,
         meta=info,
     )
+    result.meta["seconds"] = time.perf_counter() - start
+    return result
 
 
 def plan_from_scan(result: SensitivityResult, tolerance: float) -> Dict[str, float]:
@@ -539,8 +541,6 @@ def prune_and_stylize(
     weights with zeros, no masks) before it stylises, so both runs use the same
     dense kernels. Both final images are scored by the dense network's losses.
     """
-    from prunekit import apply_plan, finalize, sparsity_report
-
     settings = settings if settings is not None else ScanSettings()
     if plan_metric not in scans:
         raise ValueError(
@@ -610,7 +610,13 @@ def prune_and_stylize(
         "finetune": finetuned.to_dict() if finetuned is not None else None,
         "sensitivity": comparison.to_dict() if comparison is not None else None,
         "scans": {
-            kind: {"metric": result.metric, "baseline": result.baseline, "sparsities": list(result.sparsities)}
+            kind: {
+                "metric": result.metric,
+                "baseline": result.baseline,
+                "sparsities": list(result.sparsities),
+                "points": result.num_done,
+                "seconds": result.meta.get("seconds"),
+            }
             for kind, result in scans.items()
         },
     }

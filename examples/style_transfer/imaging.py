@@ -23,7 +23,7 @@ from torch import Tensor
 
 from prunekit.io import PathLike, atomic_write
 
-__all__ = ["load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "to_pil"]
+__all__ = ["image_format", "load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "to_pil"]
 
 
 def _as_batch(img: Tensor) -> Tensor:
@@ -77,6 +77,11 @@ def to_pil(img01: Tensor) -> Image.Image:
     img = _as_batch(img01.detach().float().cpu())[0]
     array = (img.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array, mode="RGB")
+
+
+def image_format(path: PathLike) -> str:
+    """Pillow's format name for the suffix of ``path`` (``PNG`` for ``.png``); ValueError if unknown."""
+    return _format_for(Path(path))
 
 
 def _format_for(path: Path) -> str:

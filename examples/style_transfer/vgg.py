@@ -19,11 +19,14 @@ import os
 import urllib.error
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping
 
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from prunekit.sparse import MAGIC as SPARSE_MAGIC
+from prunekit.sparse import load_sparse
 
 __all__ = [
     "CAFFE_BGR_MEAN",
@@ -130,12 +133,16 @@ def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
             f"weights file {path!r} does not exist; pass 'imagenet', 'random' or the path to a "
             f"VGG-19 state_dict (.pth)"
         )
+    with open(target, "rb") as handle:
+        is_sparse = handle.read(len(SPARSE_MAGIC)) == SPARSE_MAGIC
+    if is_sparse:  # a prunekit.save_sparse checkpoint, e.g. written by the prune command
+        return load_sparse(target)
     try:
         state = torch.load(target, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or pickled-model files
         raise ValueError(
-            f"cannot read {path!r} as a state_dict ({err.__class__.__name__}: {err}); save the "
-            f"weights with torch.save(model.state_dict(), path)"
+            f"cannot read {path!r} as a state_dict ({err.__class__.__name__}); pass a file written by "
+            f"torch.save(model.state_dict(), path) or prunekit.save_sparse"
         ) from None
     if not isinstance(state, Mapping):
         raise ValueError(
@@ -143,6 +150,18 @@ def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
             f"torch.save(model.state_dict(), path)"
         )
     return state
+
+
+def _vgg19_features_random() -> nn.Sequential:
+    """``vgg19().features`` with torchvision's conv initialisation, without building the 120M-parameter head."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["E"], batch_norm=False)
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return features
 
 
 def load_vgg19_features(weights: str = "imagenet") -> nn.Sequential:
@@ -157,7 +176,8 @@ def load_vgg19_features(weights: str = "imagenet") -> nn.Sequential:
             from the caller's torch seed; for offline smoke runs), or the path to
             a state_dict: a full VGG-19 (``features.N.weight``, ``classifier`` is
             ignored), features only (``N.weight``) or Caffe-converted names
-            (``conv1_1.weight``).
+            (``conv1_1.weight``), saved with ``torch.save`` or
+            :func:`prunekit.save_sparse`.
 
     Raises:
         WeightsUnavailableError: ``"imagenet"`` could not be downloaded.
@@ -167,7 +187,7 @@ def load_vgg19_features(weights: str = "imagenet") -> nn.Sequential:
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be 'imagenet', 'random' or a path, got {type(weights).__name__}")
     weights = os.fspath(weights)
-    features = torchvision.models.vgg19(weights=None).features
+    features = _vgg19_features_random()
     if weights == "imagenet":
         state = _features_state_dict(_imagenet_state_dict(), "ImageNet VGG-19 weights")
     elif weights == "random":
@@ -271,8 +291,16 @@ class FeatureExtractor(nn.Module):
                 raise ValueError(f"layer {name!r} (index {index}) is beyond this network's {len(features)} modules")
             self._by_index.setdefault(index, []).append(name)
         self.last_index = max(self._by_index)
+        # Each pooling before the deepest layer halves the image: it must stay at least 1 pixel.
+        self.min_side = 2 ** sum(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in list(features)[: self.last_index])
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        if min(x.shape[-2:]) < self.min_side:
+            deepest = self._by_index[self.last_index][0]
+            raise ValueError(
+                f"an image of {x.shape[-1]}x{x.shape[-2]} px is too small for layer {deepest!r}: the "
+                f"poolings before it need at least {self.min_side} px per side; use a larger image size"
+            )
         out: Dict[str, Tensor] = {}
         for index, module in enumerate(self.features):
             x = module(x)

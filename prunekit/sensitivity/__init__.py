@@ -21,7 +21,7 @@ from prunekit.sensitivity.result import (
     select_plan,
     select_sparsity,
 )
-from prunekit.sensitivity.scanner import METHODS, scan
+from prunekit.sensitivity.scanner import METHODS, evaluate_plan, scan
 
 __all__ = [
     "Accuracy",
@@ -31,6 +31,7 @@ __all__ = [
     "OutputDistortion",
     "SensitivityResult",
     "check_sparsities",
+    "evaluate_plan",
     "scan",
     "select_plan",
     "select_sparsity",

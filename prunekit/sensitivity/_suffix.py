@@ -12,6 +12,7 @@ Everything else is scanned with full forwards.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -90,11 +91,10 @@ def _flatten(module: nn.Module, name: str, chain: Chain) -> None:
 
 
 def _torchvision_vgg_class() -> Optional[type]:
-    try:
-        from torchvision.models import VGG
-    except ImportError:  # torchvision is a dependency, but the chain does not need it
-        return None
-    return VGG
+    # A torchvision VGG instance implies torchvision is imported; importing it
+    # here for other models would cost seconds for nothing.
+    module = sys.modules.get("torchvision.models.vgg")
+    return getattr(module, "VGG", None)
 
 
 def sequential_chain(model: nn.Module) -> Optional[Chain]:

@@ -82,8 +82,12 @@ def plot_sensitivity(
         ax.set_title(layer, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("sparsity (%)", fontsize=8)
+    for column in range(columns):
+        # The lowest chart of each column carries the x labels (the grid's last row may be partly empty).
+        lowest = axes[(len(layers) - 1 - column) // columns, column] if column < len(layers) else None
+        if lowest is not None:
+            lowest.xaxis.set_tick_params(labelbottom=True)
+            lowest.set_xlabel("sparsity (%)", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(result.metric, fontsize=8)
 

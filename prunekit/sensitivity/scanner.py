@@ -26,7 +26,7 @@ from prunekit.sensitivity._suffix import Chain, sequential_chain
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 
-__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "scan"]
+__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "evaluate_plan", "scan"]
 
 METHODS = ("fine-grained", "channel")
 
@@ -178,9 +178,7 @@ class _Guard:
         self.training = [(module, module.training) for module in model.modules()]
         # BatchNorm in train mode would update its running statistics; the scan
         # runs in eval mode, and this copy undoes an evaluate() that trains anyway.
-        self.buffers = [
-            (buffer, buffer.detach().clone()) for buffer in model.buffers()
-        ]
+        self.buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
         self.grads = [(param, param.grad) for param in model.parameters()]
         self.swapped: Dict[int, Tuple[nn.Parameter, Tensor]] = {}
 
@@ -247,10 +245,16 @@ class _SuffixRunner:
         self.copy_input = False
         self.cache: List[Tensor] = []
         self.targets: List[Any] = []
+        self.active = True
+        size = 0
         for inputs, target in metric.batches(device):
+            size += inputs.numel() * inputs.element_size()
+            if size > limit:  # too much data to hold: full forwards stream it instead
+                self.active = False
+                self.cache, self.targets = [], []
+                break
             self.cache.append(inputs)
             self.targets.append(target)
-        self.active = self._size() <= limit
 
     def _size(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache)
@@ -391,6 +395,7 @@ def scan(
         TypeError: ``evaluate`` is not callable or does not return a number.
 
     Example:
+        >>> from prunekit.sensitivity import OutputDistortion
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
         >>> result = scan(model, metric, sparsities=[0.5, 0.9], progress=False)
@@ -479,3 +484,59 @@ def scan(
         masker.release()
         guard.restore()
     return result
+
+
+def evaluate_plan(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    plan: Mapping[str, float],
+    method: str = "fine-grained",
+    stats: Optional[Mapping[str, Any]] = None,
+    *,
+    criterion: str = "l2",
+) -> float:
+    """Score ``model`` with a whole plan applied at once, then restore it exactly.
+
+    The masks are those :func:`prunekit.apply_plan` would apply; the model comes
+    back as :func:`scan` leaves it (bitwise equal, no reparametrization). A scan
+    measures layers one at a time, and their losses add up (or worse) when all
+    are pruned together: this is the check to run on a plan before trusting it.
+
+    Args:
+        model: the dense model.
+        evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
+        plan: conv layer name -> final sparsity in [0, 1).
+        method, stats, criterion: as for :func:`scan`.
+
+    Example:
+        >>> from prunekit.sensitivity import OutputDistortion
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
+        >>> evaluate_plan(model, metric, {"0": 0.5, "2": 0.5}) > 0
+        True
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must map conv layer names to sparsities, got {type(plan).__name__}")
+    convs = resolve_layers(model, list(plan))
+    for layer in convs:
+        check_sparsities([plan[layer]])
+    scores = _channel_scores(stats, convs, criterion) if method == "channel" else None
+    masker = _Masker(method, scores)
+    targets: List[Target] = []
+    masked: List[Tensor] = []
+    for layer in convs:
+        layer_targets = _targets(model, layer, method)
+        targets += layer_targets
+        masked += masker.masked(layer, layer_targets, float(plan[layer]))
+    masker.release()
+    guard = _Guard(model)
+    try:
+        model.eval()
+        if isinstance(evaluate, ForwardMetric):
+            evaluate.prepare(model)
+        with guard.swap(targets, masked):
+            return _score(evaluate(model))
+    finally:
+        guard.restore()

@@ -1,0 +1,214 @@
+"""Smaller copies of conv, BatchNorm, PReLU and Linear layers, for :func:`prunekit.compact`.
+
+Each builder returns a new plain module holding a slice of the old one's
+tensors, plus the bias that stands in for removed input channels that carried
+a constant (see :class:`BorderBiasConv2d` for why zero padding needs more than
+a bias).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BorderBiasConv2d",
+    "has_zero_padding",
+    "resize_batchnorm",
+    "resize_conv",
+    "resize_linear",
+    "resize_prelu",
+]
+
+# Correction maps are cached per input size; a model sees few sizes, so a small
+# cap only matters for pathological callers.
+_CACHE_SIZE = 8
+
+
+class BorderBiasConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with an extra, input-independent bias near the border.
+
+    When :func:`prunekit.compact` removes an input channel that carried a
+    constant ``c`` (e.g. a masked channel followed by a BatchNorm whose shift is
+    not zero), the conv's response to it is ``c`` times the sum of the weight taps
+    that fall inside the image. Away from the border that is every tap, a plain
+    bias; with zero padding, outputs near the border see fewer taps. This layer
+    keeps ``border_weight`` ([out, 1, kh, kw], the constant-weighted sum of the
+    removed input channels' kernels) and adds the exact per-position difference,
+    computed once per input size and cached.
+
+    Example:
+        >>> conv = BorderBiasConv2d(2, 3, 3, padding=1)
+        >>> conv(torch.zeros(1, 2, 5, 5)).shape
+        torch.Size([1, 3, 5, 5])
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        kh, kw = self.kernel_size
+        self.register_buffer(
+            "border_weight",
+            torch.zeros(
+                self.out_channels, 1, kh, kw, device=self.weight.device, dtype=self.weight.dtype
+            ),
+        )
+        self._border_cache: Dict[Tuple, Tensor] = {}
+
+    def border_bias(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        """The correction [out, H_out, W_out] added to the conv output for an input of this size."""
+        weight = self.border_weight
+        key = (height, width, weight.device, dtype, weight._version, weight.data_ptr())
+        cached = self._border_cache.get(key)
+        if cached is not None:
+            return cached
+        # float64 so that the interior, where full and interior sums cancel, is ~0.
+        taps = weight.detach().double()
+        ones = torch.ones(1, 1, height, width, dtype=torch.float64, device=weight.device)
+        full = F.conv2d(ones, taps, None, self.stride, self.padding, self.dilation)[0]
+        correction = (full - taps.sum(dim=(1, 2, 3)).view(-1, 1, 1)).to(dtype)
+        if len(self._border_cache) >= _CACHE_SIZE:
+            self._border_cache.clear()
+        self._border_cache[key] = correction
+        return correction
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's parameter name
+        out = super().forward(input)
+        if self.padding_mode != "zeros":
+            return out  # reflect/replicate/circular padding keep a constant channel constant
+        return out + self.border_bias(input.shape[-2], input.shape[-1], out.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", border_bias=True"
+
+
+def has_zero_padding(conv: nn.Conv2d) -> bool:
+    """True when ``conv`` pads its input with zeros (so a constant input channel is not constant at the border)."""
+    if conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str):
+        return conv.padding == "same"
+    return any(p > 0 for p in conv.padding)
+
+
+def _copy_training(new: nn.Module, old: nn.Module) -> nn.Module:
+    new.train(old.training)
+    for name, param in new.named_parameters(recurse=False):
+        old_param = getattr(old, name, None)
+        if isinstance(old_param, nn.Parameter):
+            param.requires_grad_(old_param.requires_grad)
+    return new
+
+
+def resize_conv(
+    conv: nn.Conv2d,
+    keep_in: Optional[Tensor],
+    keep_out: Optional[Tensor],
+    fold: Optional[Tensor] = None,
+) -> nn.Conv2d:
+    """A copy of ``conv`` with only the input channels ``keep_in`` and output channels ``keep_out``.
+
+    Args:
+        conv: a plain ``nn.Conv2d`` (or :class:`BorderBiasConv2d`) with ``groups=1``.
+        keep_in, keep_out: sorted channel indices to keep; ``None`` keeps all.
+        fold: [out, kh, kw] float64, the removed input channels' kernels weighted by
+            the constant each carried; added as bias (and border bias under zero padding).
+    """
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else None
+    old_border = getattr(conv, "border_weight", None)
+    border = old_border.detach().double() if old_border is not None else None
+    if fold is not None and bool(fold.abs().sum() > 0):
+        # Computed in float64 from the full weight, then sliced like the rest.
+        base = bias.double() if bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
+        bias = base + fold.sum(dim=(1, 2))
+        if has_zero_padding(conv):
+            border = fold.unsqueeze(1) if border is None else border + fold.unsqueeze(1)
+    if keep_out is not None:
+        weight = weight.index_select(0, keep_out)
+        bias = bias.index_select(0, keep_out) if bias is not None else None
+        border = border.index_select(0, keep_out) if border is not None else None
+    if keep_in is not None:
+        weight = weight.index_select(1, keep_in)
+    cls = BorderBiasConv2d if border is not None else nn.Conv2d
+    new = cls(
+        weight.shape[1],
+        weight.shape[0],
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=1,
+        bias=bias is not None,
+        padding_mode=conv.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.to(weight.dtype))
+        if border is not None:
+            new.border_weight.copy_(border.to(weight.dtype))
+    return _copy_training(new, conv)
+
+
+def resize_batchnorm(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:
+    """A copy of ``bn`` with only the channels ``keep`` (affine parameters and running statistics)."""
+    new = nn.BatchNorm2d(
+        len(keep),
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device=keep.device if bn.weight is None else bn.weight.device,
+        dtype=None if bn.weight is None else bn.weight.dtype,
+    )
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight.detach().index_select(0, keep))
+            new.bias.copy_(bn.bias.detach().index_select(0, keep))
+        if bn.running_mean is not None:
+            new.running_mean = bn.running_mean.index_select(0, keep.to(bn.running_mean.device)).clone()
+            new.running_var = bn.running_var.index_select(0, keep.to(bn.running_var.device)).clone()
+        else:
+            new.running_mean = None
+            new.running_var = None
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked = bn.num_batches_tracked.clone()
+        else:
+            new.num_batches_tracked = None
+    return _copy_training(new, bn)
+
+
+def resize_prelu(prelu: nn.PReLU, keep: Tensor) -> nn.PReLU:
+    """A copy of a per-channel ``prelu`` with only the channels ``keep``."""
+    weight = prelu.weight.detach().index_select(0, keep)
+    new = nn.PReLU(len(keep), device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+    return _copy_training(new, prelu)
+
+
+def resize_linear(linear: nn.Linear, keep_in: Tensor, fold: Optional[Tensor] = None) -> nn.Linear:
+    """A copy of ``linear`` with only the input features ``keep_in``; ``fold`` [out] float64 is added to the bias."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if fold is not None and bool(fold.abs().sum() > 0):
+        base = bias.double() if bias is not None else torch.zeros(linear.out_features, dtype=torch.float64, device=weight.device)
+        bias = base + fold
+    weight = weight.index_select(1, keep_in)
+    new = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.to(weight.dtype))
+    return _copy_training(new, linear)

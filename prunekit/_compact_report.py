@@ -1,0 +1,213 @@
+"""Parameters and multiply-accumulates of a model before and after :func:`prunekit.compact`."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One conv or Linear layer: its input/output channels (features), parameters and MACs per sample."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    params: int
+    macs: int
+
+
+def _input_shape(input_size: Sequence[int]) -> Tuple[int, ...]:
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise ValueError(
+            f"input_size={tuple(input_size)!r} must be (C, H, W) or (N, C, H, W) with positive "
+            "sizes, e.g. (3, 224, 224)"
+        )
+    return shape
+
+
+def layer_costs(model: nn.Module, input_size: Sequence[int]) -> "OrderedDict[str, LayerCost]":
+    """Measure each ``Conv2d`` / ``Linear`` of ``model`` on a zero input of ``input_size`` (per sample).
+
+    Counts are dense: every weight counts, zero or not. The model runs once in
+    eval mode without gradients and is left in its previous mode.
+
+    Example:
+        >>> costs = layer_costs(nn.Sequential(nn.Conv2d(3, 8, 3)), (3, 8, 8))
+        >>> costs["0"].macs
+        7776
+    """
+    shape = _input_shape(input_size)
+    costs: "OrderedDict[str, LayerCost]" = OrderedDict()
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            per_sample = output.numel() // output.shape[0]
+            if isinstance(module, nn.Conv2d):
+                kh, kw = module.kernel_size
+                macs = per_sample * (module.in_channels // module.groups) * kh * kw
+                channels = (module.in_channels, module.out_channels)
+            else:
+                macs = per_sample * module.in_features
+                channels = (module.in_features, module.out_features)
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            previous = costs.get(name)
+            macs += previous.macs if previous is not None else 0
+            costs[name] = LayerCost(name, channels[0], channels[1], params, macs)
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook(name)))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        reference = next(iter(model.parameters()), None)
+        device = reference.device if reference is not None else torch.device("cpu")
+        dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+        with torch.no_grad():
+            model(torch.zeros(shape, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if shape[0] > 1:
+        costs = OrderedDict(
+            (k, LayerCost(c.name, c.in_channels, c.out_channels, c.params, c.macs // shape[0]))
+            for k, c in costs.items()
+        )
+    return costs
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """Parameters and MACs per sample of each layer, before and after compaction.
+
+    ``str(report)`` is a table; :meth:`to_dict` is JSON-ready.
+    """
+
+    input_size: Tuple[int, ...]
+    before: "OrderedDict[str, LayerCost]"
+    after: "OrderedDict[str, LayerCost]"
+    params_before: int
+    params_after: int
+
+    @property
+    def macs_before(self) -> int:
+        """Total multiply-accumulates per sample of the conv and Linear layers before compaction."""
+        return sum(c.macs for c in self.before.values())
+
+    @property
+    def macs_after(self) -> int:
+        """Total multiply-accumulates per sample after compaction."""
+        return sum(c.macs for c in self.after.values())
+
+    @property
+    def macs_ratio(self) -> float:
+        """How many times fewer MACs the compacted model does."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        """How many times fewer parameters the compacted model has."""
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The report as plain Python data."""
+        layers: List[Dict[str, Any]] = []
+        for name, before in self.before.items():
+            after = self.after.get(name)
+            layers.append(
+                {
+                    "layer": name,
+                    "out_channels_before": before.out_channels,
+                    "out_channels_after": after.out_channels if after else None,
+                    "params_before": before.params,
+                    "params_after": after.params if after else None,
+                    "macs_before": before.macs,
+                    "macs_after": after.macs if after else None,
+                }
+            )
+        return {
+            "input_size": list(self.input_size),
+            "layers": layers,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_ratio": self.params_ratio,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_ratio": self.macs_ratio,
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "in,out channels", "params before", "params after", "MACs before", "MACs after")
+        rows = [header]
+        for name, before in self.before.items():
+            after = self.after.get(name)
+            rows.append(
+                (
+                    name,
+                    f"{before.in_channels},{before.out_channels} -> "
+                    + (f"{after.in_channels},{after.out_channels}" if after else "?"),
+                    f"{before.params:,}",
+                    f"{after.params:,}" if after else "?",
+                    f"{before.macs:,}",
+                    f"{after.macs:,}" if after else "?",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                f"{self.params_before:,}",
+                f"{self.params_after:,}",
+                f"{self.macs_before:,}",
+                f"{self.macs_after:,}",
+            )
+        )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"params {self.params_ratio:.2f}x fewer, MACs {self.macs_ratio:.2f}x fewer "
+            f"(input {tuple(self.input_size)}, per sample)"
+        )
+        return "\n".join(lines)
+
+
+def compaction_report(before: nn.Module, after: nn.Module, input_size: Sequence[int]) -> CompactionReport:
+    """Compare a model with its :func:`prunekit.compact` result: parameters and MACs per layer and in total.
+
+    Args:
+        before: the model given to ``compact`` (masked or not; all weights count).
+        after: the compacted model.
+        input_size: ``(C, H, W)`` or ``(N, C, H, W)``; MACs are per sample.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> compaction_report(model, model, (3, 16, 16)).macs_ratio
+        1.0
+    """
+    shape = _input_shape(input_size)
+    return CompactionReport(
+        input_size=shape[1:],
+        before=layer_costs(before, shape),
+        after=layer_costs(after, shape),
+        params_before=sum(p.numel() for p in before.parameters()),
+        params_after=sum(p.numel() for p in after.parameters()),
+    )

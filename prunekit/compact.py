@@ -1,0 +1,253 @@
+"""Physical channel removal: turn masked (or all-zero) conv channels into a smaller, faster model.
+
+A mask makes a channel output zeros; the conv still computes them. ``compact``
+builds a new model in which those channels are gone: the conv has fewer
+output channels, the following BatchNorm fewer features, the next conv fewer
+input channels and the first Linear after a flatten fewer input features.
+The result is made of plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear``
+layers under the same names, so its speed-up is real and its ``state_dict``
+keys stay recognisable.
+
+A removed channel is not always zero downstream: after a BatchNorm that is not
+masked it is the constant ``beta - gamma * mean / sqrt(var + eps)`` (then passed
+through the activation). That constant is folded into the next layer's bias;
+where the next conv pads with zeros the border sees fewer taps, so that conv
+becomes a :class:`BorderBiasConv2d` carrying the exact per-position bias.
+
+Equivalence holds in eval mode (BatchNorm with running statistics, dropout off),
+the mode in which a pruned model is evaluated and deployed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from prunekit._compact_graph import CompactionPlan, UnsupportedGraphError, plan_compaction
+from prunekit._compact_modules import (
+    BorderBiasConv2d,
+    resize_batchnorm,
+    resize_conv,
+    resize_linear,
+    resize_prelu,
+)
+from prunekit._compact_report import CompactionReport, LayerCost, compaction_report, layer_costs
+from prunekit.plans import finalize
+
+__all__ = [
+    "BorderBiasConv2d",
+    "CompactionPlan",
+    "CompactionReport",
+    "LayerCost",
+    "UnsupportedGraphError",
+    "compact",
+    "compact_chain",
+    "compaction_report",
+    "layer_costs",
+    "plan_compaction",
+]
+
+# The self-check only guards against a wrong rebuild; float reordering stays far below it.
+_CHECK_TOLERANCE = 1e-4
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on a masked model, leaving the model untouched."""
+    # A pruned module's ``weight`` is computed from weight_orig * weight_mask, a
+    # non-leaf tensor that deepcopy refuses; the copy gets a detached clone,
+    # which prune.remove recomputes anyway.
+    memo: Dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _rebuild(model: nn.Module, plan: CompactionPlan) -> None:
+    modules = dict(model.named_modules())
+    convs_and_linears = dict.fromkeys(list(plan.keep_out) + list(plan.keep_in))
+    for name in convs_and_linears:
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            new: nn.Module = resize_linear(module, plan.keep_in[name], plan.folds.get(name))
+        else:
+            new = resize_conv(module, plan.keep_in.get(name), plan.keep_out.get(name), plan.folds.get(name))
+        _set_module(model, name, new)
+    for name, keep in plan.keep_channels.items():
+        module = modules[name]
+        if isinstance(module, nn.BatchNorm2d):
+            new = resize_batchnorm(module, keep)
+        else:
+            new = resize_prelu(module, keep)
+        _set_module(model, name, new)
+
+
+def _eval_output(model: nn.Module, example_input: Any) -> Any:
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, tuple):
+                return model(*example_input)
+            return model(example_input)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _tensors(output: Any) -> list:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+def _check_equal(reference: Any, compacted: Any) -> None:
+    for expected, actual in zip(_tensors(reference), _tensors(compacted)):
+        if expected.shape != actual.shape or not expected.is_floating_point():
+            continue  # output channels removed on purpose (prune_output_channels=True)
+        scale = expected.double().norm().clamp_min(1e-12)
+        error = float((expected.double() - actual.double()).norm() / scale)
+        if not error <= _CHECK_TOLERANCE:
+            raise RuntimeError(
+                f"compact built a model whose output differs from the original's on example_input "
+                f"(relative error {error:.3g}); this is a prunekit bug, please report it with the "
+                "model definition. The input model is unchanged"
+            )
+
+
+def compact(
+    model: nn.Module,
+    example_input: Optional[Any] = None,
+    *,
+    prune_output_channels: bool = False,
+) -> nn.Module:
+    """Return a smaller copy of ``model`` with its dead conv output channels physically removed.
+
+    A channel is dead when the conv's effective weights for it are all zero: it
+    was masked (by :class:`prunekit.ChannelActivation`, ``prune.ln_structured``,
+    ...) or pruned to zero. Its output then no longer depends on the input (it is
+    the channel's bias, 0 when masked), so removing it and folding that constant,
+    carried through the following BatchNorm and activation, into the next layer
+    keeps the outputs equal in eval mode. Removed with it: its slice of the
+    BatchNorm (and of a per-channel PReLU), the matching input channels of the next
+    conv, and the matching input features of the first Linear after a flatten.
+
+    The input model is not modified. The copy has its pruning reparametrizations
+    removed (as :func:`prunekit.finalize` does) before it is resized.
+
+    Supported graphs: anything ``torch.fx`` can trace in which, between a conv
+    and the layer consuming its channels, there are only BatchNorm2d, element-wise
+    activations, dropout, max/average/adaptive pooling, upsampling, reflection or
+    replication padding, and ``flatten`` / ``nn.Flatten`` / ``x.view(x.size(0), -1)``
+    before an ``nn.Linear`` (torchvision VGG, plain ``nn.Sequential`` stacks).
+    To compact an encoder and a decoder together (AdaIN style transfer), use
+    :func:`compact_chain`.
+
+    Args:
+        model: the (masked or finalized) model.
+        example_input: optional input (or tuple of inputs); when given, the compacted
+            model's output is checked against the original's on it.
+        prune_output_channels: the channels of a conv that reaches the model's output
+            are kept by default, so the output shape does not change; ``True`` removes
+            them too (the output then has only the kept channels).
+
+    Returns:
+        A new model, in the input model's training mode, whose resized layers are plain
+        ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.PReLU`` / ``nn.Linear`` (a
+        :class:`BorderBiasConv2d` where a non-zero constant meets zero padding).
+
+    Raises:
+        UnsupportedGraphError (a ValueError): a conv with dead channels feeds something
+            compact cannot resize exactly (residual addition, concatenation, grouped or
+            depthwise conv, reshape, a module called twice); the message names the layer.
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> _ = prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
+        >>> _ = prune.custom_from_mask(model[0], "bias", model[0].weight_mask[:, 0, 0, 0])
+        >>> compact(model)[2].in_channels
+        4
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
+    compacted = _copy(model)
+    finalize(compacted)
+    plan = plan_compaction(compacted, prune_output_channels=prune_output_channels)
+    reference = _eval_output(compacted, example_input) if example_input is not None else None
+    if plan.batchnorm_constants and any(module.training for module in model.modules()):
+        warnings.warn(
+            f"the removed channels of {', '.join(repr(n) for n in plan.batchnorm_constants)} leave "
+            "their BatchNorm as non-zero constants, folded from its running statistics: the compacted "
+            "model matches the input model in eval mode only (in training mode a BatchNorm uses batch "
+            "statistics). Call model.eval() before compact to silence this, or mask the BatchNorm too "
+            "(prunekit.channel_activation(..., batchnorm=bn)) so the constants are 0",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not plan.empty:
+        _rebuild(compacted, plan)
+    if example_input is not None:
+        _check_equal(reference, _eval_output(compacted, example_input))
+    return compacted
+
+
+def compact_chain(
+    *models: nn.Module,
+    example_input: Optional[Tensor] = None,
+    prune_output_channels: bool = False,
+) -> Tuple[nn.Module, ...]:
+    """Compact models that run one after the other, removing channels across their boundaries.
+
+    ``compact_chain(encoder, decoder)`` compacts ``nn.Sequential(encoder, decoder)``
+    and returns the two compacted parts: the encoder's last conv loses its dead
+    output channels and the decoder's first conv the matching input channels.
+
+    AdaIN style transfer puts ``adain(content, style)`` between the two. The
+    compacted pair stays exact there because AdaIN works channel by channel and
+    maps a constant channel to itself: a dead encoder channel is the same
+    constant ``c`` in the content and the style features (same encoder), so its
+    normalised content is 0 and AdaIN outputs the style mean, ``c`` again — the
+    value folded into the decoder. Any per-channel operation with that property
+    can sit between the parts; one that mixes channels cannot.
+
+    Args:
+        models: the parts, in order; each takes and returns one tensor.
+        example_input: optional input of the first part, to check the chained output.
+        prune_output_channels: see :func:`compact` (applies to the last part's output).
+
+    Returns:
+        The compacted parts, in order. The input models are not modified.
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> decoder = nn.Sequential(nn.Conv2d(8, 3, 3))
+        >>> _ = prune.ln_structured(encoder[0], "weight", amount=0.5, n=2, dim=0)
+        >>> _ = prune.custom_from_mask(encoder[0], "bias", encoder[0].weight_mask[:, 0, 0, 0])
+        >>> [m[0].weight.shape[0 if i == 0 else 1] for i, m in enumerate(compact_chain(encoder, decoder))]
+        [4, 4]
+    """
+    if len(models) < 2:
+        raise ValueError(f"compact_chain needs at least two models, got {len(models)}; use compact for one")
+    for index, part in enumerate(models):
+        if not isinstance(part, nn.Module):
+            raise TypeError(f"part {index} of the chain is a {type(part).__name__}, not an nn.Module")
+    chain = nn.Sequential(*models)
+    compacted = compact(chain, example_input, prune_output_channels=prune_output_channels)
+    return tuple(compacted)

@@ -1,0 +1,277 @@
+"""The prunekit command line (click's CliRunner): outputs, files, resume and errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import prunekit
+import prunekit.sensitivity
+import prunekit.zoo
+from prunekit.cli import cli, parse_sparsities
+from prunekit.datasets import write_synthetic_images
+from prunekit.sensitivity import SensitivityResult
+
+VGG_SCAN = [
+    "scan", "--model", "vgg11", "--data", "imgs", "--image-size", "32",
+    "--layers", "features.0,features.3", "--sparsities", "0.5,0.9", "--out", "vgg",
+]
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+@pytest.fixture
+def images(runner):
+    write_synthetic_images("imgs", n=3, image_size=32, seed=1)
+    return Path("imgs")
+
+
+@pytest.fixture
+def tiny(images):
+    """Options scanning a tiny pickled RGB model (fast) on the image folder."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+    torch.save(model, "tiny.pt")
+    return [
+        "scan", "--model", "tiny.pt", "--trust-checkpoint", "--data", "imgs", "--image-size", "32",
+        "--sparsities", "0.5,0.9",
+    ]
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught exception
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# scan
+
+
+@pytest.mark.slow
+def test_scan_with_no_options_scans_the_builtin_digits_model(runner):
+    result = runner.invoke(cli, ["scan"])
+    assert result.exit_code == 0, result.stderr
+    assert "accuracy (higher is better)" in result.stdout
+    for layer in prunekit.conv_layers(prunekit.zoo.load_model("digits-vgg")):
+        assert layer in result.stdout
+    assert "suggested plan" in result.stdout
+    out = Path("prunekit-scan")
+    scan = SensitivityResult.from_json(out / "scan.json")
+    assert scan.complete and scan.metric == "accuracy" and scan.baseline > 0.9
+    assert len(scan.layers) == 6 and scan.sparsities == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["plan"] == scan.plan(0.01)
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "scan.csv").read_text().startswith("layer,0.4,0.5,0.6,0.7,0.8,0.9\n")
+
+
+def test_scan_vgg11_random_weights_on_an_image_folder(runner, images):
+    result = runner.invoke(cli, VGG_SCAN)
+    assert result.exit_code == 0, result.stderr
+    assert "distortion (lower is better)" in result.stdout
+    assert "features.0" in result.stdout and "features.3" in result.stdout
+    scan = SensitivityResult.from_json("vgg/scan.json")
+    assert scan.layers == ["features.0", "features.3"] and scan.sparsities == (0.5, 0.9)
+    assert all(0 < s for values in scan.scores.values() for s in values)
+    assert scan.meta["options"]["model"] == "vgg11"
+    assert Path("vgg/plan.json").is_file() and Path("vgg/sensitivity.png").is_file()
+
+
+def test_scan_json_prints_one_document(runner, tiny):
+    result = runner.invoke(cli, tiny + ["--out", "j", "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["plan"]) == {"0", "3"}
+    assert document["scan"]["complete"] is True
+    assert document["files"]["scan"].endswith("scan.json")
+
+
+def test_scan_skips_unreadable_files_with_a_warning(runner, tiny, images):
+    (images / "notes.txt").write_text("not an image")
+    (images / "broken.png").write_bytes(b"garbage")
+    result = runner.invoke(cli, tiny + ["--out", "w"])
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 2 and any("broken.png" in w for w in warnings)
+
+
+def test_interrupted_scan_resumes_to_the_same_result(runner, tiny, monkeypatch):
+    args = tiny + ["--out", "r", "-q"]
+    real_scan = prunekit.sensitivity.scan
+
+    def interrupted_scan(*a, **kw):
+        save = kw["on_point"]
+
+        def stop_after_two(result):
+            save(result)
+            if result.num_done == 2:
+                raise KeyboardInterrupt
+
+        return real_scan(*a, **dict(kw, on_point=stop_after_two))
+
+    monkeypatch.setattr(prunekit.sensitivity, "scan", interrupted_scan)
+    stopped = runner.invoke(cli, args)
+    assert stopped.exit_code == 130
+    assert "--resume" in stopped.stderr
+    partial = SensitivityResult.from_json("r/scan.json")
+    assert not partial.complete and partial.num_done == 2
+
+    monkeypatch.setattr(prunekit.sensitivity, "scan", real_scan)
+    resumed = runner.invoke(cli, args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    fresh = runner.invoke(cli, tiny + ["--out", "f", "-q"])
+    assert fresh.exit_code == 0
+    assert SensitivityResult.from_json("r/scan.json").scores == SensitivityResult.from_json("f/scan.json").scores
+
+
+def test_resume_refuses_changed_options(runner, tiny):
+    assert runner.invoke(cli, tiny + ["--out", "c", "-q"]).exit_code == 0
+    changed = [a if a != "0.5,0.9" else "0.6,0.9" for a in tiny]
+    result = runner.invoke(cli, changed + ["--out", "c", "--resume"])
+    assert_one_error_line(result, "--resume", "sparsities")
+
+
+def test_resume_without_a_partial_scan(runner):
+    assert_one_error_line(runner.invoke(cli, ["scan", "--resume", "--out", "nothing"]), "--resume", "no partial scan")
+
+
+@pytest.mark.parametrize(
+    "sparsities, fragment",
+    [
+        ("0.5,1.2", "outside [0, 1)"),
+        ("-0.1,0.5", "outside [0, 1)"),
+        ("", "empty"),
+        ("0.5,0.5", "listed twice"),
+        ("0.7,0.5", "increasing order"),
+        ("0.4:0.9", "start:stop:step"),
+        ("a,b", "start:stop:step"),
+        ("0.4:0.9:0", "step must be a positive"),
+    ],
+)
+def test_bad_sparsities(runner, sparsities, fragment):
+    assert_one_error_line(runner.invoke(cli, ["scan", "--sparsities", sparsities]), "--sparsities", fragment)
+
+
+def test_unknown_layer_lists_the_valid_ones(runner):
+    result = runner.invoke(cli, ["scan", "--layers", "features.0,features.99"])
+    assert_one_error_line(result, "features.99", "conv layers are: features.0, features.2")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--model", "missing.pt"], ["missing.pt", "not found"]),
+        (["--model", "vgg11", "--data", "no-such-folder"], ["--data", "no-such-folder", "does not exist"]),
+        (["--weights", "no-weights.pth"], ["no-weights.pth", "not found"]),
+        (["--model", "vgg11", "--metric", "accuracy"], ["--metric accuracy needs labelled images"]),
+        (["--image-size", "32"], ["built-in digits are 16x16"]),
+        (["--device", "cuda:0"], ["use --device cpu"]),
+        (["--max-drop", "-1"], ["--max-drop"]),
+    ],
+)
+def test_errors_are_one_line(runner, args, fragments):
+    assert_one_error_line(runner.invoke(cli, ["scan"] + args), *fragments)
+
+
+def test_folder_without_images_fails(runner):
+    Path("junk").mkdir()
+    Path("junk/a.txt").write_text("x")
+    result = runner.invoke(cli, ["scan", "--model", "vgg11", "--data", "junk"])
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: --data junk: no readable image")
+
+
+def test_imagenet_weights_offline_say_how_to_pass_a_file(runner, monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    result = runner.invoke(cli, ["scan", "--model", "vgg11", "--weights", "imagenet"])
+    assert_one_error_line(result, "failed", "--weights PATH")
+
+
+def test_parse_sparsities_range_includes_stop():
+    assert parse_sparsities("0.4:0.9:0.1") == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert parse_sparsities("0.5, 0.8") == (0.5, 0.8)
+
+
+# ---------------------------------------------------------------------------
+# prune and report
+
+
+def test_prune_applies_a_plan_and_report_reads_the_checkpoint(runner):
+    Path("plan.json").write_text(json.dumps({"plan": {"features.0": 0.5, "features.2": 0.75}, "method": "fine-grained"}))
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "pruned.pt"])
+    assert result.exit_code == 0, result.stderr
+    model = prunekit.zoo.load_model("pruned.pt")
+    assert not any(name.endswith(("_orig", "_mask")) for name in model.state_dict())
+    assert float((model.features[2].weight == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+
+    report = runner.invoke(cli, ["report", "pruned.pt", "--input-size", "1x16x16", "--json"])
+    assert report.exit_code == 0, report.stderr
+    layers = {layer["name"]: layer for layer in json.loads(report.stdout)["layers"]}
+    assert layers["features.0"]["zeros"] == round(0.5 * model.features[0].weight.numel())  # bias stays dense
+    assert layers["features.2"]["effective_macs"] < layers["features.2"]["macs"]
+    text = runner.invoke(cli, ["report", "pruned.pt"])
+    assert text.exit_code == 0 and "features.2" in text.stdout
+
+
+def test_prune_accepts_a_bare_mapping(runner):
+    Path("bare.json").write_text(json.dumps({"features.0": 0.5}))
+    result = runner.invoke(cli, ["prune", "--plan", "bare.json", "--out", "p.pt", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert Path("p.pt").is_file()
+
+
+def test_prune_errors(runner):
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "nope.json", "--out", "p.pt"]), "nope.json")
+    Path("bad.json").write_text(json.dumps({"features.9": 0.5}))
+    result = runner.invoke(cli, ["prune", "--plan", "bad.json", "--out", "p.pt"])
+    assert_one_error_line(result, "unknown layer 'features.9'")
+    assert not Path("p.pt").exists()
+
+
+def test_report_refuses_a_pickled_model_unless_trusted(runner):
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), "whole.pt")
+    assert_one_error_line(runner.invoke(cli, ["report", "whole.pt"]), "--trust-checkpoint")
+    trusted = runner.invoke(cli, ["report", "whole.pt", "--trust-checkpoint"])
+    assert trusted.exit_code == 0 and "Conv2d" in trusted.stdout
+
+
+# ---------------------------------------------------------------------------
+# The group
+
+
+def test_version_and_help(runner):
+    assert runner.invoke(cli, ["--version"]).stdout.strip() == f"prunekit {prunekit.__version__}"
+    for command in ([], ["scan"], ["prune"], ["report"]):
+        result = runner.invoke(cli, command + ["-h"])
+        assert result.exit_code == 0
+        lines = result.stdout.rstrip().splitlines()
+        assert "Examples:" in result.stdout
+        assert lines[-1].strip().startswith(" ".join(["prunekit"] + command))  # help ends with an example
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "prunekit", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"prunekit {prunekit.__version__}"
