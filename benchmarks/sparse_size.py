@@ -85,15 +85,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"save_sparse, {label + ':':27s}{size:>12,} bytes  {dense / size:5.2f}x smaller "
                   f"(save {saved:.1f} s, load {read:.1f} s; {check})")
 
-        print(f"note: {negative_zeros:,} of the zeros are -0.0 (torch's prune.remove multiplies by the mask); "
-              "the lossless file keeps their signs (a bitmask beside the mask)")
         if negative_zeros:
-            positive = {k: torch.where(v == 0, torch.zeros_like(v), v) for k, v in state.items()}
-            path = os.path.join(folder, "vgg19_features_positive_zeros.pksparse")
-            save_sparse(positive, path)
-            size = os.path.getsize(path)
-            print(f"save_sparse, lossless, zeros as +0.0: {size:>12,} bytes  {dense / size:5.2f}x smaller "
-                  "(what a finalize writing +0.0 would give)")
+            print(f"note: {negative_zeros:,} of the zeros are -0.0; the lossless file keeps their signs")
     print("targets: lossless >= 5.4x, float16 values >= 10x smaller than torch.save of the dense features")
 
 

@@ -24,6 +24,7 @@ from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activatio
 from prunekit.plans import apply_plan, copy_model, finalize
 from prunekit.regularizer import ChannelRegularizer
 from prunekit.report import LayerSparsity, SparsityReport, sparsity_report
+from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, evaluate_plan, scan
 from prunekit.sparse import load_sparse, read_sparse_header, save_sparse
 from prunekit.stats import (
     ChannelStats,
@@ -36,6 +37,11 @@ from prunekit.stats import (
 from prunekit.zoo import WeightsUnavailableError, load_model, save_checkpoint
 
 __all__ = [
+    "Accuracy",
+    "OutputDistortion",
+    "SensitivityResult",
+    "evaluate_plan",
+    "scan",
     "BorderBiasConv2d",
     "CompactionReport",
     "UnsupportedGraphError",

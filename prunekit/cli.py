@@ -580,10 +580,14 @@ def scan_command(
     click.echo(f"\nsuggested plan (max {result.metric} drop {tolerance:g}, {kind}):")
     for layer, level in plan.items():
         click.echo(f"  {layer}: {level:g}")
-    click.echo(
-        f"{result.metric} with the whole plan applied at once: {combined:.4f} (dense {result.baseline:.4f}); "
-        "layer losses add up, so tighten --max-drop or fine-tune after pruning if that is too low"
-    )
+    if not any(plan.values()):
+        click.echo("no layer stays within the tolerance at the lowest level; raise --max-drop or scan lower sparsities")
+    else:
+        worse = "low" if result.higher_is_better else "high"
+        click.echo(
+            f"{result.metric} with the whole plan applied at once: {combined:.4f} (dense {result.baseline:.4f}); "
+            f"layer losses add up, so tighten --max-drop or fine-tune after pruning if that is too {worse}"
+        )
     _status(quiet, f"\nwrote {', '.join(files.values())}")
     _status(quiet, f"apply it: prunekit prune --model {model_spec} --plan {files['plan']} --out pruned.pt")
 

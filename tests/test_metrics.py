@@ -50,12 +50,14 @@ def test_distortion_of_named_feature_maps_is_their_mean():
 
 def test_feature_map_is_read_before_an_inplace_relu_overwrites_it():
     model = conv_net()
-    x = torch.randn(4, 3, 8, 8)
-    metric = OutputDistortion(x, layers=["0"])
+    with torch.no_grad():
+        model[0].bias.zero_()
+    metric = OutputDistortion(torch.randn(4, 3, 8, 8), layers=["0"])
     metric.prepare(model)
-    conv_out = model[0](x).detach()
-    assert (conv_out < 0).any()  # so ReLU(inplace=True) would change it
-    assert torch.equal(metric._reference[0]["0"], conv_out)
+    with torch.no_grad():
+        model[0].weight.neg_()  # the conv output flips sign: ||-y - y|| / ||y|| = 2
+    # Read after ReLU(inplace=True) instead, the maps would be relu(-y) vs relu(y): distance ~1.
+    assert metric(model) == pytest.approx(2.0, rel=1e-6)
 
 
 def test_distortion_needs_prepare():

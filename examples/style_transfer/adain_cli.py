@@ -137,19 +137,20 @@ def adain() -> None:
 @click.option("--probe-images", default=_DEFAULTS.probe_images, show_default=True, type=click.IntRange(1))
 @click.option("--workers", "num_workers", default=0, show_default=True, type=click.IntRange(0),
               help="Data loader worker processes.")
+@click.option("--device", default=None, help="Where to train: cpu (default), cuda, cuda:1, mps ...")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt with its settings; only --steps and --workers apply.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_threads_option
 @_library_errors
-def train_command(quiet: bool, resume: bool, **settings: Any) -> None:
+def train_command(quiet: bool, resume: bool, device: Optional[str], **settings: Any) -> None:
     """Train AdaIN; with --mode compact, the channel and xor losses switch relu4_1 channels off.
 
+    \b
     Example:
-
         python -m examples.style_transfer adain train --content coco/train2014 --style wikiart/train --out runs/compact
     """
     config = TrainConfig(**settings)
-    result = train(config, resume=resume, progress=not quiet)
+    result = train(config, resume=resume, progress=not quiet, device=device)
     last = json.dumps({"step": result.step, "out": str(Path(config.out_dir) / "checkpoint.pt")})
     click.echo(last)
 
@@ -181,8 +182,8 @@ def analyze_command(
 
     Writes response.png (images x channels, white: fires), magnitudes.png, stats_LABEL.json, summary.json.
 
+    \b
     Example:
-
         python -m examples.style_transfer adain analyze --checkpoint baseline=runs/base/checkpoint.pt --checkpoint compact=runs/compact/checkpoint.pt --content heldout/content --style heldout/style --out analysis
     """
     images = torch.cat([load_heldout(content_dir, size, limit), load_heldout(style_dir, size, limit)])
@@ -206,11 +207,21 @@ def _parse_counts(text: Optional[str]) -> Optional[List[int]]:
         raise ValueError(f"--counts {text!r} must be comma-separated ints, e.g. 0,100,200") from None
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> Dict[str, Any]:
     """Where the timings were measured."""
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -255,8 +266,8 @@ def sweep_command(
 
     Writes report.json, sweep.png (curves) and grid.png (stylised held-out pairs).
 
+    \b
     Example:
-
         python -m examples.style_transfer adain sweep --checkpoint runs/compact/checkpoint.pt --content heldout/content --style heldout/style --out sweep
     """
     trained = load_checkpoint(checkpoint)
@@ -321,8 +332,8 @@ def write_demo_data(out_dir: str, count: int, size: int, seed: int) -> Dict[str,
 def demo_data_command(out_dir: str, count: int, size: int, seed: int) -> None:
     """Write generated images to try the commands offline (not a substitute for COCO / WikiArt).
 
+    \b
     Example:
-
         python -m examples.style_transfer adain demo-data demo/
     """
     written = write_demo_data(out_dir, count, size, seed)

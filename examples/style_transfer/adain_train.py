@@ -35,7 +35,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import click
 import torch
@@ -545,12 +545,23 @@ def _progress(steps: Sequence[int], show: bool) -> Any:
     return click.progressbar(steps, label="training AdaIN", file=sys.stderr, show_pos=True)
 
 
+def _check_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    try:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1, mps") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here (no CUDA device); use cpu")
+    return target
+
+
 def train(
     config: TrainConfig,
     resume: bool = False,
     progress: bool = True,
     on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
     plot: bool = True,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> TrainedModel:
     """Train (or with ``resume``, continue) an AdaIN network; return it with its loss network.
 
@@ -566,12 +577,16 @@ def train(
         progress: show a progress bar on stderr.
         on_log: called with every log entry (e.g. to print it).
         plot: redraw ``log.png`` at every checkpoint (needs matplotlib).
+        device: where to train (``"cuda"``, ...); default CPU. Checkpoints load on any device.
 
     Raises:
         ValueError: a bad setting, a folder without images, a checkpoint of another run.
         WeightsUnavailableError: ImageNet weights cannot be downloaded (pass a PATH).
     """
     config.validate()
+    device = _check_device(device)
+    content_files = list_images(config.content_dir)
+    style_files = list_images(config.style_dir)
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     log_path = out_dir / LOG_NAME
@@ -590,6 +605,8 @@ def train(
         net.encoder.load_state_dict(state["encoder"])
         net.decoder.load_state_dict(state["decoder"])
         loss_network.encoder.load_state_dict(state["loss_network"])
+        net.to(device)
+        loss_network.to(device)
         optimizers = _optimizers(config, net)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -600,14 +617,14 @@ def train(
     else:
         torch.manual_seed(config.seed)
         net, loss_network = _build(config)
+        net.to(device)
+        loss_network.to(device)
         optimizers = _optimizers(config, net)
         start = 0
         _rewrite_log(log_path, [])
     write_json(out_dir / "config.json", config.to_dict())
 
-    content_files = list_images(config.content_dir)
-    style_files = list_images(config.style_dir)
-    probe = _probe_images(config, content_files, style_files)
+    probe = _probe_images(config, content_files, style_files).to(device)
     batches = PairedCropBatches(
         content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps
     )
@@ -622,7 +639,7 @@ def train(
         with _progress(range(start, config.steps), progress) as bar, open(log_path, "a", encoding="utf-8") as log:
             iterator: Iterator[Tuple[Tensor, Tensor]] = iter(loader)
             for step in bar:
-                content, style = next(iterator)
+                content, style = (batch.to(device) for batch in next(iterator))
                 _set_lr(config, optimizers, step)
                 entry = _train_step(config, net, loss_network, regularizer, optimizers, content, style)
                 done = step + 1
