@@ -404,6 +404,10 @@ def cli() -> None:
               help="Tolerance for the suggested plan: the largest acceptable score loss vs. the dense "
               "model (default: 0.01 for accuracy, 0.05 for distortion).")
 @click.option("--relative", is_flag=True, help="--max-drop is a fraction of the dense score.")
+@click.option("--joint/--per-layer", "joint", default=True, show_default=True,
+              help="--joint: grow the plan while the score with ALL its layers pruned stays within "
+              "--max-drop (a few extra evaluations); --per-layer: each layer's own level, whose "
+              "losses add up when applied together.")
 @click.option("--out", default=_DEFAULT_OUT, show_default=True, metavar="DIR",
               help="Folder for scan.json, scan.csv, sensitivity.png and plan.json.")
 @click.option("--resume", is_flag=True, help="Continue the partial scan in --out (same options required).")
@@ -426,6 +430,7 @@ def scan_command(
     layers: Optional[str],
     max_drop: Optional[float],
     relative: bool,
+    joint: bool,
     out: str,
     resume: bool,
     device: str,
@@ -439,13 +444,15 @@ def scan_command(
     the layer restored. Results go to --out (scan.json is saved after every
     point, so an interrupted scan continues with --resume). The suggested plan
     gives each layer the highest sparsity whose score, and every lower level's,
-    stays within --max-drop of the dense model.
+    stays within --max-drop of the dense model; with --joint (the default) the
+    plan is then trimmed until the model with every layer pruned at once stays
+    within --max-drop too.
 
     With no options: the built-in digits-vgg model (trained weights shipped
     with prunekit) scanned by test accuracy, offline, in seconds.
 
     """
-    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, scan
+    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, fit_plan, scan
     from prunekit.zoo import load_model
 
     levels = parse_sparsities(sparsities)
@@ -531,9 +538,15 @@ def scan_command(
         ctx.exit(130)
 
     tolerance = max_drop if max_drop is not None else _DEFAULT_MAX_DROP[result.metric]
-    plan = result.plan(tolerance, relative=relative)
+    per_layer = result.plan(tolerance, relative=relative)
     # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
-    combined = evaluate_plan(model, evaluate, plan, method=method, stats=stats, criterion=criterion)
+    per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
+    if joint:
+        _status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
+        fitted = fit_plan(model, evaluate, result, tolerance, relative=relative, stats=stats, criterion=criterion)
+        plan, combined = fitted.plan, fitted.score
+    else:
+        plan, combined = per_layer, per_layer_score
     files = {"scan": str(scan_file), "csv": str(out_dir / "scan.csv"), "plan": str(out_dir / "plan.json")}
     result.to_json(scan_file)
     result.to_csv(out_dir / "scan.csv")
@@ -550,12 +563,15 @@ def scan_command(
             "higher_is_better": result.higher_is_better,
             "baseline": result.baseline,
             "score_with_plan": combined,
+            "joint": joint,
+            "per_layer_plan": per_layer,
+            "score_with_per_layer_plan": per_layer_score,
             "model": model_spec,
             "weights": weights,
         },
     )
     try:
-        result.plot(out_dir / "sensitivity.png", max_drop=tolerance, relative=relative)
+        result.plot(out_dir / "sensitivity.png", max_drop=tolerance, relative=relative, plan=plan if joint else None)
         files["plot"] = str(out_dir / "sensitivity.png")
     except ImportError as err:
         click.echo(f"warning: sensitivity.png not written: {err}", err=True)
@@ -569,6 +585,9 @@ def scan_command(
                     "max_drop": tolerance,
                     "relative": relative,
                     "score_with_plan": combined,
+                    "joint": joint,
+                    "per_layer_plan": per_layer,
+                    "score_with_per_layer_plan": per_layer_score,
                     "files": files,
                 },
                 indent=2,
@@ -577,17 +596,25 @@ def scan_command(
         return
     click.echo(result.table(max_drop=tolerance, relative=relative))
     kind = "relative" if relative else "absolute"
-    click.echo(f"\nsuggested plan (max {result.metric} drop {tolerance:g}, {kind}):")
+    how = "all layers pruned together" if joint else "each layer alone"
+    click.echo(f"\nsuggested plan (max {result.metric} drop {tolerance:g}, {kind}, {how}):")
+    width = max(len(layer) for layer in plan)
     for layer, level in plan.items():
-        click.echo(f"  {layer}: {level:g}")
+        alone = f"   (alone: {per_layer[layer]:g})" if joint and per_layer[layer] != level else ""
+        click.echo(f"  {layer.ljust(width)}  {level:g}{alone}")
     if not any(plan.values()):
         click.echo("no layer stays within the tolerance at the lowest level; raise --max-drop or scan lower sparsities")
     else:
-        worse = "low" if result.higher_is_better else "high"
         click.echo(
-            f"{result.metric} with the whole plan applied at once: {combined:.4f} (dense {result.baseline:.4f}); "
-            f"layer losses add up, so tighten --max-drop or fine-tune after pruning if that is too {worse}"
+            f"{result.metric} with the whole plan applied at once: {combined:.4f} (dense {result.baseline:.4f})"
         )
+        if joint:
+            click.echo(
+                f"(the per-layer plan, every layer at its own level, scores {per_layer_score:.4f} together)"
+            )
+        else:
+            worse = "low" if result.higher_is_better else "high"
+            click.echo(f"layer losses add up: use --joint if that is too {worse}")
     _status(quiet, f"\nwrote {', '.join(files.values())}")
     _status(quiet, f"apply it: prunekit prune --model {model_spec} --plan {files['plan']} --out pruned.pt")
 

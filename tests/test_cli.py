@@ -76,7 +76,11 @@ def test_scan_with_no_options_scans_the_builtin_digits_model(runner):
     assert scan.complete and scan.metric == "accuracy" and scan.baseline > 0.9
     assert len(scan.layers) == 6 and scan.sparsities == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["plan"] == scan.plan(0.01)
+    assert plan["joint"] and plan["per_layer_plan"] == scan.plan(0.01)
+    assert all(plan["plan"][layer] <= level for layer, level in scan.plan(0.01).items())
+    # the joint plan holds with every layer pruned at once; the per-layer one need not
+    assert scan.baseline - plan["score_with_plan"] <= 0.01 + 1e-9
+    assert any(plan["plan"].values())
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "scan.csv").read_text().startswith("layer,0.4,0.5,0.6,0.7,0.8,0.9\n")
 
@@ -275,3 +279,11 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "prunekit", "--version"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == f"prunekit {prunekit.__version__}"
+
+
+def test_per_layer_flag_writes_each_layers_own_level(runner, tiny):
+    result = runner.invoke(cli, tiny + ["--out", "pl", "--per-layer", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(Path("pl/plan.json").read_text())
+    scan = SensitivityResult.from_json("pl/scan.json")
+    assert plan["joint"] is False and plan["plan"] == scan.plan(plan["max_drop"])

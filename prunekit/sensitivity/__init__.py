@@ -13,6 +13,7 @@ Example:
     >>> plan = result.plan(max_drop=0.1)
 """
 
+from prunekit.sensitivity.joint import PlanFit, fit_plan
 from prunekit.sensitivity.metrics import Accuracy, ForwardMetric, OutputDistortion
 from prunekit.sensitivity.result import (
     DEFAULT_SPARSITIES,
@@ -29,9 +30,11 @@ __all__ = [
     "ForwardMetric",
     "METHODS",
     "OutputDistortion",
+    "PlanFit",
     "SensitivityResult",
     "check_sparsities",
     "evaluate_plan",
+    "fit_plan",
     "scan",
     "select_plan",
     "select_sparsity",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Mapping, TYPE_CHECKING, Any, Optional
 
 from prunekit.io import PathLike, atomic_write
 
@@ -32,12 +32,15 @@ def plot_sensitivity(
     max_drop: Optional[float] = None,
     relative: bool = False,
     title: Optional[str] = None,
+    plan: Optional[Mapping[str, float]] = None,
 ) -> None:
     """Write ``result`` as a grid of per-layer curves to the PNG file ``path`` (atomically).
 
     Each chart shows the score at 0 % (the dense baseline) and at every scanned
     sparsity, the baseline as a dashed line, and with ``max_drop`` the band of
-    acceptable scores and the planned sparsity. All charts share the y axis so
+    acceptable scores and each layer's own planned sparsity (dotted red). With
+    ``plan`` (e.g. a joint plan from :func:`prunekit.sensitivity.fit_plan`), its
+    sparsities are drawn as solid red lines. All charts share the y axis so
     layers can be compared at a glance.
 
     Raises:
@@ -51,7 +54,7 @@ def plot_sensitivity(
     if result.baseline is None:
         raise ValueError("the baseline is not measured yet; finish the scan before plotting")
     baseline = result.baseline
-    plan = result.plan(max_drop, relative) if max_drop is not None else None
+    per_layer = result.plan(max_drop, relative) if max_drop is not None else None
     layers = result.layers
     columns = min(_COLUMNS, max(1, len(layers)))
     rows = math.ceil(len(layers) / columns)
@@ -77,8 +80,11 @@ def plot_sensitivity(
         if allowed is not None:
             low, high = sorted((baseline, allowed))
             ax.axhspan(low, high, color="tab:green", alpha=0.12, linewidth=0)
-        if plan is not None and plan[layer] > 0:
-            ax.axvline(100.0 * plan[layer], color="tab:red", linewidth=1)
+        if per_layer is not None and per_layer[layer] > 0:
+            style = "-" if plan is None else ":"
+            ax.axvline(100.0 * per_layer[layer], color="tab:red", linewidth=1, linestyle=style)
+        if plan is not None and plan.get(layer, 0.0) > 0:
+            ax.axvline(100.0 * plan[layer], color="tab:red", linewidth=1.5)
         ax.set_title(layer, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -93,7 +99,9 @@ def plot_sensitivity(
 
     direction = "higher" if result.higher_is_better else "lower"
     heading = title or f"Sensitivity: {result.metric} ({direction} is better), {result.method} pruning, one layer at a time"
-    if plan is not None:
+    if per_layer is not None and plan is not None:
+        heading += "\nband: tolerance; dotted red: each layer alone; solid red: the plan (all layers together)"
+    elif per_layer is not None or plan is not None:
         heading += "\nband: tolerance, red line: planned sparsity"
     figure.suptitle(heading, fontsize=10)
     with atomic_write(path, "wb") as handle:

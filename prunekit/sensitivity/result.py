@@ -396,12 +396,18 @@ class SensitivityResult:
         return text
 
     def plot(
-        self, path: PathLike, max_drop: Optional[float] = None, relative: bool = False, title: Optional[str] = None
+        self,
+        path: PathLike,
+        max_drop: Optional[float] = None,
+        relative: bool = False,
+        title: Optional[str] = None,
+        plan: Optional[Mapping[str, float]] = None,
     ) -> None:
         """Write a PNG grid of per-layer curves with the dense baseline (needs matplotlib).
 
-        With ``max_drop``, the tolerance band and each layer's planned sparsity are drawn too.
+        With ``max_drop``, the tolerance band and each layer's planned sparsity are
+        drawn too; ``plan`` (e.g. a joint plan) is drawn as solid red lines.
         """
         from prunekit.sensitivity.plot import plot_sensitivity
 
-        plot_sensitivity(self, path, max_drop=max_drop, relative=relative, title=title)
+        plot_sensitivity(self, path, max_drop=max_drop, relative=relative, title=title, plan=plan)

@@ -1,0 +1,100 @@
+"""Fit a plan whose layers, pruned all together, stay within the tolerance.
+
+A scan measures one layer at a time; pruned together, the layers' losses add
+up (or worse), so the per-layer plan of :meth:`SensitivityResult.plan` can
+miss the tolerance by far. :func:`fit_plan` grows a plan one level at a time,
+cheapest step first, keeping a step only if the whole plan (measured with
+:func:`evaluate_plan`) stays within the tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch  # noqa: F401  (used in the docstring example)
+from torch import nn
+
+from prunekit.sensitivity.result import SensitivityResult, _drop
+from prunekit.sensitivity.scanner import evaluate_plan
+
+__all__ = ["PlanFit", "fit_plan"]
+
+
+@dataclass(frozen=True)
+class PlanFit:
+    """The fitted plan and how it was found.
+
+    Attributes:
+        plan: layer -> sparsity; its joint score is within the tolerance of the baseline.
+        score: the model's score with the whole plan applied.
+        trials: every plan step tried, as ``(layer, sparsity, joint score, kept)``.
+    """
+
+    plan: Dict[str, float]
+    score: float
+    trials: List[Tuple[str, float, float, bool]] = field(default_factory=list)
+
+
+def fit_plan(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    result: SensitivityResult,
+    max_drop: float,
+    relative: bool = False,
+    stats: Optional[Mapping[str, Any]] = None,
+    *,
+    criterion: str = "l2",
+) -> PlanFit:
+    """Grow a plan from dense, cheapest step first, while the JOINT score stays within ``max_drop``.
+
+    Each step raises one layer to its next scanned sparsity, never above the
+    layer's own :meth:`SensitivityResult.plan` level; the step whose single-layer
+    drop is smallest is tried first. A step that breaks the tolerance is undone
+    and that layer stays where it is. At most one evaluation of the whole plan
+    per scanned point; the model is restored exactly after each.
+
+    Args:
+        model: the dense model that was scanned.
+        evaluate: the metric used for the scan.
+        result: the finished scan.
+        max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
+        stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
+
+    Example:
+        >>> from prunekit.sensitivity import OutputDistortion, scan
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
+        >>> fit = fit_plan(model, metric, scan(model, metric, progress=False), max_drop=0.2)
+        >>> fit.score <= 0.2
+        True
+    """
+    if not result.complete:
+        raise ValueError("the scan is not complete; finish it (e.g. with --resume) before fitting a plan")
+    ceiling = result.plan(max_drop, relative)  # also validates the tolerance
+    levels = result.sparsities
+    position = {layer: -1 for layer in result.layers}  # index into levels; -1 = dense
+    frozen = set()
+    plan = {layer: 0.0 for layer in result.layers}
+    score = float(result.baseline)
+    trials: List[Tuple[str, float, float, bool]] = []
+    while True:
+        steps = []
+        for layer in result.layers:
+            following = position[layer] + 1
+            if layer in frozen or following >= len(levels) or levels[following] > ceiling[layer] + 1e-12:
+                continue
+            single = _drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
+            steps.append((single, list(result.layers).index(layer), layer, following))
+        if not steps:
+            break
+        _, _, layer, following = min(steps)
+        trial = dict(plan, **{layer: float(levels[following])})
+        joint = evaluate_plan(model, evaluate, trial, method=result.method, stats=stats, criterion=criterion)
+        kept = _drop(joint, result.baseline, result.higher_is_better, relative) <= max_drop + 1e-12
+        trials.append((layer, float(levels[following]), joint, kept))
+        if kept:
+            plan, score, position[layer] = trial, joint, following
+        else:
+            frozen.add(layer)
+    return PlanFit(plan, score, trials)

@@ -1,0 +1,63 @@
+"""fit_plan: a plan whose layers, pruned together, stay within the tolerance."""
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.sensitivity import OutputDistortion, SensitivityResult, evaluate_plan, fit_plan, scan
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    torch.manual_seed(0)
+    model = _model()
+    metric = OutputDistortion(torch.randn(2, 3, 12, 12))
+    return model, metric, scan(model, metric, progress=False)
+
+
+def test_joint_score_is_within_tolerance_and_measured(scanned):
+    model, metric, result = scanned
+    fit = fit_plan(model, metric, result, max_drop=0.3)
+    assert fit.score <= 0.3
+    assert evaluate_plan(model, metric, fit.plan) == pytest.approx(fit.score)
+    assert any(level > 0 for level in fit.plan.values())
+
+
+def test_joint_plan_never_exceeds_each_layers_own_level(scanned):
+    model, metric, result = scanned
+    per_layer = result.plan(0.3)
+    fit = fit_plan(model, metric, result, max_drop=0.3)
+    assert all(fit.plan[layer] <= per_layer[layer] for layer in per_layer)
+
+
+def test_joint_plan_repairs_a_per_layer_plan_that_fails_together(scanned):
+    model, metric, result = scanned
+    tolerance = 0.3
+    together = evaluate_plan(model, metric, result.plan(tolerance))
+    assert together > tolerance  # the layers' losses add up beyond the tolerance
+    fit = fit_plan(model, metric, result, max_drop=tolerance)
+    assert fit.score <= tolerance < together
+    kept = [trial for trial in fit.trials if trial[3]]
+    assert len(kept) == sum(result.sparsities.index(level) + 1 for level in fit.plan.values() if level > 0)
+
+
+def test_zero_tolerance_on_sensitive_model_gives_dense_plan():
+    result = SensitivityResult("accuracy", True, 0.9, (0.5, 0.9), {"0": [0.5, 0.1]})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    fit = fit_plan(model, lambda m: 0.0, result, max_drop=0.01)
+    assert fit.plan == {"0": 0.0} and fit.score == 0.9 and fit.trials == []
+
+
+def test_incomplete_scan_is_refused():
+    result = SensitivityResult("accuracy", True, 0.9, (0.5,), {"0": [None]})
+    with pytest.raises(ValueError, match="not complete"):
+        fit_plan(nn.Sequential(nn.Conv2d(3, 4, 3)), lambda m: 0.0, result, max_drop=0.1)
