@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit._compact_modules import BorderBiasConv2d
+from prunekit.layers import ELEMENTWISE_ACTIVATIONS
 
 __all__ = ["CompactionPlan", "UnsupportedGraphError", "plan_compaction"]
 
@@ -34,25 +35,7 @@ _SUPPORTED = (
 )
 
 # Modules applied to each element on its own: a constant channel stays constant.
-_POINTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Identity,
-)
+_POINTWISE_MODULES = ELEMENTWISE_ACTIVATIONS + (nn.Identity,)
 # Identity in eval mode; in training mode they act per element (or per channel) at random.
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # Per-channel spatial operations that map a constant map to the same constant.

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 __all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
     "ConvBlock",
     "conv_block",
     "conv_layers",
@@ -24,7 +25,7 @@ __all__ = [
 
 # Element-wise activations: a channel that is zero before them is zero (or a
 # constant) after them, so they belong to the conv block.
-_ACTIVATIONS = (
+ELEMENTWISE_ACTIVATIONS = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -36,9 +37,11 @@ _ACTIVATIONS = (
     nn.SiLU,
     nn.Mish,
     nn.Hardswish,
+    nn.Hardsigmoid,
     nn.Hardtanh,
     nn.Sigmoid,
     nn.Tanh,
+    nn.Softplus,
 )
 
 
@@ -161,7 +164,7 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
             and module.num_features == conv.out_channels
         ):
             bn_name, bn = prefix + key, module
-        elif act is None and isinstance(module, _ACTIVATIONS):
+        elif act is None and isinstance(module, ELEMENTWISE_ACTIVATIONS):
             act_name, act = prefix + key, module
             break
         else:
