@@ -349,7 +349,7 @@ def _figure(width: float, height: float) -> Any:
 def plot_channel_response(
     stats: ChannelStats, path: PathLike, title: Optional[str] = None
 ) -> None:
-    """Write the images x channels firing map of ``stats`` as a PNG (black: channel fires).
+    """Write the images x channels firing map of ``stats`` as a PNG (white: fires, black: never).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -358,7 +358,7 @@ def plot_channel_response(
     ax = fig.add_subplot()
     ax.imshow(
         stats.per_image_l0.numpy(),
-        cmap="gray_r",
+        cmap="gray",
         vmin=0,
         vmax=1,
         aspect="auto",
