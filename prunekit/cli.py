@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: ``scan``, ``prune`` and ``report``.
+"""The ``prunekit`` command line: ``scan``, ``prune``, ``report`` and ``compact``.
 
 This module parses options and turns library errors into one line on stderr
 (non-zero exit, no traceback; set ``PRUNEKIT_DEBUG=1`` to see the traceback).
@@ -730,6 +730,73 @@ def report_command(
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(str(report))
+
+
+@cli.command(
+    "compact",
+    short_help="Remove masked/zero channels for real and measure the speed-up.",
+    epilog=_examples(
+        "prunekit scan --method channel --out ch && prunekit prune --plan ch/plan.json --out ch.pt",
+        "prunekit compact ch.pt",
+        "prunekit compact vgg11-pruned.pt --input-size 3x224x224 --out vgg11-small.pt",
+    ),
+)
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--input-size", default=None, metavar="CxHxW",
+              help="One input's shape for the MACs and the timing (default: 1x16x16 for 1-channel "
+              "models such as digits-vgg, else 3x224x224).")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Interleaved timing rounds (the median is reported).")
+@click.option("--out", default=None, metavar="PATH",
+              help="Also save the compacted model as a whole pickled module (loading it back needs "
+              "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow unpickling a whole model from CHECKPOINT (only for files you trust).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@_library_errors
+def compact_command(
+    checkpoint: str,
+    input_size: Optional[str],
+    repeats: int,
+    out: Optional[str],
+    trust_checkpoint: bool,
+    as_json: bool,
+) -> None:
+    """Physically remove the channels a pruned model no longer uses, and compare.
+
+    Output channels whose weights (and bias) are all zero, as `prunekit prune
+    --method channel` leaves them, are removed with their BatchNorm slice and
+    the next layer's inputs. The result is checked against the pruned model on
+    a random input, then params, MACs and the measured latency (both models
+    timed side by side) are printed.
+
+    """
+    from prunekit.compact import compact, compaction_report
+    from prunekit.io import save_torch
+    from prunekit.timing import compare_latency
+    from prunekit.zoo import load_model
+
+    model = load_model(checkpoint, None, trust_checkpoint=trust_checkpoint, progress=False).eval()
+    size = _parse_input_size(input_size)
+    if size is None:
+        size = (1, _DIGITS_SIZE, _DIGITS_SIZE) if _in_channels(model) == 1 else (3, _DEFAULT_IMAGE_SIZE, _DEFAULT_IMAGE_SIZE)
+    example = torch.randn(1, *size)
+    small = compact(model, example_input=example)
+    report = compaction_report(model, small, size)
+    times = compare_latency({"pruned": model, "compact": small}, example, repeats=repeats)
+    speedup = times["pruned"] / times["compact"]
+    if out is not None:
+        save_torch(small, out)
+    if as_json:
+        click.echo(json.dumps({"report": report.to_dict(), "seconds": times, "speedup": speedup, "out": out}, indent=2))
+        return
+    click.echo(str(report))
+    click.echo(
+        f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds): "
+        f"{times['pruned'] * 1e3:.2f} ms pruned, {times['compact'] * 1e3:.2f} ms compact ({speedup:.2f}x)"
+    )
+    if out is not None:
+        click.echo(f"wrote {out} (a pickled module: prunekit reads it back only with --trust-checkpoint)")
 
 
 def main() -> None:

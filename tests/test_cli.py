@@ -287,3 +287,33 @@ def test_per_layer_flag_writes_each_layers_own_level(runner, tiny):
     plan = json.loads(Path("pl/plan.json").read_text())
     scan = SensitivityResult.from_json("pl/scan.json")
     assert plan["joint"] is False and plan["plan"] == scan.plan(plan["max_drop"])
+
+
+def _channel_pruned_digits(runner):
+    plan = {"features.5": 0.5, "features.10": 0.25}
+    Path("plan.json").write_text(json.dumps(plan))
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--method", "channel", "--out", "ch.pt", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return plan
+
+
+def test_compact_removes_channel_pruned_channels_and_times_both(runner):
+    _channel_pruned_digits(runner)
+    result = runner.invoke(cli, ["compact", "ch.pt", "--repeats", "2", "--json", "--out", "small.pt"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    rows = {row["layer"]: row for row in document["report"]["layers"]}
+    assert rows["features.5"]["out_channels_after"] == 16 and rows["features.10"]["out_channels_after"] == 48
+    assert set(document["seconds"]) == {"pruned", "compact"} and document["speedup"] > 0
+    small = torch.load("small.pt", weights_only=False)
+    pruned = prunekit.zoo.load_model("ch.pt")
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(small(x), pruned(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_refuses_pickled_model_without_trust(runner):
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), "whole.pt")
+    result = runner.invoke(cli, ["compact", "whole.pt"])
+    assert result.exit_code == 1 and "--trust-checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,50 @@
+"""Side-by-side latency: the only honest way to time models on a shared, noisy machine."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Dict, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["compare_latency"]
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module], example_input: torch.Tensor, repeats: int = 10, warmup: int = 2
+) -> Dict[str, float]:
+    """Median seconds per forward of each model, timed in interleaved rounds.
+
+    Every round runs each model once, in turn, so a load spike slows all of
+    them alike and the ratios stay meaningful. Models run in eval mode under
+    ``torch.no_grad()``; their train/eval flags are restored afterwards.
+
+    Example:
+        >>> times = compare_latency({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 4, 3)}, torch.randn(1, 3, 16, 16))
+        >>> sorted(times)
+        ['a', 'b']
+    """
+    if not models:
+        raise ValueError("models is empty; pass at least one {name: model}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    modes = {id(m): [(module, module.training) for module in m.modules()] for m in models.values()}
+    samples: Dict[str, list] = {name: [] for name in models}
+    try:
+        for model in models.values():
+            model.eval()
+        with torch.no_grad():
+            for round_index in range(warmup + repeats):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(example_input)
+                    elapsed = time.perf_counter() - start
+                    if round_index >= warmup:
+                        samples[name].append(elapsed)
+    finally:
+        for flags in modes.values():
+            for module, training in flags:
+                module.training = training
+    return {name: statistics.median(values) for name, values in samples.items()}
