@@ -17,8 +17,7 @@ import argparse
 import os
 import platform
 import statistics
-import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torchvision
@@ -26,6 +25,7 @@ from torch import nn
 
 import prunekit
 from prunekit.compact import compact, compaction_report
+from prunekit.timing import latency_samples
 
 
 def mask_half_of_every_conv(features: nn.Sequential) -> nn.Sequential:
@@ -57,21 +57,6 @@ def torch_pruning_version(model: nn.Module, example: torch.Tensor) -> Optional[n
     for relu in relus:  # same modules as the other two models when timing
         relu.inplace = True
     return pruned
-
-
-def time_interleaved(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, List[float]]:
-    """Alternate the models each round so that load changes hit them all alike."""
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up: allocator, oneDNN primitive caches
-            model(x)
-            model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"MACs {report.macs_before / 1e9:.2f} G -> {report.macs_after / 1e9:.2f} G "
           f"(MACs ratio {report.macs_ratio:.2f}x)")
 
-    times = time_interleaved(models, x, args.rounds)
+    times = latency_samples(models, x, repeats=args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, median in medians.items():
         spread = f"min {min(times[name]) * 1e3:.1f} / max {max(times[name]) * 1e3:.1f}"

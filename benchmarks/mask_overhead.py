@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torchvision
@@ -25,22 +25,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunekit
+from prunekit.timing import compare_latency
 
 REFERENCE_PLAN = (0.0, 0.9, 0.6, 0.6, 0.9, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8, 0.9, 0.9, 0.9, 0.9, 0.85)
-
-
-def time_interleaved(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)
-            model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def mask_multiply_time(model: nn.Module, rounds: int) -> float:
@@ -81,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{mask_multiply_time(masked, args.rounds) * 1e3:.1f} ms per forward")
     for size in args.sizes:
         x = torch.rand(1, 3, size, size)
-        medians = time_interleaved({"masked": masked, "finalized": finalized}, x, args.rounds)
+        medians = compare_latency({"masked": masked, "finalized": finalized}, x, repeats=args.rounds)
         with torch.inference_mode():
             identical = torch.equal(masked(x), finalized(x))
         overhead = medians["masked"] / medians["finalized"] - 1

@@ -4,34 +4,34 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["compare_latency"]
+__all__ = ["compare_latency", "latency_samples"]
 
 
-def compare_latency(
+def latency_samples(
     models: Mapping[str, nn.Module], example_input: torch.Tensor, repeats: int = 10, warmup: int = 2
-) -> Dict[str, float]:
-    """Median seconds per forward of each model, timed in interleaved rounds.
+) -> Dict[str, List[float]]:
+    """Seconds of each forward of each model, timed in interleaved rounds.
 
     Every round runs each model once, in turn, so a load spike slows all of
     them alike and the ratios stay meaningful. Models run in eval mode under
     ``torch.no_grad()``; their train/eval flags are restored afterwards.
 
     Example:
-        >>> times = compare_latency({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 4, 3)}, torch.randn(1, 3, 16, 16))
-        >>> sorted(times)
-        ['a', 'b']
+        >>> samples = latency_samples({"conv": nn.Conv2d(3, 8, 3)}, torch.randn(1, 3, 16, 16), repeats=3)
+        >>> len(samples["conv"])
+        3
     """
     if not models:
         raise ValueError("models is empty; pass at least one {name: model}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    modes = {id(m): [(module, module.training) for module in m.modules()] for m in models.values()}
-    samples: Dict[str, list] = {name: [] for name in models}
+    modes = [(module, module.training) for model in models.values() for module in model.modules()]
+    samples: Dict[str, List[float]] = {name: [] for name in models}
     try:
         for model in models.values():
             model.eval()
@@ -44,7 +44,20 @@ def compare_latency(
                     if round_index >= warmup:
                         samples[name].append(elapsed)
     finally:
-        for flags in modes.values():
-            for module, training in flags:
-                module.training = training
+        for module, training in modes:
+            module.training = training
+    return samples
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module], example_input: torch.Tensor, repeats: int = 10, warmup: int = 2
+) -> Dict[str, float]:
+    """Median seconds per forward of each model, from :func:`latency_samples`.
+
+    Example:
+        >>> times = compare_latency({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 4, 3)}, torch.randn(1, 3, 16, 16))
+        >>> sorted(times)
+        ['a', 'b']
+    """
+    samples = latency_samples(models, example_input, repeats, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}

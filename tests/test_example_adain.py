@@ -29,16 +29,6 @@ from examples.style_transfer.adain_train import TrainConfig, load_checkpoint, re
 from prunekit.datasets import write_synthetic_images
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second thread only adds synchronisation, which on
-    # a shared CPU costs more than the convolutions themselves.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def image_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adain_images")

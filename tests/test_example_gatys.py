@@ -37,16 +37,6 @@ from examples.style_transfer.vgg import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tests run tiny convolutions, where thread synchronisation costs more than it
-    # saves, and even more so on a CPU shared with other test processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def features() -> nn.Sequential:
     torch.manual_seed(0)
