@@ -12,7 +12,12 @@ from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
 from prunekit.layers import conv_block, resolve_layers
-from prunekit.methods.channel import CRITERIA, alive_channels, channel_activation
+from prunekit.methods.channel import (
+    CRITERIA,
+    channel_activation,
+    channel_targets,
+    masked_channels,
+)
 from prunekit.methods.fine_grained import FineGrainedL1
 
 __all__ = ["METHODS", "apply_plan", "copy_model", "finalize", "pruned_tensors"]
@@ -104,17 +109,24 @@ def _fine_grained_step(conv: nn.Conv2d, name: str, sparsity: float) -> int:
     return target - done
 
 
-def _channel_step(conv: nn.Conv2d, name: str, sparsity: float) -> int:
+def _channel_step(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d], name: str, sparsity: float) -> Optional[int]:
+    """How many more channels to mask, or None when the layer is already as planned."""
     channels = conv.out_channels
     target = round(sparsity * channels)
-    alive = alive_channels(conv, "weight")
-    done = 0 if alive is None else int((~alive).sum())
+    targets = channel_targets(conv, batchnorm)
+    dead = masked_channels(targets)
+    done = int(dead.sum())
     if done > target:
         raise ValueError(
             f"layer {name!r} already has {done} of {channels} channels masked, above the planned "
             f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow channels: "
             "apply it to the unpruned model"
         )
+    # A channel masked in the weight alone (say by fine-grained pruning) still
+    # emits its bias: the channel method then masks it in every tensor.
+    consistent = torch.equal(dead, masked_channels(targets, everywhere=True))
+    if target == done and consistent:
+        return None
     return target - done
 
 
@@ -175,8 +187,8 @@ def apply_plan(
                 if count:
                     FineGrainedL1.apply(block.conv, "weight", amount=count)
             else:
-                count = _channel_step(block.conv, name, sparsity)
-                if count:
+                count = _channel_step(block.conv, block.batchnorm, name, sparsity)
+                if count is not None:
                     channel_activation(
                         block.conv, stats[name], amount=count, criterion=criterion, batchnorm=block.batchnorm
                     )

@@ -381,7 +381,9 @@ def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
     dtype = _dtype(reader, entry.get("dtype"))
     stored_dtype = _dtype(reader, entry.get("stored_dtype"))
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
         raise reader.fail(f"bad shape {shape!r} for {key!r}")
     numel = math.prod(shape)
     width = torch.empty((), dtype=dtype).element_size()
@@ -404,12 +406,15 @@ def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
     planes = blobs.get("planes")
     if not isinstance(planes, list) or len(planes) != stored_width:
         raise reader.fail(f"{key!r} should have {stored_width} byte planes")
-    values = np.empty((count, stored_width), dtype=np.uint8)
-    for i, blob in enumerate(planes):
+    # Check the planes against the header before allocating anything from its
+    # numbers: a crafted shape must not make us reserve terabytes.
+    arrays = []
+    for blob in planes:
         plane = np.frombuffer(reader.blob(blob), dtype=np.uint8)
         if plane.size != count:
             raise reader.fail(f"a byte plane of {key!r} has {plane.size} bytes, expected {count}")
-        values[:, i] = plane
+        arrays.append(plane)
+    values = np.stack(arrays, axis=1) if arrays else np.empty((count, 0), dtype=np.uint8)
     if stored_dtype != dtype:
         widened = torch.from_numpy(values.reshape(-1)).view(stored_dtype).to(dtype)
         values = widened.view(torch.uint8).numpy().reshape(count, width)

@@ -129,14 +129,21 @@ def _read_torch_file(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
-            found = re.search(r"GLOBAL ([\w.]+)", str(err))
-            detail = f" (it pickles {found.group(1)})" if found else ""
+        # torch words a damaged or non-torch file ("Unsupported operand") the same
+        # way as a real pickled model: only a named global means the latter.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if "weights only load failed" in str(err).lower() and found:
+            detail = f" (it pickles {found.group(1)})"
             raise _PickledObjectError(
                 f"{what} {str(path)!r} holds pickled Python objects{detail} that "
                 "torch.load(weights_only=True) refuses"
             ) from None
-        raise ValueError(f"{what} {str(path)!r} is not a PyTorch file ({err})") from None
+        # torch's own text here advises weights_only=False, the wrong advice for
+        # a file that is damaged or not a checkpoint at all.
+        raise ValueError(
+            f"{what} {str(path)!r} is not a readable PyTorch checkpoint (damaged, or another kind of file); "
+            "pass a file written by torch.save or prunekit"
+        ) from None
     except Exception as err:  # zip/pickle readers raise RuntimeError, KeyError, EOFError, ...
         raise ValueError(
             f"{what} {str(path)!r} is not a readable PyTorch file ({type(err).__name__}: {err})"

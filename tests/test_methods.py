@@ -292,15 +292,28 @@ def test_channel_activation_failure_leaves_nothing_half_pruned():
     assert not prune.is_pruned(conv) and not prune.is_pruned(bn)
 
 
-def test_channel_activation_refuses_inconsistent_masks():
+def test_channel_dead_in_weight_alone_is_masked_everywhere():
     conv = nn.Conv2d(1, 3, 1)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([1.0, 0.001, 2.0]).reshape(3, 1, 1, 1))
     fine_grained_l1(conv, amount=1)  # zeroes all of channel 1's weight, not its bias
-    mask_before = conv.weight_mask.clone()
-    with pytest.raises(ValueError, match="disagree"):
-        channel_activation(conv, torch.tensor([1.0, 2.0, 3.0]), amount=1)
-    assert torch.equal(conv.weight_mask, mask_before) and not hasattr(conv, "bias_mask")
+    channel_activation(conv, torch.tensor([1.0, 2.0, 3.0]), amount=1)
+    # channel 1 was already dead in the weight: masked in the bias too, and the
+    # amount is taken among the live channels (channel 0 has the lowest score)
+    assert conv.bias_mask.tolist() == [0.0, 0.0, 1.0]
+    assert conv.weight_mask.flatten().tolist() == [0.0, 0.0, 1.0]
+
+
+def test_channel_activation_after_torch_ln_structured():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight[2].mul_(0.01)
+    prune.ln_structured(conv, "weight", amount=1, n=2, dim=0)  # channel 2
+    channel_activation(conv, torch.tensor([4.0, 1.0, 3.0, 2.0]), amount=1, batchnorm=bn)
+    expected = [1.0, 0.0, 0.0, 1.0]
+    assert conv.weight_mask.flatten(1).amax(1).tolist() == expected
+    assert conv.bias_mask.tolist() == expected
+    assert bn.weight_mask.tolist() == expected and bn.bias_mask.tolist() == expected
 
 
 def test_importance_scores_shape_is_checked():

@@ -140,3 +140,17 @@ def test_vgg_plan_and_finalize(arch):
         assert _weight_sparsity(conv) == pytest.approx(0.5, abs=1e-3)
     with torch.no_grad():
         assert torch.allclose(model(x), expected)
+
+
+def test_channel_plan_completes_channels_emptied_by_fine_grained_pruning():
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 0.01, 2.0, 0.02]).reshape(4, 1, 1, 1))
+    apply_plan(model, {"0": 0.5})  # zeroes the whole weight of channels 1 and 3
+    apply_plan(model, {"0": 0.5}, method="channel", stats={"0": torch.arange(4.0)})
+    expected = [1.0, 0.0, 1.0, 0.0]
+    assert model[0].bias_mask.tolist() == expected
+    assert model[1].weight_mask.tolist() == expected and model[1].bias_mask.tolist() == expected
+    model.eval()
+    out = model(torch.randn(2, 1, 3, 3))
+    assert torch.all(out[:, 1] == 0) and torch.all(out[:, 3] == 0)

@@ -432,3 +432,20 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "curves.png"
     result.plot(path, max_drop=0.02)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prefix_cache_runs_a_shared_module_at_every_position():
+    relu = nn.ReLU()
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), relu, conv, relu, conv, relu).eval()
+    metric = OutputDistortion(torch.randn(2, 3, 12, 12))
+    cached = scan(model, metric, sparsities=[0.5, 0.9], progress=False)
+
+    def full_forwards(m):
+        return metric(m)
+
+    full_forwards.higher_is_better = False
+    naive = scan(model, full_forwards, sparsities=[0.5, 0.9], progress=False)
+    assert cached.layers == naive.layers == ["0", "2"]
+    for layer in cached.layers:
+        assert cached.scores[layer] == pytest.approx(naive.scores[layer], rel=1e-6)

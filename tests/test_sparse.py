@@ -214,3 +214,19 @@ def test_saving_a_masked_model_warns_to_finalize(tmp_path):
     with pytest.warns(UserWarning, match="finalize"):
         save_sparse(model, tmp_path / "m.pks")
     assert_bitwise_equal(model.state_dict(), load_sparse(tmp_path / "m.pks"))
+
+
+@pytest.mark.parametrize("shape", [[10**12], [True]])
+def test_crafted_header_shape_is_refused_before_allocating(tmp_path, shape):
+    plane = {"offset": 0, "length": 0, "codec": "raw", "size": 0, "crc32": 0}
+    entry = {
+        "key": "x", "type": "tensor", "dtype": "float32", "stored_dtype": "float32", "shape": shape,
+        "encoding": "dense", "nnz": 1, "blobs": {"planes": [plane] * 4},
+    }
+    header = json.dumps({
+        "format": "prunekit.sparse", "version": 1, "lossy": False, "values_dtype": None,
+        "byteorder": "little", "payload_bytes": 0, "metadata": None, "entries": [entry],
+    }).encode()
+    (tmp_path / "c.pks").write_bytes(struct.pack("<8sIQ", MAGIC, 1, len(header)) + header)
+    with pytest.raises(ValueError, match="damaged"):
+        load_sparse(tmp_path / "c.pks")

@@ -205,3 +205,12 @@ def test_imagenet_weights_offline_say_how_to_supply_them(monkeypatch):
     assert "VGG19_Weights.IMAGENET1K_V1" in message and "mocked: no network" in message
     assert str(torch.hub.get_dir()) in message
     assert "--weights PATH" in message and "vgg19-dcbb9e9d.pth" in message
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'{"plan": {"features.0": 0.5}}'])
+def test_damaged_or_foreign_file_is_not_called_a_pickled_model(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as info:
+        load_model(str(path))
+    assert "trust" not in str(info.value) and "weights_only=False" not in str(info.value)

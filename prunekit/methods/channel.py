@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ __all__ = [
     "alive_channels",
     "channel_activation",
     "channel_scores",
+    "channel_targets",
+    "masked_channels",
 ]
 
 CRITERIA = ("l2", "l0")
@@ -167,6 +169,30 @@ class _PerEntryChannelActivation(ChannelActivation):
     PRUNING_TYPE = "unstructured"
 
 
+def channel_targets(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d] = None) -> List[Tuple[nn.Module, str]]:
+    """The tensors that carry a conv's output channels: its weight and bias, and the BatchNorm's affine pair."""
+    targets: List[Tuple[nn.Module, str]] = [(conv, "weight")]
+    if conv.bias is not None:
+        targets.append((conv, "bias"))
+    if batchnorm is not None and batchnorm.affine:
+        targets += [(batchnorm, "weight"), (batchnorm, "bias")]
+    return targets
+
+
+def masked_channels(targets: Sequence[Tuple[nn.Module, str]], everywhere: bool = False) -> torch.Tensor:
+    """Bool tensor of the channels masked in ANY of ``targets`` (in ALL of them with ``everywhere``).
+
+    ``targets`` as from :func:`channel_targets`; an unpruned tensor masks no channel.
+    """
+    channels = getattr(targets[0][0], targets[0][1]).shape[0]
+    masked = []
+    for module, name in targets:
+        alive = alive_channels(module, name)
+        masked.append(torch.zeros(channels, dtype=torch.bool) if alive is None else ~alive.cpu())
+    stacked = torch.stack(masked)
+    return stacked.all(dim=0) if everywhere else stacked.any(dim=0)
+
+
 def alive_channels(module: nn.Module, name: str, dim: int = 0) -> Optional[torch.Tensor]:
     """Bool tensor of the channels of ``module.<name>`` not yet masked; ``None`` if it is not pruned.
 
@@ -197,7 +223,12 @@ def channel_activation(
     The conv's ``weight`` and ``bias`` are masked for the same channels (a zeroed
     weight with a live bias is not a dead channel), and so are the ``weight`` and
     ``bias`` of ``batchnorm`` when given, so a masked channel outputs exactly 0.
-    Nothing is changed if any check fails.
+    Channels already masked in any of these tensors (by an earlier call, or by
+    another method such as ``prune.ln_structured``) are masked in all of them and
+    do not count towards ``amount``, which, as in torch, is taken among the
+    channels still alive. Each tensor gets a :class:`ChannelActivation` whose
+    ``scores`` are that final selection (0 = masked). Nothing is changed if any
+    check fails.
 
     Args:
         module: an ``nn.Conv2d``.
@@ -232,25 +263,22 @@ def channel_activation(
             f"batchnorm has {batchnorm.num_features} features but the conv has {channels} "
             "output channels; pass the BatchNorm2d that follows this conv"
         )
-    targets = [(module, "weight")]
-    if module.bias is not None:
-        targets.append((module, "bias"))
-    if batchnorm is not None and batchnorm.affine:
-        targets += [(batchnorm, "weight"), (batchnorm, "bias")]
-    alive = [alive_channels(target, name) for target, name in targets]
-    reference = next((a for a in alive if a is not None), None)
-    for (target, name), current in zip(targets, alive):
-        # torch narrows each tensor to its own live channels; if they differed,
-        # an amount would pick different channels in the weight and the bias.
-        expected = reference if reference is not None else torch.ones(channels, dtype=torch.bool)
-        current = current if current is not None else torch.ones(channels, dtype=torch.bool)
-        if not torch.equal(current.cpu(), expected.cpu()):
-            raise ValueError(
-                f"the masks of the conv and of its bias/batchnorm disagree on which channels are "
-                f"alive ({type(target).__name__}.{name} differs), e.g. after fine-grained pruning "
-                "zeroed a whole channel; apply channel pruning first, or finalize the model"
-            )
+    targets = channel_targets(module, batchnorm)
+    dead = masked_channels(targets)
+    remaining = ~dead
+    if amount is not None:
+        count = count_to_prune(amount, int(remaining.sum()), what="channels")
+        order = torch.argsort(torch.where(remaining, scores, torch.inf), stable=True)
+        chosen = torch.zeros(channels, dtype=torch.bool)
+        chosen[order[:count]] = True
+    else:
+        chosen = remaining & (scores <= threshold)
+    # The channels are chosen once, over the channels alive in every tensor, and
+    # each tensor is then masked for exactly those (plus any channel already dead
+    # in one of them): torch would otherwise pick per tensor, among that tensor's
+    # own live channels, and the weight, bias and BatchNorm could disagree.
+    selection = (~(dead | chosen)).float()
     with rollback_on_error([m for m, _ in targets]):
         for target, name in targets:
-            ChannelActivation.apply(target, name, scores=scores, amount=amount, threshold=threshold)
+            ChannelActivation.apply(target, name, scores=selection, threshold=0.0)
     return module

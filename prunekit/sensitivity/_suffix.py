@@ -81,7 +81,9 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 def _flatten(module: nn.Module, name: str, chain: Chain) -> None:
     """Append ``module`` to ``chain``, unrolling plain Sequentials into their children."""
     if _is_plain_sequential(module):
-        for child_name, child in module.named_children():
+        # Not named_children(): it skips a module object met before, and a
+        # Sequential that reuses one (a shared ReLU) runs it at every position.
+        for child_name, child in module._modules.items():
             _flatten(child, f"{name}.{child_name}" if name else child_name, chain)
         if len(chain.steps) and len(module):
             chain.outputs[name] = len(chain.steps) - 1

@@ -355,7 +355,8 @@ def scan(
     during the scan and comes back exactly as it went in: every parameter and
     buffer bitwise equal (same Parameter objects), no ``_orig``/``_mask``, no
     hooks, the same train/eval flags and grads, also when ``evaluate`` raises
-    or the scan is interrupted.
+    or the scan is interrupted. (``evaluate`` must only read the model: what it
+    writes into parameters other than the scanned ones is not undone.)
 
     With a built-in metric (:class:`OutputDistortion`, :class:`Accuracy`) and a
     model whose convs sit in ``nn.Sequential`` containers (or a torchvision
