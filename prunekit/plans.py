@@ -20,7 +20,7 @@ from prunekit.methods.channel import (
 )
 from prunekit.methods.fine_grained import FineGrainedL1
 
-__all__ = ["METHODS", "apply_plan", "copy_model", "finalize", "pruned_tensors"]
+__all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "pruned_tensors"]
 
 METHODS = ("fine-grained", "channel")
 
@@ -79,7 +79,8 @@ def copy_model(model: nn.Module) -> nn.Module:
             setattr(module, name, method.apply_mask(module))
 
 
-def _check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
+def check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
+    """Validate ``plan`` against ``model``: conv layer names, sparsities in [0, 1]; return it as floats."""
     if not isinstance(plan, Mapping):
         raise TypeError(
             f"plan must map conv layer names to sparsities, got {type(plan).__name__}"
@@ -162,7 +163,7 @@ def apply_plan(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    checked = _check_plan(model, plan)
+    checked = check_plan(model, plan)
     if method == "channel":
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import prunekit
 from prunekit.sensitivity import OutputDistortion, SensitivityResult, evaluate_plan, fit_plan, scan
 
 
@@ -61,3 +62,12 @@ def test_incomplete_scan_is_refused():
     result = SensitivityResult("accuracy", True, 0.9, (0.5,), {"0": [None]})
     with pytest.raises(ValueError, match="not complete"):
         fit_plan(nn.Sequential(nn.Conv2d(3, 4, 3)), lambda m: 0.0, result, max_drop=0.1)
+
+
+def test_evaluate_plan_accepts_what_apply_plan_accepts(scanned):
+    model, metric, _ = scanned
+    plan = {"0": 1.0, "2": 0.5}
+    pruned = prunekit.apply_plan(prunekit.copy_model(model), plan)
+    assert evaluate_plan(model, metric, plan) == pytest.approx(metric(pruned))
+    with pytest.raises(ValueError, match="outside"):
+        evaluate_plan(model, metric, {"0": 1.5})

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import CRITERIA, ChannelActivation, channel_scores
+from prunekit.plans import check_plan
 from prunekit.sensitivity._suffix import Chain, sequential_chain
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
@@ -506,7 +507,7 @@ def evaluate_plan(
     Args:
         model: the dense model.
         evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
-        plan: conv layer name -> final sparsity in [0, 1).
+        plan: conv layer name -> final sparsity in [0, 1], as for :func:`prunekit.apply_plan`.
         method, stats, criterion: as for :func:`scan`.
 
     Example:
@@ -518,11 +519,8 @@ def evaluate_plan(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if not isinstance(plan, Mapping):
-        raise TypeError(f"plan must map conv layer names to sparsities, got {type(plan).__name__}")
+    plan = check_plan(model, plan)
     convs = resolve_layers(model, list(plan))
-    for layer in convs:
-        check_sparsities([plan[layer]])
     scores = _channel_scores(stats, convs, criterion) if method == "channel" else None
     masker = _Masker(method, scores)
     targets: List[Target] = []
