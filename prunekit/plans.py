@@ -13,8 +13,8 @@ from torch.nn.utils import prune
 from prunekit._rollback import rollback_on_error
 from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import (
-    CRITERIA,
     channel_activation,
+    layer_scores,
     channel_targets,
     masked_channels,
 )
@@ -164,20 +164,7 @@ def apply_plan(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     checked = check_plan(model, plan)
-    if method == "channel":
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
-        if stats is None:
-            raise ValueError(
-                "method='channel' needs activation statistics: "
-                "stats=prunekit.collect_channel_stats(model, data)"
-            )
-        missing = [name for name in checked if name not in stats]
-        if missing:
-            raise KeyError(
-                f"stats missing for layer {missing[0]!r}; collect them with "
-                f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
-            )
+    scores = layer_scores(stats, checked, criterion) if method == "channel" else {}
     blocks = {name: conv_block(model, name) for name in checked}
     touched = [module for block in blocks.values() for module in (block.conv, block.batchnorm) if module is not None]
     with rollback_on_error(touched):
@@ -190,7 +177,5 @@ def apply_plan(
             else:
                 count = _channel_step(block.conv, block.batchnorm, name, sparsity)
                 if count is not None:
-                    channel_activation(
-                        block.conv, stats[name], amount=count, criterion=criterion, batchnorm=block.batchnorm
-                    )
+                    channel_activation(block.conv, scores[name], amount=count, batchnorm=block.batchnorm)
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ __all__ = [
     "channel_activation",
     "channel_scores",
     "channel_targets",
+    "layer_scores",
     "masked_channels",
 ]
 
@@ -50,6 +51,34 @@ def channel_scores(stats: Stats, criterion: str = "l2") -> torch.Tensor:
             f"channel scores must be 1-D (one per channel), got shape {tuple(scores.shape)}"
         )
     return scores.detach().float()
+
+
+def layer_scores(
+    stats: Optional[Mapping[str, Any]], layers: Iterable[str], criterion: str = "l2"
+) -> Dict[str, torch.Tensor]:
+    """Per-layer channel scores from ``{layer: ChannelStats or tensor}``, checking every layer has them.
+
+    Example:
+        >>> layer_scores({"0": torch.tensor([1.0, 0.0])}, ["0"])["0"].tolist()
+        [1.0, 0.0]
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    if stats is None:
+        raise ValueError(
+            "method='channel' needs activation statistics: "
+            "stats=prunekit.collect_channel_stats(model, data)"
+        )
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must map layer names to ChannelStats, got {type(stats).__name__}")
+    names = list(layers)
+    missing = [name for name in names if name not in stats]
+    if missing:
+        raise KeyError(
+            f"stats missing for layer {missing[0]!r}; collect them with "
+            f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
+        )
+    return {name: channel_scores(stats[name], criterion) for name in names}
 
 
 def _check_selection(amount: Optional[Amount], threshold: Optional[float]) -> None:

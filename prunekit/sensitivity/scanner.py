@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.layers import conv_block, resolve_layers
-from prunekit.methods.channel import CRITERIA, ChannelActivation, channel_scores
+from prunekit.methods.channel import ChannelActivation, layer_scores
 from prunekit.plans import check_plan
 from prunekit.sensitivity._suffix import Chain, sequential_chain
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
@@ -76,26 +76,6 @@ def _targets(model: nn.Module, layer: str, method: str) -> List[Target]:
                 "prunekit.finalize(model) first (the scan then starts from its zeros)"
             )
     return targets
-
-
-def _channel_scores(stats: Optional[Mapping[str, Any]], layers: Iterable[str], criterion: str) -> Dict[str, Tensor]:
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
-    if stats is None:
-        raise ValueError(
-            "method='channel' needs activation statistics: "
-            "stats=prunekit.collect_channel_stats(model, data)"
-        )
-    if not isinstance(stats, Mapping):
-        raise TypeError(f"stats must map layer names to ChannelStats, got {type(stats).__name__}")
-    names = list(layers)
-    missing = [name for name in names if name not in stats]
-    if missing:
-        raise KeyError(
-            f"stats missing for layer {missing[0]!r}; collect them with "
-            f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
-        )
-    return {name: channel_scores(stats[name], criterion) for name in names}
 
 
 def _check_resume(previous: SensitivityResult, fresh: SensitivityResult) -> None:
@@ -414,7 +394,7 @@ def scan(
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     convs = resolve_layers(model, layers)
     levels = check_sparsities(sparsities)
-    scores = _channel_scores(stats, convs, criterion) if method == "channel" else None
+    scores = layer_scores(stats, convs, criterion) if method == "channel" else None
     targets = {layer: _targets(model, layer, method) for layer in convs}
     if scores is not None:
         for layer, values in scores.items():
@@ -521,7 +501,7 @@ def evaluate_plan(
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     plan = check_plan(model, plan)
     convs = resolve_layers(model, list(plan))
-    scores = _channel_scores(stats, convs, criterion) if method == "channel" else None
+    scores = layer_scores(stats, convs, criterion) if method == "channel" else None
     masker = _Masker(method, scores)
     targets: List[Target] = []
     masked: List[Tensor] = []
