@@ -10,10 +10,10 @@ BatchNorm statistics) keep every value, in the same byte-plane layout.
 
 The format is lossless by default: every tensor comes back with the same
 dtype, shape and bit pattern, including ``-0.0`` (torch's ``prune.remove``
-leaves one for every pruned negative weight; their signs are stored as a
-bitmask beside the mask, only when present) and NaN payloads. The opt-in
+leaves one for every pruned negative weight, ``prunekit.finalize`` does not;
+their signs are stored as a bitmask beside the mask, only when present) and NaN payloads. The opt-in
 ``values_dtype=torch.float16`` (or ``torch.bfloat16``) stores float32/float64
-values at half precision and their zeros as ``+0.0``: LOSSY, and labelled so
+values at half precision (the zeros of sparse-stored tensors as ``+0.0``): LOSSY, and labelled so
 in the file's header (other tensors stay exact).
 
 File layout (little-endian): the 8 magic bytes ``PKSPARSE``, a uint32 format
@@ -228,7 +228,7 @@ def save_sparse(
             float, str, list, dict).
         path: file to write (its folder is created).
         values_dtype: ``None`` (lossless), or ``torch.float16`` / ``torch.bfloat16`` to
-            store float32/float64 values at that precision, and zeros as +0.0: LOSSY
+            store float32/float64 values at that precision (sparse-stored zeros as +0.0): LOSSY
             (about half the size); the header records ``"lossy": true`` and loading casts back to the
             original dtype.
 
