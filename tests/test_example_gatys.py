@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from prunekit import apply_plan, copy_model, conv_layers
-from prunekit.sensitivity import SensitivityResult, scan
+from prunekit.sensitivity import SensitivityResult, fit_plan, scan
 
 from examples.style_transfer.__main__ import cli
 from examples.style_transfer.gatys import GatysConfig, gram_matrix, preserve_colors, stylize, total_variation
@@ -228,6 +228,17 @@ def test_proxy_scores_the_same_through_the_scanner_prefix_cache_as_a_full_forwar
     assert result.score("5", 0.7) > 0.0
 
 
+def test_joint_plan_on_the_proxy_holds_with_all_layers_pruned(features):
+    content = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    style = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    metric = LossLayerDistortion(content, style)
+    result = scan(features, metric, layers=["0", "5", "19"], sparsities=[0.5, 0.9], progress=False)
+    tolerance = 0.3
+    fitted = fit_plan(features, metric, result, tolerance).plan
+    assert metric(apply_plan(copy_model(features), fitted)) <= tolerance
+    assert all(fitted[layer] <= level for layer, level in plan_from_scan(result, tolerance).items())
+
+
 def _result(metric, baseline, scores, higher_is_better=False):
     return SensitivityResult(metric, higher_is_better, baseline, (0.5, 0.9), scores)
 
@@ -295,7 +306,7 @@ def test_stylize_scan_prune_report_end_to_end(tmp_path):
     assert proxy.complete and proxy.layers == ["0", "5", "19"]
 
     result = runner.invoke(cli, ["prune", "sample:hopper", "sample:mosaic", "--out", str(tmp_path / "prune"),
-                                 "--from-scan", str(tmp_path / "scan"), "--tolerance", "0.3",
+                                 "--from-scan", str(tmp_path / "scan"), "--tolerance", "0.3", "--joint",
                                  "--finetune-steps", "2", *scan_options, *common])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "prune" / "report.json").read_text())
@@ -305,7 +316,7 @@ def test_stylize_scan_prune_report_end_to_end(tmp_path):
         assert all(math.isfinite(value) for value in report["losses"][kind].values())
     assert report["seconds_per_iteration"]["pruned"] > 0
     assert "spearman" in report["sensitivity"]
-    assert report["finetune"]["steps"] == 2
+    assert report["finetune"]["steps"] == 2 and report["plan"]["joint"] is True
     for name in ("dense.png", "pruned.png"):
         assert max(_png_size(tmp_path / "prune" / name)) == 64
     assert _png_size(tmp_path / "prune" / "comparison.png")[0] > 4 * 50

@@ -413,6 +413,10 @@ def _load_scans(folder: Path, run: _Run) -> Dict[str, SensitivityResult]:
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.2, show_default=True,
               help="Per layer, the highest sparsity within tolerance: proxy: loss-layer distortion "
               "(0.2 = 20 %); full: relative increase of the dense-scored loss.")
+@click.option("--joint/--per-layer", "joint", default=False, show_default=True,
+              help="--joint: trim the plan until the network with ALL its layers pruned stays within "
+              "--tolerance on the plan metric (extra evaluations; cheap for proxy); --per-layer: each "
+              "layer's own level, as the reference analysis did.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Feature-distillation steps after pruning (masks fixed); 0 = none.")
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
@@ -423,7 +427,8 @@ def _load_scans(folder: Path, run: _Run) -> Dict[str, SensitivityResult]:
 @_clean_errors
 @_with_threads
 def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metric: str, plan_metric: str,
-          tolerance: float, finetune_steps: int, finetune_lr: float, as_json: bool, **options: Any) -> None:
+          tolerance: float, joint: bool, finetune_steps: int, finetune_lr: float, as_json: bool,
+          **options: Any) -> None:
     """Prune VGG-19 by a sensitivity plan, stylise CONTENT in STYLE dense and pruned, and report.
 
     Writes into --out: report.json, plan.json, dense.png, pruned.png,
@@ -448,7 +453,7 @@ def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metr
     outcome = prune_and_stylize(
         features, content01, style01, config, run.preprocessor, scans,
         plan_metric=plan_metric, tolerance=tolerance, settings=settings,
-        finetune_steps=finetune_steps, finetune_lr=finetune_lr, progress=run.progress,
+        finetune_steps=finetune_steps, finetune_lr=finetune_lr, progress=run.progress, joint=joint,
     )
     files = {
         "dense": folder / "dense.png",

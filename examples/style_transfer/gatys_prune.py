@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
 from prunekit.report import sparsity_report
-from prunekit.sensitivity import ForwardMetric, SensitivityResult, scan
+from prunekit.sensitivity import ForwardMetric, SensitivityResult, fit_plan, scan
 from prunekit.sensitivity.metrics import model_device
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
@@ -534,12 +534,16 @@ def prune_and_stylize(
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
     progress: bool = True,
+    joint: bool = False,
 ) -> PruneOutcome:
     """Apply the plan read off ``scans[plan_metric]``, optionally fine-tune, stylise dense and pruned, report.
 
     ``features`` is not modified: the pruned network is a copy, finalized (plain
     weights with zeros, no masks) before it stylises, so both runs use the same
     dense kernels. Both final images are scored by the dense network's losses.
+    With ``joint``, the per-layer plan is trimmed with
+    :func:`prunekit.sensitivity.fit_plan` until the network with every layer
+    pruned at once stays within ``tolerance`` on the plan's metric.
     """
     settings = settings if settings is not None else ScanSettings()
     if plan_metric not in scans:
@@ -549,6 +553,9 @@ def prune_and_stylize(
         )
     source = scans[plan_metric]
     plan = plan_from_scan(source, tolerance)
+    if joint:
+        metric = make_metric(plan_metric, features, content01, style01, config, preprocessor, settings)
+        plan = fit_plan(features, metric, source, tolerance, relative=bool(source.baseline)).plan
     pruned = apply_plan(copy_model(features), plan)
     proxy = make_metric("proxy", features, content01, style01, config, preprocessor, settings)
     proxy.prepare(features)
@@ -583,6 +590,7 @@ def prune_and_stylize(
         "plan": {
             "metric": plan_metric,
             "tolerance": tolerance,
+            "joint": joint,
             "tolerance_kind": "relative increase of the dense-scored loss" if source.baseline else "distortion",
             "sparsity": named_plan(plan),
         },
