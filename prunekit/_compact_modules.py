@@ -102,6 +102,12 @@ def _copy_training(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
+def _folded_bias(bias: Optional[Tensor], fold: Tensor, features: int, device: torch.device) -> Tensor:
+    """``bias + fold`` in float64 (a missing bias counts as zeros)."""
+    base = bias.double() if bias is not None else torch.zeros(features, dtype=torch.float64, device=device)
+    return base + fold
+
+
 def resize_conv(
     conv: nn.Conv2d,
     keep_in: Optional[Tensor],
@@ -122,8 +128,7 @@ def resize_conv(
     border = old_border.detach().double() if old_border is not None else None
     if fold is not None and bool(fold.abs().sum() > 0):
         # Computed in float64 from the full weight, then sliced like the rest.
-        base = bias.double() if bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
-        bias = base + fold.sum(dim=(1, 2))
+        bias = _folded_bias(bias, fold.sum(dim=(1, 2)), conv.out_channels, weight.device)
         if has_zero_padding(conv):
             border = fold.unsqueeze(1) if border is None else border + fold.unsqueeze(1)
     if keep_out is not None:
@@ -197,8 +202,7 @@ def resize_linear(linear: nn.Linear, keep_in: Tensor, fold: Optional[Tensor] = N
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
     if fold is not None and bool(fold.abs().sum() > 0):
-        base = bias.double() if bias is not None else torch.zeros(linear.out_features, dtype=torch.float64, device=weight.device)
-        bias = base + fold
+        bias = _folded_bias(bias, fold, linear.out_features, weight.device)
     weight = weight.index_select(1, keep_in)
     new = nn.Linear(
         weight.shape[1],

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import torch  # noqa: F401  (used in the docstring example)
 from torch import nn
 
 from prunekit.sensitivity.result import SensitivityResult, _drop
@@ -62,6 +61,7 @@ def fit_plan(
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
 
     Example:
+        >>> import torch
         >>> from prunekit.sensitivity import OutputDistortion, scan
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
@@ -80,12 +80,12 @@ def fit_plan(
     trials: List[Tuple[str, float, float, bool]] = []
     while True:
         steps = []
-        for layer in result.layers:
+        for order, layer in enumerate(result.layers):
             following = position[layer] + 1
             if layer in frozen or following >= len(levels) or levels[following] > ceiling[layer] + 1e-12:
                 continue
             single = _drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
-            steps.append((single, list(result.layers).index(layer), layer, following))
+            steps.append((single, order, layer, following))
         if not steps:
             break
         _, _, layer, following = min(steps)

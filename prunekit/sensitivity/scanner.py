@@ -499,16 +499,15 @@ def evaluate_plan(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    plan = check_plan(model, plan)
-    convs = resolve_layers(model, list(plan))
-    scores = layer_scores(stats, convs, criterion) if method == "channel" else None
+    plan = check_plan(model, plan)  # also checks the layer names
+    scores = layer_scores(stats, plan, criterion) if method == "channel" else None
     masker = _Masker(method, scores)
     targets: List[Target] = []
     masked: List[Tensor] = []
-    for layer in convs:
+    for layer, sparsity in plan.items():
         layer_targets = _targets(model, layer, method)
         targets += layer_targets
-        masked += masker.masked(layer, layer_targets, float(plan[layer]))
+        masked += masker.masked(layer, layer_targets, sparsity)
     masker.release()
     guard = _Guard(model)
     try:
