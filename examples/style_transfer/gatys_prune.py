@@ -1,4 +1,4 @@
-"""Pruning VGG-19 for Gatys style transfer: scan metrics, plan, feature-distillation fine-tuning, report.
+"""Pruning a VGG (VGG-19 or VGG-16) for Gatys style transfer: scan metrics, plan, feature-distillation fine-tuning, report.
 
 Two ways to score a network pruned by the scanner, both lower-is-better:
 
@@ -37,7 +37,7 @@ from prunekit.sensitivity.metrics import model_device
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
 from examples.style_transfer.imaging import resize_longer_side
-from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names
+from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names, layer_index_of
 
 __all__ = [
     "METRICS",
@@ -79,6 +79,8 @@ class LossLayerDistortion(ForwardMetric):
         content01 / style01: ``[1, 3, H, W]`` images in [0, 1].
         config: the loss layers (``content_layers``, ``style_layers``).
         preprocessor: must match the weights.
+        layers: layer name -> index in the network's ``features`` (default VGG-19's;
+            :func:`~examples.style_transfer.vgg.layer_index_of` gives any VGG's).
 
     Example:
         >>> metric = LossLayerDistortion(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
@@ -95,17 +97,22 @@ class LossLayerDistortion(ForwardMetric):
         style01: Tensor,
         config: Optional[GatysConfig] = None,
         preprocessor: Optional[Preprocessor] = None,
+        layers: Optional[Mapping[str, int]] = None,
     ) -> None:
         config = config if config is not None else GatysConfig()
         preprocessor = preprocessor if preprocessor is not None else Preprocessor("imagenet")
+        index = dict(layers) if layers is not None else LAYER_INDEX
+        for name in (*config.content_layers, *config.style_layers):
+            if name not in index:
+                raise KeyError(f"layer {name!r} is not in this network; its layers are: {', '.join(index)}")
         self.inputs = {
             "content": preprocessor.normalize(content01).detach(),
             "style": preprocessor.normalize(style01).detach(),
         }
         # (image, VGG layer name, module name in features, compare Gram?)
         self.terms: List[Tuple[str, str, str, bool]] = [
-            ("content", layer, str(LAYER_INDEX[layer]), False) for layer in config.content_layers
-        ] + [("style", layer, str(LAYER_INDEX[layer]), True) for layer in config.style_layers]
+            ("content", layer, str(index[layer]), False) for layer in config.content_layers
+        ] + [("style", layer, str(index[layer]), True) for layer in config.style_layers]
         self.capture = tuple(dict.fromkeys(module for _, _, module, _ in self.terms))
         self._reference: Optional[Dict[Tuple[str, str], Tensor]] = None
 
@@ -272,9 +279,9 @@ def compare_sensitivities(proxy: SensitivityResult, full: SensitivityResult) -> 
     return SensitivityComparison({k: a[k] for k in common}, {k: b[k] for k in common}, rho, p_value)
 
 
-def named_plan(plan: Mapping[str, float]) -> Dict[str, float]:
-    """The plan keyed by VGG names (``conv1_1``) instead of indices in ``features`` (``'0'``)."""
-    names = conv_index_names()
+def named_plan(plan: Mapping[str, float], features: Optional[nn.Sequential] = None) -> Dict[str, float]:
+    """The plan keyed by VGG names (``conv1_1``) instead of indices in ``features`` (``'0'``; default VGG-19's)."""
+    names = conv_index_names(features if features is not None else "vgg19")
     return {names.get(layer, layer): value for layer, value in plan.items()}
 
 
@@ -442,7 +449,8 @@ def make_metric(
     if kind == "proxy":
         size = settings.proxy_size
         return LossLayerDistortion(
-            resize_longer_side(content01, size), resize_longer_side(style01, size), config, preprocessor
+            resize_longer_side(content01, size), resize_longer_side(style01, size), config, preprocessor,
+            layers=layer_index_of(features),
         )
     if kind == "full":
         size = settings.full_size
@@ -467,7 +475,7 @@ def run_scan(
     """Scan the convs of ``features`` with metric ``kind``; ``meta`` is stored with the result."""
     metric = make_metric(kind, features, content01, style01, config, preprocessor, settings)
     info = dict(meta or {})
-    info.update({"metric_kind": kind, "scan": settings.to_dict(), "layer_names": conv_index_names()})
+    info.update({"metric_kind": kind, "scan": settings.to_dict(), "layer_names": conv_index_names(features)})
     if progress:
         click.echo(f"scanning with the {kind} metric ({metric.name})", err=True)
     start = time.perf_counter()
@@ -583,7 +591,7 @@ def prune_and_stylize(
     pruned_losses = dense_loss.measure(pruned_run.image)
     comparison = compare_sensitivities(scans["proxy"], scans["full"]) if {"proxy", "full"} <= set(scans) else None
     report: Dict[str, Any] = {
-        "network": "VGG-19 features (16 convs)",
+        "network": f"VGG features ({len(conv_index_names(features))} convs)",
         "image_size": [int(height), int(width)],
         "config": config.to_dict(),
         "preprocess": preprocessor.mode,
@@ -592,7 +600,7 @@ def prune_and_stylize(
             "tolerance": tolerance,
             "joint": joint,
             "tolerance_kind": "relative increase of the dense-scored loss" if source.baseline else "distortion",
-            "sparsity": named_plan(plan),
+            "sparsity": named_plan(plan, features),
         },
         "parameters": {
             "dense": counts.total_params,
@@ -629,7 +637,7 @@ def prune_and_stylize(
         },
     }
     if comparison is not None:
-        names = conv_index_names()
+        names = conv_index_names(features)
         report["sensitivity"]["proxy"] = {names.get(k, k): v for k, v in comparison.proxy.items()}
         report["sensitivity"]["full"] = {names.get(k, k): v for k, v in comparison.full.items()}
     return PruneOutcome(pruned, plan, dense_run, pruned_run, report)
