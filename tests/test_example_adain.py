@@ -1,6 +1,7 @@
 """Compact AdaIN example: the AdaIN op, the mirrored decoder, resumable training, and the paper's claim
 that channel + xor losses switch relu4_1 channels off for good, so removing them changes nothing."""
 
+import importlib.util
 import json
 
 import pytest
@@ -9,6 +10,8 @@ from click.testing import CliRunner
 
 from examples.style_transfer.adain import (
     AdaINNet,
+    encoder_last_conv,
+    encoder_output,
     adain,
     build_decoder,
     build_encoder,
@@ -20,11 +23,11 @@ from examples.style_transfer.adain_analysis import (
     encoder_stats,
     load_heldout,
     mask_weakest,
-    psnr,
     scaled_counts,
-    ssim,
 )
+from examples.style_transfer.quality import psnr, ssim
 from examples.style_transfer.adain_cli import adain as adain_cli
+from examples.style_transfer.adain_cli import write_real_data
 from examples.style_transfer.adain_train import TrainConfig, load_checkpoint, read_log, train
 from prunekit.datasets import write_synthetic_images
 
@@ -187,3 +190,37 @@ def test_cli_trains_analyzes_and_sweeps(image_folders, tmp_path):
     report = json.loads((tmp_path / "sweep" / "report.json").read_text())
     assert [row["channels_left"] for row in report["rows"]] == [64, 56]
     assert (tmp_path / "sweep" / "grid.png").stat().st_size > 0
+
+
+def test_vgg16_encoder_ends_at_its_own_relu4_1():
+    encoder = build_encoder("random", width=0.125, arch="vgg16")
+    assert len(encoder) == 19 and encoder_last_conv(encoder) == "17" and encoder_output(encoder) == "18"
+    vgg19 = build_encoder("random", width=0.125)
+    assert len(vgg19) == 21 and encoder_last_conv(vgg19) == "19"
+    assert [m.out_channels for m in encoder if isinstance(m, torch.nn.Conv2d)] == [8, 8, 16, 16, 32, 32, 32, 64]
+
+
+def test_training_a_vgg16_encoder_switches_its_relu4_1_channels(image_folders, tmp_path):
+    result = train(_config(image_folders, tmp_path, arch="vgg16", steps=2), progress=False, plot=False)
+    assert len(result.net.encoder) == 19
+    log = read_log(tmp_path / "log.jsonl")
+    assert log[-1]["channels"] == 64 and "channel" in log[-1]
+    assert load_checkpoint(tmp_path / "checkpoint.pt").config.arch == "vgg16"
+
+
+def test_hed_weights_imply_their_preprocessing_and_vgg16():
+    config = TrainConfig("c", "s", "o", weights="hed")
+    config.validate()
+    assert config.preprocess is None and config.arch is None  # resolved when the network is built
+    with pytest.raises(ValueError, match="--arch vgg16"):
+        build_encoder("hed", arch="vgg19")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image: pip install scikit-image")
+def test_real_data_never_holds_out_a_training_image(tmp_path):
+    written = write_real_data(str(tmp_path), 32)
+    assert written == {"content": 7, "style": 3, "heldout-content": 3, "heldout-style": 3}
+    names = {folder: {p.name for p in (tmp_path / folder).iterdir()} for folder in written}
+    assert not (names["content"] | names["style"]) & (names["heldout-content"] | names["heldout-style"])
+    images = load_heldout(str(tmp_path / "heldout-content"), 32)
+    assert images.shape == (3, 3, 32, 32) and images.std() > 0.1

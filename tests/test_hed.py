@@ -226,3 +226,24 @@ def test_cli_scans_hed_offline_on_the_builtin_photos(tmp_path, monkeypatch):
     assert scan["scores"]["fuse"][1] > scan["scores"]["fuse"][0] > 0
     plan = json.loads(Path("prunekit-scan/plan.json").read_text())["plan"]
     assert set(plan) == {"features.26", "features.28", "fuse"}
+
+
+def test_any_rgb_model_can_be_scanned_on_the_photos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    torch.save(model, "tiny.pt")
+    args = ["scan", "--model", "tiny.pt", "--trust-checkpoint", "--data", "photos", "--image-size", "16",
+            "--sparsities", "0.5", "--quiet", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["scan"]["meta"]["data"].startswith("3 built-in photos")
+    one_channel = ["scan", "--data", "photos", "--quiet"]  # digits-vgg takes 1 channel
+    result = CliRunner().invoke(cli, one_channel)
+    assert result.exit_code == 1 and "--data photos provides RGB images" in result.stderr
+
+
+def test_hed_declares_unnormalised_input_for_the_data_loaders():
+    assert HED.input_normalization == "none" and HED.builtin_data == "photos"
+    x = builtin_photos(16, normalize="none")[0]
+    y = builtin_photos(16)[0]  # ImageNet mean/std
+    assert x.min() >= 0 and y.min() < 0

@@ -1,4 +1,4 @@
-"""AdaIN style transfer: a VGG-19 encoder up to relu4_1, adaptive instance normalisation, a mirrored decoder.
+"""AdaIN style transfer: a VGG encoder up to relu4_1, adaptive instance normalisation, a mirrored decoder.
 
 The network of Huang & Belongie, *Arbitrary Style Transfer in Real-time with
 Adaptive Instance Normalization* (ICCV 2017), as used by *Compact Image Style
@@ -7,9 +7,11 @@ Transfer: Channel Pruning on a Single Training of Network* (Sensors 2022):
     content, style --encoder--> relu4_1 features --AdaIN--> t --decoder--> image
 
 The encoder keeps the module indices of torchvision's ``vgg19().features``
-(``'19'`` is conv4_1, ``'20'`` relu4_1), so prunekit names its last conv
-``'19'`` whatever the width. A ``width`` below 1 scales every channel count
-(random init only): tests and smoke runs use it to stay fast on a CPU.
+(``'19'`` is conv4_1, ``'20'`` relu4_1) or ``vgg16().features`` (``'17'`` and
+``'18'``; the one HED's real weights give, ``weights="hed"``), so prunekit names
+its last conv :func:`encoder_last_conv` whatever the width. A ``width`` below 1
+scales every channel count (random init only): tests and smoke runs use it to
+stay fast on a CPU.
 
 Example:
     >>> torch.manual_seed(0)  # doctest: +SKIP
@@ -25,7 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, load_vgg19_features
+from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, layer_index, load_vgg_features, resolve_arch
 
 __all__ = [
     "ENCODER_LAST_CONV",
@@ -37,6 +39,9 @@ __all__ = [
     "build_decoder",
     "build_encoder",
     "channel_mean_std",
+    "encoder_arch",
+    "encoder_last_conv",
+    "encoder_output",
     "encoder_widths",
 ]
 
@@ -44,12 +49,42 @@ __all__ = [
 VGG19_RELU4_1_WIDTHS: Tuple[int, int, int, int] = (64, 128, 256, 512)
 #: Layers whose mean/std define the style loss (AdaIN's choice).
 STYLE_LAYERS: Tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
-#: prunekit name of the encoder's last conv (conv4_1) and of its output module (relu4_1).
+#: prunekit name of a VGG-19 encoder's last conv (conv4_1) and of its output module (relu4_1);
+#: :func:`encoder_last_conv` and :func:`encoder_output` give them for any encoder.
 ENCODER_LAST_CONV = str(LAYER_INDEX["conv4_1"])
 ENCODER_OUTPUT = str(LAYER_INDEX["relu4_1"])
 
-# Convs per block up to relu4_1: 2, 2, 4 and the first of block 4.
-_CONVS_PER_BLOCK = (2, 2, 4, 1)
+
+def encoder_arch(weights: str, arch: Optional[str] = None) -> str:
+    """The encoder's architecture: ``arch`` if given, else ``vgg16`` for HED's weights and ``vgg19`` otherwise."""
+    if arch is not None:
+        return resolve_arch(arch)
+    return "vgg16" if str(weights).lower() == "hed" else "vgg19"
+
+
+def encoder_last_conv(encoder: nn.Sequential) -> str:
+    """prunekit's name of the encoder's last conv (conv4_1): ``'19'`` for VGG-19, ``'17'`` for VGG-16.
+
+    Example:
+        >>> encoder_last_conv(build_encoder("random", width=0.125, arch="vgg16"))
+        '17'
+    """
+    convs = [index for index, module in enumerate(encoder) if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the encoder has no Conv2d")
+    return str(convs[-1])
+
+
+def encoder_output(encoder: nn.Sequential) -> str:
+    """prunekit's name of the encoder's output module (relu4_1): its last index."""
+    return str(len(encoder) - 1)
+
+
+def _convs_per_block(arch: str) -> Tuple[int, int, int, int]:
+    """Convs per block up to relu4_1 (VGG-19: 2, 2, 4 and the first of block 4; VGG-16: 2, 2, 3, 1)."""
+    names = [name for name in layer_index(arch) if name.startswith("conv")]
+    counts = [sum(name.startswith(f"conv{block}_") for name in names) for block in (1, 2, 3)]
+    return (counts[0], counts[1], counts[2], 1)
 
 
 def encoder_widths(width: float = 1.0) -> Tuple[int, int, int, int]:
@@ -64,11 +99,11 @@ def encoder_widths(width: float = 1.0) -> Tuple[int, int, int, int]:
     return tuple(max(1, int(round(c * width))) for c in VGG19_RELU4_1_WIDTHS)  # type: ignore[return-value]
 
 
-def _random_encoder(widths: Sequence[int]) -> nn.Sequential:
-    """VGG-19 ``features[:21]`` with the given block widths, initialised like torchvision's VGG."""
+def _random_encoder(widths: Sequence[int], arch: str = "vgg19") -> nn.Sequential:
+    """``{arch}().features`` up to relu4_1 with the given block widths, initialised like torchvision's VGG."""
     layers = []
     in_channels = 3
-    for block, (convs, out_channels) in enumerate(zip(_CONVS_PER_BLOCK, widths)):
+    for block, (convs, out_channels) in enumerate(zip(_convs_per_block(arch), widths)):
         if block > 0:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         for _ in range(convs):
@@ -78,32 +113,34 @@ def _random_encoder(widths: Sequence[int]) -> nn.Sequential:
             layers += [conv, nn.ReLU(inplace=False)]
             in_channels = out_channels
     encoder = nn.Sequential(*layers)
-    assert len(encoder) == LAYER_INDEX["relu4_1"] + 1  # the VGG indices are part of the API
+    assert len(encoder) == layer_index(arch)["relu4_1"] + 1  # the VGG indices are part of the API
     return encoder
 
 
-def build_encoder(weights: str = "imagenet", width: float = 1.0) -> nn.Sequential:
-    """VGG-19 up to relu4_1 (21 modules, non-in-place ReLUs), frozen and in eval mode.
+def build_encoder(weights: str = "imagenet", width: float = 1.0, arch: Optional[str] = None) -> nn.Sequential:
+    """A VGG up to relu4_1 (VGG-19: 21 modules, VGG-16: 19; non-in-place ReLUs), frozen and in eval mode.
 
     Args:
-        weights: ``"imagenet"``, ``"random"`` or the path to a VGG-19 state_dict
-            (see :func:`examples.style_transfer.vgg.load_vgg19_features`).
+        weights: ``"imagenet"``, ``"hed"`` (HED's real VGG-16 weights, offline), ``"random"``
+            or the path to a state_dict (see :func:`examples.style_transfer.vgg.load_vgg_features`).
         width: channel multiplier in (0, 1]; below 1 only ``weights="random"`` exists.
+        arch: ``"vgg19"`` or ``"vgg16"`` (any torchvision VGG); default :func:`encoder_arch`.
 
     Raises:
         ValueError: ``width`` out of range, or pretrained weights asked for a reduced width.
         WeightsUnavailableError: ImageNet weights cannot be downloaded (pass a PATH).
     """
     widths = encoder_widths(width)
+    arch = encoder_arch(weights, arch)
     if weights == "random":
-        encoder = _random_encoder(widths)
+        encoder = _random_encoder(widths, arch)
     elif widths != VGG19_RELU4_1_WIDTHS:
         raise ValueError(
-            f"weights={weights!r} exist only for the full VGG-19 (width=1), got width={width}; "
+            f"weights={weights!r} exist only for the full {arch} (width=1), got width={width}; "
             "use weights='random' for a width-reduced encoder"
         )
     else:
-        encoder = load_vgg19_features(weights)[: LAYER_INDEX["relu4_1"] + 1]
+        encoder = load_vgg_features(weights, arch=arch)[: layer_index(arch)["relu4_1"] + 1]
     encoder.eval()
     encoder.requires_grad_(False)
     return encoder
@@ -192,7 +229,7 @@ class AdaINNet(nn.Module):
         encoder: VGG-19 features up to relu4_1 (from :func:`build_encoder`), or its
             compacted version.
         decoder: the decoder; ``None`` builds :func:`build_decoder` ``(encoder)``.
-        preprocess: input normalisation of the encoder's weights (``"imagenet"`` or ``"caffe"``).
+        preprocess: input normalisation of the encoder's weights (``"imagenet"``, ``"caffe"`` or ``"hed"``).
 
     The decoder outputs an image in [0, 1] space (not clamped, so losses see
     the raw values; clamp before saving).

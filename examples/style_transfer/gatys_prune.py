@@ -37,6 +37,7 @@ from prunekit.sensitivity.metrics import model_device
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
 from examples.style_transfer.imaging import resize_longer_side
+from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names, layer_index_of
 
 __all__ = [
@@ -614,6 +615,7 @@ def prune_and_stylize(
             "dense": dense_run.losses.to_dict(),
             "pruned": pruned_losses.to_dict(),
         },
+        "similarity_to_dense": _similarity(pruned_run.image, dense_run.image),
         "seconds_per_iteration": {
             "dense": dense_run.seconds_per_iteration,
             "pruned": pruned_run.seconds_per_iteration,
@@ -643,6 +645,15 @@ def prune_and_stylize(
     return PruneOutcome(pruned, plan, dense_run, pruned_run, report)
 
 
+def _similarity(image: Tensor, reference: Tensor) -> Dict[str, Optional[float]]:
+    """PSNR (dB; None when identical) and SSIM (pytorch-msssim; None below its window) of the pruned result."""
+    value = psnr(image, reference)
+    return {
+        "psnr_db": value if math.isfinite(value) else None,
+        "ssim": ssim(image, reference) if min(image.shape[-2:]) >= SSIM_WINDOW else None,
+    }
+
+
 def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M"
 
@@ -665,6 +676,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         row = losses[kind]
         lines.append(
             "  {:<7} {:>11.4g} {:>11.4g} {:>11.4g} {:>11.4g}".format(kind, row["content"], row["style"], row["tv"], row["total"])
+        )
+    similarity = report.get("similarity_to_dense") or {}
+    if similarity:
+        db = similarity.get("psnr_db")
+        value = similarity.get("ssim")
+        lines.append(
+            "pruned result vs dense result: PSNR "
+            + (f"{db:.2f} dB" if db is not None else "inf (identical)")
+            + ", SSIM " + (f"{value:.4f}" if value is not None else "n/a (image below the 11 px window)")
         )
     lines.append(
         f"time per iteration: dense {seconds['dense']:.3f} s, pruned {seconds['pruned']:.3f} s "
