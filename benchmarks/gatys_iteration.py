@@ -9,7 +9,7 @@ and finalized: plain weights holding zeros, run by the same dense kernels.
 
 Run (after ``python -m examples.style_transfer prune ... --weights hed --out runs/prune``)::
 
-    python benchmarks/gatys_iteration.py --weights hed --plan runs/prune/plan.json
+    python -m benchmarks.gatys_iteration --weights hed --plan runs/prune/plan.json   # from the repository root
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from examples.style_transfer.adain_analysis import (
 from examples.style_transfer.quality import psnr, ssim
 from examples.style_transfer.adain_cli import adain as adain_cli
 from examples.style_transfer.adain_cli import write_real_data
-from examples.style_transfer.adain_train import TrainConfig, load_checkpoint, read_log, train
+from examples.style_transfer.adain_train import TrainConfig, _structure_config, load_checkpoint, read_log, train
 from prunekit.datasets import write_synthetic_images
 
 
@@ -214,6 +214,9 @@ def test_hed_weights_imply_their_preprocessing_and_vgg16():
     assert config.preprocess is None and config.arch is None  # resolved when the network is built
     with pytest.raises(ValueError, match="--arch vgg16"):
         build_encoder("hed", arch="vgg19")
+    # A checkpoint of a HED run is rebuilt (without reading the weights) as VGG-16 with HED's input.
+    structure = _structure_config(config)
+    assert (structure.weights, structure.arch, structure.preprocess) == ("random", "vgg16", "hed")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image: pip install scikit-image")

@@ -388,8 +388,14 @@ def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 
 def _structure_config(config: TrainConfig) -> TrainConfig:
-    # The checkpoint holds the weights: build the structure without downloading anything.
-    return dataclasses.replace(config, weights="random")
+    # The checkpoint holds the weights: build the structure without downloading anything,
+    # with the architecture and input convention the run's weights implied.
+    return dataclasses.replace(
+        config,
+        weights="random",
+        arch=encoder_arch(config.weights, config.arch),
+        preprocess=config.preprocess or default_preprocess(config.weights),
+    )
 
 
 def load_checkpoint(path: PathLike) -> TrainedModel:
