@@ -25,6 +25,7 @@ from torch import nn
 from prunekit import __version__
 from prunekit.io import read_json, write_json
 from prunekit.layers import conv_layers, resolve_layers
+from prunekit.sensitivity._distributed import is_main_process, rank_and_world
 from prunekit.sensitivity.result import SensitivityResult, check_sparsities
 from prunekit.sensitivity.scanner import METHODS
 
@@ -232,8 +233,40 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _status(quiet: bool, message: str) -> None:
-    if not quiet:
+    if not quiet and is_main_process():
         click.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def _process_group(device: torch.device) -> Iterator[torch.device]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group for the command, and leave it after.
+
+    The ``env://`` variables torchrun sets say where to meet; CPU ranks use gloo,
+    CUDA ranks NCCL on ``cuda:LOCAL_RANK``. A group the caller made is used as is.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        yield device
+        return
+    backend = "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    torch.distributed.init_process_group(backend)
+    try:
+        yield device
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _broadcast_text(text: Optional[str]) -> Optional[str]:
+    """Rank 0's ``text`` on every rank (files are read once, on rank 0)."""
+    if rank_and_world()[1] == 1:
+        return text
+    box = [text]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _in_channels(model: nn.Module) -> int:
@@ -470,16 +503,22 @@ def scan_command(
 
     levels = parse_sparsities(sparsities)
     names = _parse_layers(layers)
-    target = _parse_device(device)
+    target = ctx.with_resource(_process_group(_parse_device(device)))
     if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
         raise ValueError(f"--max-drop {max_drop}: pass a number >= 0 (e.g. 0.01 = one accuracy point)")
     out_dir = Path(out)
     scan_file = out_dir / "scan.json"
     previous = None
     if resume:
-        if not scan_file.is_file():
+        saved = scan_file.read_text() if is_main_process() and scan_file.is_file() else None
+        saved = _broadcast_text(saved)
+        if saved is None:
             raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
-        previous = SensitivityResult.from_json(scan_file)
+        try:
+            document = json.loads(saved)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--resume: {scan_file} is not valid JSON ({err}); drop --resume to start over") from None
+        previous = SensitivityResult.from_dict(document, repr(str(scan_file)))
 
     torch.manual_seed(seed)
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet)
@@ -543,11 +582,12 @@ def scan_command(
             meta={"options": options, "prunekit": __version__, "data": description},
         )
     except KeyboardInterrupt:
-        click.echo(
-            f"\ninterrupted: the points measured so far are in {scan_file}; "
-            "run the same command with --resume to continue",
-            err=True,
-        )
+        if is_main_process():
+            click.echo(
+                f"\ninterrupted: the points measured so far are in {scan_file}; "
+                "run the same command with --resume to continue",
+                err=True,
+            )
         ctx.exit(130)
 
     tolerance = max_drop if max_drop is not None else _DEFAULT_MAX_DROP[result.metric]
@@ -560,6 +600,8 @@ def scan_command(
         plan, combined = fitted.plan, fitted.score
     else:
         plan, combined = per_layer, per_layer_score
+    if not is_main_process():
+        return  # rank 0 alone writes and prints
     files = {"scan": str(scan_file), "csv": str(out_dir / "scan.csv"), "plan": str(out_dir / "plan.json")}
     result.to_json(scan_file)
     result.to_csv(out_dir / "scan.csv")

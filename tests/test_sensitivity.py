@@ -19,8 +19,8 @@ from prunekit.sensitivity import (
     scan,
     select_sparsity,
 )
-from prunekit.sensitivity._suffix import sequential_chain
-from prunekit.sensitivity.scanner import _Masker
+from prunekit.sensitivity.graph_cut import trace
+from prunekit.sensitivity.scanner import SuffixFallbackWarning, _Masker
 
 LEVELS = (0.3, 0.6, 0.9)
 
@@ -195,7 +195,7 @@ def test_fine_grained_masks_equal_compute_mask_with_ties():
 @pytest.mark.parametrize("which", ["distortion", "feature-distortion", "accuracy"])
 def test_prefix_cache_scores_equal_full_forwards(build, which):
     model = randomize_batchnorm(build()).eval()
-    assert sequential_chain(model) is not None
+    assert trace(model) is not None
     if which == "distortion":
         metric = OutputDistortion([torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8)])
     elif which == "feature-distortion":
@@ -227,7 +227,7 @@ def test_prefix_cache_runs_fewer_layers():
     assert calls["0.5"] == 2 + 3 * len(LEVELS)
 
 
-def test_cache_limit_falls_back_to_full_forwards_with_same_scores():
+def test_streaming_without_a_cache_scores_like_the_cache():
     model = small_vgg()
     metric = OutputDistortion(torch.randn(2, 3, 8, 8))
     cached = scan(model, metric, sparsities=LEVELS, progress=False)
@@ -246,16 +246,18 @@ def test_resume_skips_finished_points_and_matches_a_full_scan():
 
     saved = []
 
-    def stop_after_four(result):
+    def stop_after_the_first_layer(result):
         saved.append(SensitivityResult.from_json(result.to_json()))
-        if result.num_done == 4:
+        if result.num_done == len(LEVELS):  # a ForwardMetric's points arrive a layer at a time
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_four)
+        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_the_first_layer)
     partial = saved[-1]
-    assert not partial.complete and partial.num_done == 4
+    assert not partial.complete and partial.num_done == len(LEVELS)
 
+    # A partial layer (a file from a plain-callable scan, say) resumes too.
+    partial.scores["0.3"][0] = full.scores["0.3"][0]
     calls = []
 
     def counting(m):
@@ -264,8 +266,10 @@ def test_resume_skips_finished_points_and_matches_a_full_scan():
 
     counting.name, counting.higher_is_better = metric.name, metric.higher_is_better
     resumed = scan(model, counting, sparsities=LEVELS, progress=False, resume_from=partial)
-    assert len(calls) == 1 + (3 * len(LEVELS) - 4)  # baseline check + the missing points only
+    assert len(calls) == 1 + (3 * len(LEVELS) - len(LEVELS) - 1)  # baseline check + the missing points only
     assert resumed.complete and resumed.scores == full.scores
+    streamed = scan(model, metric, sparsities=LEVELS, progress=False, resume_from=partial)
+    assert streamed.scores == full.scores
 
 
 def test_resume_refuses_other_options():
@@ -439,7 +443,8 @@ def test_prefix_cache_runs_a_shared_module_at_every_position():
     conv = nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), relu, conv, relu, conv, relu).eval()
     metric = OutputDistortion(torch.randn(2, 3, 12, 12))
-    cached = scan(model, metric, sparsities=[0.5, 0.9], progress=False)
+    with pytest.warns(SuffixFallbackWarning, match="'2' with full forwards"):
+        cached = scan(model, metric, sparsities=[0.5, 0.9], progress=False)
 
     def full_forwards(m):
         return metric(m)

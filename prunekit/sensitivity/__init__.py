@@ -22,7 +22,7 @@ from prunekit.sensitivity.result import (
     select_plan,
     select_sparsity,
 )
-from prunekit.sensitivity.scanner import METHODS, evaluate_plan, scan
+from prunekit.sensitivity.scanner import METHODS, SuffixFallbackWarning, evaluate_plan, scan
 
 __all__ = [
     "Accuracy",
@@ -32,6 +32,7 @@ __all__ = [
     "OutputDistortion",
     "PlanFit",
     "SensitivityResult",
+    "SuffixFallbackWarning",
     "check_sparsities",
     "evaluate_plan",
     "fit_plan",

@@ -73,12 +73,20 @@ class ForwardMetric(abc.ABC):
     def reduce(self, totals: Tensor) -> float:
         """Turn the summed statistics of all batches into the score."""
 
-    def __call__(self, model: nn.Module) -> float:
-        """Score ``model`` with full forwards (under ``torch.no_grad()``)."""
+    def statistics(self, model: nn.Module, shard: Tuple[int, int] = (0, 1)) -> Optional[Tensor]:
+        """Summed :meth:`batch_statistics` of full forwards over one shard of the batches (None: no batch).
+
+        Args:
+            shard: ``(index, count)``: batch ``b`` is used when ``b % count == index``
+                (``(rank, world_size)`` under torch.distributed; ``(0, 1)``: every batch).
+        """
+        index, count = shard
         device = model_device(model)
         totals: Optional[Tensor] = None
         with torch.no_grad(), _captured(model, self.capture) as captured:
-            for inputs, target in self.batches(device):
+            for number, (inputs, target) in enumerate(self.batches(device)):
+                if number % count != index:
+                    continue
                 captured.clear()
                 output = model(inputs)
                 outputs = dict(captured)
@@ -86,6 +94,11 @@ class ForwardMetric(abc.ABC):
                     outputs[MODEL_OUTPUT] = output
                 stats = self.batch_statistics(outputs, target)
                 totals = stats if totals is None else totals + stats
+        return totals
+
+    def __call__(self, model: nn.Module) -> float:
+        """Score ``model`` with full forwards (under ``torch.no_grad()``)."""
+        totals = self.statistics(model)
         if totals is None:
             raise ValueError(f"{type(self).__name__} has no batch to evaluate; pass at least one")
         return self.reduce(totals)

@@ -14,6 +14,7 @@ import contextlib
 import math
 import numbers
 import sys
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import click
@@ -23,16 +24,18 @@ from torch import Tensor, nn
 from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import ChannelActivation, layer_scores
 from prunekit.plans import check_plan
-from prunekit.sensitivity._suffix import Chain, sequential_chain
+from prunekit.sensitivity._distributed import all_reduce_sum, is_main_process, rank_and_world
+from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 
-__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "evaluate_plan", "scan"]
+__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_plan", "scan"]
 
 METHODS = ("fine-grained", "channel")
 
-#: Largest total size (bytes) of cached layer inputs before falling back to full forwards.
-DEFAULT_CACHE_LIMIT = 2 << 30
+#: Bytes of dense prefix states kept between layers; batches beyond it recompute their prefix
+#: (a tuning knob: the suffix speed-up holds at any value, 0 included).
+DEFAULT_CACHE_LIMIT = 1 << 30
 
 Target = Tuple[nn.Module, str]
 
@@ -206,87 +209,96 @@ class _Guard:
 
 
 # ---------------------------------------------------------------------------
-# The prefix cache
+# Streaming suffixes
 
 
-class _SuffixRunner:
-    """Scores a :class:`ForwardMetric` by running only the chain steps from the scanned layer on.
+class SuffixFallbackWarning(UserWarning):
+    """A scan scores some layers with full forwards instead of suffixes (same scores, slower); says why."""
 
-    The input of the current layer's step is kept for each batch and advanced
-    step by step as the scan moves down the network, so the layers before the
-    scanned one run once per layer instead of once per point, and only one
-    layer's input is held at a time.
+
+class _PrefixCache:
+    """The dense state at the current cut, per batch, kept while it fits in ``limit`` bytes.
+
+    A batch whose state does not fit is recomputed from its input at every
+    layer instead, so memory never exceeds ``limit`` plus one batch's state and
+    the suffix speed-up never switches off; only the prefix reuse degrades.
     """
 
-    def __init__(self, chain: Chain, metric: ForwardMetric, device: torch.device, limit: int) -> None:
-        self.chain = chain
-        self.metric = metric
+    def __init__(self, runner: GraphRunner, limit: int) -> None:
+        self.runner = runner
         self.limit = limit
-        self.position = 0
-        self.copy_input = False
-        self.cache: List[Tensor] = []
-        self.targets: List[Any] = []
-        self.active = True
-        size = 0
-        for inputs, target in metric.batches(device):
-            size += inputs.numel() * inputs.element_size()
-            if size > limit:  # too much data to hold: full forwards stream it instead
-                self.active = False
-                self.cache, self.targets = [], []
-                break
-            self.cache.append(inputs)
-            self.targets.append(target)
+        self.used = 0
+        self.entries: Dict[int, Tuple[int, Dict[Any, Any]]] = {}
 
-    def _size(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache)
+    def state_at(self, batch: int, inputs: Tensor, position: int) -> Dict[Any, Any]:
+        entry = self.entries.pop(batch, None)
+        if entry is not None:
+            start, state = entry
+            self.used -= GraphRunner.state_bytes(state)
+        else:
+            start, state = 0, self.runner.start(inputs)
+        if position > start:
+            state = self.runner.advance(state, start, position)
+        size = GraphRunner.state_bytes(state)
+        if self.used + size <= self.limit:  # checked before keeping it, never after
+            self.entries[batch] = (position, state)
+            self.used += size
+        return state
 
-    def advance(self, layer: str) -> None:
-        index = self.chain.step_of(layer)
-        assert index is not None and index >= self.position
-        if index > self.position:
-            with torch.no_grad():
-                for b, inputs in enumerate(self.cache):
-                    self.cache[b] = self.chain.run(inputs, self.position, index)[0]
-            self.position = index
-            if self._size() > self.limit:
-                self.active = False
-                self.cache = []
-        # A conv never writes its input; a container holding the conv might (inplace ops).
-        self.copy_input = self.chain.steps[index].name != layer
-
-    def score(self) -> float:
-        capture = [
-            name
-            for name in self.metric.capture
-            if name != MODEL_OUTPUT and self.chain.outputs[name] >= self.position
-        ]
-        totals: Optional[Tensor] = None
-        with torch.no_grad():
-            for inputs, target in zip(self.cache, self.targets):
-                if self.copy_input:
-                    inputs = inputs.clone()
-                output, outputs = self.chain.run(inputs, self.position, None, capture)
-                if MODEL_OUTPUT in self.metric.capture:
-                    outputs[MODEL_OUTPUT] = output
-                stats = self.metric.batch_statistics(outputs, target)
-                totals = stats if totals is None else totals + stats
-        if totals is None:
-            raise ValueError(f"{type(self.metric).__name__} has no batch to evaluate; pass at least one")
-        return self.metric.reduce(totals)
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
 
 
-def _suffix_chain(model: nn.Module, evaluate: Any, layers: Iterable[str]) -> Optional[Chain]:
-    """The chain to run suffixes on, or None when this model/metric pair needs full forwards."""
+def _suffix_graph(
+    model: nn.Module, evaluate: Any, layers: Iterable[str]
+) -> Tuple[Optional[Traced], Dict[str, int], Dict[str, int]]:
+    """The traced graph, each cuttable layer's position and the metric's capture positions.
+
+    Layers that cannot be cut at (shared convs) and models that cannot be traced
+    are scored with full forwards, with one :class:`SuffixFallbackWarning` saying why.
+    """
+    layers = list(layers)
     if not isinstance(evaluate, ForwardMetric):
-        return None
-    chain = sequential_chain(model)
-    if chain is None:
-        return None
-    if any(chain.step_of(layer) is None for layer in layers):
-        return None
-    if any(name not in chain.outputs for name in evaluate.capture):
-        return None
-    return chain
+        return None, {}, {}
+    try:
+        traced = trace(model)
+        capture = capture_positions(traced, [name for name in evaluate.capture if name != MODEL_OUTPUT])
+    except (UntraceableError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        warnings.warn(
+            f"scan: scoring every point with full forwards (same scores, slower): {message}",
+            SuffixFallbackWarning,
+            stacklevel=3,
+        )
+        return None, {}, {}
+    positions: Dict[str, int] = {}
+    shared = []
+    for layer in layers:
+        try:
+            positions[layer] = traced.position(layer)
+        except KeyError:
+            shared.append(layer)
+    if shared:
+        warnings.warn(
+            f"scan: scoring {', '.join(map(repr, shared))} with full forwards (same scores, slower): called more "
+            "than once in the model's forward, so there is no single point to cut it at",
+            SuffixFallbackWarning,
+            stacklevel=3,
+        )
+    return traced, positions, capture
+
+
+def _reduce_score(metric: ForwardMetric, local: Optional[Tensor]) -> float:
+    totals = all_reduce_sum(local)
+    if totals is None:
+        raise ValueError(f"{type(metric).__name__} has no batch to evaluate; pass at least one")
+    return metric.reduce(totals)
+
+
+def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
+    """Full forwards over this rank's shard of the batches, summed over all ranks."""
+    return _reduce_score(metric, metric.statistics(model, rank_and_world()))
 
 
 # ---------------------------------------------------------------------------
@@ -339,11 +351,26 @@ def scan(
     or the scan is interrupted. (``evaluate`` must only read the model: what it
     writes into parameters other than the scanned ones is not undone.)
 
-    With a built-in metric (:class:`OutputDistortion`, :class:`Accuracy`) and a
-    model whose convs sit in ``nn.Sequential`` containers (or a torchvision
-    VGG), the dense layers before the scanned one are computed once per layer
-    and only the rest of the network runs per point; the scores are identical
-    to full forwards. Any other callable is scored with full forwards.
+    With a :class:`ForwardMetric` (:class:`OutputDistortion`, :class:`Accuracy`)
+    and a model ``torch.fx`` can trace, the scan streams: for each layer, each
+    batch's dense prefix is computed once (or advanced from the previous layer's
+    cut, while the cut states fit in ``cache_limit``) and only the part of the
+    graph after the cut runs for each level, fed exactly the values that cross
+    the cut (side outputs and skip connections included). Peak memory is one
+    batch's state plus at most ``cache_limit``, whatever the number of batches;
+    the scores equal full forwards'. An untraceable model (or a conv called twice)
+    is scored with full forwards, with one :class:`SuffixFallbackWarning`. Any
+    other callable is scored with full forwards. Points are recorded (and
+    ``on_point`` called) a layer at a time for a ``ForwardMetric``: an
+    interrupted scan resumes from the last finished layer.
+
+    Inside an initialised ``torch.distributed`` process group (e.g. under
+    ``torchrun``) every rank calls ``scan`` alike: a ``ForwardMetric``'s batches
+    are sharded by rank (batch ``b`` on rank ``b % world_size``) and each point's
+    statistics all-reduced in float64, so every rank gets the one-process result;
+    a plain callable's points are shared out instead, one per rank per round.
+    Only rank 0 shows progress and calls ``on_point``. prunekit never creates a
+    process group itself.
 
     A model whose scanned layers already carry a pruning reparametrization is
     refused: call :func:`prunekit.finalize` first to scan from its zeros.
@@ -365,7 +392,8 @@ def scan(
         resume_from: a partial result of the same scan; its measured points are kept.
         on_point: called with the (partial) result after the baseline and after every point.
         meta: free-form information stored in ``result.meta``.
-        cache_limit: bytes of cached layer inputs above which full forwards are used.
+        cache_limit: bytes of dense prefix states kept from one layer to the next
+            (a speed knob: beyond it, batches recompute their prefix; 0 streams fully).
 
     Returns:
         A :class:`SensitivityResult`.
@@ -418,12 +446,18 @@ def scan(
         result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
     masker = _Masker(method, scores)
 
+    rank, world = rank_and_world()
+    main = rank == 0
+    report = on_point if (on_point is not None and main) else None
     guard = _Guard(model)
     try:
         model.eval()
-        if isinstance(evaluate, ForwardMetric):
+        forward = isinstance(evaluate, ForwardMetric)
+        if forward:
             evaluate.prepare(model)
-        baseline = _score(evaluate(model))
+            baseline = _forward_score(evaluate, model)
+        else:
+            baseline = _score(evaluate(model))
         guard.reset_point()
         previous = resume_from.baseline if resume_from is not None else None
         if previous is not None and not math.isclose(baseline, previous, rel_tol=1e-6, abs_tol=1e-9):
@@ -432,40 +466,88 @@ def scan(
                 "the model, data or metric changed; start a new scan"
             )
         result.baseline = baseline
-        if on_point is not None:
-            on_point(result)
+        if report is not None:
+            report(result)
 
-        chain = _suffix_chain(model, evaluate, convs)
-        runner = None
-        order = list(convs)
-        if chain is not None:
-            runner = _SuffixRunner(chain, evaluate, model_device(model), cache_limit)  # type: ignore[arg-type]
-            order.sort(key=lambda layer: chain.step_of(layer))  # type: ignore[arg-type, return-value]
-        pending = sum(value is None for values in result.scores.values() for value in values)
-        with _progress_bar(progress, pending) as tick:
-            for layer in order:
-                todo = [i for i, value in enumerate(result.scores[layer]) if value is None]
-                if not todo:
-                    continue
-                if runner is not None and runner.active:
-                    runner.advance(layer)
-                for i in todo:
-                    masked = masker.masked(layer, targets[layer], levels[i])
-                    with guard.swap(targets[layer], masked):
-                        if runner is not None and runner.active:
-                            value = runner.score()
-                        else:
-                            value = _score(evaluate(model))
-                    del masked
+        traced, positions, capture = _suffix_graph(model, evaluate, convs)
+        order = sorted(convs, key=lambda layer: positions.get(layer, math.inf))
+        pending = [(layer, i) for layer in order for i, value in enumerate(result.scores[layer]) if value is None]
+        with _progress_bar(progress and main, len(pending)) as tick:
+            if forward:
+                cache = _PrefixCache(GraphRunner(traced), cache_limit) if traced is not None else None
+                for layer in order:
+                    todo = [i for i, value in enumerate(result.scores[layer]) if value is None]
+                    if not todo:
+                        continue
+                    if cache is not None and layer in positions:
+                        values = _stream_layer(
+                            evaluate, model, cache, positions[layer], capture, guard,
+                            targets[layer], {i: masker.masked(layer, targets[layer], levels[i]) for i in todo},
+                        )
+                    else:
+                        values = {}
+                        for i in todo:
+                            with guard.swap(targets[layer], masker.masked(layer, targets[layer], levels[i])):
+                                values[i] = _forward_score(evaluate, model)
                     guard.reset_point()
-                    result.scores[layer][i] = value
-                    if on_point is not None:
-                        on_point(result)
-                    tick(f"{layer} @ {levels[i]:.0%}")
+                    for i in todo:
+                        result.scores[layer][i] = values[i]
+                        tick(f"{layer} @ {levels[i]:.0%}")
+                    if report is not None:
+                        report(result)
+                if cache is not None:
+                    cache.clear()
+            else:
+                # A plain callable: the points are shared out, one per rank in each round.
+                for start in range(0, len(pending), world):
+                    round_points = pending[start : start + world]
+                    local = torch.zeros(len(round_points), dtype=torch.float64)
+                    if rank < len(round_points):
+                        layer, i = round_points[rank]
+                        with guard.swap(targets[layer], masker.masked(layer, targets[layer], levels[i])):
+                            local[rank] = _score(evaluate(model))
+                        guard.reset_point()
+                    values = all_reduce_sum(local) if world > 1 else local
+                    assert values is not None
+                    for (layer, i), value in zip(round_points, values.tolist()):
+                        result.scores[layer][i] = value
+                        tick(f"{layer} @ {levels[i]:.0%}")
+                    if report is not None:
+                        report(result)
     finally:
         masker.release()
         guard.restore()
     return result
+
+
+def _stream_layer(
+    metric: ForwardMetric,
+    model: nn.Module,
+    cache: _PrefixCache,
+    position: int,
+    capture: Mapping[str, int],
+    guard: "_Guard",
+    targets: Sequence[Target],
+    masked: Mapping[int, List[Tensor]],
+) -> Dict[int, float]:
+    """Score every level of one layer in one pass over this rank's batches: prefix once per batch, suffix per level."""
+    rank, world = rank_and_world()
+    after = {name: at for name, at in capture.items() if at >= position}
+    totals: Dict[int, Optional[Tensor]] = {i: None for i in masked}
+    with torch.no_grad():
+        for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
+            if number % world != rank:
+                continue
+            state = cache.state_at(number, inputs, position)
+            for i, data in masked.items():
+                with guard.swap(targets, data):
+                    output, outputs = cache.runner.finish(state, position, after)
+                if MODEL_OUTPUT in metric.capture:
+                    outputs[MODEL_OUTPUT] = output
+                stats = metric.batch_statistics(outputs, target)
+                totals[i] = stats if totals[i] is None else totals[i] + stats  # type: ignore[operator]
+            del state
+    return {i: _reduce_score(metric, local) for i, local in totals.items()}
 
 
 def evaluate_plan(
@@ -515,6 +597,8 @@ def evaluate_plan(
         if isinstance(evaluate, ForwardMetric):
             evaluate.prepare(model)
         with guard.swap(targets, masked):
+            if isinstance(evaluate, ForwardMetric):
+                return _forward_score(evaluate, model)  # sharded over the ranks of a process group
             return _score(evaluate(model))
     finally:
         guard.restore()

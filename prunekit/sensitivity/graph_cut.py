@@ -1,0 +1,208 @@
+"""Cutting a traced model at a layer: the values that cross the cut, and running the model from there.
+
+The scanner prunes one conv at a time, so everything computed before that conv
+is the dense model's and can be computed once. ``torch.fx`` makes this hold for
+any traceable model, not just chains: the traced graph is a list of nodes in
+execution order, and a *cut* before a conv's node is the set of values made
+before it and used at or after it (for a chain: the conv's input; for HED:
+the conv's input plus the side outputs already computed and the input image
+whose size the last resize reads).
+
+:func:`trace` and :func:`live_values` are pure functions of the model's graph;
+:class:`GraphRunner` runs node ranges with ``torch.fx.Interpreter``.
+
+Example:
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    >>> traced = trace(model)
+    >>> [node.name for node in live_values(traced, traced.position("2"))]
+    ['_1']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+__all__ = ["GraphRunner", "Traced", "UntraceableError", "live_values", "trace"]
+
+
+class UntraceableError(RuntimeError):
+    """The model cannot be split into a prefix and suffixes (the message says why)."""
+
+
+class _LeafConvTracer(fx.Tracer):
+    """torch.fx's tracer, with every ``Conv2d`` (subclasses included) kept as one call: the layers we cut at."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
+@dataclass
+class Traced:
+    """A model's traced graph: nodes in execution order and where each leaf module is called."""
+
+    graph_module: fx.GraphModule
+    nodes: List[fx.Node]
+    calls: Dict[str, List[int]]  # leaf module name -> positions of its call nodes
+    positions: Dict[fx.Node, int]
+
+    def position(self, module_name: str) -> int:
+        """Position of the one call of ``module_name``.
+
+        Raises:
+            KeyError: the module is never called as a leaf, or is called more than once (shared).
+        """
+        calls = self.calls.get(module_name, [])
+        if len(calls) != 1:
+            what = "never called as a leaf module" if not calls else f"called {len(calls)} times (shared)"
+            raise KeyError(f"module {module_name!r} is {what} in the traced graph")
+        return calls[0]
+
+
+def trace(model: nn.Module) -> Traced:
+    """Trace ``model`` with ``torch.fx``, convs kept as leaves.
+
+    Raises:
+        UntraceableError: the model cannot be traced (data-dependent control flow, ...),
+            or hooks on a container or global hooks would be skipped by running nodes.
+    """
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        raise UntraceableError("global forward hooks are registered; running graph pieces would skip them")
+    tracer = _LeafConvTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise UntraceableError(f"torch.fx cannot trace it ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    graph_module = fx.GraphModule(tracer.root, graph)
+    nodes = list(graph.nodes)
+    calls: Dict[str, List[int]] = {}
+    for index, node in enumerate(nodes):
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(index)
+    leaves = set(calls)
+    for name, module in model.named_modules():
+        if name and name not in leaves and _has_hooks(module):
+            raise UntraceableError(f"module {name!r} has forward hooks but is inlined by the trace")
+    if _has_hooks(model):
+        raise UntraceableError("the model itself has forward hooks")
+    return Traced(graph_module, nodes, calls, {node: i for i, node in enumerate(nodes)})
+
+
+def live_values(traced: Traced, position: int) -> List[fx.Node]:
+    """The nodes made before ``position`` whose value is used at or after it: what crosses the cut."""
+    return [
+        node
+        for node in traced.nodes[:position]
+        if any(traced.positions[user] >= position for user in node.users)
+    ]
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+class GraphRunner(torch.fx.Interpreter):
+    """Runs ranges of a traced graph's nodes from a saved cut (``Interpreter.run_node`` does each node).
+
+    A *state* is ``{node: value}`` for the values live at a cut. Values that a
+    node after the cut may write in place are copied before the suffix runs,
+    so one state serves many suffixes.
+    """
+
+    def __init__(self, traced: Traced) -> None:
+        super().__init__(traced.graph_module, garbage_collect_values=True)
+        self.traced = traced
+
+    def start(self, *inputs: Any) -> Dict[fx.Node, Any]:
+        """The state at position 0: the model's inputs bound to its placeholders."""
+        self.args_iter = iter(inputs)
+        state: Dict[fx.Node, Any] = {}
+        self.env = state
+        for node in self.traced.nodes:
+            if node.op != "placeholder":
+                break
+            state[node] = self.run_node(node)
+        return state
+
+    def advance(self, state: Mapping[fx.Node, Any], start: int, stop: int) -> Dict[fx.Node, Any]:
+        """The state at ``stop`` from the state at ``start`` (runs nodes ``start .. stop - 1``)."""
+        self.env = dict(state)
+        for node in self.traced.nodes[start:stop]:
+            if node.op in ("placeholder", "output"):
+                continue
+            self.env[node] = self.run_node(node)
+        live = live_values(self.traced, stop)
+        return {node: self.env[node] for node in live}
+
+    def finish(
+        self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], copy_inputs: bool = True
+    ) -> Tuple[Any, Dict[str, Tensor]]:
+        """Run from ``start`` to the end; returns the model output and copies of the captured module outputs.
+
+        Args:
+            capture: module name -> position of its call node (at or after ``start``).
+            copy_inputs: copy the state values a node other than a conv consumes (it might write them).
+        """
+        env: Dict[fx.Node, Any] = {}
+        for node, value in state.items():
+            writes = copy_inputs and isinstance(value, Tensor) and any(
+                not _is_conv_call(self.traced, user) for user in node.users if self.traced.positions[user] >= start
+            )
+            env[node] = value.clone() if writes else value
+        self.env = env
+        wanted = {position: name for name, position in capture.items()}
+        captured: Dict[str, Tensor] = {}
+        output: Any = None
+        for node in self.traced.nodes[start:]:
+            value = self.run_node(node)
+            if node.op == "output":
+                output = value
+                break
+            self.env[node] = value
+            name = wanted.get(self.traced.positions[node])
+            if name is not None:
+                # A copy, since a later in-place op (ReLU(inplace=True)) may overwrite it.
+                captured[name] = value.detach().clone()
+            for dead in self.user_to_last_uses.get(node, ()):
+                if dead in self.env and self.traced.positions[dead] >= start:
+                    del self.env[dead]
+        return output, captured
+
+    @staticmethod
+    def state_bytes(state: Mapping[fx.Node, Any]) -> int:
+        """Bytes of the tensors a state holds."""
+        return sum(_tensor_bytes(value) for value in state.values())
+
+
+def _is_conv_call(traced: Traced, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = traced.graph_module.get_submodule(str(node.target))
+    # A conv never writes its input (subclasses that override forward are not trusted).
+    return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def capture_positions(traced: Traced, names: Iterable[str]) -> Dict[str, int]:
+    """Module name -> position of its single call node, for the names a metric captures.
+
+    Raises:
+        KeyError: a name is not a leaf module called exactly once.
+    """
+    return {name: traced.position(name) for name in names}

@@ -1,0 +1,276 @@
+"""Scans at scale: streaming (memory flat in the number of batches), fx suffixes on graphs with side
+outputs and residual adds, and torch.distributed (2 gloo processes equal 1)."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.hed import HED
+from prunekit.sensitivity import OutputDistortion, scan
+from prunekit.sensitivity.graph_cut import GraphRunner, live_values, trace
+from prunekit.sensitivity.scanner import SuffixFallbackWarning
+
+LEVELS = (0.5, 0.9)
+
+
+class Residual(nn.Module):
+    """conv -> relu -> conv, plus the block's input: a skip connection across the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.b(torch.relu(self.a(x)))
+        return self.head(torch.relu(x + y))
+
+
+class SideOutputs(nn.Module):
+    """Each block taps a side output; the head fuses them (HED's shape, small)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.s1 = nn.Conv2d(6, 1, 1)
+        self.s2 = nn.Conv2d(6, 1, 1)
+
+    def forward(self, x):
+        f1 = torch.relu(self.c1(x))
+        f2 = torch.relu(self.c2(nn.functional.max_pool2d(f1, 2)))
+        side2 = nn.functional.interpolate(self.s2(f2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.s1(f1) + side2)
+
+
+def _full_forwards(metric):
+    def evaluate(model):
+        return metric(model)
+
+    evaluate.name, evaluate.higher_is_better = metric.name, metric.higher_is_better
+    return evaluate
+
+
+def _count_calls(model):
+    calls = {}
+    for name, conv in prunekit.conv_layers(model).items():
+        calls[name] = 0
+        conv.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
+# ---------------------------------------------------------------- the graph pass
+
+
+def test_the_cut_of_a_residual_block_carries_the_skip():
+    traced = trace(Residual())
+    names = [node.name for node in live_values(traced, traced.position("b"))]
+    assert names == ["relu", "relu_1"]  # the block input (skip) and conv b's input
+
+
+def test_the_cut_of_a_side_output_model_carries_the_side_branch_and_the_input():
+    traced = trace(SideOutputs())
+    names = [node.name for node in live_values(traced, traced.position("c2"))]
+    assert names == ["x", "relu", "max_pool2d"]  # input (for the size), f1 (for s1), c2's input
+
+
+@pytest.mark.parametrize("build", [Residual, SideOutputs, lambda: HED().eval()], ids=["residual", "side-outputs", "hed"])
+def test_running_from_any_cut_equals_the_model(build):
+    model = build().eval()
+    traced = trace(model)
+    runner = GraphRunner(traced)
+    x = torch.rand(2, 3, 19, 23)
+    with torch.no_grad():
+        expected = model(x)
+        for layer in prunekit.conv_layers(model):
+            position = traced.position(layer)
+            state = runner.advance(runner.start(x), 0, position)
+            output, _ = runner.finish(state, position, {})
+            assert torch.equal(output, expected), layer
+
+
+# ---------------------------------------------------------------- scan equality
+
+
+@pytest.mark.parametrize("build", [Residual, SideOutputs, lambda: HED().eval()], ids=["residual", "side-outputs", "hed"])
+def test_fx_suffix_scores_equal_full_forwards_and_skip_the_prefix(build):
+    model = build().eval()
+    metric = OutputDistortion([torch.rand(2, 3, 16, 16), torch.rand(1, 3, 16, 16)])
+    metric.prepare(model)
+    naive = scan(model, _full_forwards(metric), sparsities=LEVELS, progress=False)
+    first = next(iter(prunekit.conv_layers(model)))
+    calls = _count_calls(model)
+    streamed = scan(model, metric, sparsities=LEVELS, progress=False, cache_limit=0)
+    streamed_calls, layers = calls[first], len(calls)
+    calls[first] = 0
+    cached = scan(model, metric, sparsities=LEVELS, progress=False)
+    assert streamed.scores == naive.scores == cached.scores and streamed.baseline == naive.baseline
+    # The first conv runs in prepare + baseline (2 batches each) and in its own points; after that,
+    # the cache advances past it once per batch, streaming recomputes it once per batch and layer.
+    own_points = 2 * len(LEVELS)
+    assert calls[first] == 4 + own_points + 2
+    assert streamed_calls == 4 + own_points + 2 * (layers - 1)
+    assert streamed_calls < 4 + 2 * layers * len(LEVELS)  # full forwards: every point runs it
+
+
+def test_untraceable_model_falls_back_with_one_warning_and_the_same_scores():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y  # control flow on a value: fx cannot trace it
+
+    model = DataDependent().eval()
+    metric = OutputDistortion(torch.rand(2, 3, 8, 8))
+    metric.prepare(model)
+    with pytest.warns(SuffixFallbackWarning, match="torch.fx cannot trace it") as caught:
+        result = scan(model, metric, sparsities=LEVELS, progress=False)
+    assert len([w for w in caught if issubclass(w.category, SuffixFallbackWarning)]) == 1
+    assert result.scores == scan(model, _full_forwards(metric), sparsities=LEVELS, progress=False).scores
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _live_storages():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on deprecated torch objects warns
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def _working_set_peak(model, n_batches, cache_limit):
+    """Peak bytes of the tensors the scan itself holds at once (not the metric's inputs or references)."""
+    torch.manual_seed(0)
+    metric = OutputDistortion([torch.rand(1, 3, 24, 24) for _ in range(n_batches)])
+    before = set(_live_storages())
+    peak = [0]
+    base_batch_statistics = metric.batch_statistics
+
+    def probing(outputs, target):
+        owned = {t.untyped_storage().data_ptr() for ref in (metric._reference or []) for t in ref.values()}
+        live = _live_storages()
+        peak[0] = max(peak[0], sum(size for ptr, size in live.items() if ptr not in before and ptr not in owned))
+        return base_batch_statistics(outputs, target)
+
+    metric.batch_statistics = probing
+    scan(model, metric, sparsities=(0.5,), progress=False, cache_limit=cache_limit)
+    return peak[0]
+
+
+def test_streaming_memory_does_not_grow_with_the_number_of_batches():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 4, 3, padding=1),
+    ).eval()
+    streaming = [_working_set_peak(model, n, cache_limit=0) for n in (2, 8)]
+    cached = [_working_set_peak(model, n, cache_limit=1 << 30) for n in (2, 8)]
+    assert streaming[1] <= streaming[0] * 1.05  # flat
+    assert cached[1] > cached[0] * 2  # the probe sees the cache grow when one is allowed
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from torch import nn
+    import torch.distributed as dist
+    from prunekit.sensitivity import OutputDistortion, Accuracy, scan
+
+    out = sys.argv[1]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 10, bias=False)).eval()
+    batches = [torch.randn(2, 3, 12, 12) for _ in range(5)]
+    with torch.no_grad():  # the dense model's own predictions: accuracy 1 dense, lower pruned
+        labels = [model(b).argmax(1) for b in batches]
+    distortion = OutputDistortion(batches)
+    accuracy = Accuracy(list(zip(batches, labels)))
+
+    def plain(m):  # a plain callable: points are shared out
+        return distortion(m)
+
+    plain.name, plain.higher_is_better = "distortion", False
+    rank = dist.get_rank() if world > 1 else 0
+    written = []
+    results = {}
+    for name, metric in (("distortion", distortion), ("accuracy", accuracy), ("plain", plain)):
+        result = scan(model, metric, sparsities=(0.3, 0.6, 0.9), progress=False,
+                      on_point=lambda r, name=name: written.append(name))
+        results[name] = {"baseline": result.baseline, "scores": result.scores}
+    with open(f"{out}.rank{rank}.json", "w") as handle:
+        json.dump({"results": results, "on_point_calls": len(written)}, handle)
+    if world > 1:
+        dist.destroy_process_group()
+    """
+)
+
+
+def _run_worker(tmp_path, processes):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"run{processes}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if processes == 1:
+        command = [sys.executable, str(script), str(out)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(processes), str(script), str(out)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads((tmp_path / f"run{processes}.rank{r}.json").read_text()) for r in range(processes)]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_result(tmp_path):
+    (single,) = _run_worker(tmp_path, 1)
+    ranks = _run_worker(tmp_path, 2)
+    for name in ("distortion", "accuracy", "plain"):
+        one = single["results"][name]
+        for rank in ranks:
+            two = rank["results"][name]
+            if name == "accuracy":
+                assert two == one  # exactly
+                assert one["baseline"] == 1.0 and min(min(v) for v in one["scores"].values()) < 1.0
+            else:
+                assert two["baseline"] == pytest.approx(one["baseline"], rel=1e-9, abs=1e-12)
+                for layer, values in one["scores"].items():
+                    assert two["scores"][layer] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    assert ranks[0]["on_point_calls"] > 0 and ranks[1]["on_point_calls"] == 0  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_torchrun_cli_scan_equals_one_process_and_rank_0_alone_writes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "prunekit", "scan", "--sparsities", "0.5,0.9", "--quiet", "--json"]
+    one = subprocess.run([sys.executable, *args, "--out", "one"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    document = json.loads(two.stdout)  # one JSON document: rank 1 printed nothing
+    assert document["scan"]["scores"] == json.loads(one.stdout)["scan"]["scores"]  # accuracy: exactly
+    assert (tmp_path / "two" / "plan.json").read_text() == (tmp_path / "one" / "plan.json").read_text()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["plan.json", "scan.csv", "scan.json", "sensitivity.png"]
