@@ -17,9 +17,12 @@ values at half precision (the zeros of sparse-stored tensors as ``+0.0``): LOSSY
 in the file's header (other tensors stay exact).
 
 File layout (little-endian): the 8 magic bytes ``PKSPARSE``, a uint32 format
-version, a uint64 header length, a UTF-8 JSON header (entries, dtypes, shapes,
-blob offsets, codecs, CRC-32s), then the blobs. Loading parses JSON and raw
-bytes only: a file cannot run code, unlike a pickle.
+version (2), a uint64 header length, the header's uint32 CRC-32 (version 1
+files have none), a UTF-8 JSON header (entries, dtypes, shapes, blob offsets,
+codecs, CRC-32s), then the blobs, end to end in header order. Loading parses
+JSON and raw bytes only (a file cannot run code, unlike a pickle) and checks
+everything the file declares before allocating from it; every failure is a
+:class:`SparseFormatError`.
 """
 
 from __future__ import annotations
@@ -41,11 +44,20 @@ from torch import Tensor, nn
 
 from prunekit.io import PathLike, atomic_write
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "load_sparse", "read_sparse_header", "save_sparse"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "SparseFormatError",
+    "load_sparse",
+    "read_sparse_header",
+    "save_sparse",
+]
 
 MAGIC = b"PKSPARSE"
-FORMAT_VERSION = 1
-_PREAMBLE = struct.Struct("<8sIQ")
+FORMAT_VERSION = 2
+_PREAMBLE = struct.Struct("<8sIQ")  # magic, version, header length (version 2 adds the header's CRC-32)
+_PREAMBLE_V2 = struct.Struct("<8sIQI")  # magic, version, header length, CRC-32 of the header
 
 _DTYPES: Dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -284,149 +296,280 @@ def save_sparse(
         _check_json_value("_metadata", header["metadata"])
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     with atomic_write(path, "wb") as handle:
-        handle.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(encoded)))
+        handle.write(_PREAMBLE_V2.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded)))
         handle.write(encoded)
         for chunk in payload.chunks:
             handle.write(chunk)
 
 
 # --- decoding ------------------------------------------------------------------------
+#
+# Everything a file declares is checked before anything is allocated from it: the
+# header's own checksum (version 2), its exact keys and types, that the blobs tile the
+# payload in order (each byte used once, none outside the file), that every decoded size
+# follows from the tensors' shapes, and that the tensors fit ``max_bytes`` (or the model).
+
+
+class SparseFormatError(ValueError):
+    """The file is not a valid prunekit sparse checkpoint (the message names the file and the problem)."""
+
+
+DEFAULT_MAX_BYTES = 2 << 30
+"""Default cap on the bytes of tensors one file may make :func:`load_sparse` allocate (2 GiB)."""
+
+_HEADER_KEYS = {"format", "version", "lossy", "values_dtype", "byteorder", "payload_bytes", "metadata", "entries"}
+_TENSOR_KEYS = {"key", "type", "dtype", "stored_dtype", "shape", "encoding", "nnz", "blobs"}
+_JSON_KEYS = {"key", "type", "value"}
+_BLOB_KEYS = {"offset", "length", "codec", "size", "crc32"}
+_CODECS = ("raw", "zlib", "lzma")
+_MAX_INT = (1 << 63) - 1
+_MAX_DIMS = 32
+
+
+def _strict_object(pairs: List[Any]) -> Dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a JSON object repeats a key ({sorted(k for k in keys if keys.count(k) > 1)[0]!r})")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"the header holds {name}, which JSON does not allow")
+
+
+def _int(value: Any, what: str, fail: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
+        raise fail(f"{what} is {value!r}, not an integer in [0, 2**63)")
+    return value
+
+
+class _Blob:
+    __slots__ = ("offset", "length", "codec", "size", "crc32")
+
+    def __init__(self, offset: int, length: int, codec: str, size: int, crc32: int) -> None:
+        self.offset, self.length, self.codec, self.size, self.crc32 = offset, length, codec, size, crc32
 
 
 class _Reader:
-    def __init__(self, path: PathLike) -> None:
+    """Reads and checks a file's header; the payload only on demand (not for :func:`read_sparse_header`)."""
+
+    def __init__(self, path: PathLike, header_only: bool = False) -> None:
         self.name = str(path)
         target = Path(path)
         if not target.is_file():
             raise FileNotFoundError(f"no such file: {self.name!r}")
-        self.data = memoryview(target.read_bytes())
-        self.header = self._read_header()
-        self.start = _PREAMBLE.size + self.header_length
+        with open(target, "rb") as handle:
+            self.file_size = target.stat().st_size
+            self.version, header_bytes = self._read_preamble(handle)
+            self.start = handle.tell()
+            self.header = self._parse(header_bytes)
+            self.entries = self._check_entries(self.header)
+            self.payload = b"" if header_only else handle.read()
+        if not header_only and len(self.payload) != self.header["payload_bytes"]:
+            raise self.fail(f"the payload holds {len(self.payload)} bytes, the header says {self.header['payload_bytes']}")
 
-    def fail(self, reason: str) -> ValueError:
-        return ValueError(f"{self.name!r} is a damaged prunekit sparse checkpoint: {reason}; save it again")
+    def fail(self, reason: str) -> SparseFormatError:
+        return SparseFormatError(f"{self.name!r} is a damaged prunekit sparse checkpoint: {reason}; save it again")
 
-    def _read_header(self) -> Dict[str, Any]:
-        head = bytes(self.data[: _PREAMBLE.size])
+    def _read_preamble(self, handle: Any) -> Any:
+        head = handle.read(_PREAMBLE.size)
         if len(head) < _PREAMBLE.size or not head.startswith(MAGIC):
             hint = ""
             if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
                 hint = " (it looks like a torch.save/pickle file: read it with torch.load(path, weights_only=True))"
-            raise ValueError(
+            raise SparseFormatError(
                 f"{self.name!r} is not a prunekit sparse checkpoint{hint}; write one with "
                 "prunekit.save_sparse(model, path)"
             )
         _, version, length = _PREAMBLE.unpack(head)
         if version > FORMAT_VERSION:
-            raise ValueError(
+            raise SparseFormatError(
                 f"{self.name!r} uses sparse format version {version}; this prunekit reads up to "
                 f"version {FORMAT_VERSION}: upgrade prunekit"
             )
-        if length > min(_MAX_HEADER, len(self.data) - _PREAMBLE.size):
+        if version not in (1, 2):
+            raise self.fail(f"format version {version} does not exist")
+        crc = None
+        if version >= 2:
+            extra = handle.read(4)
+            if len(extra) < 4:
+                raise self.fail("the file ends inside its preamble")
+            (crc,) = struct.unpack("<I", extra)
+        room = self.file_size - handle.tell()
+        if length > min(_MAX_HEADER, room):
             raise self.fail(f"header length {length} exceeds the file")
-        self.header_length = length
+        header = handle.read(length)
+        if crc is not None and zlib.crc32(header) != crc:
+            raise self.fail("the header's CRC-32 does not match (corrupted header)")
+        return version, header
+
+    def _parse(self, raw: bytes) -> Dict[str, Any]:
         try:
-            header = json.loads(bytes(self.data[_PREAMBLE.size : _PREAMBLE.size + length]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self.fail(f"unreadable header ({err})") from None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object, parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise self.fail(f"unreadable header ({type(err).__name__}: {err})") from None
         if not isinstance(header, dict) or header.get("format") != "prunekit.sparse":
             raise self.fail("the header does not describe a prunekit.sparse file")
-        if header.get("byteorder") != "little" or sys.byteorder != "little":
-            raise ValueError(f"{self.name!r}: only little-endian files on little-endian machines are supported")
-        if not isinstance(header.get("entries"), list):
+        if set(header) != _HEADER_KEYS:
+            odd = sorted(set(header) ^ _HEADER_KEYS)
+            raise self.fail(f"the header has unknown or missing keys {odd}")
+        if header["version"] != self.version:
+            raise self.fail(f"the header says version {header['version']!r}, the preamble {self.version}")
+        if header["byteorder"] != "little" or sys.byteorder != "little":
+            raise SparseFormatError(f"{self.name!r}: only little-endian files on little-endian machines are supported")
+        if not isinstance(header["lossy"], bool) or header["values_dtype"] not in (None, "float16", "bfloat16"):
+            raise self.fail("bad lossy / values_dtype fields")
+        _int(header["payload_bytes"], "payload_bytes", self.fail)
+        if header["payload_bytes"] != self.file_size - self.start:
+            raise self.fail(f"the file holds {self.file_size - self.start} payload bytes, the header says {header['payload_bytes']}")
+        metadata = header["metadata"]
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, dict) for v in metadata.values())
+        ):
+            raise self.fail("malformed metadata")
+        if not isinstance(header["entries"], list):
             raise self.fail("the header has no entry list")
         return header
 
-    def blob(self, blob: Any) -> bytes:
-        try:
-            offset, length, codec, size, crc = (
-                int(blob["offset"]), int(blob["length"]), blob["codec"], int(blob["size"]), int(blob["crc32"])
-            )  # fmt: skip
-        except (TypeError, KeyError, ValueError):
-            raise self.fail(f"malformed blob description {blob!r}") from None
-        end = self.start + offset + length
-        if offset < 0 or length < 0 or size < 0 or end > len(self.data):
-            raise self.fail("a blob lies outside the file (truncated?)")
-        stored = bytes(self.data[self.start + offset : end])
-        if zlib.crc32(stored) != crc:
+    def _blob(self, blob: Any, expected_size: int, where: str, cursor: List[int]) -> _Blob:
+        if not isinstance(blob, dict) or set(blob) != _BLOB_KEYS:
+            raise self.fail(f"malformed blob description for {where}")
+        offset = _int(blob["offset"], f"the offset of a blob of {where}", self.fail)
+        length = _int(blob["length"], f"the length of a blob of {where}", self.fail)
+        size = _int(blob["size"], f"the size of a blob of {where}", self.fail)
+        crc = _int(blob["crc32"], f"the CRC-32 of a blob of {where}", self.fail)
+        if blob["codec"] not in _CODECS:
+            raise self.fail(f"unknown codec {blob['codec']!r} for {where}")
+        if offset != cursor[0]:
+            # The writer lays blobs end to end in order: anything else overlaps, leaves gaps or reuses bytes.
+            raise self.fail(f"a blob of {where} starts at {offset}, expected {cursor[0]} (blobs must tile the payload)")
+        if size != expected_size:
+            raise self.fail(f"a blob of {where} declares {size} bytes, its shape implies {expected_size}")
+        if blob["codec"] == "raw" and length != size:
+            raise self.fail(f"a raw blob of {where} stores {length} bytes for {size}")
+        cursor[0] = offset + length
+        if cursor[0] > self.header["payload_bytes"]:
+            raise self.fail(f"a blob of {where} lies outside the file (truncated?)")
+        return _Blob(offset, length, blob["codec"], size, crc)
+
+    def _check_entries(self, header: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        entries: List[Dict[str, Any]] = []
+        seen = set()
+        cursor = [0]
+        for raw in header["entries"]:
+            if not isinstance(raw, dict) or not isinstance(raw.get("key"), str):
+                raise self.fail("malformed entry")
+            key = raw["key"]
+            if key in seen:
+                raise self.fail(f"the entry {key!r} appears twice")
+            seen.add(key)
+            if raw.get("type") == "json":
+                if set(raw) != _JSON_KEYS:
+                    raise self.fail(f"the entry {key!r} has unknown or missing keys")
+                entries.append({"key": key, "type": "json", "value": raw["value"]})
+                continue
+            if raw.get("type") != "tensor":
+                raise self.fail(f"unknown entry type {raw.get('type')!r}")
+            if set(raw) != _TENSOR_KEYS:
+                raise self.fail(f"the entry {key!r} has unknown or missing keys {sorted(set(raw) ^ _TENSOR_KEYS)}")
+            if raw["dtype"] not in _DTYPES or raw["stored_dtype"] not in _DTYPES:
+                raise self.fail(f"unknown dtype for {key!r}")
+            dtype, stored_dtype = _DTYPES[raw["dtype"]], _DTYPES[raw["stored_dtype"]]
+            if stored_dtype != dtype and not (stored_dtype in _LOSSY_DTYPES and dtype in (torch.float32, torch.float64)):
+                raise self.fail(f"{key!r} stores {stored_dtype} values for a {dtype} tensor")
+            shape = raw["shape"]
+            if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+                raise self.fail(f"bad shape {shape!r} for {key!r}")
+            for dim in shape:
+                _int(dim, f"a dimension of {key!r}", self.fail)
+            numel = math.prod(shape)
+            if numel > _MAX_INT:
+                raise self.fail(f"{key!r} declares {numel} elements")
+            encoding = raw["encoding"]
+            if encoding not in ("sparse", "dense"):
+                raise self.fail(f"bad encoding for {key!r}")
+            nnz = _int(raw["nnz"], f"the non-zero count of {key!r}", self.fail)
+            if nnz > numel or (encoding == "dense" and nnz != numel):
+                raise self.fail(f"the non-zero count of {key!r} is {nnz} for {numel} elements")
+            blobs = raw["blobs"]
+            allowed = {"mask", "zero_signs", "planes"} if encoding == "sparse" else {"planes"}
+            if not isinstance(blobs, dict) or not set(blobs) <= allowed or "planes" not in blobs:
+                raise self.fail(f"bad blobs for {key!r}")
+            if encoding == "sparse" and "mask" not in blobs:
+                raise self.fail(f"the sparse tensor {key!r} has no mask")
+            if "zero_signs" in blobs and (dtype not in _REAL_FLOATS or nnz == numel):
+                raise self.fail(f"{key!r} has zero signs it cannot have")
+            stored_width = torch.empty((), dtype=stored_dtype).element_size()
+            checked: Dict[str, Any] = {}
+            if "mask" in blobs:
+                checked["mask"] = self._blob(blobs["mask"], (numel + 7) // 8, repr(key), cursor)
+            if "zero_signs" in blobs:
+                checked["zero_signs"] = self._blob(blobs["zero_signs"], (numel - nnz + 7) // 8, repr(key), cursor)
+            planes = blobs["planes"]
+            if not isinstance(planes, list) or len(planes) != stored_width:
+                raise self.fail(f"{key!r} should have {stored_width} byte planes")
+            checked["planes"] = [self._blob(plane, nnz, repr(key), cursor) for plane in planes]
+            entries.append({
+                "key": key, "type": "tensor", "dtype": dtype, "stored_dtype": stored_dtype, "shape": shape,
+                "numel": numel, "encoding": encoding, "nnz": nnz, "blobs": checked,
+            })
+        if cursor[0] != header["payload_bytes"]:
+            raise self.fail(f"the blobs cover {cursor[0]} of the {header['payload_bytes']} payload bytes")
+        return entries
+
+    def bytes_needed(self) -> int:
+        """Bytes of the tensors the file declares (what loading allocates for its results)."""
+        return sum(e["numel"] * torch.empty((), dtype=e["dtype"]).element_size() for e in self.entries if e["type"] == "tensor")
+
+    def blob(self, blob: _Blob) -> bytes:
+        stored = self.payload[blob.offset : blob.offset + blob.length]
+        if zlib.crc32(stored) != blob.crc32:
             raise self.fail("a blob's CRC-32 does not match (corrupted bytes)")
-        # Decompress at most the announced size: a crafted blob cannot exhaust memory.
-        if codec == "raw":
-            raw = stored
-        elif codec == "zlib":
-            try:
-                raw = zlib.decompressobj().decompress(stored, size + 1)
-            except zlib.error as err:
-                raise self.fail(f"bad zlib data ({err})") from None
-        elif codec == "lzma":
-            try:
-                raw = lzma.LZMADecompressor().decompress(stored, size + 1)
-            except lzma.LZMAError as err:
-                raise self.fail(f"bad LZMA data ({err})") from None
-        else:
-            raise self.fail(f"unknown codec {codec!r}")
-        if len(raw) != size:
-            raise self.fail(f"a blob decodes to {len(raw)} bytes, expected {size}")
+        # Decompress at most the size the shapes imply (+1 to notice more): no bomb gets further.
+        try:
+            if blob.codec == "raw":
+                raw = stored
+            elif blob.codec == "zlib":
+                raw = zlib.decompressobj().decompress(stored, blob.size + 1)
+            else:
+                raw = lzma.LZMADecompressor().decompress(stored, blob.size + 1)
+        except (zlib.error, lzma.LZMAError) as err:
+            raise self.fail(f"bad {blob.codec} data ({err})") from None
+        if len(raw) != blob.size:
+            raise self.fail(f"a blob decodes to {len(raw)} or more bytes, expected {blob.size}")
         return raw
 
 
-def _dtype(reader: _Reader, name: Any) -> torch.dtype:
-    if name not in _DTYPES:
-        raise reader.fail(f"unknown dtype {name!r}")
-    return _DTYPES[name]
+def _unpack_bits(reader: _Reader, data: bytes, count: int, what: str) -> np.ndarray:
+    bits = np.frombuffer(data, dtype=np.uint8)
+    if count % 8 and bits.size and bits[-1] & ((1 << (8 - count % 8)) - 1):
+        raise reader.fail(f"the padding bits of {what} are not zero")
+    return np.unpackbits(bits, count=count).astype(bool)
 
 
 def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
-    key = entry.get("key")
-    dtype = _dtype(reader, entry.get("dtype"))
-    stored_dtype = _dtype(reader, entry.get("stored_dtype"))
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-    ):
-        raise reader.fail(f"bad shape {shape!r} for {key!r}")
-    numel = math.prod(shape)
+    key, dtype, stored_dtype, shape = entry["key"], entry["dtype"], entry["stored_dtype"], entry["shape"]
+    numel, nnz, blobs = entry["numel"], entry["nnz"], entry["blobs"]
     width = torch.empty((), dtype=dtype).element_size()
-    stored_width = torch.empty((), dtype=stored_dtype).element_size()
-    if stored_dtype != dtype and not (stored_dtype in _LOSSY_DTYPES and dtype in (torch.float32, torch.float64)):
-        raise reader.fail(f"{key!r} stores {stored_dtype} values for a {dtype} tensor")
-    blobs = entry.get("blobs")
-    sparse = entry.get("encoding") == "sparse"
-    if not isinstance(blobs, dict) or entry.get("encoding") not in ("sparse", "dense"):
-        raise reader.fail(f"bad encoding for {key!r}")
-    count = numel
+    sparse = entry["encoding"] == "sparse"
+    if numel == 0:
+        for blob in blobs["planes"]:
+            reader.blob(blob)  # still checked
+        return torch.empty(shape, dtype=dtype)
     if sparse:
-        bits = np.frombuffer(reader.blob(blobs.get("mask")), dtype=np.uint8)
-        if bits.size != (numel + 7) // 8:
-            raise reader.fail(f"the mask of {key!r} has the wrong size")
-        nonzero = np.unpackbits(bits, count=numel).astype(bool)
-        count = int(nonzero.sum())
-        if count != entry.get("nnz"):
+        nonzero = _unpack_bits(reader, reader.blob(blobs["mask"]), numel, f"the mask of {key!r}")
+        if int(nonzero.sum()) != nnz:
             raise reader.fail(f"the mask of {key!r} does not match its non-zero count")
-    planes = blobs.get("planes")
-    if not isinstance(planes, list) or len(planes) != stored_width:
-        raise reader.fail(f"{key!r} should have {stored_width} byte planes")
-    # Check the planes against the header before allocating anything from its
-    # numbers: a crafted shape must not make us reserve terabytes.
-    arrays = []
-    for blob in planes:
-        plane = np.frombuffer(reader.blob(blob), dtype=np.uint8)
-        if plane.size != count:
-            raise reader.fail(f"a byte plane of {key!r} has {plane.size} bytes, expected {count}")
-        arrays.append(plane)
-    values = np.stack(arrays, axis=1) if arrays else np.empty((count, 0), dtype=np.uint8)
+    arrays = [np.frombuffer(reader.blob(blob), dtype=np.uint8) for blob in blobs["planes"]]
+    values = np.stack(arrays, axis=1) if arrays else np.empty((nnz, 0), dtype=np.uint8)
     if stored_dtype != dtype:
-        widened = torch.from_numpy(values.reshape(-1)).view(stored_dtype).to(dtype)
-        values = widened.view(torch.uint8).numpy().reshape(count, width)
+        widened = torch.from_numpy(np.ascontiguousarray(values).reshape(-1)).view(stored_dtype).to(dtype)
+        values = widened.view(torch.uint8).numpy().reshape(nnz, width)
     if sparse:
         rows = np.zeros((numel, width), dtype=np.uint8)
         rows[nonzero] = values
         if "zero_signs" in blobs:
-            signs = np.frombuffer(reader.blob(blobs["zero_signs"]), dtype=np.uint8)
-            zeros = numel - count
-            if signs.size != (zeros + 7) // 8 or dtype not in _REAL_FLOATS:
-                raise reader.fail(f"the zero signs of {key!r} have the wrong size")
-            negative = np.unpackbits(signs, count=zeros).astype(bool)
+            negative = _unpack_bits(reader, reader.blob(blobs["zero_signs"]), numel - nnz, f"the zero signs of {key!r}")
             rows[np.flatnonzero(~nonzero)[negative], -1] = 0x80
     else:
         rows = values
@@ -437,24 +580,29 @@ def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
 
 
 def read_sparse_header(path: PathLike) -> Dict[str, Any]:
-    """The JSON header of a sparse checkpoint: ``lossy``, ``values_dtype``, and each entry's encoding.
+    """The checked JSON header of a sparse checkpoint (``lossy``, ``values_dtype``, entries); reads only the header.
+
+    Raises:
+        SparseFormatError: not a valid prunekit sparse checkpoint.
 
     Example:
         >>> read_sparse_header("model.pksparse")["lossy"]  # doctest: +SKIP
         False
     """
-    return _Reader(path).header
+    return _Reader(path, header_only=True).header
 
 
-def _check_fits(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
-    """Compare keys and shapes first, so a mismatch leaves the model untouched."""
+def _check_fits(model: nn.Module, entries: List[Mapping[str, Any]], name: str) -> None:
+    """Compare the file's keys and shapes with the model's before decoding anything, so a mismatch costs nothing."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    declared = {e["key"]: e for e in entries}
+    missing = [k for k in expected if k not in declared]
+    unexpected = [k for k in declared if k not in expected]
     wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: file {tuple(declared[k]['shape'])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and isinstance(v, Tensor) and isinstance(state[k], Tensor) and v.shape != state[k].shape
+        if k in declared and isinstance(v, Tensor) and declared[k]["type"] == "tensor"
+        and tuple(v.shape) != tuple(declared[k]["shape"])
     ]
     if not (missing or unexpected or wrong):
         return
@@ -475,46 +623,61 @@ def _check_fits(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
     )
 
 
-def load_sparse(path: PathLike, model: Optional[nn.Module] = None) -> Union["OrderedDict[str, Any]", nn.Module]:
+def load_sparse(
+    path: PathLike, model: Optional[nn.Module] = None, *, max_bytes: Optional[int] = None
+) -> Union["OrderedDict[str, Any]", nn.Module]:
     """Read a :func:`save_sparse` file: its state_dict, or ``model`` with it loaded (strict).
 
-    Only JSON and raw bytes are parsed, so an untrusted file cannot run code.
+    Only JSON and raw bytes are parsed, so an untrusted file cannot run code, and
+    everything the file declares is checked before anything is allocated from it:
+    the header's CRC-32, its exact keys, blobs that tile the payload, decoded sizes
+    fixed by the shapes, and the total size of the tensors (``max_bytes``; with a
+    ``model``, the model's own shapes bound it). Version-1 files (no header
+    checksum) still load.
 
     Args:
         path: the file.
-        model: when given, the state_dict is loaded into it (every key and shape must
-            match; on mismatch nothing is loaded) and the model is returned.
+        model: when given, every key and shape must match it (checked before
+            decoding; on mismatch nothing is loaded) and the model is returned.
+        max_bytes: the most bytes of tensors the file may make us allocate
+            (default :data:`DEFAULT_MAX_BYTES`, 2 GiB; ignored with ``model``).
 
     Returns:
         The state_dict (an ``OrderedDict`` of CPU tensors with torch's ``_metadata``),
         or ``model``.
 
     Raises:
-        ValueError: not a prunekit sparse checkpoint, a damaged one, or one that does
-            not fit ``model``.
+        SparseFormatError: (a ``ValueError``) not a prunekit sparse checkpoint, a
+            damaged or crafted one, or one whose tensors exceed ``max_bytes``.
+        ValueError: a file that does not fit ``model``.
 
     Example:
         >>> state = load_sparse("model.pksparse")  # doctest: +SKIP
         >>> model = load_sparse("model.pksparse", model)  # doctest: +SKIP
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative int (bytes)")
     reader = _Reader(path)
+    if model is not None:
+        _check_fits(model, reader.entries, reader.name)
+    else:
+        needed = reader.bytes_needed()
+        if needed > limit:
+            raise SparseFormatError(
+                f"{reader.name!r} declares {needed:,} bytes of tensors, more than max_bytes={limit:,}; if you "
+                f"trust the file, pass load_sparse(..., max_bytes={needed}), or "
+                "load it into its model: load_sparse(path, model)"
+            )
     state: "OrderedDict[str, Any]" = OrderedDict()
-    for entry in reader.header["entries"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
-            raise reader.fail("malformed entry")
-        if entry.get("type") == "tensor":
-            state[entry["key"]] = _decode_tensor(reader, entry)
-        elif entry.get("type") == "json":
-            state[entry["key"]] = entry.get("value")
-        else:
-            raise reader.fail(f"unknown entry type {entry.get('type')!r}")
+    for entry in reader.entries:
+        state[entry["key"]] = _decode_tensor(reader, entry) if entry["type"] == "tensor" else entry["value"]
     metadata = reader.header.get("metadata")
     if isinstance(metadata, dict):
         state._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())  # type: ignore[attr-defined]
     if model is None:
         return state
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_fits(model, state, reader.name)
     model.load_state_dict(state, strict=True)
     return model

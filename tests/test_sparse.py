@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import struct
+import zlib
 from collections import OrderedDict
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.sparse import MAGIC, load_sparse, read_sparse_header, save_sparse
+from prunekit.sparse import MAGIC, SparseFormatError, load_sparse, read_sparse_header, save_sparse
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -146,18 +147,32 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
+def _rewrite(path, edit):
+    """Re-encode a file's header after ``edit(header)``, with a valid header CRC (what an attacker can do)."""
+    data = path.read_bytes()
+    _, version, length, _ = struct.unpack("<8sIQI", data[:24])
+    header = json.loads(data[24 : 24 + length])
+    payload = edit(header) or data[24 + length :]
+    header["payload_bytes"] = len(payload)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<8sIQI", MAGIC, version, len(encoded), zlib.crc32(encoded)) + encoded + payload)
+
+
 def test_pickle_inside_a_valid_file_is_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     save_sparse({"w": torch.zeros(200, dtype=torch.uint8)}, tmp_path / "m.pks")
-    data = (tmp_path / "m.pks").read_bytes()
-    _, version, length = struct.unpack("<8sIQ", data[:20])
-    header = json.loads(data[20 : 20 + length])
     evil = pickle.dumps(Evil(marker))
-    header["entries"][0]["encoding"] = "dense"
-    header["entries"][0]["blobs"] = {"planes": [{"offset": 0, "length": len(evil), "codec": "raw", "size": len(evil), "crc32": __import__("zlib").crc32(evil)}]}
-    encoded = json.dumps(header).encode()
-    (tmp_path / "m.pks").write_bytes(struct.pack("<8sIQ", MAGIC, version, len(encoded)) + encoded + evil)
-    with pytest.raises(ValueError, match="damaged"):
+
+    def smuggle(header):
+        header["entries"][0]["encoding"] = "dense"
+        header["entries"][0]["nnz"] = 200
+        header["entries"][0]["blobs"] = {
+            "planes": [{"offset": 0, "length": len(evil), "codec": "raw", "size": len(evil), "crc32": zlib.crc32(evil)}]
+        }
+        return evil
+
+    _rewrite(tmp_path / "m.pks", smuggle)
+    with pytest.raises(SparseFormatError, match="damaged"):
         load_sparse(tmp_path / "m.pks")
     assert not marker.exists()
 
