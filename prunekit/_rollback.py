@@ -10,7 +10,28 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-__all__ = ["rollback_on_error"]
+__all__ = ["eval_mode", "rollback_on_error"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with every module of ``model`` in eval mode; each module's own flag comes back after.
+
+    Example:
+        >>> model = nn.Sequential(nn.BatchNorm1d(2)).train()
+        >>> with eval_mode(model):
+        ...     model.training
+        False
+        >>> model.training
+        True
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _snapshot(module: nn.Module) -> Tuple:

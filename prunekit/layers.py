@@ -18,6 +18,7 @@ __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "ConvBlock",
     "conv_block",
+    "check_prunable",
     "conv_layers",
     "get_module",
     "resolve_layers",
@@ -170,3 +171,58 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
         else:
             break
     return ConvBlock(conv_name, conv, bn_name, bn, act_name, act)
+
+
+def check_prunable(model: nn.Module, layers: Iterable[str]) -> None:
+    """Refuse layers whose weight prunekit cannot prune alone: tied to another module, or parametrized.
+
+    A Parameter shared by two convs (tied weights) would be pruned in both by a scan
+    (which swaps its data) but in one by ``apply_plan`` (torch's reparametrization
+    replaces it in one module only), so their results would disagree; a weight
+    under ``torch.nn.utils.parametrize`` (``weight_norm``, ``spectral_norm``) or an
+    old-style ``weight_norm`` hook is not a plain Parameter torch's pruning can mask.
+
+    Raises:
+        ValueError: naming the layer, the modules it shares a weight with, or its parametrization.
+
+    Example:
+        >>> first, second = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        >>> second.weight = first.weight
+        >>> check_prunable(nn.Sequential(first, nn.ReLU(), second), ["0"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: layer '0' shares its weight with '2' (tied parameters): ...
+    """
+    import torch.nn.utils.parametrize as parametrize
+
+    # A module reused at two places is one module (pruning it prunes both uses alike);
+    # the trouble is one Parameter held by two different modules.
+    owners: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), {}).setdefault(id(module), name)
+    for layer in layers:
+        module = get_module(model, layer)
+        if parametrize.is_parametrized(module):
+            raise ValueError(
+                f"layer {layer!r} has a parametrization on {', '.join(module.parametrizations.keys())} "
+                "(weight_norm, spectral_norm, ...): prunekit masks plain weights; remove it first with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({layer!r}), 'weight')"
+            )
+        if "weight_g" in module._parameters and "weight_v" in module._parameters:
+            raise ValueError(
+                f"layer {layer!r} uses the old torch.nn.utils.weight_norm (weight_g/weight_v): prunekit masks "
+                f"plain weights; remove it first with torch.nn.utils.remove_weight_norm(model.get_submodule({layer!r}))"
+            )
+        for param_name in ("weight", "bias", "weight_orig", "bias_orig"):
+            param = module._parameters.get(param_name)
+            if param is None:
+                continue
+            others = sorted(name for key, name in owners.get(id(param), {}).items() if key != id(module))
+            if others:
+                raise ValueError(
+                    f"layer {layer!r} shares its {param_name.replace('_orig', '')} with {', '.join(map(repr, others))} "
+                    "(tied parameters): pruning it would prune them too in a scan but not under apply_plan; "
+                    "untie them (give each module its own nn.Parameter) before pruning"
+                )

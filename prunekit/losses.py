@@ -19,7 +19,12 @@ __all__ = ["channel_indicator", "channel_loss", "uncorrelation_loss", "xor_loss"
 
 
 def _check_feature(feature: Tensor, caller: str) -> Tensor:
-    """Validate ``feature`` and return it as ``[B, C, L]``."""
+    """Validate ``feature`` and return it as ``[B, C, L]``, in float32 at least.
+
+    fp16/bf16 features (autocast) are upcast: their squares overflow fp16 and their
+    sums lose bf16's few mantissa bits, so every loss accumulates in float32 (the
+    gradient flows back to the half-precision input through the cast).
+    """
     if not isinstance(feature, Tensor):
         raise TypeError(f"{caller}: feature must be a torch.Tensor, got {type(feature).__name__}")
     if feature.ndim not in (3, 4):
@@ -31,6 +36,8 @@ def _check_feature(feature: Tensor, caller: str) -> Tensor:
         raise TypeError(f"{caller}: feature must be floating point, got {feature.dtype}")
     if feature.numel() == 0:
         raise ValueError(f"{caller}: feature has an empty dimension, shape {tuple(feature.shape)}")
+    if feature.dtype in (torch.float16, torch.bfloat16):
+        feature = feature.float()
     return feature.flatten(2)
 
 

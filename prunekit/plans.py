@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
-from prunekit.layers import conv_block, resolve_layers
+from prunekit.layers import check_prunable, conv_block, resolve_layers
 from prunekit.methods.channel import (
     channel_activation,
     layer_scores,
@@ -164,6 +164,7 @@ def apply_plan(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     checked = check_plan(model, plan)
+    check_prunable(model, checked)
     scores = layer_scores(stats, checked, criterion) if method == "channel" else {}
     blocks = {name: conv_block(model, name) for name in checked}
     touched = [module for block in blocks.values() for module in (block.conv, block.batchnorm) if module is not None]

@@ -454,3 +454,30 @@ def test_eval_mode_or_masked_batchnorm_does_not_warn():
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
         mask_channels(model[0], [2], batchnorm=model[1])
         compact(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_compaction_passes_its_own_check_and_a_wrong_one_does_not(dtype):
+    import sys
+
+    check = sys.modules["prunekit.compact"]._check_equal
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1),
+    ).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    for name, conv in list(prunekit.conv_layers(model).items())[:2]:
+        prunekit.channel_activation(conv, torch.rand(conv.out_channels), amount=0.5)
+    model = model.to(dtype)
+    x = torch.rand(2, 3, 24, 24, dtype=dtype)
+    small = prunekit.compact(model, x)  # would raise "a prunekit bug" with float32's tolerance
+    with torch.no_grad():
+        expected, actual = model(x), small(x)
+    rtol = sys.modules["prunekit.compact"].check_tolerance(dtype)
+    assert float((expected.double() - actual.double()).norm() / expected.double().norm()) <= rtol
+    with pytest.raises(RuntimeError, match=f"allowed .* in {dtype}"):
+        check(expected, expected * (1 + 3 * rtol))

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from prunekit import losses
 from prunekit.losses import channel_indicator, channel_loss, uncorrelation_loss, xor_loss
 
 LOSSES = [channel_loss, xor_loss, uncorrelation_loss]
@@ -174,3 +175,21 @@ def test_rejects_integer_and_non_tensor(loss_fn):
 def test_rejects_bad_eps(loss_fn, eps):
     with pytest.raises(ValueError, match="must be a finite number > 0"):
         loss_fn(torch.rand(2, 3, 4, 4), eps=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["channel_loss", "xor_loss", "uncorrelation_loss"])
+def test_half_precision_features_accumulate_in_float32(dtype, name):
+    loss = getattr(losses, name)
+    torch.manual_seed(0)
+    feature = torch.randn(4, 8, 16, 16) * 300  # squares overflow fp16 (max 65504)
+    feature[1, :4] = 0.0  # some channels off: the indicator and xor terms are not trivial
+    feature[2, 2:6] *= 1e-3
+    low = feature.to(dtype).requires_grad_(True)
+    value = loss(low)
+    expected = loss(low.detach().float())  # the same rounded inputs, computed in fp32
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    torch.testing.assert_close(value, expected)
+    assert float(loss(feature)) == pytest.approx(value.item() if not value.requires_grad else value.detach().item(), rel=10 * torch.finfo(dtype).eps, abs=1e-4)
+    value.backward()
+    assert low.grad.dtype == dtype and bool(torch.isfinite(low.grad.float()).all())

@@ -99,3 +99,20 @@ def test_accuracy_needs_class_scores():
     metric = Accuracy([(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))])
     with pytest.raises(ValueError, match=r"\[batch, classes\]"):
         metric(conv_net())
+
+
+def test_metrics_called_directly_score_in_eval_mode_and_restore_the_flags():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.5), nn.LazyLinear(2))
+    x = torch.rand(4, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    model.train()
+    running = model[1].running_mean.clone()
+    metric = OutputDistortion(x)
+    metric.prepare(model)
+    assert metric(model) == 0.0  # dropout off, BatchNorm on its running statistics: deterministic
+    assert torch.equal(model[1].running_mean, running)  # not updated
+    assert all(module.training for module in model.modules())
+    labels = Accuracy([(x, torch.zeros(4, dtype=torch.long))])
+    assert labels(model) == labels(model)
+    assert all(module.training for module in model.modules())

@@ -78,7 +78,16 @@ def layer_scores(
             f"stats missing for layer {missing[0]!r}; collect them with "
             f"prunekit.collect_channel_stats(model, data, layers={missing!r})"
         )
-    return {name: channel_scores(stats[name], criterion) for name in names}
+    scores = {name: channel_scores(stats[name], criterion) for name in names}
+    for name, values in scores.items():
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the channel statistics of layer {name!r} hold {int(bad.sum())} NaN/inf values "
+                f"(channel {int(bad.nonzero()[0])} first); channels would be chosen by position, not "
+                "response: collect them again on finite inputs (prunekit.collect_channel_stats)"
+            )
+    return scores
 
 
 def _check_selection(amount: Optional[Amount], threshold: Optional[float]) -> None:

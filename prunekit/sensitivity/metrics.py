@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from prunekit._rollback import eval_mode
 from prunekit.layers import get_module
 
 __all__ = ["Accuracy", "ForwardMetric", "MODEL_OUTPUT", "OutputDistortion", "model_device"]
@@ -83,7 +84,8 @@ class ForwardMetric(abc.ABC):
         index, count = shard
         device = model_device(model)
         totals: Optional[Tensor] = None
-        with torch.no_grad(), _captured(model, self.capture) as captured:
+        # eval mode (BatchNorm must not update its statistics, dropout must not drop), flags restored after.
+        with torch.no_grad(), eval_mode(model), _captured(model, self.capture) as captured:
             for number, (inputs, target) in enumerate(self.batches(device)):
                 if number % count != index:
                     continue
@@ -199,7 +201,7 @@ class OutputDistortion(ForwardMetric):
                 get_module(model, name)  # KeyError naming the valid layers
         reference: List[Dict[str, Tensor]] = []
         device = model_device(model)
-        with torch.no_grad(), _captured(model, self.capture) as captured:
+        with torch.no_grad(), eval_mode(model), _captured(model, self.capture) as captured:
             for inputs in self.inputs:
                 captured.clear()
                 output = model(inputs.to(device))

@@ -21,7 +21,7 @@ import click
 import torch
 from torch import Tensor, nn
 
-from prunekit.layers import conv_block, resolve_layers
+from prunekit.layers import check_prunable, conv_block, resolve_layers
 from prunekit.methods.channel import ChannelActivation, layer_scores
 from prunekit.plans import check_plan
 from prunekit.sensitivity._distributed import all_reduce_sum, is_main_process, rank_and_world
@@ -79,6 +79,54 @@ def _targets(model: nn.Module, layer: str, method: str) -> List[Target]:
                 "prunekit.finalize(model) first (the scan then starts from its zeros)"
             )
     return targets
+
+
+def _fingerprint(
+    method: str, criterion: str, statistics: Optional[Tensor], scores: Optional[Mapping[str, Tensor]]
+) -> Dict[str, Any]:
+    """What makes two scans the same scan, beyond layers and levels: method, criterion, data and weights.
+
+    A ForwardMetric's dense statistics (for a distortion: the squared norm of the
+    dense outputs; for accuracy: the counts) change with the data and the weights,
+    even when the dense score itself (a distortion of 0) does not.
+    """
+    return {
+        "method": method,
+        "criterion": criterion if method == "channel" else None,
+        "dense_statistics": None if statistics is None else [float(v) for v in statistics.tolist()],
+        "channel_scores": None if scores is None else {
+            layer: [float(values.double().sum()), float(values.double().pow(2).sum())] for layer, values in scores.items()
+        },
+    }
+
+
+def _check_fingerprint(previous: Optional[Mapping[str, Any]], current: Mapping[str, Any]) -> None:
+    if previous is None:
+        return  # a result from before fingerprints: layers, levels and baseline were checked
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, float) or isinstance(b, float):
+            return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    what = {"method": "the method", "criterion": "the channel criterion",
+            "dense_statistics": "the data or the weights (the dense outputs differ)",
+            "channel_scores": "the channel statistics"}
+    # A plain callable has no statistics to compare: only what both scans recorded counts.
+    changed = [
+        what[key] for key in what
+        if not (key == "dense_statistics" and None in (previous.get(key), current.get(key)))
+        and not same(previous.get(key), current.get(key))
+    ]
+    if changed:
+        raise ValueError(
+            f"resume_from is a different scan: {', '.join(changed)} changed; rerun with the same model, "
+            "data and options, or start a new scan without resume_from"
+        )
 
 
 def _check_resume(previous: SensitivityResult, fresh: SensitivityResult) -> None:
@@ -155,15 +203,28 @@ class _Masker:
 
 
 class _Guard:
-    """Records what the scan may change and puts it back: swapped data, train flags, buffers, grads."""
+    """Records what the scan may change and puts it back: swapped data, train flags, buffers, grads.
+
+    Buffers come back as the same objects with the same values (an ``evaluate``
+    that reassigns one is undone), grads by value (one that calls ``backward()``
+    is undone), and :meth:`restore` runs to its end even when Ctrl-C lands inside it.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.training = [(module, module.training) for module in model.modules()]
         # BatchNorm in train mode would update its running statistics; the scan
         # runs in eval mode, and this copy undoes an evaluate() that trains anyway.
-        self.buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-        self.grads = [(param, param.grad) for param in model.parameters()]
+        self.buffers = [
+            (module, name, buffer, buffer.detach().clone())
+            for module in model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+        self.grads = [
+            (param, param.grad, None if param.grad is None else param.grad.detach().clone())
+            for param in model.parameters()
+        ]
         self.swapped: Dict[int, Tuple[nn.Parameter, Tensor]] = {}
 
     @contextlib.contextmanager
@@ -188,24 +249,41 @@ class _Guard:
             param.data = original
             del self.swapped[key]
 
+    def _restore_buffers(self) -> None:
+        for module, name, buffer, saved in self.buffers:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
+            if not torch.equal(buffer, saved):
+                with torch.no_grad():
+                    buffer.copy_(saved)
+
     def reset_point(self) -> None:
         """Undo what evaluate() may have changed besides the weights: buffers and train/eval mode."""
-        for buffer, saved in self.buffers:
-            if not torch.equal(buffer, saved):
-                with torch.no_grad():
-                    buffer.copy_(saved)
+        self._restore_buffers()
         self.model.eval()
 
-    def restore(self) -> None:
+    def _restore_once(self) -> None:
         self.unswap()
-        for buffer, saved in self.buffers:
-            if not torch.equal(buffer, saved):
-                with torch.no_grad():
-                    buffer.copy_(saved)
+        self._restore_buffers()
         for module, training in self.training:
             module.training = training
-        for param, grad in self.grads:
+        for param, grad, saved in self.grads:
+            if grad is not None and saved is not None:
+                with torch.no_grad():
+                    grad.copy_(saved)
             param.grad = grad
+
+    def restore(self) -> None:
+        """Put everything back; every step is idempotent, so an interrupt inside just starts it again."""
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                self._restore_once()
+                break
+            except KeyboardInterrupt as err:  # Ctrl-C during the cleanup: finish it, then re-raise
+                interrupted = err
+        if interrupted is not None:
+            raise interrupted
 
 
 # ---------------------------------------------------------------------------
@@ -421,6 +499,7 @@ def scan(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     convs = resolve_layers(model, layers)
+    check_prunable(model, convs)
     levels = check_sparsities(sparsities)
     scores = layer_scores(stats, convs, criterion) if method == "channel" else None
     targets = {layer: _targets(model, layer, method) for layer in convs}
@@ -453,9 +532,13 @@ def scan(
     try:
         model.eval()
         forward = isinstance(evaluate, ForwardMetric)
+        statistics = None
         if forward:
             evaluate.prepare(model)
-            baseline = _forward_score(evaluate, model)
+            statistics = all_reduce_sum(evaluate.statistics(model, rank_and_world()))
+            if statistics is None:
+                raise ValueError(f"{type(evaluate).__name__} has no batch to evaluate; pass at least one")
+            baseline = evaluate.reduce(statistics)
         else:
             baseline = _score(evaluate(model))
         guard.reset_point()
@@ -465,6 +548,10 @@ def scan(
                 f"the dense model scores {baseline!r} but the partial scan measured {previous!r}: "
                 "the model, data or metric changed; start a new scan"
             )
+        fingerprint = _fingerprint(method, criterion, statistics, scores)
+        if resume_from is not None:
+            _check_fingerprint(resume_from.meta.get("fingerprint"), fingerprint)
+        result.meta["fingerprint"] = fingerprint
         result.baseline = baseline
         if report is not None:
             report(result)
@@ -582,6 +669,7 @@ def evaluate_plan(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     plan = check_plan(model, plan)  # also checks the layer names
+    check_prunable(model, plan)
     scores = layer_scores(stats, plan, criterion) if method == "channel" else None
     masker = _Masker(method, scores)
     targets: List[Target] = []
