@@ -8,7 +8,7 @@ a bias).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,6 @@ __all__ = [
     "resize_prelu",
 ]
 
-# Correction maps are cached per input size; a model sees few sizes, so a small
-# cap only matters for pathological callers.
-_CACHE_SIZE = 8
-
-
 class BorderBiasConv2d(nn.Conv2d):
     """``nn.Conv2d`` with an extra, input-independent bias near the border.
 
@@ -38,7 +33,7 @@ class BorderBiasConv2d(nn.Conv2d):
     bias; with zero padding, outputs near the border see fewer taps. This layer
     keeps ``border_weight`` ([out, 1, kh, kw], the constant-weighted sum of the
     removed input channels' kernels) and adds the exact per-position difference,
-    computed once per input size and cached.
+    computed from the input's shape in each forward (no cache: exportable, thread-safe).
 
     Example:
         >>> conv = BorderBiasConv2d(2, 3, 3, padding=1)
@@ -55,30 +50,26 @@ class BorderBiasConv2d(nn.Conv2d):
                 self.out_channels, 1, kh, kw, device=self.weight.device, dtype=self.weight.dtype
             ),
         )
-        self._border_cache: Dict[Tuple, Tensor] = {}
 
-    def border_bias(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
-        """The correction [out, H_out, W_out] added to the conv output for an input of this size."""
-        weight = self.border_weight
-        key = (height, width, weight.device, dtype, weight._version, weight.data_ptr())
-        cached = self._border_cache.get(key)
-        if cached is not None:
-            return cached
+    def border_bias(self, like: Tensor) -> Tensor:
+        """The correction ``[1, out, H_out, W_out]`` added to the conv output for an input shaped like ``like``.
+
+        Computed in every forward, from the input's shape only: no cache and no state
+        written, so the module exports (``torch.export``, ONNX), compiles without graph
+        breaks and is safe under concurrent forwards. One single-channel conv: a small
+        fraction of the layer's own work.
+        """
         # float64 so that the interior, where full and interior sums cancel, is ~0.
-        taps = weight.detach().double()
-        ones = torch.ones(1, 1, height, width, dtype=torch.float64, device=weight.device)
-        full = F.conv2d(ones, taps, None, self.stride, self.padding, self.dilation)[0]
-        correction = (full - taps.sum(dim=(1, 2, 3)).view(-1, 1, 1)).to(dtype)
-        if len(self._border_cache) >= _CACHE_SIZE:
-            self._border_cache.clear()
-        self._border_cache[key] = correction
-        return correction
+        taps = self.border_weight.to(torch.float64)
+        ones = torch.ones_like(like[:1, :1], dtype=torch.float64)
+        full = F.conv2d(ones, taps, None, self.stride, self.padding, self.dilation)
+        return full - taps.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's parameter name
         out = super().forward(input)
         if self.padding_mode != "zeros":
             return out  # reflect/replicate/circular padding keep a constant channel constant
-        return out + self.border_bias(input.shape[-2], input.shape[-1], out.dtype)
+        return out + self.border_bias(input).to(out.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", border_bias=True"

@@ -112,7 +112,7 @@ def test_unmasked_batchnorm_constant_is_folded_exactly_under_zero_padding():
         assert relative_error(expected, compacted(x)) < 1e-5
     # The border differs from the interior, so a plain bias could not be exact.
     assert isinstance(compacted[3], BorderBiasConv2d)
-    assert compacted[3].border_bias(9, 11, torch.float32).abs().amax() > 1e-3
+    assert compacted[3].border_bias(x).abs().amax() > 1e-3
 
 
 def test_constant_folds_into_plain_bias_without_zero_padding():
@@ -481,3 +481,43 @@ def test_half_precision_compaction_passes_its_own_check_and_a_wrong_one_does_not
     assert float((expected.double() - actual.double()).norm() / expected.double().norm()) <= rtol
     with pytest.raises(RuntimeError, match=f"allowed .* in {dtype}"):
         check(expected, expected * (1 + 3 * rtol))
+
+
+def _border_bias_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1)
+    )
+    randomize_batchnorms(model)
+    mask_channels(model[0], [1, 4, 6])
+    compacted = compact(model.eval())
+    assert any(isinstance(m, BorderBiasConv2d) for m in compacted.modules())
+    return model, compacted
+
+
+def test_compacted_model_with_border_bias_exports_and_matches_at_other_sizes():
+    model, compacted = _border_bias_model()
+    x = torch.randn(2, 3, 9, 11)
+    exported = torch.export.export(compacted, (x,))
+    for shape in [(2, 3, 9, 11)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(y), model(y))
+    state_before = {k: v.clone() for k, v in compacted.state_dict().items()}
+    with torch.no_grad():
+        compacted(torch.randn(1, 3, 13, 7))
+    assert all(torch.equal(v, state_before[k]) for k, v in compacted.state_dict().items())  # forward writes nothing
+    assert not [k for k in vars(compacted[3]) if "cache" in k]
+
+
+def test_concurrent_forwards_of_a_compacted_model_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, compacted = _border_bias_model()
+    inputs = [torch.randn(1, 3, 8 + i % 5, 9 + i % 3) for i in range(24)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outputs = list(pool.map(compacted, inputs))
+    for want, got in zip(expected, outputs):
+        torch.testing.assert_close(got, want)
