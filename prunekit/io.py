@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -16,10 +17,33 @@ __all__ = ["PathLike", "atomic_write", "read_json", "save_torch", "write_json"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: reading it means setting it, which would race with other threads.
+_UMASK = _read_umask()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries a killed writer of ``target`` left behind (their pid is in the name and gone)."""
+    for stray in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid_text = stray.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                stray.unlink()
 
 
 @contextlib.contextmanager
@@ -27,7 +51,10 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one step.
 
     On any error the temporary file is deleted and ``path`` keeps its old content.
-    Parent folders are created.
+    Parent folders are created. A file replaced keeps its permission bits; a new
+    one gets those a plain ``open()`` would give (0666 less the umask). A temporary
+    left by a writer that was killed (``SIGKILL``) is removed by the next write of
+    the same file.
 
     Example:
         >>> with atomic_write("out/plan.json") as f:  # doctest: +SKIP
@@ -37,14 +64,18 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         raise ValueError(f"mode={mode!r} is not supported; use 'w' (text) or 'wb' (binary)")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _remove_stale_temporaries(target)
+    try:
+        permissions = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        permissions = 0o666 & ~_UMASK
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp creates 0600 files; give the result the mode a plain open() would.
-        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.chmod(tmp_name, permissions)  # mkstemp creates 0600 files
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -18,7 +18,8 @@ def latency_samples(
     """Seconds of each forward of each model, timed in interleaved rounds.
 
     Every round runs each model once, in turn, so a load spike slows all of
-    them alike and the ratios stay meaningful. Models run in eval mode under
+    them alike and the ratios stay meaningful. On CUDA every forward is bracketed
+    by ``torch.cuda.synchronize`` so the time is the kernels', not the launch's. Models run in eval mode under
     ``torch.no_grad()``; their train/eval flags are restored afterwards.
 
     Example:
@@ -35,11 +36,17 @@ def latency_samples(
     try:
         for model in models.values():
             model.eval()
+        # CUDA runs asynchronously: without a synchronisation the clock would stop at the launch.
+        cuda = example_input.is_cuda
         with torch.no_grad():
             for round_index in range(warmup + repeats):
                 for name, model in models.items():
+                    if cuda:
+                        torch.cuda.synchronize(example_input.device)
                     start = time.perf_counter()
                     model(example_input)
+                    if cuda:
+                        torch.cuda.synchronize(example_input.device)
                     elapsed = time.perf_counter() - start
                     if round_index >= warmup:
                         samples[name].append(elapsed)

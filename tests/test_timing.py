@@ -27,3 +27,28 @@ def test_bad_counts_are_rejected(kwargs):
 def test_empty_models_are_rejected():
     with pytest.raises(ValueError, match="at least one"):
         compare_latency({}, torch.zeros(1))
+
+
+def test_cuda_inputs_are_timed_between_synchronisations(monkeypatch):
+    import torch
+    from torch import nn
+
+    from prunekit.timing import latency_samples
+
+    events = []
+
+    class FakeCudaInput(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    x = torch.randn(1, 3, 8, 8).as_subclass(FakeCudaInput)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+
+    class Recording(nn.Conv2d):
+        def forward(self, input):
+            events.append("forward")
+            return super().forward(input.as_subclass(torch.Tensor))
+
+    latency_samples({"conv": Recording(3, 4, 3)}, x, repeats=2, warmup=0)
+    assert events == ["sync", "forward", "sync"] * 2
