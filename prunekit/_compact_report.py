@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from prunekit.report import count_macs
+
 __all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]
 
 
@@ -47,47 +49,17 @@ def layer_costs(model: nn.Module, input_size: Sequence[int]) -> "OrderedDict[str
         7776
     """
     shape = _input_shape(input_size)
+    macs = count_macs(model, shape)  # prunekit's one MAC counter: every call counts
     costs: "OrderedDict[str, LayerCost]" = OrderedDict()
-    handles = []
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            per_sample = output.numel() // output.shape[0]
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                macs = per_sample * (module.in_channels // module.groups) * kh * kw
-                channels = (module.in_channels, module.out_channels)
-            else:
-                macs = per_sample * module.in_features
-                channels = (module.in_features, module.out_features)
-            params = sum(p.numel() for p in module.parameters(recurse=False))
-            previous = costs.get(name)
-            macs += previous.macs if previous is not None else 0
-            costs[name] = LayerCost(name, channels[0], channels[1], params, macs)
-
-        return record
-
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_hook(hook(name)))
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        reference = next(iter(model.parameters()), None)
-        device = reference.device if reference is not None else torch.device("cpu")
-        dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
-        with torch.no_grad():
-            model(torch.zeros(shape, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    if shape[0] > 1:
-        costs = OrderedDict(
-            (k, LayerCost(c.name, c.in_channels, c.out_channels, c.params, c.macs // shape[0]))
-            for k, c in costs.items()
-        )
+        if name not in macs:
+            continue
+        if isinstance(module, nn.Conv2d):
+            channels = (module.in_channels, module.out_channels)
+        else:
+            channels = (module.in_features, module.out_features)
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        costs[name] = LayerCost(name, channels[0], channels[1], params, macs[name][0])
     return costs
 
 

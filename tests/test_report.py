@@ -56,3 +56,30 @@ def test_table_and_dict_are_printable():
 def test_bad_input_size_is_rejected():
     with pytest.raises(ValueError, match="input_size"):
         sparsity_report(_model(), input_size=(3, 0, 8))
+
+
+def test_one_mac_counter_agrees_with_flop_counter_mode_and_counts_every_call():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunekit.compact import layer_costs
+    from prunekit.report import count_macs
+
+    torch.manual_seed(0)
+    shared = nn.Conv2d(8, 8, 3, padding=1)  # called twice per forward
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, groups=1), nn.ReLU(), shared, nn.ReLU(), shared,
+        nn.Conv2d(8, 8, 3, groups=4), nn.Flatten(), nn.LazyLinear(5),
+    ).eval()
+    x = torch.zeros(2, 3, 10, 10)
+    model(x)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    flops = counter.get_total_flops()
+    macs = count_macs(model, (2, 3, 10, 10))
+    assert sum(dense for dense, _ in macs.values()) * 2 * 2 == flops  # per sample x 2 samples x 2 FLOPs per MAC
+    assert macs["2"][0] == 2 * 8 * 8 * 9 * 100  # both calls of the shared conv
+    from prunekit import sparsity_report
+
+    report = sparsity_report(model, input_size=(3, 10, 10))
+    assert report.macs == sum(dense for dense, _ in macs.values())
+    assert {k: c.macs for k, c in layer_costs(model, (3, 10, 10)).items()} == {k: d for k, (d, _) in macs.items()}
