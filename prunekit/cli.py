@@ -794,6 +794,7 @@ def report_command(
         "prunekit scan --method channel --out ch && prunekit prune --plan ch/plan.json --out ch.pt",
         "prunekit compact ch.pt",
         "prunekit compact vgg11-pruned.pt --input-size 3x224x224 --out vgg11-small.pt",
+        "prunekit compact ch.pt --exported ch.pt2 --onnx ch.onnx",
     ),
 )
 @click.argument("checkpoint", metavar="CHECKPOINT")
@@ -807,6 +808,10 @@ def report_command(
               "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole model from CHECKPOINT (only for files you trust).")
+@click.option("--exported", default=None, metavar="PATH.pt2",
+              help="Also write the compacted model as a torch.export program (checked after loading it back).")
+@click.option("--onnx", "onnx_path", default=None, metavar="PATH.onnx",
+              help="Also write it as ONNX, checked with onnxruntime (pip install onnx onnxruntime onnxscript).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_library_errors
 def compact_command(
@@ -815,6 +820,8 @@ def compact_command(
     repeats: int,
     out: Optional[str],
     trust_checkpoint: bool,
+    exported: Optional[str],
+    onnx_path: Optional[str],
     as_json: bool,
 ) -> None:
     """Physically remove the channels a pruned model no longer uses, and compare.
@@ -831,6 +838,9 @@ def compact_command(
     from prunekit.timing import compare_latency
     from prunekit.zoo import load_model
 
+    for flag, target in (("--out", out), ("--exported", exported), ("--onnx", onnx_path)):
+        if target is not None and Path(target).resolve() == Path(checkpoint).resolve():
+            raise ValueError(f"{flag} {target} is the input checkpoint; write the result to another file")
     model = load_model(checkpoint, None, trust_checkpoint=trust_checkpoint, progress=False).eval()
     size = _parse_input_size(input_size)
     if size is None:
@@ -842,8 +852,21 @@ def compact_command(
     speedup = times["pruned"] / times["compact"]
     if out is not None:
         save_torch(small, out)
+    checks = {}
+    if exported is not None or onnx_path is not None:
+        from prunekit.export import export_onnx, export_program
+
+        if exported is not None:
+            checks["exported"] = export_program(small, example, exported)
+        if onnx_path is not None:
+            checks["onnx"] = export_onnx(small, example, onnx_path)
+        with torch.no_grad():
+            # Against the source (pruned) model too: the compaction's own difference is part of it.
+            source_vs_small = float((model(example) - small(example)).double().norm() / model(example).double().norm())
+        checks["compact_vs_source"] = source_vs_small
     if as_json:
-        click.echo(json.dumps({"report": report.to_dict(), "seconds": times, "speedup": speedup, "out": out}, indent=2))
+        click.echo(json.dumps({"report": report.to_dict(), "seconds": times, "speedup": speedup, "out": out,
+                               "export_checks": checks}, indent=2))
         return
     click.echo(str(report))
     click.echo(
@@ -852,6 +875,10 @@ def compact_command(
     )
     if out is not None:
         click.echo(f"wrote {out} (a pickled module: prunekit reads it back only with --trust-checkpoint)")
+    for name, target, runner in (("exported", exported, "torch.export.load"), ("onnx", onnx_path, "onnxruntime")):
+        if target is not None:
+            click.echo(f"wrote {target}: run with {runner}, relative difference {checks[name]:.2e} from the "
+                       f"compacted model ({checks['compact_vs_source']:.2e} compacted vs the pruned source)")
 
 
 def main() -> None:
