@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,11 +13,14 @@ __all__ = ["compare_latency", "latency_samples"]
 
 
 def latency_samples(
-    models: Mapping[str, nn.Module], example_input: torch.Tensor, repeats: int = 10, warmup: int = 2
+    models: Mapping[str, nn.Module],
+    example_input: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+    repeats: int = 10,
+    warmup: int = 2,
 ) -> Dict[str, List[float]]:
     """Seconds of each forward of each model, timed in interleaved rounds.
 
-    Every round runs each model once, in turn, so a load spike slows all of
+    ``example_input`` is one tensor or a tuple of positional inputs. Every round runs each model once, in turn, so a load spike slows all of
     them alike and the ratios stay meaningful. On CUDA every forward is bracketed
     by ``torch.cuda.synchronize`` so the time is the kernels', not the launch's. Models run in eval mode under
     ``torch.no_grad()``; their train/eval flags are restored afterwards.
@@ -37,16 +40,18 @@ def latency_samples(
         for model in models.values():
             model.eval()
         # CUDA runs asynchronously: without a synchronisation the clock would stop at the launch.
-        cuda = example_input.is_cuda
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+        device = next(t.device for t in inputs if isinstance(t, torch.Tensor)) if cuda else None
         with torch.no_grad():
             for round_index in range(warmup + repeats):
                 for name, model in models.items():
                     if cuda:
-                        torch.cuda.synchronize(example_input.device)
+                        torch.cuda.synchronize(device)
                     start = time.perf_counter()
-                    model(example_input)
+                    model(*inputs)
                     if cuda:
-                        torch.cuda.synchronize(example_input.device)
+                        torch.cuda.synchronize(device)
                     elapsed = time.perf_counter() - start
                     if round_index >= warmup:
                         samples[name].append(elapsed)

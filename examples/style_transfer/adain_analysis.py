@@ -24,7 +24,6 @@ import copy
 import math
 import statistics
 import sys
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from prunekit.compact import compact_chain
 from prunekit.io import PathLike, atomic_write, write_json
 from prunekit.methods import channel_activation
+from prunekit.timing import latency_samples
 from prunekit.stats import ChannelStats, collect_channel_stats, plot_channel_magnitudes, save_channel_stats
 
 __all__ = [
@@ -196,17 +196,9 @@ def time_side_by_side(
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    times: Tuple[List[float], List[float]] = ([], [])
-    with torch.no_grad():
-        for _ in range(warmup):
-            first(*inputs)
-            second(*inputs)
-        for _ in range(repeats):
-            for model, bucket in ((first, times[0]), (second, times[1])):
-                start = time.perf_counter()
-                model(*inputs)
-                bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    # prunekit's timer: interleaved rounds, CUDA synchronised around each call.
+    samples = latency_samples({"first": first, "second": second}, tuple(inputs), repeats=repeats, warmup=warmup)
+    return statistics.median(samples["first"]), statistics.median(samples["second"])
 
 
 # --------------------------------------------------------------------------- sweep
