@@ -528,6 +528,11 @@ def scan_command(
         model, data, image_size, batch_size, metric, seed
     )
     metric_name = metric or ("accuracy" if labelled else "distortion")
+    if relative and metric_name == "distortion":
+        raise ValueError(
+            "--relative divides by the dense score, and the dense model's distortion is 0: drop --relative "
+            "(--max-drop is then an absolute distortion, e.g. 0.05)"
+        )
     evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(_inputs(batches))
 
     options = {
@@ -652,7 +657,8 @@ def scan_command(
     click.echo(result.table(max_drop=tolerance, relative=relative))
     kind = "relative" if relative else "absolute"
     how = "all layers pruned together" if joint else "each layer alone"
-    click.echo(f"\nsuggested plan (max {result.metric} drop {tolerance:g}, {kind}, {how}):")
+    word = "drop" if result.higher_is_better else "rise"
+    click.echo(f"\nsuggested plan (max {result.metric} {word} {tolerance:g}, {kind}, {how}):")
     width = max(len(layer) for layer in plan)
     for layer, level in plan.items():
         alone = f"   (alone: {per_layer[layer]:g})" if joint and per_layer[layer] != level else ""

@@ -321,3 +321,16 @@ def test_compact_refuses_pickled_model_without_trust(runner):
     result = runner.invoke(cli, ["compact", "whole.pt"])
     assert result.exit_code == 1 and "--trust-checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_relative_with_distortion_fails_before_the_scan(runner, tiny, monkeypatch):
+    monkeypatch.setattr(prunekit.sensitivity, "scan", lambda *a, **k: pytest.fail("scanned first"))
+    result = runner.invoke(cli, tiny + ["--relative", "-q"])
+    assert_one_error_line(result, "--relative", "drop --relative")
+
+
+def test_the_footnote_and_wording_follow_the_table(runner, tiny):
+    result = runner.invoke(cli, tiny + ["--max-drop", "100", "-q"])  # nothing beyond the tolerance
+    assert result.exit_code == 0
+    assert "*" not in result.stdout and "every score within the tolerance" in result.stdout
+    assert "max distortion rise 100" in result.stdout and "distortion drop" not in result.stdout

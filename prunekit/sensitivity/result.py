@@ -275,6 +275,7 @@ class SensitivityResult:
         if plan is not None:
             header.append("plan")
         rows = []
+        starred = False
         for layer, values in self.scores.items():
             cells = [layer]
             for value in values:
@@ -285,6 +286,7 @@ class SensitivityResult:
                         > max_drop + _TOLERANCE_SLACK  # type: ignore[operator]
                     )
                     cell += "*" if bad else " "
+                    starred = starred or bad
                 cells.append(cell)
             if plan is not None:
                 cells.append(_percent(plan[layer]))
@@ -297,9 +299,10 @@ class SensitivityResult:
         lines.extend(align(row) for row in rows)
         if plan is not None:
             kind = f"{max_drop:g} of the baseline (relative)" if relative else f"{max_drop:g}"
+            word = "drop" if self.higher_is_better else "rise"
+            star = "* beyond the tolerance; " if starred else "every score within the tolerance; "
             lines.append(
-                f"* beyond the tolerance (max drop {kind}); plan = highest sparsity with it and "
-                "every lower level within tolerance"
+                f"{star}max {word} {kind}; plan = highest sparsity with it and every lower level within tolerance"
             )
         if not self.complete:
             lines.append(f"partial scan: {self.num_done} of {len(self.scores) * len(self.sparsities)} points measured")
