@@ -221,6 +221,20 @@ def _data_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
+    if value is not None:
+        torch.set_num_threads(value)
+    return value
+
+
+def _threads_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads N``: torch's CPU threads for this command (on a shared machine 1 can be faster)."""
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be several times faster).",
+    )(func)
+
+
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")(func)
     func = click.option("--seed", type=int, default=0, show_default=True, help="Seed for torch (random weights, synthetic data).")(func)
@@ -458,6 +472,7 @@ def cli() -> None:
               help="Folder for scan.json, scan.csv, sensitivity.png and plan.json.")
 @click.option("--resume", is_flag=True, help="Continue the partial scan in --out (same options required).")
 @_run_options
+@_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
 @click.pass_context
 @_library_errors
@@ -698,6 +713,7 @@ def scan_command(
 @_data_options
 @click.option("--out", required=True, metavar="PATH", help="Where to write the pruned checkpoint (.pt).")
 @_run_options
+@_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the sparsity report as JSON.")
 @_library_errors
 def prune_command(
@@ -772,6 +788,7 @@ def prune_command(
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole model (runs code stored in the file; only for files you trust).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_threads_option
 @_library_errors
 def report_command(
     checkpoint: str, input_size: Optional[str], weights: Optional[str], trust_checkpoint: bool, as_json: bool
@@ -819,6 +836,7 @@ def report_command(
 @click.option("--onnx", "onnx_path", default=None, metavar="PATH.onnx",
               help="Also write it as ONNX, checked with onnxruntime (pip install onnx onnxruntime onnxscript).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@_threads_option
 @_library_errors
 def compact_command(
     checkpoint: str,

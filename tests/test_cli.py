@@ -334,3 +334,16 @@ def test_the_footnote_and_wording_follow_the_table(runner, tiny):
     assert result.exit_code == 0
     assert "*" not in result.stdout and "every score within the tolerance" in result.stdout
     assert "max distortion rise 100" in result.stdout and "distortion drop" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["scan", "prune", "report", "compact"])
+def test_every_command_takes_threads(runner, command, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    result = runner.invoke(cli, [command, "--threads", "1", "--help"])
+    assert result.exit_code == 0 and "--threads" in result.stdout
+    args = {"scan": ["scan", "--threads", "1", "--sparsities", "0.5", "--layers", "features.0", "-q", "--out", "t"]}
+    if command in args:
+        assert runner.invoke(cli, args[command]).exit_code == 0
+        assert seen == [1]
+    assert runner.invoke(cli, [command, "--threads", "0"]).exit_code == 2  # click's usage error, one line
