@@ -522,6 +522,13 @@ def scan_command(
     if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
         raise ValueError(f"--max-drop {max_drop}: pass a number >= 0 (e.g. 0.01 = one accuracy point)")
     out_dir = Path(out)
+    if data.strip().lower() not in ("builtin", "photos"):
+        folder, results = Path(data).resolve(), out_dir.resolve()
+        if results == folder or folder in results.parents:
+            raise ValueError(
+                f"--out {out} is inside --data {data}: the next scan would read its sensitivity.png as an "
+                "image; write the results elsewhere"
+            )
     scan_file = out_dir / "scan.json"
     previous = None
     if resume:
@@ -744,6 +751,8 @@ def prune_command(
     from prunekit.report import sparsity_report
     from prunekit.zoo import load_model, save_checkpoint
 
+    if Path(out).resolve() == Path(plan_path).resolve():
+        raise ValueError(f"--out {out} is the --plan file; write the pruned model to another file (e.g. pruned.pt)")
     plan, meta = _read_plan(plan_path)
     method = method or meta.get("method") or "fine-grained"
     if method not in METHODS:

@@ -347,3 +347,11 @@ def test_every_command_takes_threads(runner, command, monkeypatch):
         assert runner.invoke(cli, args[command]).exit_code == 0
         assert seen == [1]
     assert runner.invoke(cli, [command, "--threads", "0"]).exit_code == 2  # click's usage error, one line
+
+
+def test_outputs_never_land_on_inputs(runner, images):
+    Path("plan.json").write_text('{"features.0": 0.5}')
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "plan.json"]), "is the --plan file")
+    assert Path("plan.json").read_text() == '{"features.0": 0.5}'
+    result = runner.invoke(cli, ["scan", "--model", "vgg11", "--data", "imgs", "--out", "imgs/results"])
+    assert_one_error_line(result, "inside --data imgs")
