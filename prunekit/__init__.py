@@ -23,7 +23,9 @@ from prunekit.layers import ConvBlock, conv_block, conv_layers
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
 from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activation, fine_grained_l1
 from prunekit.plans import apply_plan, copy_model, finalize
+from prunekit.recover import RecoveryHistory, recover
 from prunekit.regularizer import ChannelRegularizer
+from prunekit.schedules import GradualPruner
 from prunekit.report import LayerSparsity, SparsityReport, sparsity_report
 from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, evaluate_plan, scan
 from prunekit.sparse import load_sparse, read_sparse_header, save_sparse
@@ -57,6 +59,7 @@ __all__ = [
     "ChannelStats",
     "ConvBlock",
     "FineGrainedL1",
+    "GradualPruner",
     "HED",
     "LayerSparsity",
     "SparsityReport",
@@ -79,6 +82,8 @@ __all__ = [
     "losses",
     "plot_channel_magnitudes",
     "plot_channel_response",
+    "recover",
+    "RecoveryHistory",
     "save_channel_stats",
     "save_checkpoint",
     "sparsity_report",

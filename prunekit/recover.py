@@ -1,0 +1,202 @@
+"""Recover what pruning costs without labels: distil the dense teacher into the pruned student.
+
+The student learns to reproduce the teacher's outputs (or the outputs of named
+layers) on unlabelled input batches. Pruned weights stay exactly zero: through
+torch's reparametrization when the student has one (the mask multiplies every
+forward), and by re-applying the zero pattern after each optimiser step for a
+finalized student. Held-out batches are scored as training goes and the student
+is left at its best point, never worse than it started.
+
+Example:
+    >>> teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    >>> student = prunekit.finalize(prunekit.apply_plan(prunekit.copy_model(teacher), {"0": 0.5}))
+    >>> history = recover(student, teacher, [torch.rand(2, 3, 8, 8)] * 3, steps=4, progress=False)
+    >>> history.best_distortion <= history.distortion[0]
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import click
+import torch
+from torch import Tensor, nn
+
+import prunekit  # noqa: F401  (the docstring example uses it)
+from prunekit._rollback import eval_mode
+from prunekit.layers import get_module
+from prunekit.schedules import GradualPruner
+
+__all__ = ["RecoveryHistory", "recover"]
+
+
+@dataclass
+class RecoveryHistory:
+    """What :func:`recover` did: held-out distortion at each evaluated step, and the step kept."""
+
+    steps: List[int] = field(default_factory=list)
+    train_loss: List[float] = field(default_factory=list)
+    distortion: List[float] = field(default_factory=list)
+    best_step: int = 0
+    best_distortion: float = float("inf")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "train_loss": self.train_loss, "held_out_distortion": self.distortion,
+                "best_step": self.best_step, "best_distortion": self.best_distortion}
+
+
+def _outputs(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]]) -> List[Tensor]:
+    if layers is None:
+        out = model(x)
+        return [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
+    captured: Dict[str, Tensor] = {}
+    handles = [get_module(model, name).register_forward_hook(
+        lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in layers]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[name] for name in layers]
+
+
+def _distortion(student: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], layers: Optional[Sequence[str]]) -> float:
+    """Mean over outputs of ``||student - teacher|| / ||teacher||`` on ``batches`` (float64 sums)."""
+    errors: Optional[Tensor] = None
+    norms: Optional[Tensor] = None
+    with torch.no_grad():
+        for x in batches:
+            s, t = _outputs(student, x, layers), _outputs(teacher, x, layers)
+            e = torch.stack([(a.double() - b.double()).pow(2).sum() for a, b in zip(s, t)])
+            n = torch.stack([b.double().pow(2).sum() for b in t])
+            errors = e if errors is None else errors + e
+            norms = n if norms is None else norms + n
+    assert errors is not None and norms is not None
+    return float((errors / norms.clamp_min(1e-300)).sqrt().mean())
+
+
+def _zero_masks(student: nn.Module) -> List[tuple]:
+    """For plain (finalized) conv/linear weights: (parameter, where it is zero), to keep those zeros."""
+    masks = []
+    for module in student.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and "weight" in module._parameters:
+            weight = module._parameters["weight"]
+            if weight is not None and bool((weight == 0).any()):
+                masks.append((weight, weight.detach() != 0))
+    return masks
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Iterable[Tensor],
+    steps: int,
+    *,
+    lr: float = 1e-4,
+    layers: Optional[Sequence[str]] = None,
+    held_out: Optional[Sequence[Tensor]] = None,
+    eval_every: int = 10,
+    pruner: Optional[GradualPruner] = None,
+    autocast: bool = False,
+    progress: bool = True,
+) -> RecoveryHistory:
+    """Train ``student`` to match ``teacher`` on ``data`` for ``steps`` Adam steps; keep its best held-out state.
+
+    Args:
+        student: the pruned model (trained in place; its zero pattern is kept exactly).
+        teacher: the dense model; frozen and left unchanged.
+        data: input batches (no labels), cycled.
+        steps: optimiser steps.
+        lr: Adam's learning rate.
+        layers: module names whose outputs are matched (default: the model output).
+        held_out: batches to score on (default: the last fifth of ``data``, at least one batch,
+            when ``data`` has two or more; else ``data`` itself, which then proves nothing).
+        eval_every: steps between held-out evaluations (the last step is always evaluated).
+        pruner: a :class:`~prunekit.schedules.GradualPruner` on ``student``, stepped before each
+            optimiser step; only states at the plan's final sparsity can be kept as best.
+        autocast: run the forwards under ``torch.autocast`` of the student's device (fp32 losses).
+        progress: a progress bar on stderr.
+
+    Returns:
+        A :class:`RecoveryHistory`. Both models run in eval mode (BatchNorm statistics frozen);
+        their train/eval flags come back.
+    """
+    batches = list(data)
+    if not batches:
+        raise ValueError("data is empty; pass at least one batch of inputs")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an int >= 0")
+    if not (lr > 0):
+        raise ValueError(f"lr={lr!r} must be > 0")
+    if held_out is None:
+        if len(batches) >= 2:
+            cut = max(1, len(batches) // 5)
+            batches, held_out = batches[:-cut], batches[-cut:]
+        else:
+            held_out = batches
+    held = list(held_out)
+    device = next(student.parameters()).device
+    teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    teacher_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    history = RecoveryHistory()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    zeros = _zero_masks(student)
+    best_state: Optional[Dict[str, Tensor]] = None
+
+    def evaluate(step: int, loss: float) -> None:
+        nonlocal best_state
+        value = _distortion(student, teacher, held, layers)
+        history.steps.append(step)
+        history.train_loss.append(loss)
+        history.distortion.append(value)
+        eligible = pruner is None or pruner.done
+        if eligible and value < history.best_distortion:
+            history.best_distortion, history.best_step = value, step
+            best_state = copy.deepcopy(student.state_dict())
+
+    try:
+        for p, _ in teacher_flags:
+            p.requires_grad_(False)
+        with eval_mode(student), eval_mode(teacher):
+            evaluate(0, float("nan"))
+            bar = click.progressbar(length=steps, label="recovering", file=sys.stderr) if progress and steps else None
+            try:
+                for step in range(1, steps + 1):
+                    if pruner is not None:
+                        pruner.step()
+                        zeros = _zero_masks(student) if zeros else zeros
+                    x = batches[(step - 1) % len(batches)].to(device)
+                    with torch.no_grad():
+                        targets = _outputs(teacher, x, layers)
+                    with torch.autocast(device.type, enabled=autocast):
+                        outputs = _outputs(student, x, layers)
+                    loss = sum(((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
+                               for o, t in zip(outputs, targets))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        for weight, keep in zeros:
+                            weight.mul_(keep)
+                    if step % eval_every == 0 or step == steps:
+                        evaluate(step, float(loss.detach()))
+                    if bar is not None:
+                        bar.update(1)
+            except KeyboardInterrupt:
+                pass  # keep the best weights so far (below)
+            finally:
+                if bar is not None:
+                    bar.render_finish()
+    finally:
+        for p, flag in teacher_flags:
+            p.requires_grad_(flag)
+        if best_state is not None:
+            student.load_state_dict(best_state)
+        for key, value in teacher.state_dict().items():
+            assert torch.equal(value, teacher_state[key]), "recover changed the teacher: a prunekit bug"
+    return history

@@ -1,0 +1,91 @@
+"""Recovery: label-free distillation keeps the zeros and the teacher, keeps its best state; the AGP schedule."""
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.recover import recover
+from prunekit.schedules import GradualPruner, scheduled_sparsity
+
+
+def teacher_and_data():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(8, 4, 3)).eval()
+    data = [torch.rand(4, 3, 12, 12) for _ in range(5)]
+    return teacher, data
+
+
+@pytest.mark.parametrize("finalized", [False, True], ids=["reparametrized", "finalized"])
+def test_zeros_stay_zero_and_the_teacher_is_unchanged(finalized):
+    teacher, data = teacher_and_data()
+    student = prunekit.apply_plan(prunekit.copy_model(teacher), {"0": 0.5, "2": 0.8, "4": 0.6})
+    if finalized:
+        prunekit.finalize(student)
+    zeros = {name: conv.weight.detach() == 0 for name, conv in prunekit.conv_layers(student).items()}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    history = recover(student, teacher, data, steps=30, lr=3e-3, eval_every=5, progress=False)
+    for name, conv in prunekit.conv_layers(student).items():
+        assert bool((conv.weight.detach()[zeros[name]] == 0).all()), name
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert history.best_distortion < history.distortion[0]  # it did recover something
+
+
+def test_a_learning_rate_that_only_hurts_returns_the_starting_weights():
+    teacher, data = teacher_and_data()
+    student = prunekit.finalize(prunekit.apply_plan(prunekit.copy_model(teacher), {"2": 0.5}))
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    history = recover(student, teacher, data, steps=10, lr=10.0, eval_every=2, progress=False)
+    assert history.best_step == 0 and max(history.distortion[1:]) > history.distortion[0]
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("frequency", [1, 3])
+def test_the_cubic_schedule_is_zhu_and_guptas_formula_and_reaches_the_plan(frequency):
+    start, end, initial, final = 4, 22, 0.1, 0.9
+    for step in range(0, 30):
+        expected = initial
+        if step >= end:
+            expected = final
+        elif step >= start:
+            t = start + (step - start) // frequency * frequency
+            expected = final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
+        assert scheduled_sparsity(step, initial, final, start, end, frequency) == pytest.approx(expected, abs=1e-12)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3))
+    pruner = GradualPruner(model, {"0": 0.8, "2": 0.5}, start_step=2, end_step=12, frequency=frequency)
+    for _ in range(12):
+        pruner.step()
+    assert pruner.done
+    assert pruner.sparsity("0") == pytest.approx(0.8, abs=1 / model[0].weight.numel())
+    assert pruner.sparsity("2") == pytest.approx(0.5, abs=1 / model[2].weight.numel())
+    assert prunekit.report.sparsity_report(model) is not None and hasattr(model[0], "weight_mask")
+
+
+def test_resuming_a_gradual_pruner_equals_an_uninterrupted_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3))
+    twin = prunekit.copy_model(model)
+    straight = GradualPruner(model, {"0": 0.7, "2": 0.6}, 0, 10, frequency=2)
+    for _ in range(10):
+        straight.step()
+    first = GradualPruner(twin, {"0": 0.7, "2": 0.6}, 0, 10, frequency=2)
+    for _ in range(5):
+        first.step()
+    saved_model, saved_state = prunekit.copy_model(twin), first.state_dict()
+    second = GradualPruner(saved_model, {"0": 0.7, "2": 0.6}, 0, 10, frequency=2)
+    second.load_state_dict(saved_state)
+    for _ in range(5):
+        second.step()
+    for name in ("0", "2"):
+        assert torch.equal(saved_model[int(name)].weight_mask, model[int(name)].weight_mask)
+
+
+def test_gradual_pruning_while_distilling_keeps_only_fully_pruned_states():
+    teacher, data = teacher_and_data()
+    student = prunekit.copy_model(teacher)
+    pruner = GradualPruner(student, {"2": 0.8}, start_step=0, end_step=10, frequency=2)
+    history = recover(student, teacher, data, steps=20, lr=1e-3, eval_every=2, pruner=pruner, progress=False)
+    assert history.best_step >= 10
+    assert float((student[2].weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
