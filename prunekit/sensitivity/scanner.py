@@ -367,16 +367,21 @@ def _suffix_graph(
     return traced, positions, capture
 
 
-def _reduce_score(metric: ForwardMetric, local: Optional[Tensor]) -> float:
+def _summed(metric: ForwardMetric, local: Optional[Tensor]) -> Tensor:
+    """This rank's statistics summed over all ranks; an error when no rank had a batch."""
     totals = all_reduce_sum(local)
     if totals is None:
         raise ValueError(f"{type(metric).__name__} has no batch to evaluate; pass at least one")
-    return metric.reduce(totals)
+    return totals
+
+
+def _forward_statistics(metric: ForwardMetric, model: nn.Module) -> Tensor:
+    """Full forwards over this rank's shard of the batches, statistics summed over all ranks."""
+    return _summed(metric, metric.statistics(model, rank_and_world()))
 
 
 def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
-    """Full forwards over this rank's shard of the batches, summed over all ranks."""
-    return _reduce_score(metric, metric.statistics(model, rank_and_world()))
+    return metric.reduce(_forward_statistics(metric, model))
 
 
 # ---------------------------------------------------------------------------
@@ -535,9 +540,7 @@ def scan(
         statistics = None
         if forward:
             evaluate.prepare(model)
-            statistics = all_reduce_sum(evaluate.statistics(model, rank_and_world()))
-            if statistics is None:
-                raise ValueError(f"{type(evaluate).__name__} has no batch to evaluate; pass at least one")
+            statistics = _forward_statistics(evaluate, model)
             baseline = evaluate.reduce(statistics)
         else:
             baseline = _score(evaluate(model))
@@ -594,7 +597,7 @@ def scan(
                         with guard.swap(targets[layer], masker.masked(layer, targets[layer], levels[i])):
                             local[rank] = _score(evaluate(model))
                         guard.reset_point()
-                    values = all_reduce_sum(local) if world > 1 else local
+                    values = all_reduce_sum(local)  # every point has one owner: the sum is its value
                     assert values is not None
                     for (layer, i), value in zip(round_points, values.tolist()):
                         result.scores[layer][i] = value
@@ -634,7 +637,7 @@ def _stream_layer(
                 stats = metric.batch_statistics(outputs, target)
                 totals[i] = stats if totals[i] is None else totals[i] + stats  # type: ignore[operator]
             del state
-    return {i: _reduce_score(metric, local) for i, local in totals.items()}
+    return {i: metric.reduce(_summed(metric, local)) for i, local in totals.items()}
 
 
 def evaluate_plan(
