@@ -247,3 +247,20 @@ def test_hed_declares_unnormalised_input_for_the_data_loaders():
     x = builtin_photos(16, normalize="none")[0]
     y = builtin_photos(16)[0]  # ImageNet mean/std
     assert x.min() >= 0 and y.min() < 0
+
+
+@needs_weights
+def test_cli_scans_hed_on_a_folder_of_images_without_imagenet_normalisation(tmp_path, monkeypatch):
+    from prunekit.datasets import write_synthetic_images
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_images("imgs", n=2, image_size=24, seed=3)
+    seen = []
+    real = prunekit.datasets.load_image_folder
+    monkeypatch.setattr(prunekit.datasets, "load_image_folder",
+                        lambda *a, **k: seen.append(k.get("normalize")) or real(*a, **k))
+    result = CliRunner().invoke(cli, ["scan", "--model", "hed", "--data", "imgs", "--image-size", "24",
+                                      "--layers", "fuse", "--sparsities", "0.5", "--quiet", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert seen == ["none"]  # HED takes [0, 1] RGB: no ImageNet mean/std
+    assert json.loads(result.stdout)["scan"]["meta"]["data"].startswith("2 images from imgs")

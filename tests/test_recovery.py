@@ -89,3 +89,14 @@ def test_gradual_pruning_while_distilling_keeps_only_fully_pruned_states():
     history = recover(student, teacher, data, steps=20, lr=1e-3, eval_every=2, pruner=pruner, progress=False)
     assert history.best_step >= 10
     assert float((student[2].weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+
+
+def test_a_channel_plan_is_reached_gradually():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3))
+    stats = prunekit.collect_channel_stats(model, [torch.rand(2, 3, 12, 12)])
+    pruner = GradualPruner(model, {"0": 0.6}, 0, 6, frequency=2, method="channel", stats=stats)
+    seen = [pruner.step()["0"] for _ in range(6)]
+    assert seen == sorted(seen) and seen[0] < 0.6 and pruner.sparsity("0") == pytest.approx(0.6)
+    dead = (model[0].weight.detach().flatten(1) == 0).all(dim=1)
+    assert int(dead.sum()) == 6 and bool((model[0].bias.detach()[dead] == 0).all())

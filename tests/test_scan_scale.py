@@ -281,3 +281,17 @@ def test_torchrun_cli_scan_equals_one_process_and_rank_0_alone_writes(tmp_path):
     assert document["scan"]["scores"] == json.loads(one.stdout)["scan"]["scores"]  # accuracy: exactly
     assert (tmp_path / "two" / "plan.json").read_text() == (tmp_path / "one" / "plan.json").read_text()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["plan.json", "scan.csv", "scan.json", "sensitivity.png"]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_reads_the_partial_scan_on_rank_0(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "prunekit", "scan", "--sparsities", "0.5,0.9", "--quiet", "--per-layer", "--out", "r"]
+    assert subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, timeout=180).returncode == 0
+    full = json.loads((tmp_path / "r" / "scan.json").read_text())
+    partial = dict(full, complete=False, scores={k: ([v[0], None] if i else v) for i, (k, v) in enumerate(full["scores"].items())})
+    (tmp_path / "r" / "scan.json").write_text(json.dumps(partial))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "scan.json").read_text())["scores"] == full["scores"]

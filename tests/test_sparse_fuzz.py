@@ -274,3 +274,13 @@ def test_read_sparse_header_reads_only_the_header(tmp_path):
     tracemalloc.stop()
     assert header["entries"][0]["shape"] == [4_000_000]
     assert peak < 1 << 20
+
+
+def test_loading_into_a_model_is_bounded_by_the_model_not_max_bytes(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 64, 3))
+    save_sparse(model, tmp_path / "m.pks")
+    with pytest.raises(SparseFormatError, match="max_bytes"):
+        load_sparse(tmp_path / "m.pks", max_bytes=100)
+    fresh = nn.Sequential(nn.Conv2d(3, 64, 3))
+    assert load_sparse(tmp_path / "m.pks", fresh, max_bytes=100) is fresh
+    assert torch.equal(fresh[0].weight, model[0].weight)
