@@ -10,7 +10,18 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-__all__ = ["eval_mode", "rollback_on_error"]
+__all__ = ["eval_mode", "restore_training", "rollback_on_error", "training_flags"]
+
+
+def training_flags(*models: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    """Every module's train/eval flag, for :func:`restore_training`."""
+    return [(module, module.training) for model in models for module in model.modules()]
+
+
+def restore_training(flags: Iterable[Tuple[nn.Module, bool]]) -> None:
+    """Put back the flags :func:`training_flags` saved (each module its own, not ``model.train(flag)``)."""
+    for module, training in flags:
+        module.training = training
 
 
 @contextlib.contextmanager
@@ -25,13 +36,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         >>> model.training
         True
     """
-    modes = [(module, module.training) for module in model.modules()]
+    flags = training_flags(model)
     try:
         model.eval()
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_training(flags)
 
 
 def _snapshot(module: nn.Module) -> Tuple:

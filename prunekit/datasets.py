@@ -50,6 +50,7 @@ __all__ = [
     "load_image_folder",
     "make_loader",
     "photo_files",
+    "random_crops",
     "preprocess_digits",
     "synthetic_image_array",
     "synthetic_images",
@@ -515,6 +516,40 @@ def write_synthetic_images(folder: PathLike, n: int, image_size: int, seed: int 
 
 
 # ---------------------------------------------------------------------------
+
+
+def random_crops(
+    images: torch.Tensor, size: int, count: int, batch_size: int, seed: int = 0
+) -> List[torch.Tensor]:
+    """``count`` batches of random ``size`` x ``size`` crops (randomly mirrored) of ``images`` ``[N, C, H, W]``.
+
+    Deterministic for a ``seed``. A few photos give many different training
+    inputs this way (what :func:`prunekit.recover` needs from unlabelled images);
+    images smaller than ``size`` are refused.
+
+    Example:
+        >>> batches = random_crops(torch.rand(2, 3, 40, 40), 32, count=3, batch_size=4)
+        >>> len(batches), batches[0].shape
+        (3, torch.Size([4, 3, 32, 32]))
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"crop size {size} exceeds the images ({height}x{width}); load them larger or crop smaller")
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        picks = torch.randint(images.shape[0], (batch_size,), generator=generator)
+        tops = torch.randint(height - size + 1, (batch_size,), generator=generator)
+        lefts = torch.randint(width - size + 1, (batch_size,), generator=generator)
+        flips = torch.rand(batch_size, generator=generator) < 0.5
+        crops = []
+        for pick, top, left, flip in zip(picks.tolist(), tops.tolist(), lefts.tolist(), flips.tolist()):
+            crop = images[pick, :, top : top + size, left : left + size]
+            crops.append(crop.flip(-1) if flip else crop)
+        batches.append(torch.stack(crops))
+    return batches
 
 
 def make_loader(dataset: Dataset, batch_size: int) -> DataLoader:

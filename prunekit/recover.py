@@ -43,10 +43,12 @@ class RecoveryHistory:
     distortion: List[float] = field(default_factory=list)
     best_step: int = 0
     best_distortion: float = float("inf")
+    interrupted: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"steps": self.steps, "train_loss": self.train_loss, "held_out_distortion": self.distortion,
-                "best_step": self.best_step, "best_distortion": self.best_distortion}
+                "best_step": self.best_step, "best_distortion": self.best_distortion,
+                "interrupted": self.interrupted}
 
 
 def _outputs(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]]) -> List[Tensor]:
@@ -123,7 +125,8 @@ def recover(
 
     Returns:
         A :class:`RecoveryHistory`. Both models run in eval mode (BatchNorm statistics frozen);
-        their train/eval flags come back.
+        their train/eval flags come back. Ctrl-C stops the training early: the student is left
+        at its best state so far and ``history.interrupted`` is set.
     """
     batches = list(data)
     if not batches:
@@ -187,7 +190,7 @@ def recover(
                     if bar is not None:
                         bar.update(1)
             except KeyboardInterrupt:
-                pass  # keep the best weights so far (below)
+                history.interrupted = True  # keep the best weights so far (below); the caller sees the flag
             finally:
                 if bar is not None:
                     bar.render_finish()

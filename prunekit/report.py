@@ -17,7 +17,12 @@ _MIB = 1024.0 * 1024.0
 
 @dataclass(frozen=True)
 class LayerSparsity:
-    """One conv or linear layer: weight and bias counts, and MACs for one input when measured."""
+    """One conv or linear layer: weight and bias counts, and MACs for one input when measured.
+
+    ``params``/``zeros`` count the weight and the bias (what the layer stores);
+    ``sparsity`` is the weight's alone, the quantity a plan sets (a plan of 0.7
+    reads 70.0 %, not the 69.5 % that counting the dense bias would give).
+    """
 
     name: str
     kind: str
@@ -25,6 +30,8 @@ class LayerSparsity:
     zeros: int
     macs: Optional[int] = None
     effective_macs: Optional[int] = None
+    weights: int = 0
+    weight_zeros: int = 0
 
     @property
     def nonzeros(self) -> int:
@@ -32,7 +39,8 @@ class LayerSparsity:
 
     @property
     def sparsity(self) -> float:
-        return self.zeros / self.params if self.params else 0.0
+        """Fraction of the weight's entries that are zero (biases not counted)."""
+        return self.weight_zeros / self.weights if self.weights else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class SparsityReport:
 
     def __str__(self) -> str:
         with_macs = self.input_size is not None
-        header = ["layer", "kind", "params", "zeros", "sparsity"] + (["MACs", "eff. MACs"] if with_macs else [])
+        header = ["layer", "kind", "params", "zeros", "weight sparsity"] + (["MACs", "eff. MACs"] if with_macs else [])
         rows = [
             [layer.name, layer.kind, f"{layer.params:,}", f"{layer.zeros:,}", f"{layer.sparsity:.1%}"]
             + ([_macs(layer.macs), _macs(layer.effective_macs)] if with_macs else [])
@@ -128,16 +136,19 @@ def _macs(value: Optional[int]) -> str:
     return str(value)
 
 
-def _count(module: nn.Module) -> tuple:
+def _count(module: nn.Module) -> Dict[str, int]:
     # module.weight is the masked tensor when the module is pruned, so the
     # zeros of masks and of finalized weights are counted alike.
-    params = zeros = 0
+    counts = {"params": 0, "zeros": 0, "weights": 0, "weight_zeros": 0}
     for name in ("weight", "bias"):
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor):
-            params += tensor.numel()
-            zeros += int((tensor == 0).sum())
-    return params, zeros
+            zeros = int((tensor == 0).sum())
+            counts["params"] += tensor.numel()
+            counts["zeros"] += zeros
+            if name == "weight":
+                counts["weights"], counts["weight_zeros"] = tensor.numel(), zeros
+    return counts
 
 
 def count_macs(
@@ -208,6 +219,9 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
         >>> report = sparsity_report(model, input_size=(3, 8, 8))
         >>> report.layers[0].macs
         7776
+        >>> from prunekit.plans import apply_plan
+        >>> sparsity_report(apply_plan(model, {"0": 0.75})).layers[0].sparsity  # the weight's, bias not counted
+        0.75
     """
     if input_size is not None:
         input_size = tuple(int(size) for size in input_size)
@@ -221,9 +235,8 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
     macs = count_macs(model, input_size, layers) if input_size is not None else {}
     rows = []
     for name, module in layers.items():
-        params, zeros = _count(module)
         dense, effective = macs.get(name, (None, None))
-        rows.append(LayerSparsity(name, type(module).__name__, params, zeros, dense, effective))
+        rows.append(LayerSparsity(name, type(module).__name__, macs=dense, effective_macs=effective, **_count(module)))
     total_params = total_zeros = dense_bytes = nonzero_bytes = 0
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):

@@ -50,6 +50,7 @@ __all__ = [
     "MAGIC",
     "SparseFormatError",
     "load_sparse",
+    "is_sparse_file",
     "read_sparse_header",
     "save_sparse",
 ]
@@ -226,6 +227,7 @@ def save_sparse(
     path: PathLike,
     *,
     values_dtype: Optional[torch.dtype] = None,
+    arch: Optional[str] = None,
 ) -> None:
     """Write a checkpoint whose size follows the sparsity of the weights; atomic.
 
@@ -243,6 +245,9 @@ def save_sparse(
             store float32/float64 values at that precision (sparse-stored zeros as +0.0): LOSSY
             (about half the size); the header records ``"lossy": true`` and loading casts back to the
             original dtype.
+        arch: the spec that rebuilds the architecture (``"vgg16"``, ``"package.module:factory"``),
+            recorded in the header so that :func:`prunekit.load_model` reads the file as a model
+            (``prunekit prune --out model.pksparse`` writes it); ``None`` for a bare state_dict.
 
     Raises:
         TypeError: a value is neither a supported tensor nor a JSON value.
@@ -256,6 +261,8 @@ def save_sparse(
         >>> torch.equal(load_sparse("linear.pksparse")["weight"], model.weight)  # doctest: +SKIP
         True
     """
+    if arch is not None and not (isinstance(arch, str) and 0 < len(arch) <= _MAX_ARCH):
+        raise ValueError(f"arch={arch!r} must be a non-empty string of at most {_MAX_ARCH} characters, or None")
     if values_dtype is not None and values_dtype not in _LOSSY_DTYPES:
         raise ValueError(
             f"values_dtype={values_dtype!r} is not supported; use None (lossless), "
@@ -292,6 +299,8 @@ def save_sparse(
         "metadata": {k: dict(v) for k, v in metadata.items()} if metadata is not None else None,
         "entries": entries,
     }
+    if arch is not None:
+        header["arch"] = arch  # optional, so files without it (and readers before it) stay valid
     if metadata is not None:
         _check_json_value("_metadata", header["metadata"])
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -318,6 +327,8 @@ DEFAULT_MAX_BYTES = 2 << 30
 """Default cap on the bytes of tensors one file may make :func:`load_sparse` allocate (2 GiB)."""
 
 _HEADER_KEYS = {"format", "version", "lossy", "values_dtype", "byteorder", "payload_bytes", "metadata", "entries"}
+_OPTIONAL_HEADER_KEYS = {"arch"}
+_MAX_ARCH = 1000
 _TENSOR_KEYS = {"key", "type", "dtype", "stored_dtype", "shape", "encoding", "nnz", "blobs"}
 _JSON_KEYS = {"key", "type", "value"}
 _BLOB_KEYS = {"offset", "length", "codec", "size", "crc32"}
@@ -356,6 +367,8 @@ class _Reader:
     def __init__(self, path: PathLike, header_only: bool = False) -> None:
         self.name = str(path)
         target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"{self.name!r} is a folder, not a sparse checkpoint file; name the file inside it")
         if not target.is_file():
             raise FileNotFoundError(f"no such file: {self.name!r}")
         with open(target, "rb") as handle:
@@ -410,9 +423,11 @@ class _Reader:
             raise self.fail(f"unreadable header ({type(err).__name__}: {err})") from None
         if not isinstance(header, dict) or header.get("format") != "prunekit.sparse":
             raise self.fail("the header does not describe a prunekit.sparse file")
-        if set(header) != _HEADER_KEYS:
-            odd = sorted(set(header) ^ _HEADER_KEYS)
+        if set(header) - _OPTIONAL_HEADER_KEYS != _HEADER_KEYS:
+            odd = sorted((set(header) - _OPTIONAL_HEADER_KEYS) ^ _HEADER_KEYS)
             raise self.fail(f"the header has unknown or missing keys {odd}")
+        if "arch" in header and not (isinstance(header["arch"], str) and 0 < len(header["arch"]) <= _MAX_ARCH):
+            raise self.fail("malformed arch field")
         if header["version"] != self.version:
             raise self.fail(f"the header says version {header['version']!r}, the preamble {self.version}")
         if header["byteorder"] != "little" or sys.byteorder != "little":
@@ -579,8 +594,22 @@ def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
     return flat.view(dtype).reshape(shape)
 
 
+def is_sparse_file(path: PathLike) -> bool:
+    """Whether ``path`` is a file that starts with the sparse format's magic bytes (its name does not matter).
+
+    Example:
+        >>> is_sparse_file(__file__)
+        False
+    """
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def read_sparse_header(path: PathLike) -> Dict[str, Any]:
-    """The checked JSON header of a sparse checkpoint (``lossy``, ``values_dtype``, entries); reads only the header.
+    """The checked JSON header of a sparse checkpoint (``lossy``, ``values_dtype``, ``arch`` when recorded, entries); reads only the header.
 
     Raises:
         SparseFormatError: not a valid prunekit sparse checkpoint.

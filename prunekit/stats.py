@@ -10,8 +10,6 @@ Style Transfer: Channel Pruning on a Single Training of Network* (Sensors 2022).
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
@@ -19,8 +17,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from prunekit._rollback import restore_training, training_flags
 from prunekit.io import PathLike, atomic_write, read_json, write_json
 from prunekit.layers import conv_block, resolve_layers
+from prunekit.progress import progress_bar
 
 __all__ = [
     "CRITERIA",
@@ -263,7 +263,7 @@ def collect_channel_stats(
     accumulators = OrderedDict(
         (name, _LayerAccumulator(name, conv.out_channels)) for name, conv in convs.items()
     )
-    modes = [(module, module.training) for module in model.modules()]
+    flags = training_flags(model)
     handles = []
     try:
         for name, acc in accumulators.items():
@@ -275,8 +275,8 @@ def collect_channel_stats(
         elif length is not None and hasattr(data, "__len__"):
             length = min(length, len(data))  # type: ignore[arg-type]
         num_batches = 0
-        with torch.no_grad(), _progress(data, length, progress) as batches:
-            for index, batch in enumerate(batches):
+        with torch.no_grad(), progress_bar(length or 0, "collecting channel stats", progress) as tick:
+            for index, batch in enumerate(data):
                 if max_batches is not None and index >= max_batches:
                     break
                 inputs = _batch_input(batch, index).to(device)
@@ -292,24 +292,14 @@ def collect_channel_stats(
                             "pass layers= to skip this one)"
                         )
                 num_batches += 1
+                tick()
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
+        restore_training(flags)
     if num_batches == 0:
         raise ValueError("data yielded no batches; pass at least one batch of inputs")
     return OrderedDict((name, acc.result()) for name, acc in accumulators.items())
-
-
-def _progress(data: Iterable[Any], length: Optional[int], show: bool) -> Any:
-    if not show:
-        return contextlib.nullcontext(data)
-    import click
-
-    return click.progressbar(
-        data, length=length, label="collecting channel stats", file=sys.stderr
-    )
 
 
 def save_channel_stats(stats: Mapping[str, ChannelStats], path: PathLike) -> None:

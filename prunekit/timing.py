@@ -9,6 +9,8 @@ from typing import Dict, List, Mapping, Tuple, Union
 import torch
 from torch import nn
 
+from prunekit._rollback import restore_training, training_flags
+
 __all__ = ["compare_latency", "latency_samples"]
 
 
@@ -34,7 +36,7 @@ def latency_samples(
         raise ValueError("models is empty; pass at least one {name: model}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    modes = [(module, module.training) for model in models.values() for module in model.modules()]
+    flags = training_flags(*models.values())
     samples: Dict[str, List[float]] = {name: [] for name in models}
     try:
         for model in models.values():
@@ -56,8 +58,7 @@ def latency_samples(
                     if round_index >= warmup:
                         samples[name].append(elapsed)
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_training(flags)
     return samples
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from prunekit.io import PathLike, save_torch
 from prunekit.layers import conv_layers
+from prunekit.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -228,8 +229,13 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
         >>> load_weights(model, "w.pt")  # doctest: +SKIP
     """
     target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"weights file {str(target)!r} is a folder; name the state_dict file inside it")
     if not target.is_file():
         raise FileNotFoundError(f"weights file {str(target)!r} not found")
+    if is_sparse_file(target):
+        state = load_sparse(target, max_bytes=_sparse_limit(model))
+        return _load_state(model, dict(state), target)
     try:
         obj = _read_torch_file(target, "weights file")
     except _PickledObjectError as err:
@@ -309,7 +315,42 @@ def _factory(spec: str) -> nn.Module:
     return model
 
 
+def _sparse_limit(model: nn.Module) -> int:
+    """The most bytes a sparse file loaded into ``model`` may decode: the model's own state, plus slack for masks."""
+    return 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+
+
+def _sparse_checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
+    arch = read_sparse_header(path).get("arch")
+    if arch is None:
+        raise ValueError(
+            f"sparse checkpoint {str(path)!r} holds a state_dict without an architecture; pass the architecture "
+            f"as --model and the file as --weights (e.g. --model vgg16 --weights {path})"
+        )
+    model = _build_recorded(arch, path, trust_checkpoint, progress)
+    # The architecture bounds what the file may make us allocate (the shapes are checked first).
+    return _load_state(model, dict(load_sparse(path, max_bytes=_sparse_limit(model))), path)
+
+
+def _build_recorded(arch: str, path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
+    """Build the architecture a checkpoint file names, refusing code the file would make us import."""
+    if _FACTORY_SPEC.match(arch) and not trust_checkpoint:
+        raise ValueError(
+            f"checkpoint {str(path)!r} asks to build its model with {arch!r}, which imports and runs "
+            f"code named by the file; pass --trust-checkpoint if you trust it, or load it as "
+            f"--model {arch} --weights {path}"
+        )
+    if arch.lower() not in available_models() and not _FACTORY_SPEC.match(arch):
+        raise ValueError(
+            f"checkpoint {str(path)!r} names architecture {arch!r}; expected one of "
+            f"{', '.join(available_models())} or package.module:factory"
+        )
+    return _build(arch, "none", progress)
+
+
 def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
+    if is_sparse_file(path):
+        return _sparse_checkpoint(path, trust_checkpoint, progress)
     try:
         obj = _read_torch_file(path, "checkpoint")
     except _PickledObjectError as err:
@@ -327,19 +368,7 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
         return obj
 
     if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and "state_dict" in obj:
-        arch = obj["arch"]
-        if _FACTORY_SPEC.match(arch) and not trust_checkpoint:
-            raise ValueError(
-                f"checkpoint {str(path)!r} asks to build its model with {arch!r}, which imports and runs "
-                f"code named by the file; pass --trust-checkpoint if you trust it, or load it as "
-                f"--model {arch} --weights {path}"
-            )
-        if arch.lower() not in available_models() and not _FACTORY_SPEC.match(arch):
-            raise ValueError(
-                f"checkpoint {str(path)!r} names architecture {arch!r}; expected one of "
-                f"{', '.join(available_models())} or package.module:factory"
-            )
-        return _load_state(_build(arch, "none", progress), obj, path)
+        return _load_state(_build_recorded(obj["arch"], path, trust_checkpoint, progress), obj, path)
     if isinstance(obj, Mapping):
         raise ValueError(
             f"{str(path)!r} holds a state_dict without an architecture; pass the architecture as "
@@ -416,6 +445,8 @@ def load_model(
         kind = "checkpoint"
     elif _FACTORY_SPEC.match(spec.strip()):
         kind = "factory"
+    elif path.is_dir():
+        raise IsADirectoryError(f"--model {spec} is a folder, not a checkpoint file; name the file inside it")
     elif _looks_like_path(spec) or path.exists():
         raise FileNotFoundError(f"checkpoint file {spec!r} not found")
     elif name.startswith("vgg"):
@@ -440,6 +471,8 @@ def load_model(
         model = _checkpoint(path, trust_checkpoint, progress)
     else:
         file_weights = weights not in (None, "none", "imagenet")
+        if file_weights and Path(weights).is_dir():
+            raise IsADirectoryError(f"--weights {weights} is a folder; name the state_dict file inside it")
         if file_weights and not Path(weights).is_file():
             raise FileNotFoundError(
                 f"weights file {weights!r} not found; --weights takes imagenet, none or a state_dict path"
@@ -455,11 +488,15 @@ def load_model(
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: PathLike, arch: str) -> None:
+def save_checkpoint(model: nn.Module, path: PathLike, arch: str, *, sparse: Optional[bool] = None) -> None:
     """Write ``{"arch": arch, "state_dict": ...}`` to ``path`` atomically; ``load_model(path)`` rebuilds it.
 
     The file holds only strings and tensors, so it loads with ``weights_only=True``.
     A pruned model's ``weight_orig``/``weight_mask`` are kept and folded on load.
+    With ``sparse`` (default: when ``path`` ends in ``.pksparse``) the file is a
+    :func:`prunekit.save_sparse` checkpoint that records ``arch``: its size follows
+    the sparsity (finalize the model first), and ``load_model`` recognises it by its
+    magic bytes, whatever its name.
 
     Args:
         model: the model to save.
@@ -478,5 +515,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, arch: str) -> None:
             f"arch {arch!r} cannot rebuild the model; pass one of {', '.join(available_models())} "
             "or package.module:factory"
         )
+    if sparse is None:
+        sparse = str(path).lower().endswith(".pksparse")
+    if sparse:
+        save_sparse(model, path, arch=arch)
+        return
     state = OrderedDict((key, value.detach().cpu().clone()) for key, value in model.state_dict().items())
     save_torch({"format": _CHECKPOINT_FORMAT, "arch": arch, "state_dict": state}, path)

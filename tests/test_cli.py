@@ -82,7 +82,7 @@ def test_scan_with_no_options_scans_the_builtin_digits_model(runner):
     assert scan.baseline - plan["score_with_plan"] <= 0.01 + 1e-9
     assert any(plan["plan"].values())
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "scan.csv").read_text().startswith("layer,0.4,0.5,0.6,0.7,0.8,0.9\n")
+    assert (out / "scan.csv").read_text().startswith("layer,baseline,0.4,0.5,0.6,0.7,0.8,0.9\n")
 
 
 def test_scan_vgg11_random_weights_on_an_image_folder(runner, images):

@@ -411,11 +411,38 @@ def test_from_json_names_a_bad_file(tmp_path):
         SensitivityResult.from_json(path)
 
 
-def test_csv_has_one_row_per_layer_and_one_column_per_sparsity():
-    lines = example_result().to_csv().splitlines()
-    assert lines[0] == "layer,0.4,0.7"
+def test_csv_has_one_row_per_layer_the_baseline_and_one_column_per_sparsity():
+    result = example_result()
+    lines = result.to_csv().splitlines()
+    assert lines[0] == "layer,baseline,0.4,0.7"
     assert [line.split(",")[0] for line in lines[1:]] == ["features.0", "features.2"]
-    assert lines[2].split(",")[2] == ""  # not measured
+    assert all(float(line.split(",")[1]) == result.baseline for line in lines[1:])
+    assert lines[2].split(",")[3] == ""  # not measured
+
+
+def test_table_plan_column_shows_the_plan_written_and_each_layer_alone():
+    result = SensitivityResult("accuracy", True, 0.9, (0.4, 0.7), {"a": [0.9, 0.9], "b": [0.9, 0.89]})
+    own = result.table(max_drop=0.02)
+    assert own.splitlines()[1].split() == ["layer", "40%", "70%", "plan"]
+    assert own.splitlines()[2].split()[-1] == "70%"
+    joint = result.table(max_drop=0.02, plan={"a": 0.7, "b": 0.4})
+    assert joint.splitlines()[1].split() == ["layer", "40%", "70%", "plan", "alone"]
+    assert joint.splitlines()[3].split()[-2:] == ["40%", "70%"]  # b: written 40 %, alone 70 %
+    assert "every score within the tolerance" in joint and "*" not in joint
+
+
+def test_plot_marks_points_beyond_the_tolerance_and_a_plan_of_zero(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = SensitivityResult("accuracy", True, 0.9, (0.4, 0.7), {"a": [0.9, 0.5], "b": [0.2, 0.1]})
+    figure = result.plot(tmp_path / "s.png", max_drop=0.02, plan={"a": 0.4, "b": 0.0})
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    crosses = {ax.get_title(): [line for line in ax.lines if line.get_gid() == "beyond-tolerance"] for ax in axes}
+    assert list(crosses["a"][0].get_xdata()) == [70.0]
+    assert list(crosses["b"][0].get_xdata()) == [40.0, 70.0]
+    plan_lines = {ax.get_title(): [l for l in ax.lines if l.get_gid() == "plan"] for ax in axes}
+    assert list(plan_lines["b"][0].get_xdata()) == [0.0, 0.0]  # a plan of 0 is drawn, at 0 %
+    assert list(plan_lines["a"][0].get_xdata()) == [40.0, 40.0]
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table_shows_layers_levels_and_plan():

@@ -10,14 +10,17 @@ cheapest step first, keeping a step only if the whole plan (measured with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
+from prunekit.progress import progress_bar
 from prunekit.sensitivity.result import SensitivityResult, _drop
 from prunekit.sensitivity.scanner import evaluate_plan
 
-__all__ = ["PlanFit", "fit_plan"]
+__all__ = ["PlanFit", "Trial", "fit_plan"]
+
+Trial = Tuple[str, float, float, bool]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class PlanFit:
 
     plan: Dict[str, float]
     score: float
-    trials: List[Tuple[str, float, float, bool]] = field(default_factory=list)
+    trials: List[Trial] = field(default_factory=list)
 
 
 def fit_plan(
@@ -44,6 +47,9 @@ def fit_plan(
     stats: Optional[Mapping[str, Any]] = None,
     *,
     criterion: str = "l2",
+    resume_from: Optional[Sequence[Sequence[Any]]] = None,
+    on_trial: Optional[Callable[[PlanFit], None]] = None,
+    progress: bool = False,
 ) -> PlanFit:
     """Grow a plan from dense, cheapest step first, while the JOINT score stays within ``max_drop``.
 
@@ -59,6 +65,14 @@ def fit_plan(
         result: the finished scan.
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
+        resume_from: the ``trials`` of an interrupted fit of the same scan and tolerance; they are
+            replayed without evaluating (a fit is deterministic), then the fit goes on.
+        on_trial: called with the fit so far after every trial (e.g. to save ``trials``).
+        progress: show a progress bar (its length is the most trials the fit can take).
+
+    Raises:
+        ValueError: an incomplete scan, a bad tolerance, or ``resume_from`` trials that this
+            scan and tolerance would not have tried (another scan's fit).
 
     Example:
         >>> import torch
@@ -77,24 +91,51 @@ def fit_plan(
     frozen = set()
     plan = {layer: 0.0 for layer in result.layers}
     score = float(result.baseline)
-    trials: List[Tuple[str, float, float, bool]] = []
-    while True:
-        steps = []
-        for order, layer in enumerate(result.layers):
-            following = position[layer] + 1
-            if layer in frozen or following >= len(levels) or levels[following] > ceiling[layer] + 1e-12:
-                continue
-            single = _drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
-            steps.append((single, order, layer, following))
-        if not steps:
-            break
-        _, _, layer, following = min(steps)
-        trial = dict(plan, **{layer: float(levels[following])})
-        joint = evaluate_plan(model, evaluate, trial, method=result.method, stats=stats, criterion=criterion)
-        kept = _drop(joint, result.baseline, result.higher_is_better, relative) <= max_drop + 1e-12
-        trials.append((layer, float(levels[following]), joint, kept))
-        if kept:
-            plan, score, position[layer] = trial, joint, following
-        else:
-            frozen.add(layer)
+    trials: List[Trial] = []
+    saved = [(str(t[0]), float(t[1]), float(t[2]), bool(t[3])) for t in (resume_from or [])]
+    most = sum(sum(1 for level in levels if level <= ceiling[layer] + 1e-12) for layer in result.layers)
+    with progress_bar(most, "fitting the plan", progress) as tick:
+        while True:
+            step = _next_step(result, position, frozen, ceiling, relative)
+            if step is None:
+                break
+            layer, following = step
+            trial = dict(plan, **{layer: float(levels[following])})
+            if len(trials) < len(saved):
+                done_layer, done_level, joint, _ = saved[len(trials)]
+                if done_layer != layer or abs(done_level - levels[following]) > 1e-9:
+                    raise ValueError(
+                        f"the saved fit tried {done_layer} at {done_level:g} where this scan and tolerance try "
+                        f"{layer} at {levels[following]:g}: it belongs to another scan; start the fit over"
+                    )
+            else:
+                joint = evaluate_plan(model, evaluate, trial, method=result.method, stats=stats, criterion=criterion)
+            kept = _drop(joint, result.baseline, result.higher_is_better, relative) <= max_drop + 1e-12
+            trials.append((layer, float(levels[following]), float(joint), kept))
+            if kept:
+                plan, score, position[layer] = trial, joint, following
+            else:
+                frozen.add(layer)
+            tick(layer)
+            if on_trial is not None:
+                on_trial(PlanFit(dict(plan), score, list(trials)))
     return PlanFit(plan, score, trials)
+
+
+def _next_step(
+    result: SensitivityResult, position: Mapping[str, int], frozen: set, ceiling: Mapping[str, float], relative: bool
+) -> Optional[Tuple[str, int]]:
+    """The cheapest next step (smallest single-layer drop, then scan order), or None when none is left."""
+    levels = result.sparsities
+    steps = []
+    for order, layer in enumerate(result.layers):
+        following = position[layer] + 1
+        if layer in frozen or following >= len(levels) or levels[following] > ceiling[layer] + 1e-12:
+            continue
+        single = _drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
+        steps.append((single, order, layer, following))
+    if not steps:
+        return None
+    _, _, layer, following = min(steps)
+    return layer, following
+

@@ -7,6 +7,8 @@ from typing import Mapping, TYPE_CHECKING, Any, Optional
 
 from prunekit.io import PathLike, atomic_write
 
+from prunekit.sensitivity.result import _drop
+
 if TYPE_CHECKING:  # pragma: no cover
     from prunekit.sensitivity.result import SensitivityResult
 
@@ -33,15 +35,16 @@ def plot_sensitivity(
     relative: bool = False,
     title: Optional[str] = None,
     plan: Optional[Mapping[str, float]] = None,
-) -> None:
-    """Write ``result`` as a grid of per-layer curves to the PNG file ``path`` (atomically).
+) -> Any:
+    """Write ``result`` as a grid of per-layer curves to the PNG file ``path`` (atomically); returns the Figure.
 
     Each chart shows the score at 0 % (the dense baseline) and at every scanned
     sparsity, the baseline as a dashed line, and with ``max_drop`` the band of
-    acceptable scores and each layer's own planned sparsity (dotted red). With
-    ``plan`` (e.g. a joint plan from :func:`prunekit.sensitivity.fit_plan`), its
-    sparsities are drawn as solid red lines. All charts share the y axis so
-    layers can be compared at a glance.
+    acceptable scores, red crosses on the points beyond it, and each layer's own
+    planned sparsity (dotted red). With ``plan`` (e.g. a joint plan from
+    :func:`prunekit.sensitivity.fit_plan`), its sparsities are drawn as solid red
+    lines. A planned sparsity of 0 (the layer stays dense) is drawn at 0 %. All
+    charts share the y axis so layers can be compared at a glance.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install 'prunekit[plots]'``).
@@ -80,11 +83,18 @@ def plot_sensitivity(
         if allowed is not None:
             low, high = sorted((baseline, allowed))
             ax.axhspan(low, high, color="tab:green", alpha=0.12, linewidth=0)
-        if per_layer is not None and per_layer[layer] > 0:
+            beyond = [
+                (x, y) for x, y in points[1:]
+                if math.isnan(y) or _drop(y, baseline, result.higher_is_better, relative) > max_drop + 1e-12
+            ]
+            if beyond:
+                ax.plot([p[0] for p in beyond], [p[1] for p in beyond], linestyle="none", marker="x",
+                        markersize=6, color="tab:red", gid="beyond-tolerance")
+        if per_layer is not None:
             style = "-" if plan is None else ":"
-            ax.axvline(100.0 * per_layer[layer], color="tab:red", linewidth=1, linestyle=style)
-        if plan is not None and plan.get(layer, 0.0) > 0:
-            ax.axvline(100.0 * plan[layer], color="tab:red", linewidth=1.5)
+            ax.axvline(100.0 * per_layer[layer], color="tab:red", linewidth=1, linestyle=style, gid="alone")
+        if plan is not None:
+            ax.axvline(100.0 * plan.get(layer, 0.0), color="tab:red", linewidth=1.5, gid="plan")
         ax.set_title(layer, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -100,9 +110,13 @@ def plot_sensitivity(
     direction = "higher" if result.higher_is_better else "lower"
     heading = title or f"Sensitivity: {result.metric} ({direction} is better), {result.method} pruning, one layer at a time"
     if per_layer is not None and plan is not None:
-        heading += "\nband: tolerance; dotted red: each layer alone; solid red: the plan (all layers together)"
-    elif per_layer is not None or plan is not None:
-        heading += "\nband: tolerance, red line: planned sparsity"
+        heading += ("\nband: tolerance; x: beyond it; dotted red: each layer alone; "
+                    "solid red: the plan (all layers together)")
+    elif per_layer is not None:
+        heading += "\nband: tolerance, x: beyond it, red line: planned sparsity"
+    elif plan is not None:
+        heading += "\nred line: planned sparsity"
     figure.suptitle(heading, fontsize=10)
     with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=100)
+    return figure

@@ -259,10 +259,23 @@ class SensitivityResult:
 
     # ------------------------------------------------------------------ text
 
-    def table(self, max_drop: Optional[float] = None, relative: bool = False) -> str:
+    def table(
+        self, max_drop: Optional[float] = None, relative: bool = False, plan: Optional[Mapping[str, float]] = None
+    ) -> str:
         """A plain-text table: one row per layer, one column per sparsity, and the plan if ``max_drop`` is given.
 
-        Scores outside the tolerance are marked with ``*``.
+        Scores outside the tolerance are marked with ``*``. The ``plan`` column shows
+        ``plan`` when given (the plan actually written, e.g. a joint one), with an
+        ``alone`` column for each layer's own level where the two differ; without it,
+        each layer's own level.
+
+        Example:
+            >>> result = SensitivityResult("accuracy", True, 0.9, (0.5, 0.9), {"conv": [0.9, 0.5]})
+            >>> print(result.table(max_drop=0.01, plan={"conv": 0.0}))  # doctest: +NORMALIZE_WHITESPACE
+            accuracy (higher is better), dense baseline 0.9000, method fine-grained, one layer pruned at a time
+            layer  50%     90%  plan  alone
+            conv   0.9000  0.5000*  0%  50%
+            * beyond the tolerance; max drop 0.01; plan = the plan written (alone: each layer's own highest level within tolerance)
         """
         direction = "higher" if self.higher_is_better else "lower"
         baseline = _format_score(self.baseline)
@@ -270,10 +283,17 @@ class SensitivityResult:
             f"{self.metric} ({direction} is better), dense baseline {baseline}, "
             f"method {self.method}, one layer pruned at a time"
         ]
-        plan = self.plan(max_drop, relative) if max_drop is not None else None
+        own = self.plan(max_drop, relative) if max_drop is not None else None
+        written = dict(plan) if plan is not None and own is not None else None
+        differs = written is not None and any(
+            abs(written.get(layer, 0.0) - level) > 1e-12 for layer, level in own.items()  # type: ignore[union-attr]
+        )
+        plan = written if written is not None else own
         header = ["layer"] + [_percent(s) for s in self.sparsities]
         if plan is not None:
             header.append("plan")
+        if differs:
+            header.append("alone")
         rows = []
         starred = False
         for layer, values in self.scores.items():
@@ -289,7 +309,9 @@ class SensitivityResult:
                     starred = starred or bad
                 cells.append(cell)
             if plan is not None:
-                cells.append(_percent(plan[layer]))
+                cells.append(_percent(plan.get(layer, 0.0)))
+            if differs:
+                cells.append(_percent(own[layer]))  # type: ignore[index]
             rows.append(cells)
         widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
         align = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
@@ -301,9 +323,12 @@ class SensitivityResult:
             kind = f"{max_drop:g} of the baseline (relative)" if relative else f"{max_drop:g}"
             word = "drop" if self.higher_is_better else "rise"
             star = "* beyond the tolerance; " if starred else "every score within the tolerance; "
-            lines.append(
-                f"{star}max {word} {kind}; plan = highest sparsity with it and every lower level within tolerance"
+            meaning = (
+                "plan = the plan written (alone: each layer's own highest level within tolerance)"
+                if differs
+                else "plan = highest sparsity with it and every lower level within tolerance"
             )
+            lines.append(f"{star}max {word} {kind}; {meaning}")
         if not self.complete:
             lines.append(f"partial scan: {self.num_done} of {len(self.scores) * len(self.sparsities)} points measured")
         return "\n".join(lines)
@@ -383,15 +408,22 @@ class SensitivityResult:
         return cls.from_dict(data, where)
 
     def to_csv(self, path: Optional[PathLike] = None) -> str:
-        """CSV text: a ``layer`` column then one column per sparsity (empty cell: not measured).
+        """CSV text: ``layer``, the dense ``baseline`` (sparsity 0), then one column per sparsity.
 
-        Also written atomically to ``path`` when given.
+        An empty cell is a point not measured yet. Also written atomically to ``path`` when given.
+
+        Example:
+            >>> print(SensitivityResult("accuracy", True, 0.9, (0.5,), {"conv": [0.8]}).to_csv())
+            layer,baseline,0.5
+            conv,0.9,0.8
+            <BLANKLINE>
         """
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["layer"] + [f"{s:g}" for s in self.sparsities])
+        writer.writerow(["layer", "baseline"] + [f"{s:g}" for s in self.sparsities])
+        baseline = "" if self.baseline is None else repr(self.baseline)
         for layer, values in self.scores.items():
-            writer.writerow([layer] + ["" if v is None else repr(v) for v in values])
+            writer.writerow([layer, baseline] + ["" if v is None else repr(v) for v in values])
         text = buffer.getvalue()
         if path is not None:
             with atomic_write(path, "w") as handle:
@@ -405,12 +437,13 @@ class SensitivityResult:
         relative: bool = False,
         title: Optional[str] = None,
         plan: Optional[Mapping[str, float]] = None,
-    ) -> None:
-        """Write a PNG grid of per-layer curves with the dense baseline (needs matplotlib).
+    ) -> Any:
+        """Write a PNG grid of per-layer curves with the dense baseline (needs matplotlib); returns the Figure.
 
-        With ``max_drop``, the tolerance band and each layer's planned sparsity are
-        drawn too; ``plan`` (e.g. a joint plan) is drawn as solid red lines.
+        With ``max_drop``, the tolerance band, each layer's planned sparsity and red
+        crosses on the points beyond the tolerance are drawn too; ``plan`` (e.g. a
+        joint plan) is drawn as solid red lines.
         """
         from prunekit.sensitivity.plot import plot_sensitivity
 
-        plot_sensitivity(self, path, max_drop=max_drop, relative=relative, title=title, plan=plan)
+        return plot_sensitivity(self, path, max_drop=max_drop, relative=relative, title=title, plan=plan)

@@ -13,18 +13,18 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import click
 import torch
 from torch import Tensor, nn
 
+from prunekit._rollback import restore_training, training_flags
 from prunekit.layers import check_prunable, conv_block, resolve_layers
 from prunekit.methods.channel import ChannelActivation, layer_scores
 from prunekit.plans import check_plan
-from prunekit.sensitivity._distributed import all_reduce_sum, is_main_process, rank_and_world
+from prunekit.progress import progress_bar
+from prunekit.sensitivity._distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
@@ -212,7 +212,7 @@ class _Guard:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.training = [(module, module.training) for module in model.modules()]
+        self.training = training_flags(model)
         # BatchNorm in train mode would update its running statistics; the scan
         # runs in eval mode, and this copy undoes an evaluate() that trains anyway.
         self.buffers = [
@@ -265,8 +265,7 @@ class _Guard:
     def _restore_once(self) -> None:
         self.unswap()
         self._restore_buffers()
-        for module, training in self.training:
-            module.training = training
+        restore_training(self.training)
         for param, grad, saved in self.grads:
             if grad is not None and saved is not None:
                 with torch.no_grad():
@@ -388,20 +387,6 @@ def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
 # Progress
 
 
-@contextlib.contextmanager
-def _progress_bar(show: bool, length: int) -> Iterator[Callable[[str], None]]:
-    if not show or length == 0:
-        yield lambda item: None
-        return
-    with click.progressbar(
-        length=length,
-        label="scanning",
-        file=sys.stderr,
-        show_eta=True,
-        show_pos=True,
-        item_show_func=lambda item: item,
-    ) as bar:
-        yield lambda item: bar.update(1, item)
 
 
 # ---------------------------------------------------------------------------
@@ -562,7 +547,7 @@ def scan(
         traced, positions, capture = _suffix_graph(model, evaluate, convs)
         order = sorted(convs, key=lambda layer: positions.get(layer, math.inf))
         pending = [(layer, i) for layer in order for i, value in enumerate(result.scores[layer]) if value is None]
-        with _progress_bar(progress and main, len(pending)) as tick:
+        with progress_bar(len(pending), "scanning", progress and main) as tick:
             if forward:
                 cache = _PrefixCache(GraphRunner(traced), cache_limit) if traced is not None else None
                 for layer in order:

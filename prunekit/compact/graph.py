@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit._compact_modules import BorderBiasConv2d
+from prunekit.compact.modules import BorderBiasConv2d
 from prunekit.layers import ELEMENTWISE_ACTIVATIONS
 
 __all__ = ["CompactionPlan", "UnsupportedGraphError", "plan_compaction"]

@@ -27,16 +27,16 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from prunekit._compact_graph import CompactionPlan, UnsupportedGraphError, plan_compaction
+from prunekit.compact.graph import CompactionPlan, UnsupportedGraphError, plan_compaction
 from prunekit._rollback import eval_mode
-from prunekit._compact_modules import (
+from prunekit.compact.modules import (
     BorderBiasConv2d,
     resize_batchnorm,
     resize_conv,
     resize_linear,
     resize_prelu,
 )
-from prunekit._compact_report import CompactionReport, LayerCost, compaction_report, layer_costs
+from prunekit.compact.report import CompactionReport, LayerCost, compaction_report, layer_costs
 from prunekit.plans import finalize
 
 __all__ = [

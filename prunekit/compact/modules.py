@@ -99,6 +99,14 @@ def _folded_bias(bias: Optional[Tensor], fold: Tensor, features: int, device: to
     return base + fold
 
 
+def _fill(new: nn.Module, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Copy ``weight`` (and ``bias``, at the weight's dtype) into the freshly built layer ``new``."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.to(weight.dtype))
+
+
 def resize_conv(
     conv: nn.Conv2d,
     keep_in: Optional[Tensor],
@@ -142,11 +150,9 @@ def resize_conv(
         device=weight.device,
         dtype=weight.dtype,
     )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.to(weight.dtype))
-        if border is not None:
+    _fill(new, weight, bias)
+    if border is not None:
+        with torch.no_grad():
             new.border_weight.copy_(border.to(weight.dtype))
     return _copy_training(new, conv)
 
@@ -202,8 +208,5 @@ def resize_linear(linear: nn.Linear, keep_in: Tensor, fold: Optional[Tensor] = N
         device=weight.device,
         dtype=weight.dtype,
     )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.to(weight.dtype))
+    _fill(new, weight, bias)
     return _copy_training(new, linear)

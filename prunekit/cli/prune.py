@@ -1,0 +1,275 @@
+"""``prunekit prune``: apply a plan (with the context its scan recorded), optionally recover, save the model."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import torch
+
+from prunekit.cli.errors import emit_json, library_errors
+from prunekit.cli.inputs import architecture, batch_inputs, evaluation_data, in_channels, recovery_batches, status
+from prunekit.cli.options import DIGITS_SIZE, data_options, examples, model_options, parse_device, run_options, threads_option
+from prunekit.cli.paths import check_output_file, refuse_inputs
+from prunekit.cli.plan_file import PlanFile, read_plan_file
+from prunekit.sensitivity.scanner import METHODS
+
+__all__ = ["prune_command"]
+
+DEFAULT_RECOVER_LR = 1e-4
+
+
+class _Context:
+    """Each setting from its flag, else from the plan file, else a default; notes where a flag overrides the plan."""
+
+    def __init__(self, plan: PlanFile) -> None:
+        self.plan = plan
+        self.notes: List[str] = []
+        self.from_plan: List[str] = []
+
+    def pick(self, option: str, key: str, flag: Any, default: Any) -> Any:
+        recorded = self.plan.context(key)
+        if flag is not None:
+            if recorded is not None and not _same(flag, recorded):
+                self.notes.append(f"{option} {flag} overrides the plan's {recorded}")
+            return flag
+        if recorded is not None:
+            self.from_plan.append(option)
+            return recorded
+        return default
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool) -> Any:
+    from prunekit.zoo import load_model
+
+    try:
+        return load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet)
+    except FileNotFoundError as err:
+        recorded = [o for o in ("--model", "--weights") if o in context.from_plan]
+        if recorded:
+            raise FileNotFoundError(
+                f"{err}; --plan {context.plan.path} recorded {' and '.join(recorded)} at scan time: pass "
+                f"{' / '.join(recorded)} to point at the file"
+            ) from None
+        raise
+
+
+def _check_layers(model: Any, plan: PlanFile, model_spec: str) -> None:
+    from prunekit.layers import resolve_layers
+
+    try:
+        resolve_layers(model, list(plan.plan))
+    except (KeyError, ValueError) as err:
+        made_for = plan.context("model")
+        if made_for is not None and not _same(made_for, model_spec):
+            raise ValueError(
+                f"--plan {plan.path} was made for model {made_for}, and its layers do not fit --model {model_spec} "
+                f"({_message(err)}); drop --model to use the plan's model, or pass a plan scanned on {model_spec}"
+            ) from None
+        raise ValueError(f"--plan {plan.path} does not fit --model {model_spec}: {_message(err)}") from None
+
+
+def _architecture_or_pickle(model_spec: str, trust_checkpoint: bool, out: str) -> Optional[str]:
+    """The spec the saved checkpoint rebuilds from; None for a trusted pickled model (saved pickled, too)."""
+    try:
+        return architecture(model_spec)
+    except ValueError:
+        if not trust_checkpoint:
+            raise
+        if str(out).lower().endswith(".pksparse"):
+            raise ValueError(
+                f"--model {model_spec} is a pickled model, which records no architecture for a .pksparse file; "
+                "write --out as a .pt file (a pickled module), or scan a --model given as a name or factory"
+            ) from None
+        return None
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+
+
+@click.command(
+    "prune",
+    short_help="Apply a sparsity plan (and recover) and save the pruned model.",
+    epilog=examples(
+        "prunekit prune --plan prunekit-scan/plan.json --out pruned.pt",
+        "prunekit prune --plan prunekit-scan/plan.json --out pruned.pksparse   # size follows the sparsity",
+        "prunekit prune --plan hed-scan/plan.json --recover-steps 200 --recover-data ./photos --out hed.pksparse",
+        "prunekit prune --model vgg11 --weights vgg11.pth --plan plan.json --out vgg11-pruned.pt",
+    ),
+)
+@model_options(from_plan=True)
+@click.option("--plan", "plan_path", required=True, metavar="PLAN.json",
+              help="A plan.json from prunekit scan (it records model, weights and data), or a JSON mapping "
+              "{layer: sparsity}.")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="Default: the method recorded in the plan file, else fine-grained.")
+@click.option("--criterion", type=click.Choice(["l2", "l0"]), default=None,
+              help="Channel score for --method channel (default: the plan file's, else l2).")
+@data_options(from_plan=True)
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After pruning, distil the dense model into the pruned one for N Adam steps on unlabelled "
+              "images (zeros stay zero; the best held-out state is kept).")
+@click.option("--recover-data", default=None, metavar="builtin|photos|FOLDER",
+              help="Images for --recover-steps (default: --data, i.e. the plan's data).")
+@click.option("--held-out", default=None, metavar="photos|FOLDER",
+              help="Images to judge recovery on (default: the last fifth of --recover-data's images).")
+@click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECOVER_LR,
+              show_default=True, help="Adam's learning rate for --recover-steps.")
+@click.option("--gradual", is_flag=True,
+              help="Prune gradually during recovery (AGP cubic schedule over the first 3/4 of the steps) "
+              "instead of all at once before it.")
+@click.option("--out", required=True, metavar="PATH",
+              help="Where to write the pruned checkpoint: .pt (torch) or .pksparse (prunekit's sparse format, "
+              "whose size follows the sparsity).")
+@run_options(seed_from_plan=True)
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print the sparsity report as JSON.")
+@library_errors
+def prune_command(
+    model_spec: Optional[str],
+    weights: Optional[str],
+    trust_checkpoint: bool,
+    plan_path: str,
+    method: Optional[str],
+    criterion: Optional[str],
+    data: Optional[str],
+    image_size: Optional[int],
+    batch_size: Optional[int],
+    recover_steps: int,
+    recover_data: Optional[str],
+    held_out: Optional[str],
+    recover_lr: float,
+    gradual: bool,
+    out: str,
+    device: str,
+    seed: Optional[int],
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Apply a per-layer sparsity plan and save the finalized model.
+
+    With a plan.json from `prunekit scan`, the model, weights, data, image
+    size, batch size and seed the scan used are taken from the file (a flag
+    overrides one, and a note says so); --trust-checkpoint is never taken from
+    a file. The pruned zeros are made permanent (no _orig/_mask left) and the
+    model is saved as a prunekit checkpoint that `prunekit report` and
+    prunekit.zoo.load_model read safely (.pksparse: the sparse format).
+    --method channel measures activation statistics on --data first.
+    --recover-steps N then wins back quality by label-free distillation.
+
+    """
+    from prunekit.plans import apply_plan, finalize
+    from prunekit.report import sparsity_report
+    from prunekit.io import save_torch
+    from prunekit.zoo import DEFAULT_MODEL, save_checkpoint
+
+    plan = read_plan_file(plan_path)
+    context = _Context(plan)
+    model_spec = context.pick("--model", "model", model_spec, DEFAULT_MODEL)
+    weights = context.pick("--weights", "weights", weights, None)
+    data = context.pick("--data", "data", data, "builtin")
+    image_size = context.pick("--image-size", "image_size", image_size, None)
+    batch_size = context.pick("--batch-size", "batch_size", batch_size, None)
+    seed = context.pick("--seed", "seed", seed, 0)
+    method = method or plan.meta.get("method") or "fine-grained"
+    if method not in METHODS:
+        raise ValueError(f"--plan {plan_path} names method {method!r}; pass --method {' or '.join(METHODS)}")
+    criterion = criterion or plan.meta.get("criterion") or "l2"
+    if gradual and recover_steps == 0:
+        raise ValueError("--gradual spreads the pruning over the recovery steps: pass --recover-steps N (e.g. 200)")
+    check_output_file("--out", out, "pruned.pt")
+    refuse_inputs([("--out", out)], [("--plan file", plan_path), ("--model file", model_spec), ("--weights file", weights)])
+    target = parse_device(device)
+    for note in context.notes:
+        status(quiet, f"note: {note}")
+    if context.from_plan:
+        status(quiet, f"from {plan_path}: {', '.join(context.from_plan)}")
+
+    torch.manual_seed(seed)
+    model = _load(context, model_spec, weights, trust_checkpoint, quiet).to(target)
+    arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
+    _check_layers(model, plan, model_spec)
+    stats = None
+    if method == "channel":
+        from prunekit.stats import collect_channel_stats
+
+        batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
+        status(quiet, f"measuring channel statistics on {description} ...")
+        stats = collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
+    history = None
+    if recover_steps:
+        history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
+                           batch_size, recover_steps, recover_lr, gradual, seed, quiet)
+    else:
+        apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
+    finalize(model)
+    if arch is None:
+        save_torch(model.cpu(), out)  # a pickled module, like its source
+    else:
+        save_checkpoint(model.cpu(), out, arch)
+    report = sparsity_report(model)
+    size = f"{in_channels(model)}x{image_size or DIGITS_SIZE}x{image_size or DIGITS_SIZE}" if image_size or in_channels(model) == 1 else "3x224x224"
+    # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
+    trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
+    hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
+    if method == "channel":
+        hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
+    if as_json:
+        emit_json({"out": out, "arch": arch, "method": method, "report": report.to_dict(),
+                   "recovery": history.to_dict() if history is not None else None, "next": hints})
+        return
+    if not quiet:
+        click.echo(str(report))
+    if history is not None:
+        _print_recovery(history, gradual)
+    pickled = "; a pickled module like its source: read it back with --trust-checkpoint" if arch is None else ""
+    status(quiet, f"wrote {out} ({method} pruning, {len(plan.plan)} layers{pickled})")
+    for hint in hints:
+        status(quiet, hint)
+    if history is not None and history.interrupted:
+        raise click.exceptions.Exit(130)
+
+
+def _recover(
+    model: Any, plan: dict, method: str, stats: Any, criterion: str, data: str, held_out: Optional[str],
+    image_size: Optional[int], batch_size: Optional[int], steps: int, lr: float, gradual: bool, seed: int, quiet: bool,
+) -> Any:
+    from prunekit.plans import apply_plan, copy_model
+    from prunekit.recover import recover
+    from prunekit.schedules import GradualPruner
+
+    train, held, description = recovery_batches(model, data, held_out, image_size, batch_size, steps, seed)
+    status(quiet, f"recovery data: {description}")
+    teacher = copy_model(model).eval()
+    pruner = None
+    if gradual:
+        end = max(1, (3 * steps) // 4)
+        pruner = GradualPruner(model, plan, start_step=0, end_step=end, frequency=max(1, end // 10),
+                               method=method, stats=stats, criterion=criterion)
+    else:
+        apply_plan(model, plan, method=method, stats=stats, criterion=criterion)
+    history = recover(model, teacher, train, steps, lr=lr, held_out=held, pruner=pruner, progress=not quiet)
+    if pruner is not None and not pruner.done:
+        if not history.interrupted:
+            raise RuntimeError("the gradual schedule did not reach the plan: a prunekit bug")
+        apply_plan(model, plan, method=method, stats=stats, criterion=criterion)  # the rest of it, at once
+        status(quiet, "interrupted before the schedule reached the plan: the rest was pruned at once")
+    return history
+
+
+def _print_recovery(history: Any, gradual: bool) -> None:
+    stop = "; interrupted: the best weights so far are kept" if history.interrupted else ""
+    start = "" if gradual else f"{history.distortion[0]:.4f} right after pruning, "
+    click.echo(
+        f"recovery: held-out distortion from the dense model {start}{history.best_distortion:.4f} at step "
+        f"{history.best_step} of {history.steps[-1]} (kept){stop}"
+    )

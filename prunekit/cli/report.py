@@ -1,0 +1,55 @@
+"""``prunekit report``: zeros, sizes and MACs of a checkpoint (torch or sparse), per layer and in total."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from prunekit.cli.errors import emit_json, library_errors
+from prunekit.cli.inputs import check_input_fits
+from prunekit.cli.options import examples, parse_input_size, threads_option
+
+__all__ = ["report_command"]
+
+
+@click.command(
+    "report",
+    short_help="Print the sparsity report of a checkpoint.",
+    epilog=examples(
+        "prunekit report pruned.pt --input-size 1x16x16",
+        "prunekit report vgg11-pruned.pksparse --input-size 3x224x224 --json",
+    ),
+)
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--input-size", default=None, metavar="CxHxW",
+              help="One input's shape (e.g. 3x224x224) to count MACs; without it only parameters are counted.")
+@click.option("--weights", default=None, metavar="imagenet|none|PATH",
+              help="Weights for a model name given as CHECKPOINT (a checkpoint file carries its own).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow unpickling a whole model (runs code stored in the file; only for files you trust).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@threads_option
+@library_errors
+def report_command(
+    checkpoint: str, input_size: Optional[str], weights: Optional[str], trust_checkpoint: bool, as_json: bool
+) -> None:
+    """Print the sparsity report of a checkpoint: zeros, sizes and MACs per layer.
+
+    CHECKPOINT is a file written by `prunekit prune` (.pt or .pksparse, told apart
+    by their content) or any --model spec, such as vgg11. A layer's sparsity is
+    its weight's (biases are counted in params and zeros, not in the sparsity).
+
+    """
+    from prunekit.report import sparsity_report
+    from prunekit.zoo import load_model
+
+    size = parse_input_size(input_size)
+    model = load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False)
+    if size is not None:
+        check_input_fits(model, size, "--input-size", input_size)
+    report = sparsity_report(model, input_size=size)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(str(report))

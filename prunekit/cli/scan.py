@@ -1,0 +1,318 @@
+"""``prunekit scan``: measure each conv layer's sensitivity, fit a plan, write scan.json/csv/png and plan.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import click
+import torch
+
+from prunekit import __version__
+from prunekit.cli.errors import emit_json, library_errors
+from prunekit.cli.inputs import batch_inputs, broadcast_text, evaluation_data, process_group, status
+from prunekit.cli.options import (
+    data_options,
+    examples,
+    model_options,
+    parse_device,
+    parse_layers,
+    parse_sparsities,
+    run_options,
+    threads_option,
+)
+from prunekit.cli.paths import check_output_folder
+from prunekit.cli.plan_file import recorded_path, write_plan_file
+from prunekit.io import write_json
+from prunekit.layers import resolve_layers
+from prunekit.sensitivity._distributed import is_main_process
+from prunekit.sensitivity.result import SensitivityResult
+from prunekit.sensitivity.scanner import METHODS
+
+__all__ = ["scan_command"]
+
+DEFAULT_OUT = "prunekit-scan"
+DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
+_FIT_FORMAT = "prunekit.fit/1"
+
+
+def _options_differ(previous: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    return [f"{key} {previous.get(key)!r} (now {value!r})" for key, value in current.items() if previous.get(key) != value]
+
+
+def _read_partial_scan(scan_file: Path) -> SensitivityResult:
+    saved = scan_file.read_text() if is_main_process() and scan_file.is_file() else None
+    saved = broadcast_text(saved)
+    if saved is None:
+        raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
+    try:
+        document = json.loads(saved)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--resume: {scan_file} is not valid JSON ({err}); drop --resume to start over") from None
+    return SensitivityResult.from_dict(document, repr(str(scan_file)))
+
+
+def _saved_trials(fit_file: Path, key: Mapping[str, Any], resume: bool) -> Optional[List[Any]]:
+    """The trials of an interrupted fit of the same scan and tolerance (only with --resume)."""
+    text = fit_file.read_text() if resume and is_main_process() and fit_file.is_file() else None
+    text = broadcast_text(text)
+    if text is None:
+        return None
+    with contextlib.suppress(ValueError, TypeError):
+        document = json.loads(text)
+        if document.get("format") == _FIT_FORMAT and document.get("key") == dict(key):
+            return list(document["trials"])
+    return None
+
+
+def _apply_hint(plan_path: Path, trust_checkpoint: bool) -> str:
+    trust = " --trust-checkpoint" if trust_checkpoint else ""
+    return f"prunekit prune --plan {shlex.quote(str(plan_path))} --out pruned.pt{trust}"
+
+
+@click.command(
+    "scan",
+    short_help="Measure per-layer pruning sensitivity and suggest a plan.",
+    epilog=examples(
+        "prunekit scan",
+        "prunekit scan --model vgg11 --data ./images --image-size 64 --layers features.0,features.3",
+        "prunekit scan --model vgg19 --weights vgg19.pth --sparsities 0.5,0.7,0.9 --out vgg19-scan",
+    ),
+)
+@model_options()
+@data_options()
+@click.option(
+    "--metric",
+    type=click.Choice(["distortion", "accuracy"]),
+    default=None,
+    help="accuracy (needs labels) or distortion (relative L2 change of the output vs. the dense "
+    "model). Default: accuracy with labelled data (the built-in digits), else distortion.",
+)
+@click.option("--method", type=click.Choice(METHODS), default="fine-grained", show_default=True,
+              help="fine-grained: fraction of weights (L1 magnitude); channel: fraction of output "
+              "channels (activation statistics measured on --data).")
+@click.option("--criterion", type=click.Choice(["l2", "l0"]), default="l2", show_default=True,
+              help="Channel score for --method channel.")
+@click.option("--sparsities", default="0.4:0.9:0.1", show_default=True, metavar="START:STOP:STEP|LIST",
+              help="Levels in [0, 1), increasing: start:stop:step (stop included) or a comma list.")
+@click.option("--layers", default=None, metavar="NAME,...", help="Conv layers to scan (default: all).")
+@click.option("--max-drop", type=float, default=None,
+              help="Tolerance for the suggested plan: the largest acceptable score loss vs. the dense "
+              "model (default: 0.01 for accuracy, 0.05 for distortion).")
+@click.option("--relative", is_flag=True, help="--max-drop is a fraction of the dense score.")
+@click.option("--joint/--per-layer", "joint", default=True, show_default=True,
+              help="--joint: grow the plan while the score with ALL its layers pruned stays within "
+              "--max-drop (a few extra evaluations); --per-layer: each layer's own level, whose "
+              "losses add up when applied together.")
+@click.option("--out", default=DEFAULT_OUT, show_default=True, metavar="DIR",
+              help="Folder for scan.json, scan.csv, sensitivity.png and plan.json.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted scan (or plan fit) in --out (same options required).")
+@run_options()
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
+@click.pass_context
+@library_errors
+def scan_command(
+    ctx: click.Context,
+    model_spec: str,
+    weights: Optional[str],
+    trust_checkpoint: bool,
+    data: str,
+    image_size: Optional[int],
+    batch_size: Optional[int],
+    metric: Optional[str],
+    method: str,
+    criterion: str,
+    sparsities: str,
+    layers: Optional[str],
+    max_drop: Optional[float],
+    relative: bool,
+    joint: bool,
+    out: str,
+    resume: bool,
+    device: str,
+    seed: int,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Measure how sensitive each conv layer is to pruning, and suggest a plan.
+
+    Each conv layer is pruned alone at each sparsity, the model is scored, and
+    the layer restored. Results go to --out (scan.json is saved after every
+    point, so an interrupted scan continues with --resume). The suggested plan
+    gives each layer the highest sparsity whose score, and every lower level's,
+    stays within --max-drop of the dense model; with --joint (the default) the
+    plan is then trimmed until the model with every layer pruned at once stays
+    within --max-drop too (its trials are saved in fit.json: Ctrl-C there also
+    resumes). plan.json records the model, weights and data, so that
+    `prunekit prune --plan DIR/plan.json` reuses them.
+
+    With no options: the built-in digits-vgg model (trained weights shipped
+    with prunekit) scanned by test accuracy, offline, in seconds.
+
+    """
+    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, fit_plan, scan
+    from prunekit.zoo import load_model
+
+    levels = parse_sparsities(sparsities)
+    names = parse_layers(layers)
+    target = ctx.with_resource(process_group(parse_device(device)))
+    if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
+        raise ValueError(f"--max-drop {max_drop}: pass a number >= 0 (e.g. 0.01 = one accuracy point)")
+    out_dir = check_output_folder("--out", out)
+    if data.strip().lower() not in ("builtin", "photos"):
+        folder, results = Path(data).resolve(), out_dir.resolve()
+        if results == folder or folder in results.parents:
+            raise ValueError(
+                f"--out {out} is inside --data {data}: the next scan would read its sensitivity.png as an "
+                "image; write the results elsewhere"
+            )
+    scan_file, fit_file, plan_file = out_dir / "scan.json", out_dir / "fit.json", out_dir / "plan.json"
+    previous = _read_partial_scan(scan_file) if resume else None
+
+    torch.manual_seed(seed)
+    model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet).to(target)
+    convs = resolve_layers(model, names)
+    batches, labelled, description, size, batch_size = evaluation_data(
+        model, data, image_size, batch_size, metric, seed
+    )
+    metric_name = metric or ("accuracy" if labelled else "distortion")
+    if relative and metric_name == "distortion":
+        raise ValueError(
+            "--relative divides by the dense score, and the dense model's distortion is 0: drop --relative "
+            "(--max-drop is then an absolute distortion, e.g. 0.05)"
+        )
+    evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(batch_inputs(batches))
+    options = {
+        "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
+        "metric": metric_name, "method": method, "criterion": criterion if method == "channel" else None,
+        "sparsities": list(levels), "layers": list(convs), "seed": seed,
+    }
+    if previous is not None:
+        differences = _options_differ(previous.meta.get("options", {}), options)
+        if differences:
+            raise ValueError(
+                f"--resume: the partial scan in {scan_file} used other options: " + "; ".join(differences)
+                + ". Rerun with the same options, or drop --resume to start over"
+            )
+        status(quiet, f"resuming: {previous.num_done} points already measured")
+    elif scan_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            if not SensitivityResult.from_json(scan_file).complete:
+                status(quiet, f"note: replacing the partial scan in {scan_file} (use --resume to continue it)")
+
+    status(quiet, f"data: {description}; metric: {metric_name}; {len(convs)} conv layers x {len(levels)} levels")
+    stats = None
+    if method == "channel":
+        from prunekit.stats import collect_channel_stats
+
+        stats = collect_channel_stats(model, batch_inputs(batches), layers=list(convs), progress=not quiet)
+
+    try:
+        result = scan(
+            model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
+            progress=not quiet, criterion=criterion, resume_from=previous,
+            on_point=lambda partial: partial.to_json(scan_file),
+            meta={"options": options, "prunekit": __version__, "data": description},
+        )
+    except KeyboardInterrupt:
+        if is_main_process():
+            click.echo(f"\ninterrupted: the points measured so far are in {scan_file}; "
+                       "run the same command with --resume to continue", err=True)
+        ctx.exit(130)
+
+    tolerance = max_drop if max_drop is not None else DEFAULT_MAX_DROP[result.metric]
+    per_layer = result.plan(tolerance, relative=relative)
+    fit_key = {"options": options, "max_drop": tolerance, "relative": relative}
+    try:
+        # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
+        per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
+        if joint:
+            saved = _saved_trials(fit_file, fit_key, resume)
+            if saved:
+                status(quiet, f"resuming the plan fit: {len(saved)} trials already measured")
+
+            def save_fit(partial: Any) -> None:
+                if is_main_process():
+                    write_json(fit_file, {"format": _FIT_FORMAT, "key": fit_key, "trials": partial.trials})
+
+            status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
+            fitted = fit_plan(model, evaluate, result, tolerance, relative=relative, stats=stats,
+                              criterion=criterion, resume_from=saved, on_trial=save_fit,
+                              progress=not quiet and is_main_process())
+            plan, combined = fitted.plan, fitted.score
+        else:
+            plan, combined = per_layer, per_layer_score
+    except KeyboardInterrupt:
+        if is_main_process():
+            click.echo(f"\ninterrupted while fitting the plan: the scan is complete in {scan_file} and the fit's "
+                       f"trials so far are in {fit_file}; run the same command with --resume to continue", err=True)
+        ctx.exit(130)
+    if not is_main_process():
+        return  # rank 0 alone writes and prints
+    files = {"scan": str(scan_file), "csv": str(out_dir / "scan.csv"), "plan": str(plan_file)}
+    result.to_json(scan_file)
+    result.to_csv(out_dir / "scan.csv")
+    context = {
+        "model": recorded_path(model_spec, "file"),
+        "weights": recorded_path(weights, "file"),
+        "data": recorded_path(data, "folder"),
+        "image_size": size,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    write_plan_file(
+        plan_file, plan, context,
+        method=method, criterion=criterion if method == "channel" else None,
+        statistics=f"channel statistics ({criterion}) measured on {description}" if method == "channel" else None,
+        data_description=description, scan=str(scan_file.resolve()),
+        max_drop=tolerance, relative=relative, metric=result.metric, higher_is_better=result.higher_is_better,
+        baseline=result.baseline, score_with_plan=combined, joint=joint,
+        per_layer_plan=per_layer, score_with_per_layer_plan=per_layer_score, prunekit=__version__,
+    )
+    try:
+        result.plot(out_dir / "sensitivity.png", max_drop=tolerance, relative=relative, plan=plan if joint else None)
+        files["plot"] = str(out_dir / "sensitivity.png")
+    except ImportError as err:
+        click.echo(f"warning: sensitivity.png not written: {err}", err=True)
+    hint = _apply_hint(plan_file, trust_checkpoint)
+
+    if as_json:
+        emit_json({
+            "scan": result.to_dict(), "plan": plan, "max_drop": tolerance, "relative": relative,
+            "score_with_plan": combined, "joint": joint, "per_layer_plan": per_layer,
+            "score_with_per_layer_plan": per_layer_score, "files": files, "next": hint,
+        })
+        return
+    click.echo(result.table(max_drop=tolerance, relative=relative, plan=plan))
+    _print_plan(result, plan, per_layer, combined, per_layer_score, tolerance, relative, joint)
+    status(quiet, f"\nwrote {', '.join(files.values())}")
+    status(quiet, f"apply it: {hint}")
+
+
+def _print_plan(
+    result: SensitivityResult, plan: Dict[str, float], per_layer: Dict[str, float], combined: float,
+    per_layer_score: float, tolerance: float, relative: bool, joint: bool,
+) -> None:
+    kind = "relative" if relative else "absolute"
+    how = "all layers pruned together" if joint else "each layer alone"
+    word = "drop" if result.higher_is_better else "rise"
+    click.echo(f"\nsuggested plan (max {result.metric} {word} {tolerance:g}, {kind}, {how}):")
+    width = max(len(layer) for layer in plan)
+    for layer, level in plan.items():
+        alone = f"   (alone: {per_layer[layer]:g})" if joint and per_layer[layer] != level else ""
+        click.echo(f"  {layer.ljust(width)}  {level:g}{alone}")
+    if not any(plan.values()):
+        click.echo("no layer stays within the tolerance at the lowest level; raise --max-drop or scan lower sparsities")
+        return
+    click.echo(f"{result.metric} with the whole plan applied at once: {combined:.4f} (dense {result.baseline:.4f})")
+    if joint:
+        click.echo(f"(the per-layer plan, every layer at its own level, scores {per_layer_score:.4f} together)")
+    else:
+        worse = "low" if result.higher_is_better else "high"
+        click.echo(f"layer losses add up: use --joint if that is too {worse}")

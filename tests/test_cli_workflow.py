@@ -1,0 +1,313 @@
+"""The workflow between commands: plan.json hands the scan's context to prune, every printed hint runs,
+sparse files are read everywhere, errors name the value and the fix, Ctrl-C in the fit resumes."""
+
+import json
+import os
+import shlex
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import prunekit
+import prunekit.sensitivity
+import prunekit.zoo
+from prunekit.cli import cli
+from prunekit.datasets import write_synthetic_images
+from prunekit.sensitivity import SensitivityResult
+
+TINY_NET = textwrap.dedent(
+    """
+    from torch import nn
+
+    def build():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+        )
+    """
+)
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    Path("tinynet.py").write_text(TINY_NET)
+    write_synthetic_images("imgs", n=3, image_size=32, seed=1)
+    torch.manual_seed(7)
+    import tinynet
+
+    model = tinynet.build()
+    torch.save(model.state_dict(), "w.pt")
+    return CliRunner()
+
+
+def hint(result, prefix):
+    """The command a status line starting with ``prefix`` prints, as argv for the runner."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stderr
+    argv = shlex.split(lines[0][len(prefix):])
+    assert argv[0] == "prunekit"
+    return argv[1:]
+
+
+def assert_one_error_line(result, *fragments):
+    """Exit 1, no traceback, one ``Error:`` line, last (status notes may precede it)."""
+    assert result.exit_code == 1, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+TINY_SCAN = ["scan", "--model", "tinynet:build", "--weights", "w.pt", "--data", "imgs", "--image-size", "32",
+             "--sparsities", "0.25,0.5", "--max-drop", "0.5"]
+
+
+# ---------------------------------------------------------------------------
+# plan.json as the hand-over
+
+
+def test_every_printed_hint_runs_as_printed_with_the_scans_weights_and_data(runner, tmp_path):
+    scan = runner.invoke(cli, TINY_SCAN + ["--method", "channel", "--out", "st"])
+    assert scan.exit_code == 0, scan.stderr
+    recorded = json.loads(Path("st/plan.json").read_text())
+    assert recorded["weights"] == str((tmp_path / "w.pt").resolve())
+    assert recorded["data"] == str((tmp_path / "imgs").resolve())
+    assert recorded["image_size"] == 32 and recorded["method"] == "channel" and recorded["criterion"] == "l2"
+    assert "3 images from imgs" in recorded["statistics"]
+
+    prune_argv = hint(scan, "apply it: ")
+    assert prune_argv == ["prune", "--plan", "st/plan.json", "--out", "pruned.pt"]
+    os.chdir(tmp_path / "st")  # the plan's paths are absolute: the hint works from another folder too
+    prune_argv[2] = "plan.json"
+    pruned = runner.invoke(cli, prune_argv)
+    assert pruned.exit_code == 0, pruned.stderr
+    assert "measuring channel statistics on 3 images from" in pruned.stderr  # the scan's data, not synthetic
+    model = prunekit.zoo.load_model("pruned.pt", trust_checkpoint=True)
+    dense = torch.load(tmp_path / "w.pt", weights_only=True)
+    kept = model[0].weight.detach().abs().sum(dim=(1, 2, 3)) != 0
+    assert torch.equal(model[0].weight[kept], dense["0.weight"][kept])  # the scanned weights, not random ones
+    for prefix in ("inspect it: ", "remove the pruned channels for real: "):
+        follow = runner.invoke(cli, hint(pruned, prefix) + ["--repeats", "1"] * (prefix != "inspect it: "))
+        assert follow.exit_code == 0, (prefix, follow.stderr)
+
+
+def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(runner):
+    import tinynet
+
+    torch.save(tinynet.build(), "whole.pt")
+    scan = runner.invoke(cli, ["scan", "--model", "whole.pt", "--trust-checkpoint", "--data", "imgs",
+                               "--image-size", "32", "--sparsities", "0.5", "--out", "pk"])
+    assert scan.exit_code == 0, scan.stderr
+    argv = hint(scan, "apply it: ")
+    assert "--trust-checkpoint" in argv
+    pruned = runner.invoke(cli, argv)
+    assert pruned.exit_code == 0, pruned.stderr
+    assert "read it back with --trust-checkpoint" in pruned.stderr
+    assert runner.invoke(cli, hint(pruned, "inspect it: ")).exit_code == 0
+    without = runner.invoke(cli, [a for a in argv if a != "--trust-checkpoint"])
+    assert_one_error_line(without, "--trust-checkpoint")
+
+
+def test_flags_override_the_plan_and_say_so(runner):
+    assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
+    result = runner.invoke(cli, ["prune", "--plan", "st/plan.json", "--out", "p.pt", "--weights", "none"])
+    assert result.exit_code == 0, result.stderr
+    assert "note: --weights none overrides the plan's" in result.stderr
+
+
+def test_a_plan_for_another_model_names_the_model_it_was_made_for(runner):
+    assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
+    result = runner.invoke(cli, ["prune", "--plan", "st/plan.json", "--model", "digits-vgg", "--weights", "none",
+                                 "--out", "p.pt"])
+    assert_one_error_line(result, "was made for model tinynet:build", "drop --model")
+
+
+def test_a_scan_json_or_a_folder_given_as_plan_points_to_plan_json(runner):
+    assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "st/scan.json", "--out", "p.pt"]),
+                          "is a scan result", "st/plan.json")
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "st", "--out", "p.pt"]), "is a folder", "plan.json")
+
+
+# ---------------------------------------------------------------------------
+# Sparse files
+
+
+def test_prune_writes_sparse_files_and_every_command_reads_them_by_content(runner):
+    Path("plan.json").write_text(json.dumps({"features.0": 0.7, "features.2": 0.7}))
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pksparse", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert Path("p.pksparse").read_bytes()[:8] == b"PKSPARSE"
+    Path("p.pksparse").rename("renamed.bin")  # the name does not matter, the magic bytes do
+    report = runner.invoke(cli, ["report", "renamed.bin", "--json"])
+    assert report.exit_code == 0, report.stderr
+    layers = {layer["name"]: layer for layer in json.loads(report.stdout)["layers"]}
+    assert layers["features.0"]["sparsity"] == pytest.approx(0.7, abs=1 / 72)
+    prunekit.save_sparse(prunekit.zoo.load_model("renamed.bin"), "weights.pt")  # a sparse state_dict named .pt
+    scan = runner.invoke(cli, ["scan", "--weights", "weights.pt", "--sparsities", "0.5", "--out", "s", "-q",
+                               "--layers", "features.0"])
+    assert scan.exit_code == 0, scan.stderr
+    compact = runner.invoke(cli, ["compact", "renamed.bin", "--repeats", "1", "--json"])
+    assert compact.exit_code == 0, compact.stderr
+
+
+def test_a_sparse_state_dict_without_architecture_says_how_to_load_it(runner):
+    prunekit.save_sparse(prunekit.zoo.load_model("digits-vgg"), "state.pksparse")
+    assert_one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "--model", "--weights state.pksparse")
+
+
+def test_report_counts_the_weights_sparsity_not_the_bias(runner):
+    Path("plan.json").write_text(json.dumps({"features.0": 0.7}))
+    assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt", "-q"]).exit_code == 0
+    row = next(line for line in runner.invoke(cli, ["report", "p.pt"]).stdout.splitlines()
+               if line.startswith("features.0 "))
+    weights = prunekit.zoo.load_model("digits-vgg").features[0].weight.numel()
+    assert row.split()[-1] == f"{round(0.7 * weights) / weights:.1%}"  # of the weights; the biases stay dense
+    assert round(0.7 * weights) / weights == pytest.approx(0.7, abs=0.5 / weights)
+
+
+# ---------------------------------------------------------------------------
+# Errors: the bad value and the fix, before any work
+
+
+def test_an_image_size_below_the_models_minimum_names_the_minimum(runner):
+    result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "4",
+                                 "--out", "s"])
+    assert_one_error_line(result, "--image-size 4 is too small", "at least 8x8", "--image-size 8")
+    assert runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "8",
+                               "--sparsities", "0.5", "--out", "s", "-q"]).exit_code == 0
+
+
+def test_input_size_with_the_wrong_channels_suggests_the_right_shape(runner):
+    assert runner.invoke(cli, ["prune", "--plan", "p.json", "--out", "x.pt"]).exit_code != 0
+    Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
+    assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt", "-q"]).exit_code == 0
+    assert_one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
+    assert_one_error_line(runner.invoke(cli, ["compact", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
+    assert_one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "1x4x4"]), "at least 16x16",
+                          "--input-size 1x16x16")
+    assert runner.invoke(cli, ["report", "p.pt", "--input-size", "1x16x16"]).exit_code == 0
+
+
+def test_a_huge_image_size_is_refused_before_allocating(runner):
+    result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "100000"])
+    assert_one_error_line(result, "--image-size 100000", "GiB", "pass a smaller --image-size")
+
+
+def test_folders_are_called_folders(runner):
+    Path("adir").mkdir()
+    assert_one_error_line(runner.invoke(cli, ["report", "adir"]), "adir is a folder")
+    assert_one_error_line(runner.invoke(cli, ["scan", "--weights", "adir"]), "adir is a folder")
+
+
+def test_bad_out_paths_fail_first_with_a_plain_message(runner, monkeypatch):
+    Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
+    Path("afile").write_text("x")
+    Path("adir").mkdir()
+    assert_one_error_line(runner.invoke(cli, ["scan", "--out", "afile"]), "--out afile is a file")
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "adir"]),
+                          "--out adir is a folder", "adir/pruned.pt")
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "afile/p.pt"]),
+                          "is a file, not a folder")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("ro") else real_access(path, mode))
+    Path("ro").mkdir()
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "ro/p.pt"])
+    assert_one_error_line(result, "ro is not writable")
+    assert ".tmp" not in result.stderr and not list(Path("ro").iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C while fitting the plan; --json stays pure
+
+
+def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, monkeypatch):
+    from prunekit.sensitivity import joint
+
+    args = ["scan", "--sparsities", "0.4,0.6,0.8", "--out", "fit", "-q"]
+    reference = runner.invoke(cli, args + ["--out", "ref"])
+    assert reference.exit_code == 0, reference.stderr
+    real_fit = prunekit.sensitivity.fit_plan
+
+    def interrupted_fit(*a, **kw):
+        save = kw["on_trial"]
+
+        def stop_after_two(partial):
+            save(partial)
+            if len(partial.trials) == 2:
+                raise KeyboardInterrupt
+
+        return real_fit(*a, **dict(kw, on_trial=stop_after_two))
+
+    monkeypatch.setattr(prunekit.sensitivity, "fit_plan", interrupted_fit)
+    stopped = runner.invoke(cli, args)
+    assert stopped.exit_code == 130 and "--resume" in stopped.stderr
+    assert len(json.loads(Path("fit/fit.json").read_text())["trials"]) == 2
+    monkeypatch.setattr(prunekit.sensitivity, "fit_plan", real_fit)
+    evaluations = []
+    real_evaluate = joint.evaluate_plan
+    monkeypatch.setattr(joint, "evaluate_plan", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
+    resumed = runner.invoke(cli, args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    done = json.loads(Path("fit/fit.json").read_text())["trials"]
+    assert len(evaluations) == len(done) - 2  # the two saved trials were not measured again
+    assert json.loads(Path("fit/plan.json").read_text())["plan"] == json.loads(Path("ref/plan.json").read_text())["plan"]
+
+
+def test_json_output_is_pure_even_when_a_library_prints(runner, monkeypatch):
+    real_load = prunekit.zoo.load_model
+
+    def chatty(*a, **k):
+        print('Downloading: "https://download.pytorch.org/models/x.pth" to /root/.cache/x.pth')
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(prunekit.zoo, "load_model", chatty)
+    for argv in (["scan", "--sparsities", "0.5", "--layers", "features.0", "--out", "j", "--json"],
+                 ["report", "digits-vgg", "--json"]):
+        result = runner.invoke(cli, argv)
+        assert result.exit_code == 0, result.stderr
+        json.loads(result.stdout)
+        assert "Downloading" in result.stderr
+
+
+def test_progress_off_a_terminal_prints_lines(runner):
+    result = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "p"])
+    assert result.exit_code == 0
+    assert "scanning: 12/12" in result.stderr and "fitting the plan: " in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Recovery from the command line
+
+
+def test_prune_recovers_and_keeps_the_zeros(runner):
+    Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8, "3": 0.8, "6": 0.8}, "model": "tinynet:build",
+                                             "weights": "w.pt", "data": "imgs", "image_size": 16}))
+    one_shot = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "a.pt", "--trust-checkpoint", "-q"])
+    assert one_shot.exit_code == 0, one_shot.stderr
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "b.pt", "--recover-steps", "12",
+                                 "--recover-lr", "1e-3", "--trust-checkpoint", "--json"])
+    assert result.exit_code == 0, result.stderr
+    history = json.loads(result.stdout)["recovery"]
+    assert history["best_distortion"] <= history["held_out_distortion"][0]
+    assert "2 image(s) from imgs to train on; 1 held out" in result.stderr
+    a = prunekit.zoo.load_model("a.pt", trust_checkpoint=True)
+    b = prunekit.zoo.load_model("b.pt", trust_checkpoint=True)
+    for name in ("0", "3", "6"):
+        assert torch.equal(a.get_submodule(name).weight == 0, b.get_submodule(name).weight == 0)
+    gradual = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "c.pt", "--recover-steps", "12",
+                                  "--gradual", "--trust-checkpoint", "--json"])
+    assert gradual.exit_code == 0, gradual.stderr
+    c = prunekit.zoo.load_model("c.pt", trust_checkpoint=True)
+    assert float((c[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 216)
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "d.pt", "--gradual"]),
+                          "--recover-steps")
