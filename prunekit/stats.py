@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from prunekit._rollback import restore_training, training_flags
 from prunekit.io import PathLike, atomic_write, read_json, write_json
 from prunekit.layers import conv_block, resolve_layers
+from prunekit.methods.channel import CRITERIA
 from prunekit.progress import progress_bar
+from prunekit.sensitivity.metrics import model_device
 
 __all__ = [
     "CRITERIA",
@@ -33,7 +35,6 @@ __all__ = [
 ]
 
 #: Names accepted by :meth:`ChannelStats.score`.
-CRITERIA = ("l2", "l0")
 
 
 @dataclass
@@ -203,14 +204,6 @@ def _batch_input(batch: Any, index: int) -> Tensor:
     )
 
 
-def _default_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def collect_channel_stats(
     model: nn.Module,
     data: Iterable[Any],
@@ -258,7 +251,7 @@ def collect_channel_stats(
     ):
         raise ValueError(f"max_batches={max_batches!r} must be an int >= 1 or None")
     convs = resolve_layers(model, layers)
-    device = torch.device(device) if device is not None else _default_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     accumulators = OrderedDict(
         (name, _LayerAccumulator(name, conv.out_channels)) for name, conv in convs.items()

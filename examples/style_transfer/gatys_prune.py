@@ -19,7 +19,6 @@ like the real objective and can be used alone.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,18 +26,18 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import click
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
+from prunekit.recover import recover
 from prunekit.report import sparsity_report
 from prunekit.sensitivity import ForwardMetric, SensitivityResult, fit_plan, scan
-from prunekit.sensitivity.metrics import model_device
+from prunekit.sensitivity.metrics import model_device, relative_distance
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
 from examples.style_transfer.imaging import resize_longer_side
 from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
-from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names, layer_index_of
+from examples.style_transfer.vgg import LAYER_INDEX, Preprocessor, conv_index_names, layer_index_of, run_until
 
 __all__ = [
     "METRICS",
@@ -59,12 +58,6 @@ __all__ = [
     "prune_and_stylize",
     "run_scan",
 ]
-
-
-def _relative(squared_error: float, squared_norm: float) -> float:
-    if squared_norm > 0.0:
-        return math.sqrt(squared_error / squared_norm)
-    return 0.0 if squared_error == 0.0 else math.inf
 
 
 class LossLayerDistortion(ForwardMetric):
@@ -132,20 +125,11 @@ class LossLayerDistortion(ForwardMetric):
     def _outputs(self, model: nn.Module) -> Dict[str, Dict[str, Tensor]]:
         device = model_device(model)
         wanted = {int(module) for module in self.capture}
-        last = max(wanted)
-        out: Dict[str, Dict[str, Tensor]] = {}
         with torch.no_grad():
-            for image, x in self.inputs.items():
-                x = x.to(device)
-                acts: Dict[str, Tensor] = {}
-                for index, layer in enumerate(model):
-                    x = layer(x)
-                    if index in wanted:
-                        acts[str(index)] = x
-                    if index >= last:
-                        break
-                out[image] = acts
-        return out
+            return {
+                image: {str(index): value for index, value in run_until(model, x.to(device), wanted).items()}
+                for image, x in self.inputs.items()
+            }
 
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
         if self._reference is None:
@@ -167,7 +151,7 @@ class LossLayerDistortion(ForwardMetric):
 
     def reduce(self, totals: Tensor) -> float:
         values = totals.tolist()
-        distances = [_relative(values[2 * i], values[2 * i + 1]) for i in range(len(self.terms))]
+        distances = [relative_distance(values[2 * i], values[2 * i + 1]) for i in range(len(self.terms))]
         return float(sum(distances) / len(distances))
 
     def __call__(self, model: nn.Module) -> float:
@@ -332,15 +316,14 @@ def finetune_features(
     preprocessor: Optional[Preprocessor] = None,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Feature distillation: train the pruned network, masks fixed, to match the dense loss-layer activations.
+    """Feature distillation with :func:`prunekit.recover`: the pruned network learns the dense loss-layer activations.
 
     The pruned network must still carry its pruning reparametrization
     (``weight_orig`` + ``weight_mask``): only ``weight_orig`` and the biases are
-    trained, and a masked weight gets no gradient, so the masks stay as they are.
-    The loss is the sum over the metric's loss layers of
-    ``mean((A - A_dense)^2) / mean(A_dense^2)`` on random crops of ``images01``.
-    If the distortion measured by ``metric`` (prepared on the dense network)
-    does not improve, the weights from before fine-tuning are put back.
+    trained, and the masks stay as they are. ``recover`` matches the metric's loss
+    layers on random crops of ``images01`` and keeps its best state on the whole
+    images; if the distortion measured by ``metric`` (prepared on the dense
+    network) still does not improve, the weights from before fine-tuning are put back.
 
     Args:
         pruned: the pruned network (modified in place; frozen again on return).
@@ -354,46 +337,28 @@ def finetune_features(
     if not any(True for _ in pruned_tensors(pruned)):
         raise ValueError("the network carries no pruning masks; fine-tune it before prunekit.finalize")
     preprocessor = preprocessor if preprocessor is not None else Preprocessor("imagenet")
-    modules = sorted({int(module) for module in metric.capture})
-    last = modules[-1]
+    layers = [str(index) for index in sorted({int(module) for module in metric.capture})]
     before = metric(pruned)
     params = [p for name, p in pruned.named_parameters() if name.endswith("weight_orig") or name.endswith("bias")]
     saved = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(int(seed))
     views = _random_views(images01, crop, generator)
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-
-    def activations(net: nn.Sequential, x: Tensor) -> List[Tensor]:
-        out = []
-        for index, layer in enumerate(net):
-            x = layer(x)
-            if index in modules:
-                out.append(x)
-            if index >= last:
-                break
-        return out
-
+    crops = [preprocessor.normalize(next(views)) for _ in range(min(steps, 64))]
+    whole = [preprocessor.normalize(image) for image in images01]
+    flags = [(p, p.requires_grad) for p in pruned.parameters()]
+    for p in pruned.parameters():
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     try:
-        bar = click.progressbar(length=steps, label="fine-tuning", hidden=not progress, file=sys.stderr)
-        with bar:
-            for _ in range(steps):
-                x = preprocessor.normalize(next(views))
-                with torch.no_grad():
-                    targets = activations(dense, x)
-                loss = sum(
-                    F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
-                    for out, target in zip(activations(pruned, x), targets)
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.update(1)
+        recover(pruned, dense, crops, steps, lr=learning_rate, layers=layers, held_out=whole,
+                eval_every=max(1, steps // 10), progress=progress)
     finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
         for p in params:
             p.requires_grad_(False)
-            p.grad = None
     after = metric(pruned)
     kept = after <= before
     if not kept:

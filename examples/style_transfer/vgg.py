@@ -31,8 +31,8 @@ import torchvision
 from torch import Tensor, nn
 
 from prunekit.hed import HED_BGR_MEAN, HED_INSTALL
-from prunekit.sparse import MAGIC as SPARSE_MAGIC
-from prunekit.sparse import load_sparse
+from prunekit.sparse import is_sparse_file, load_sparse
+from prunekit.zoo import WeightsUnavailableError  # one error for unavailable ImageNet weights, re-exported
 
 __all__ = [
     "ARCHES",
@@ -48,6 +48,7 @@ __all__ = [
     "conv_layer_names",
     "default_preprocess",
     "layer_index",
+    "run_until",
     "layer_index_of",
     "load_vgg19_features",
     "load_vgg_features",
@@ -161,8 +162,26 @@ def default_preprocess(weights: str) -> str:
     return "hed" if str(weights).lower() == "hed" else "imagenet"
 
 
-class WeightsUnavailableError(RuntimeError):
-    """The pretrained VGG-19 weights could not be obtained (typically: no internet, nothing cached)."""
+def run_until(features: nn.Sequential, x: Tensor, indices: Iterable[int]) -> Dict[int, Tensor]:
+    """Run ``features`` on ``x`` up to the largest of ``indices`` (no further); the outputs at ``indices``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> sorted(run_until(net, torch.zeros(1, 3, 8, 8), [1]))
+        [1]
+    """
+    wanted = {int(i) for i in indices}
+    if not wanted:
+        raise ValueError("indices is empty; name at least one layer position")
+    last = max(wanted)
+    out: Dict[int, Tensor] = {}
+    for index, module in enumerate(features):
+        x = module(x)
+        if index in wanted:
+            out[index] = x
+        if index >= last:
+            break
+    return out
 
 
 def _torchvision_cache_dir() -> str:
@@ -219,9 +238,7 @@ def _load_state_dict_file(path: str) -> Mapping[str, Tensor]:
             f"weights file {path!r} does not exist; pass 'imagenet', 'hed', 'random' or the path to a "
             f"VGG state_dict (.pth)"
         )
-    with open(target, "rb") as handle:
-        is_sparse = handle.read(len(SPARSE_MAGIC)) == SPARSE_MAGIC
-    if is_sparse:  # a prunekit.save_sparse checkpoint, e.g. written by the prune command
+    if is_sparse_file(target):  # a prunekit.save_sparse checkpoint, e.g. written by the prune command
         return load_sparse(target)
     try:
         state = torch.load(target, map_location="cpu", weights_only=True)
@@ -412,11 +429,5 @@ class FeatureExtractor(nn.Module):
                 f"an image of {x.shape[-1]}x{x.shape[-2]} px is too small for layer {deepest!r}: the "
                 f"poolings before it need at least {self.min_side} px per side; use a larger image size"
             )
-        out: Dict[str, Tensor] = {}
-        for index, module in enumerate(self.features):
-            x = module(x)
-            for name in self._by_index.get(index, ()):
-                out[name] = x
-            if index >= self.last_index:
-                break
-        return out
+        outputs = run_until(self.features, x, self._by_index)
+        return {name: outputs[index] for index, names in self._by_index.items() for name in names}

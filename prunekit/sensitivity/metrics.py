@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from prunekit._rollback import eval_mode
 from prunekit.layers import get_module
 
-__all__ = ["Accuracy", "ForwardMetric", "MODEL_OUTPUT", "OutputDistortion", "model_device"]
+__all__ = ["Accuracy", "ForwardMetric", "MODEL_OUTPUT", "OutputDistortion", "model_device", "relative_distance"]
 
 #: Key of the model's own output in the ``outputs`` mapping a metric receives.
 MODEL_OUTPUT = ""
@@ -150,7 +150,13 @@ def _as_batches(inputs: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
     return [batch.detach() for batch in batches]
 
 
-def _relative_distance(squared_error: float, squared_norm: float) -> float:
+def relative_distance(squared_error: float, squared_norm: float) -> float:
+    """``sqrt(squared_error / squared_norm)``; 0 for 0/0 and inf for x/0 (a dense output of zeros).
+
+    Example:
+        >>> relative_distance(1.0, 4.0)
+        0.5
+    """
     if squared_norm > 0.0:
         return math.sqrt(squared_error / squared_norm)
     return 0.0 if squared_error == 0.0 else math.inf
@@ -234,7 +240,7 @@ class OutputDistortion(ForwardMetric):
     def reduce(self, totals: Tensor) -> float:
         values = totals.tolist()
         distances = [
-            _relative_distance(values[2 * i], values[2 * i + 1]) for i in range(len(self.capture))
+            relative_distance(values[2 * i], values[2 * i + 1]) for i in range(len(self.capture))
         ]
         return float(sum(distances) / len(distances))
 
