@@ -94,6 +94,26 @@ def test_resumed_training_continues_exactly_like_an_uninterrupted_run(image_fold
     )
 
 
+def test_train_cli_resume_needs_no_folders_and_keeps_the_runs_threads(image_folders, tmp_path, monkeypatch):
+    small = ["--mode", "compact", "--weights", "random", "--width", "0.125", "--batch-size", "2", "--crop", "16",
+             "--load-size", "24", "--log-every", "1", "--probe-every", "2", "--checkpoint-every", "2", "--quiet"]
+    out = str(tmp_path / "run")
+    first = CliRunner().invoke(adain_cli, ["train", "--content", str(image_folders / "content"), "--style",
+                                           str(image_folders / "style"), "--out", out, "--steps", "2",
+                                           "--threads", "1", *small])
+    assert first.exit_code == 0, first.output
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").config.threads == 1
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n) or real(n))
+    resumed = CliRunner().invoke(adain_cli, ["train", "--out", out, "--steps", "4", "--resume", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 4
+    assert seen and seen[0] == 1  # the run's recorded --threads, without repeating it
+    missing = CliRunner().invoke(adain_cli, ["train", "--out", str(tmp_path / "new"), "--steps", "2", *small])
+    assert missing.exit_code == 2 and "--content" in missing.output
+
+
 def test_training_into_a_folder_with_a_checkpoint_needs_resume(image_folders, tmp_path):
     train(_config(image_folders, tmp_path, steps=1, checkpoint_every=1), progress=False, plot=False)
     with pytest.raises(ValueError, match="resume"):

@@ -205,6 +205,54 @@ def test_save_image_round_trips_and_uses_the_suffix_format(tmp_path):
         save_image(image, tmp_path / "x.unknown")
 
 
+def test_scan_help_lists_only_options_that_change_the_scan():
+    text = CliRunner().invoke(cli, ["scan", "--help"]).output
+    for unused in ("--size", "--style-size", "--iterations", "--original-colors"):
+        assert f"{unused} " not in text
+    for used in ("--proxy-size", "--full-iterations", "--content-layers", "--weights"):
+        assert used in text
+
+
+def test_a_proxy_size_too_small_for_the_network_is_one_line_naming_the_size_that_works(tmp_path):
+    result = CliRunner().invoke(cli, ["scan", "sample:hopper", "sample:mosaic", "--out", str(tmp_path / "s"),
+                                      "--proxy-size", "32", "--weights", "random", "--metric", "proxy",
+                                      "--layers", "conv1_1", "--sparsities", "0.5", "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("Error: --proxy-size 32") and "pass --proxy-size" in line
+    enough = int(line.split("pass --proxy-size ")[1].split()[0])
+    ok = CliRunner().invoke(cli, ["scan", "sample:hopper", "sample:mosaic", "--out", str(tmp_path / "s"),
+                                  "--proxy-size", str(enough), "--weights", "random", "--metric", "proxy",
+                                  "--layers", "conv1_1", "--sparsities", "0.5", "-q", "--threads", "1"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_stylize_into_a_read_only_folder_fails_before_the_optimisation(tmp_path, monkeypatch):
+    import os
+
+    import examples.style_transfer.gatys_cli as gatys_cli
+
+    monkeypatch.setattr(gatys_cli, "run_stylize", lambda *a, **k: pytest.fail("optimised first"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("ro") else real_access(path, mode))
+    (tmp_path / "ro").mkdir()
+    result = CliRunner().invoke(cli, ["stylize", "sample:hopper", "sample:mosaic", "-o", str(tmp_path / "ro" / "o.png"),
+                                      "--weights", "random", "--size", "32", "-q"])
+    assert result.exit_code == 1 and "is not writable" in result.output and "Traceback" not in result.output
+
+
+def test_captions_are_not_cut_under_small_images():
+    from PIL import ImageDraw, ImageFont
+
+    labels = ["content", "style", "dense", "pruned (12.34x)"]
+    panel = side_by_side([torch.rand(1, 3, 64, 64)] * 4, labels)
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(panel)
+    needed = sum(max(64, probe.textbbox((0, 0), text, font=font)[2]) for text in labels) + 5 * 4
+    assert panel.width == needed
+    assert probe.textbbox((0, 0), labels[-1], font=font)[2] > 64  # the case that used to be cut
+
+
 def test_side_by_side_puts_images_in_one_labelled_row():
     panel = side_by_side([torch.rand(1, 3, 20, 30), torch.rand(1, 3, 10, 10)], ["a", "b"])
     assert panel.height > 20 and panel.width >= 30 + 20
@@ -306,8 +354,9 @@ def test_stylize_scan_prune_report_end_to_end(tmp_path):
 
     scan_options = ["--layers", "conv1_1,conv2_1,conv4_1", "--sparsities", "0.5,0.9",
                     "--proxy-size", "48", "--full-size", "32", "--full-iterations", "2"]
+    network = ["--weights", "random", "--threads", "1", "-q"]  # scan has no --size/--iterations: it uses its own
     result = runner.invoke(cli, ["scan", "sample:hopper", "sample:mosaic", "--out", str(tmp_path / "scan"),
-                                 *scan_options, *common])
+                                 *scan_options, *network])
     assert result.exit_code == 0, result.output
     assert "Spearman" in result.output and "conv2_1" in result.output
     proxy = SensitivityResult.from_json(tmp_path / "scan" / "scan_proxy.json")
@@ -315,9 +364,12 @@ def test_stylize_scan_prune_report_end_to_end(tmp_path):
 
     result = runner.invoke(cli, ["prune", "sample:hopper", "sample:mosaic", "--out", str(tmp_path / "prune"),
                                  "--from-scan", str(tmp_path / "scan"), "--tolerance", "0.3", "--joint",
-                                 "--finetune-steps", "2", *scan_options, *common])
+                                 "--finetune-steps", "2", *common])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "prune" / "report.json").read_text())
+    # The reused scan's settings are recorded (and used), not prune's own defaults (proxy 128, full 64).
+    assert report["run"]["scan"]["proxy_size"] == 48 and report["run"]["scan"]["full_size"] == 32
+    assert report["run"]["scan"]["sparsities"] == [0.5, 0.9]
     assert report["parameters"]["compression"] > 1.0
     assert report["parameters"]["dense"] == 20_024_384
     for kind in ("dense", "pruned"):

@@ -101,10 +101,10 @@ def adain() -> None:
 
 
 @adain.command("train")
-@click.option("--content", "content_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of content images, e.g. MS-COCO train2014.")
-@click.option("--style", "style_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of style images, e.g. WikiArt / Painter by Numbers.")
+@click.option("--content", "content_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of content images, e.g. MS-COCO train2014 (with --resume: the run's own).")
+@click.option("--style", "style_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of style images, e.g. WikiArt / Painter by Numbers (with --resume: the run's own).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoint.pt, log.jsonl, log.png, config.json.")
 @click.option("--mode", type=click.Choice(MODES), default="compact", show_default=True,
@@ -143,9 +143,12 @@ def adain() -> None:
 @click.option("--workers", "num_workers", default=0, show_default=True, type=click.IntRange(0),
               help="Data loader worker processes.")
 @click.option("--device", default=None, help="Where to train: cpu (default), cuda, cuda:1, mps ...")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt with its settings; only --steps and --workers apply.")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT/checkpoint.pt with its settings (its --content, --style and --threads "
+              "included); only --steps, --workers and --threads apply.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_threads_option
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="CPU threads for torch (default: torch's choice, or the resumed run's); recorded in the run.")
 @_library_errors
 def train_command(quiet: bool, resume: bool, device: Optional[str], **settings: Any) -> None:
     """Train AdaIN; with --mode compact, the channel and xor losses switch relu4_1 channels off.
@@ -154,8 +157,22 @@ def train_command(quiet: bool, resume: bool, device: Optional[str], **settings: 
     Example:
         python -m examples.style_transfer adain train --content coco/train2014 --style wikiart/train --out runs/compact
     """
-    config = TrainConfig(**settings)
-    result = train(config, resume=resume, progress=not quiet, device=device)
+    resuming = resume and (Path(settings["out_dir"]) / "checkpoint.pt").is_file()
+    for flag, key in (("--content", "content_dir"), ("--style", "style_dir")):
+        if settings[key] is None and not resuming:
+            raise click.UsageError(f"Missing option '{flag}' (only --resume of an existing run reads it from the run)")
+        if settings[key] is None:
+            settings[key] = ""  # the checkpoint's own folder is used
+    previous = torch.get_num_threads()
+    try:
+        result = train(TrainConfig(**settings), resume=resume, progress=not quiet, device=device)
+    finally:
+        torch.set_num_threads(previous)
+    config = result.config
+    for flag, key in (("--content", "content_dir"), ("--style", "style_dir")):
+        if resuming and settings[key] and Path(settings[key]).resolve() != Path(getattr(config, key)).resolve():
+            click.echo(f"note: {flag} {settings[key]} was ignored: a resumed run keeps its own "
+                       f"({getattr(config, key)})", err=True)
     last = json.dumps({"step": result.step, "out": str(Path(config.out_dir) / "checkpoint.pt")})
     click.echo(last)
 

@@ -139,6 +139,7 @@ class TrainConfig:
     probe_dir: Optional[str] = None
     probe_images: int = 16
     num_workers: int = 0
+    threads: Optional[int] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and its allowed values."""
@@ -601,8 +602,6 @@ def train(
     """
     config.validate()
     device = _check_device(device)
-    content_files = list_images(config.content_dir)
-    style_files = list_images(config.style_dir)
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     log_path = out_dir / LOG_NAME
@@ -615,7 +614,8 @@ def train(
     if state is not None:
         saved = TrainConfig.from_dict(state["config"])
         config = dataclasses.replace(
-            saved, steps=config.steps, out_dir=config.out_dir, num_workers=config.num_workers
+            saved, steps=config.steps, out_dir=config.out_dir, num_workers=config.num_workers,
+            threads=config.threads or saved.threads,
         )
         net, loss_network = _build(_structure_config(config))
         net.encoder.load_state_dict(state["encoder"])
@@ -638,6 +638,11 @@ def train(
         optimizers = _optimizers(config, net)
         start = 0
         _rewrite_log(log_path, [])
+    # The run's own folders (from the checkpoint when resuming), and its threads.
+    content_files = list_images(config.content_dir)
+    style_files = list_images(config.style_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     write_json(out_dir / "config.json", config.to_dict())
 
     probe = _probe_images(config, content_files, style_files).to(device)

@@ -48,11 +48,13 @@ from examples.style_transfer.vgg import (
     load_vgg_features,
     resolve_arch,
 )
+from prunekit.cli.paths import check_output_file, check_output_folder
 from prunekit.hed import HEDWeightsUnavailableError
 
 __all__ = ["prune", "samples", "scan", "stylize"]
 
-_USER_ERRORS = (WeightsUnavailableError, HEDWeightsUnavailableError, FileNotFoundError, ValueError, KeyError, TypeError, FloatingPointError)
+_USER_ERRORS = (WeightsUnavailableError, HEDWeightsUnavailableError, FileNotFoundError, PermissionError,
+                IsADirectoryError, NotADirectoryError, ValueError, KeyError, TypeError, FloatingPointError)
 
 
 def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -155,8 +157,13 @@ def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of the style transfer itself (losses, optimiser, sizes)."""
+# What a scan does not use: it resizes the images to --proxy-size/--full-size and runs
+# --full-iterations of the transfer, never keeping colours.
+_NOT_FOR_SCANS = ("--size", "--style-size", "--iterations", "--original-colors")
+
+
+def transfer_options(command: Callable[..., Any], for_scan: bool = False) -> Callable[..., Any]:
+    """Options of the style transfer itself (losses, optimiser, sizes); ``for_scan``: only those a scan uses."""
     decorators = [
         click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
                      help="Longer side of the content image (and of the result), in pixels."),
@@ -180,9 +187,21 @@ def transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Start from the content image or from noise."),
         click.option("--original-colors", is_flag=True, help="Keep the content image's colours."),
     ]
+    if for_scan:
+        decorators = [d for d, name in zip(decorators, _TRANSFER_OPTION_NAMES) if name not in _NOT_FOR_SCANS]
     for decorator in reversed(decorators):
         command = decorator(command)
     return command
+
+
+_TRANSFER_OPTION_NAMES = ("--size", "--style-size", "--content-weight", "--style-weight", "--tv-weight",
+                          "--content-layers", "--style-layers", "--optimizer", "--iterations", "--lr", "--init",
+                          "--original-colors")
+
+
+def scan_transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The style-transfer options a scan uses (the others would change nothing there)."""
+    return transfer_options(command, for_scan=True)
 
 
 def scan_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,8 +245,9 @@ class _Run:
         return load_vgg_features(self.weights, arch=self.arch)
 
     def images(self, content: str, style: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        size = self.options["size"]
-        style_size = self.options["style_size"] or size
+        # A scan has no --size: it reads the images at the largest size its metrics use.
+        size = self.options.get("size") or max(self.options["proxy_size"], self.options["full_size"])
+        style_size = self.options.get("style_size") or size
         return load_image_or_sample(content, size), load_image_or_sample(style, style_size)
 
     def config(self) -> GatysConfig:
@@ -239,11 +259,11 @@ class _Run:
             style_weight=o["style_weight"],
             tv_weight=o["tv_weight"] if o["tv_weight"] is not None else default_tv_weight(self.preprocessor.mode),
             optimizer=o["optimizer"],
-            iterations=o["iterations"],
+            iterations=o.get("iterations", 100),
             learning_rate=o["lr"],
             init=o["init"],
             seed=o["seed"],
-            original_colors=o["original_colors"],
+            original_colors=o.get("original_colors", False),
         )
 
     def identity(self) -> Dict[str, Any]:
@@ -309,7 +329,8 @@ def stylize(content: str, style: str, output: str, as_json: bool, **options: Any
 
     Example: python -m examples.style_transfer stylize sample:hopper sample:mosaic -o out.png
     """
-    image_format(output)  # an unknown suffix fails now, not after the optimisation
+    image_format(output)  # an unknown suffix or an unwritable place fails now, not after the optimisation
+    check_output_file("-o", output, "out.png")
     run = _Run(options)
     config = run.config()
     content01, style01 = run.images(content, style)
@@ -385,7 +406,7 @@ def _run_scans(run: _Run, features: torch.nn.Sequential, content01: torch.Tensor
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.2, show_default=True,
               help="Drawn on the plots and used for the plan shown (see prune).")
 @scan_options
-@transfer_options
+@scan_transfer_options
 @network_options
 @_clean_errors
 @_with_threads
@@ -400,6 +421,7 @@ def scan(content: str, style: str, out_dir: str, metric: str, tolerance: float, 
     """
     run = _Run(options)
     run.config(), run.settings()  # bad options fail before any work
+    check_output_folder("--out", out_dir)
     content01, style01 = run.images(content, style)
     features = run.network()
     folder = Path(out_dir)
@@ -469,6 +491,7 @@ def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metr
     """
     run = _Run(options)
     config, settings = run.config(), run.settings()  # bad options fail before any work
+    check_output_folder("--out", out_dir)
     if from_scan is None and plan_metric not in _metric_kinds(metric):
         raise click.UsageError(f"--plan-metric {plan_metric} needs --metric {plan_metric} or both")
     content01, style01 = run.images(content, style)
@@ -476,6 +499,9 @@ def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metr
     folder = Path(out_dir)
     if from_scan is not None:
         scans = _load_scans(Path(from_scan), run)
+        recorded = scans.get(plan_metric, next(iter(scans.values()))).meta.get("scan")
+        if recorded is not None:  # the reused scan's settings, not this command's defaults
+            settings = ScanSettings.from_dict(recorded)
     else:
         scans = _run_scans(run, features, content01, style01, _metric_kinds(metric), folder, tolerance)
     outcome = prune_and_stylize(

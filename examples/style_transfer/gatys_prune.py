@@ -401,6 +401,23 @@ class ScanSettings:
             "full_iterations": self.full_iterations,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ScanSettings":
+        """Read :meth:`to_dict` back (e.g. the settings a saved scan recorded).
+
+        Example:
+            >>> ScanSettings.from_dict(ScanSettings(proxy_size=64).to_dict()).proxy_size
+            64
+        """
+        layers = data.get("layers")
+        return cls(
+            sparsities=tuple(float(v) for v in data["sparsities"]),
+            layers=tuple(str(v) for v in layers) if layers is not None else None,
+            proxy_size=int(data["proxy_size"]),
+            full_size=int(data["full_size"]),
+            full_iterations=int(data["full_iterations"]),
+        )
+
 
 def make_metric(
     kind: str,
@@ -411,9 +428,27 @@ def make_metric(
     preprocessor: Preprocessor,
     settings: ScanSettings,
 ) -> Any:
-    """The scan metric ``kind`` (``"proxy"`` or ``"full"``) on images resized to the settings' sizes."""
+    """The scan metric ``kind`` (``"proxy"`` or ``"full"``) on images resized to the settings' sizes.
+
+    Raises:
+        ValueError: an image whose shorter side, at that size, is below what the network's
+            pooling layers need (the message gives the size that works).
+    """
+    # The proxy's scan runs the whole of ``features``; the full metric's transfers stop at the deepest loss layer.
+    index = layer_index_of(features)
+    deepest = max(index[name] for name in (*config.content_layers, *config.style_layers) if name in index)
+    modules = list(features) if kind == "proxy" else list(features)[:deepest]
+    need = 2 ** sum(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in modules)
+    flag, size = ("--proxy-size", settings.proxy_size) if kind == "proxy" else ("--full-size", settings.full_size)
+    for name, image in (("content", content01), ("style", style01)):
+        height, width = image.shape[-2:]
+        if min(height, width) * size < need * max(height, width):
+            enough = math.ceil(need * max(height, width) / min(height, width))
+            raise ValueError(
+                f"{flag} {size}: the {name} image ({width}x{height}) would be {min(height, width) * size // max(height, width)} px "
+                f"on its shorter side, below the {need} px the network's poolings need; pass {flag} {enough} or more"
+            )
     if kind == "proxy":
-        size = settings.proxy_size
         return LossLayerDistortion(
             resize_longer_side(content01, size), resize_longer_side(style01, size), config, preprocessor,
             layers=layer_index_of(features),

@@ -132,6 +132,11 @@ def side_by_side(
         images: tensors ``[1, 3, H, W]`` in [0, 1].
         labels: one caption per image (``None``: no captions).
         height: row height in pixels; default the tallest image's height.
+
+    Example:
+        >>> panel = side_by_side([torch.zeros(1, 3, 16, 16)], ["a caption wider than the image"])
+        >>> panel.width > 16 + 8
+        True
     """
     if not images:
         raise ValueError("images is empty; pass at least one image")
@@ -146,18 +151,20 @@ def side_by_side(
     font = ImageFont.load_default()
     gap = 4
     caption = 0
-    if labels is not None:
-        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        caption = max(probe.textbbox((0, 0), text, font=font)[3] for text in labels) + 2 * gap if labels else 0
-    width = sum(p.width for p in scaled) + gap * (len(scaled) + 1)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_widths = [0] * len(scaled)
+    if labels:
+        caption = max(probe.textbbox((0, 0), text, font=font)[3] for text in labels) + 2 * gap
+        text_widths = [probe.textbbox((0, 0), text, font=font)[2] for text in labels]
+    # Each column is as wide as its image or its caption, whichever is wider: small images keep whole captions.
+    columns = [max(image.width, text) for image, text in zip(scaled, text_widths)]
+    width = sum(columns) + gap * (len(scaled) + 1)
     canvas = Image.new("RGB", (width, row_height + caption + 2 * gap), "white")
     draw = ImageDraw.Draw(canvas)
     x = gap
-    for index, image in enumerate(scaled):
-        canvas.paste(image, (x, gap))
+    for index, (image, column) in enumerate(zip(scaled, columns)):
+        canvas.paste(image, (x + (column - image.width) // 2, gap))
         if labels is not None:
-            text = labels[index]
-            text_width = draw.textbbox((0, 0), text, font=font)[2]
-            draw.text((x + max(0, (image.width - text_width) // 2), row_height + 2 * gap), text, fill="black", font=font)
-        x += image.width + gap
+            draw.text((x + (column - text_widths[index]) // 2, row_height + 2 * gap), labels[index], fill="black", font=font)
+        x += column + gap
     return canvas
