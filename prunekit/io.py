@@ -57,8 +57,10 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     the same file.
 
     Example:
-        >>> with atomic_write("out/plan.json") as f:  # doctest: +SKIP
-        ...     f.write("{}")
+        >>> with atomic_write("out/plan.json") as f:
+        ...     _ = f.write("{}")
+        >>> Path("out/plan.json").read_text()
+        '{}'
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode={mode!r} is not supported; use 'w' (text) or 'wb' (binary)")

@@ -225,8 +225,11 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 2, 3))
-        >>> torch.save(model.state_dict(), "w.pt")  # doctest: +SKIP
-        >>> load_weights(model, "w.pt")  # doctest: +SKIP
+        >>> torch.save(model.state_dict(), "w.pt")
+        >>> load_weights(model, "w.pt")
+        Sequential(
+          (0): Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1))
+        )
     """
     target = Path(path)
     if target.is_dir():
@@ -505,8 +508,12 @@ def save_checkpoint(model: nn.Module, path: PathLike, arch: str, *, sparse: Opti
             or ``"package.module:factory"`` (not a file path).
 
     Example:
-        >>> save_checkpoint(digits_vgg(), "digits.pt", "digits-vgg")  # doctest: +SKIP
-        >>> load_model("digits.pt")  # doctest: +SKIP
+        >>> save_checkpoint(digits_vgg(), "digits.pt", "digits-vgg")
+        >>> list(conv_layers(load_model("digits.pt")))[:2]
+        ['features.0', 'features.2']
+        >>> save_checkpoint(digits_vgg(), "digits.pksparse", "digits-vgg")  # the sparse format, arch recorded
+        >>> type(load_model("digits.pksparse")).__name__
+        'Sequential'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")

@@ -17,10 +17,13 @@ Caffe-converted VGG-19 with ``--preprocess caffe`` (0-255 BGR input).
 The image is optimised in RGB [0, 1] pixel space and clamped when returned.
 
 Example:
-    >>> torch.manual_seed(0)  # doctest: +SKIP
-    >>> net = load_vgg19_features("random")  # doctest: +SKIP
+    >>> from examples.style_transfer.vgg import load_vgg19_features
+    >>> _ = torch.manual_seed(0)
+    >>> net = load_vgg19_features("random")
     >>> result = stylize(net, torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32),
-    ...                  GatysConfig(iterations=5), progress=False)  # doctest: +SKIP
+    ...                  GatysConfig(iterations=5), progress=False)
+    >>> result.image.shape
+    torch.Size([1, 3, 32, 32])
 """
 
 from __future__ import annotations

@@ -77,8 +77,10 @@ class LossLayerDistortion(ForwardMetric):
             :func:`~examples.style_transfer.vgg.layer_index_of` gives any VGG's).
 
     Example:
+        >>> import torchvision
+        >>> features = torchvision.models.vgg19().features.eval()
         >>> metric = LossLayerDistortion(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
-        >>> metric.prepare(features); metric(features)  # doctest: +SKIP
+        >>> metric.prepare(features); metric(features)
         0.0
     """
 

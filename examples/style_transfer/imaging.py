@@ -5,8 +5,8 @@ where noted) with values in [0, 1].
 
 Example:
     >>> img = torch.rand(1, 3, 32, 48)
-    >>> save_image(img, "out.png")  # doctest: +SKIP
-    >>> load_image("out.png", size=24).shape  # doctest: +SKIP
+    >>> save_image(img, "out.png")
+    >>> load_image("out.png", size=24).shape
     torch.Size([1, 3, 16, 24])
 """
 

@@ -51,7 +51,11 @@ def plot_sensitivity(
         ValueError: the baseline is not measured yet.
 
     Example:
-        >>> plot_sensitivity(result, "sensitivity.png", max_drop=0.01)  # doctest: +SKIP
+        >>> from prunekit.sensitivity import SensitivityResult
+        >>> result = SensitivityResult("accuracy", True, 0.9, (0.5, 0.9), {"conv": [0.9, 0.6]})
+        >>> figure = plot_sensitivity(result, "sensitivity.png", max_drop=0.01)
+        >>> open("sensitivity.png", "rb").read(4)[1:]
+        b'PNG'
     """
     Figure, FigureCanvasAgg = _matplotlib()
     if result.baseline is None:
