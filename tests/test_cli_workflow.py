@@ -203,6 +203,13 @@ def test_a_huge_image_size_is_refused_before_allocating(runner):
     assert_one_error_line(result, "--image-size 100000", "GiB", "pass a smaller --image-size")
 
 
+def test_accuracy_on_a_folder_without_classes_names_the_cli_options(runner):
+    result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "32",
+                                 "--metric", "accuracy"])
+    assert_one_error_line(result, "--metric accuracy needs labelled images", "imgs/cat/1.jpg", "--metric distortion")
+    assert "labelled=" not in result.stderr
+
+
 def test_folders_are_called_folders(runner):
     Path("adir").mkdir()
     assert_one_error_line(runner.invoke(cli, ["report", "adir"]), "adir is a folder")

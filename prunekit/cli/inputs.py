@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import click
@@ -220,6 +221,12 @@ def evaluation_data(
             description = f"{batch_size} synthetic images (3x{size}x{size}, seed {seed})"
     else:
         labelled = metric == "accuracy"
+        folder = Path(data)
+        if labelled and folder.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+            raise ValueError(
+                f"--metric accuracy needs labelled images, one subfolder per class (e.g. {data}/cat/1.jpg); "
+                f"--data {data} has no subfolders: add them, or use --metric distortion"
+            )
         try:
             dataset = datasets.load_image_folder(data, size, labelled=labelled, normalize=normalize)
         except (ValueError, OSError) as err:
