@@ -162,7 +162,18 @@ def test_prune_writes_sparse_files_and_every_command_reads_them_by_content(runne
 
 def test_a_sparse_state_dict_without_architecture_says_how_to_load_it(runner):
     prunekit.save_sparse(prunekit.zoo.load_model("digits-vgg"), "state.pksparse")
-    assert_one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "--model", "--weights state.pksparse")
+    assert_one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "without an architecture",
+                          "prunekit report vgg16 --weights state.pksparse")
+
+
+def test_a_bare_state_dict_as_checkpoint_suggests_options_the_command_has(runner):
+    torch.save(prunekit.zoo.load_model("digits-vgg").state_dict(), "state.pt")
+    for command in ("report", "compact"):
+        result = runner.invoke(cli, [command, "state.pt"])
+        assert_one_error_line(result, f"prunekit {command} vgg16 --weights state.pt")
+        assert "--model" not in result.stderr
+    result = runner.invoke(cli, ["compact", "digits-vgg", "--weights", "state.pt", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_report_counts_the_weights_sparsity_not_the_bias(runner):

@@ -9,7 +9,7 @@ import click
 import torch
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import check_input_fits, in_channels
+from prunekit.cli.inputs import check_input_fits, in_channels, load_checkpoint_argument
 from prunekit.cli.options import DEFAULT_IMAGE_SIZE, DIGITS_SIZE, examples, parse_input_size, threads_option
 from prunekit.cli.paths import check_output_file, refuse_inputs
 
@@ -35,6 +35,9 @@ __all__ = ["compact_command"]
 @click.option("--out", default=None, metavar="PATH",
               help="Also save the compacted model as a whole pickled module (loading it back needs "
               "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
+@click.option("--weights", default=None, metavar="PATH",
+              help="Weights (a state_dict, .pt or .pksparse) for a model name given as CHECKPOINT, e.g. "
+              "prunekit compact vgg16 --weights pruned-state.pt; a checkpoint file carries its own.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole model from CHECKPOINT (only for files you trust).")
 @click.option("--exported", default=None, metavar="PATH.pt2",
@@ -49,6 +52,7 @@ def compact_command(
     input_size: Optional[str],
     repeats: int,
     out: Optional[str],
+    weights: Optional[str],
     trust_checkpoint: bool,
     exported: Optional[str],
     onnx_path: Optional[str],
@@ -66,14 +70,13 @@ def compact_command(
     from prunekit.compact import compact, compaction_report
     from prunekit.io import save_torch
     from prunekit.timing import compare_latency
-    from prunekit.zoo import load_model
 
     outputs = [("--out", out), ("--exported", exported), ("--onnx", onnx_path)]
-    refuse_inputs(outputs, [("input checkpoint", checkpoint)])
+    refuse_inputs(outputs, [("input checkpoint", checkpoint), ("--weights file", weights)])
     for flag, value in outputs:
         if value is not None:
             check_output_file(flag, value, {"--out": "small.pt", "--exported": "small.pt2"}.get(flag, "small.onnx"))
-    model = load_model(checkpoint, None, trust_checkpoint=trust_checkpoint, progress=False).eval()
+    model = load_checkpoint_argument("compact", checkpoint, weights, trust_checkpoint).eval()
     size = parse_input_size(input_size)
     if size is None:
         size = (1, DIGITS_SIZE, DIGITS_SIZE) if in_channels(model) == 1 else (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)

@@ -340,3 +340,24 @@ def recovery_batches(
         f"{len(held)} held out ({held_name})"
     )
     return train, held_batches, description
+
+
+def load_checkpoint_argument(command: str, checkpoint: str, weights: Optional[str], trust_checkpoint: bool) -> nn.Module:
+    """Load a command's CHECKPOINT argument (a file, or a model spec with ``--weights``).
+
+    The library words its hints for ``--model``/``--weights``; here the model is the
+    positional CHECKPOINT, so the hint says so.
+    """
+    from prunekit.zoo import load_model
+
+    try:
+        return load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False)
+    except ValueError as err:
+        message = str(err)
+        if "as --model and the file as --weights" not in message:
+            raise
+        head = message.split("; pass the architecture")[0]
+        raise ValueError(
+            f"{head}; pass the architecture as CHECKPOINT and the file as --weights, e.g. "
+            f"prunekit {command} vgg16 --weights {checkpoint}"
+        ) from None

@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import check_input_fits
+from prunekit.cli.inputs import check_input_fits, load_checkpoint_argument
 from prunekit.cli.options import examples, parse_input_size, threads_option
 
 __all__ = ["report_command"]
@@ -42,10 +42,9 @@ def report_command(
 
     """
     from prunekit.report import sparsity_report
-    from prunekit.zoo import load_model
 
     size = parse_input_size(input_size)
-    model = load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False)
+    model = load_checkpoint_argument("report", checkpoint, weights, trust_checkpoint)
     if size is not None:
         check_input_fits(model, size, "--input-size", input_size)
     report = sparsity_report(model, input_size=size)
