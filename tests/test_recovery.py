@@ -100,3 +100,40 @@ def test_a_channel_plan_is_reached_gradually():
     assert seen == sorted(seen) and seen[0] < 0.6 and pruner.sparsity("0") == pytest.approx(0.6)
     dead = (model[0].weight.detach().flatten(1) == 0).all(dim=1)
     assert int(dead.sum()) == 6 and bool((model[0].bias.detach()[dead] == 0).all())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_recovery_under_autocast_and_on_each_device_keeps_zeros_and_improves(device, autocast):
+    teacher, data = teacher_and_data()
+    teacher = teacher.to(device)
+    student = prunekit.finalize(prunekit.apply_plan(prunekit.copy_model(teacher), {"0": 0.5, "2": 0.8}))
+    zeros = student[2].weight.detach() == 0
+    history = recover(student, teacher, [x.to(device) for x in data], steps=20, lr=3e-3, eval_every=5,
+                      autocast=autocast, progress=False)
+    assert bool((student[2].weight.detach()[zeros] == 0).all())
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast computes, never stores, low precision
+    assert history.best_distortion < history.distortion[0]
+
+
+def test_ctrl_c_during_recovery_keeps_the_best_state_and_says_so(monkeypatch):
+    teacher, data = teacher_and_data()
+    student = prunekit.finalize(prunekit.apply_plan(prunekit.copy_model(teacher), {"2": 0.8}))
+    calls = {"n": 0}
+    real_step = torch.optim.Adam.step
+
+    def step_then_interrupt(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
+    history = recover(student, teacher, data, steps=50, lr=3e-3, eval_every=5, progress=False)
+    assert history.interrupted and history.steps[-1] == 10  # evaluated at 0, 5, 10; stopped in step 12
+    from prunekit.recover import _distortion
+
+    assert _distortion(student, teacher, data[-1:], None) == pytest.approx(history.best_distortion)
