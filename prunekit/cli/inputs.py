@@ -290,13 +290,13 @@ def recovery_batches(
         inputs = torch.cat(batch_inputs(evaluation_data(model, data, image_size, None, None, seed)[0]))
         cut = max(1, len(inputs) // 5)
         train, held = inputs[:-cut], inputs[-cut:]
-        size = min(batch_size or 64, len(train))
+        size = min(64, len(train))
         batches = [train[i : i + size] for i in range(0, len(train), size)]
         return batches, [held], f"{len(train)} digits to train on, {len(held)} held out (the shipped test split)"
     if channels != 3:
         raise ValueError(f"--recover-data {data}: the model takes {channels} input channels; pass RGB images")
     size = image_size or DEFAULT_IMAGE_SIZE
-    batch = batch_size or 4
+    batch = batch_size or 2
     normalize = getattr(model, "input_normalization", "imagenet")
     check_input_fits(model, (3, size, size), "--image-size", size, count=batch)
 

@@ -14,11 +14,13 @@ from prunekit.cli.inputs import architecture, batch_inputs, evaluation_data, in_
 from prunekit.cli.options import DIGITS_SIZE, data_options, examples, model_options, parse_device, run_options, threads_option
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, read_plan_file
+from prunekit.recover import DEFAULT_LR
 from prunekit.sensitivity.scanner import METHODS
 
 __all__ = ["prune_command"]
 
-DEFAULT_RECOVER_LR = 1e-4
+DEFAULT_RECOVER_LR = DEFAULT_LR
+DEFAULT_RECOVER_BATCH = 2  # what benchmarks/recovery.py measured on HED (200 steps, 2 crops each)
 
 
 class _Context:
@@ -124,6 +126,8 @@ def _message(err: BaseException) -> str:
               help="Images to judge recovery on (default: the last fifth of --recover-data's images).")
 @click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECOVER_LR,
               show_default=True, help="Adam's learning rate for --recover-steps.")
+@click.option("--recover-batch-size", type=click.IntRange(min=1), default=DEFAULT_RECOVER_BATCH, show_default=True,
+              help="Crops per recovery step (the measured default; the built-in digits: 64 per batch).")
 @click.option("--gradual", is_flag=True,
               help="Prune gradually during recovery (AGP cubic schedule over the first 3/4 of the steps) "
               "instead of all at once before it.")
@@ -148,6 +152,7 @@ def prune_command(
     recover_data: Optional[str],
     held_out: Optional[str],
     recover_lr: float,
+    recover_batch_size: int,
     gradual: bool,
     out: str,
     device: str,
@@ -208,7 +213,7 @@ def prune_command(
     history = None
     if recover_steps:
         history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
-                           batch_size, recover_steps, recover_lr, gradual, seed, quiet)
+                           recover_batch_size, recover_steps, recover_lr, gradual, seed, quiet)
     else:
         apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
     finalize(model)
