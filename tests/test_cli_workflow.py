@@ -98,6 +98,13 @@ def test_every_printed_hint_runs_as_printed_with_the_scans_weights_and_data(runn
     for prefix in ("inspect it: ", "remove the pruned channels for real: "):
         follow = runner.invoke(cli, hint(pruned, prefix) + ["--repeats", "1"] * (prefix != "inspect it: "))
         assert follow.exit_code == 0, (prefix, follow.stderr)
+    compacted = runner.invoke(cli, hint(pruned, "remove the pruned channels for real: ") + ["--repeats", "1",
+                                                                                           "--out", "small.pt"])
+    assert compacted.exit_code == 0, compacted.stderr
+    line = next(line for line in compacted.stdout.splitlines() if "read it back with: " in line)
+    argv = shlex.split(line.split("read it back with: ")[1].split(" (")[0])
+    back = runner.invoke(cli, argv[1:])
+    assert back.exit_code == 0, back.stderr
 
 
 def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(runner):
