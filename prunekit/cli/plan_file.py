@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from prunekit.io import read_json, write_json
 
@@ -89,7 +89,3 @@ def read_plan_file(path: str) -> PlanFile:
             raise ValueError(f"--plan {path}: the sparsity of {layer!r} is {value!r}, not a number")
     return PlanFile(str(path), {str(k): float(v) for k, v in data.items()}, meta)
 
-
-def describe(values: List[str]) -> str:
-    """``a, b and c``."""
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]

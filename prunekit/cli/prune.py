@@ -10,8 +10,24 @@ import click
 import torch
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import architecture, batch_inputs, evaluation_data, in_channels, recovery_batches, status
-from prunekit.cli.options import DIGITS_SIZE, data_options, examples, model_options, parse_device, run_options, threads_option
+from prunekit.cli.inputs import (
+    architecture,
+    batch_inputs,
+    evaluation_data,
+    in_channels,
+    recovery_batches,
+    status,
+)
+from prunekit.cli.options import (
+    DEFAULT_IMAGE_SIZE,
+    DIGITS_SIZE,
+    data_options,
+    examples,
+    model_options,
+    parse_device,
+    run_options,
+    threads_option,
+)
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, read_plan_file
 from prunekit.recover import DEFAULT_LR
@@ -92,6 +108,13 @@ def _architecture_or_pickle(model_spec: str, trust_checkpoint: bool, out: str) -
                 "write --out as a .pt file (a pickled module), or scan a --model given as a name or factory"
             ) from None
         return None
+
+
+def _input_size_hint(model: Any, image_size: Optional[int]) -> str:
+    """``CxHxW`` of the inputs the model was scanned on, for the printed report/compact commands."""
+    channels = in_channels(model)
+    side = image_size or (DIGITS_SIZE if channels == 1 else DEFAULT_IMAGE_SIZE)
+    return f"{channels}x{side}x{side}"
 
 
 def _message(err: BaseException) -> str:
@@ -222,7 +245,7 @@ def prune_command(
     else:
         save_checkpoint(model.cpu(), out, arch)
     report = sparsity_report(model)
-    size = f"{in_channels(model)}x{image_size or DIGITS_SIZE}x{image_size or DIGITS_SIZE}" if image_size or in_channels(model) == 1 else "3x224x224"
+    size = _input_size_hint(model, image_size)
     # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
     trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
     hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
