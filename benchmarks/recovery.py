@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,6 +41,7 @@ import prunekit
 from prunekit.cli.inputs import recovery_batches
 from prunekit.cli.prune import DEFAULT_RECOVER_LR
 from prunekit.datasets import digits_test_set, digits_train_set, photo_files
+from prunekit.recover import plot_recovery
 from prunekit.schedules import GradualPruner
 
 
@@ -63,7 +64,7 @@ def distortion(model: torch.nn.Module, dense: torch.nn.Module, batches: List[tor
 
 def run(
     dense: torch.nn.Module, plan: Dict[str, float], train: List[torch.Tensor], held: List[torch.Tensor],
-    steps: int, lr: float, mode: str,
+    steps: int, lr: float, mode: str, histories: Optional[Dict[str, Any]] = None, label: str = "",
 ) -> Tuple[float, float, int]:
     """(held-out distortion, seconds, best step) of one-shot / recover / gradual+recover."""
     student = prunekit.copy_model(dense)
@@ -78,6 +79,8 @@ def run(
     if mode != "one-shot":
         history = prunekit.recover(student, dense, train, steps, lr=lr, held_out=held, pruner=pruner, progress=False)
         best = history.best_step
+        if histories is not None:
+            histories[label] = history
     prunekit.finalize(student)
     return distortion(student, dense, held), time.perf_counter() - start, best
 
@@ -100,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hed", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the --lrs rows (choosing the default)")
+    parser.add_argument("--figure", default=None, help="PNG of the HED recovery curves (uniform plan)")
+    parser.add_argument("--plans", default="uniform,joint", help="which HED plans to run: uniform, joint")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,11 +137,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.sweep_only:
             return
         print(f"{'plan':<20} {'mode':<16} {'held-out distortion':>20} {'best step':>9} {'seconds':>8}")
+        wanted = set(args.plans.split(","))
+        histories: Dict[str, Any] = {}
+        one_shot: Dict[str, float] = {}
         for label, plan in plans.items():
+            if ("uniform" if label.startswith("uniform") else "joint") not in wanted:
+                continue
             for mode in ("one-shot", "recover", "gradual"):
-                value, seconds, best = run(dense, plan, train, held, args.steps, args.lr, mode)
                 shown = "gradual+recover" if mode == "gradual" else mode
+                value, seconds, best = run(dense, plan, train, held, args.steps, args.lr, mode, histories,
+                                           f"{label}: {shown}")
+                if mode == "one-shot":
+                    one_shot[f"{label}: one-shot"] = value
                 print(f"{label:<20} {shown:<16} {value:>20.4f} {best:>9} {seconds:>8.0f}", flush=True)
+        if args.figure:
+            plot_recovery(histories, args.figure, references=one_shot,
+                          title=f"HED (real weights), recovery on crops of 2 photos, {len(held[0]) * len(held)} "
+                          "other photos held out")
+            print(f"wrote {args.figure}")
 
     digits = prunekit.load_model("digits-vgg")
     test_x, test_y = digits_test_set().tensors

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import click
 import torch
@@ -28,10 +28,12 @@ from torch import Tensor, nn
 
 import prunekit  # noqa: F401  (the docstring example uses it)
 from prunekit._rollback import eval_mode
+from prunekit.io import PathLike
 from prunekit.layers import get_module
+from prunekit.plotting import new_figure, save_png
 from prunekit.schedules import GradualPruner
 
-__all__ = ["DEFAULT_LR", "RecoveryHistory", "recover"]
+__all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
 
 #: Adam's learning rate by default: measured on HED's real weights, every backbone conv at 80 %,
 #: 200 steps on crops of two photos, held-out edge-map distortion (one-shot 0.505): 3e-5 0.421,
@@ -54,6 +56,51 @@ class RecoveryHistory:
         return {"steps": self.steps, "train_loss": self.train_loss, "held_out_distortion": self.distortion,
                 "best_step": self.best_step, "best_distortion": self.best_distortion,
                 "interrupted": self.interrupted}
+
+    def plot(self, path: PathLike, title: Optional[str] = None) -> Any:
+        """Write the held-out distortion against the step as a PNG (see :func:`plot_recovery`)."""
+        return plot_recovery({"recover": self}, path, title=title)
+
+
+def plot_recovery(
+    histories: Mapping[str, RecoveryHistory], path: PathLike, title: Optional[str] = None,
+    references: Optional[Mapping[str, float]] = None,
+) -> Any:
+    """Held-out distortion against the step for each run in ``histories`` (the kept step circled), as a PNG.
+
+    Args:
+        histories: label -> :class:`RecoveryHistory`.
+        path: the PNG to write (atomically).
+        references: label -> a distortion drawn as a dashed line (e.g. ``{"one-shot": 0.50}``).
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+        >>> history = RecoveryHistory([0, 10, 20], [float("nan"), 0.3, 0.2], [0.5, 0.4, 0.45], 10, 0.4)
+        >>> figure = plot_recovery({"recover": history}, "recovery.png", references={"one-shot": 0.5})
+        >>> open("recovery.png", "rb").read(4)[1:]
+        b'PNG'
+    """
+    if not histories:
+        raise ValueError("histories is empty; pass at least one {label: RecoveryHistory}")
+    figure = new_figure(6.4, 4.0)
+    ax = figure.subplots()
+    for label, history in histories.items():
+        line = ax.plot(history.steps, history.distortion, marker="o", markersize=2.5, label=label)[0]
+        if history.best_step in history.steps:
+            ax.plot([history.best_step], [history.best_distortion], marker="o", markersize=9, fillstyle="none",
+                    color=line.get_color(), linestyle="none")
+    for label, value in (references or {}).items():
+        ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(label, (0, value), textcoords="offset points", xytext=(4, 3), fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out distortion vs the dense model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Recovery by distillation (circle: the state kept)", fontsize=10)
+    save_png(figure, path)
+    return figure
 
 
 def _outputs(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]]) -> List[Tensor]:

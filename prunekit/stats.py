@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
-from prunekit.io import PathLike, atomic_write, read_json, write_json
+from prunekit.io import PathLike, read_json, write_json
 from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import CRITERIA
+from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.metrics import model_device
 
@@ -320,14 +321,6 @@ def load_channel_stats(path: PathLike) -> "OrderedDict[str, ChannelStats]":
     )
 
 
-def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("install matplotlib: pip install 'prunekit[plots]'") from None
-    # A bare Figure renders with Agg and never touches pyplot's global state or a display.
-    return Figure(figsize=(width, height), layout="constrained")
-
 
 def plot_channel_response(
     stats: ChannelStats, path: PathLike, title: Optional[str] = None
@@ -337,7 +330,7 @@ def plot_channel_response(
     Raises:
         ImportError: matplotlib is not installed.
     """
-    fig = _figure(8.0, 4.5)
+    fig = new_figure(8.0, 4.5)
     ax = fig.add_subplot()
     ax.imshow(
         stats.per_image_l0.numpy(),
@@ -354,8 +347,7 @@ def plot_channel_response(
         title
         or f"channel response per image ({dead}/{stats.num_channels} channels never fire)"
     )
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
+    save_png(fig, path)
 
 
 def plot_channel_magnitudes(
@@ -371,7 +363,7 @@ def plot_channel_magnitudes(
     """
     if not stats_by_label:
         raise ValueError("stats_by_label is empty; pass at least one {label: ChannelStats}")
-    fig = _figure(6.4, 4.0)
+    fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot()
     for label, stats in stats_by_label.items():
         values = torch.sort(stats.l2, descending=True).values
@@ -380,5 +372,4 @@ def plot_channel_magnitudes(
     ax.set_ylabel("mean l2 norm of response")
     ax.set_title(title or "channel magnitudes, sorted")
     ax.legend()
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
+    save_png(fig, path)

@@ -320,11 +320,12 @@ def test_prune_recovers_and_keeps_the_zeros(runner):
     one_shot = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "a.pt", "--trust-checkpoint", "-q"])
     assert one_shot.exit_code == 0, one_shot.stderr
     result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "b.pt", "--recover-steps", "12",
-                                 "--recover-lr", "1e-3", "--trust-checkpoint", "--json"])
+                                 "--recover-lr", "1e-3", "--trust-checkpoint", "--json", "--recover-plot", "r.png"])
     assert result.exit_code == 0, result.stderr
     history = json.loads(result.stdout)["recovery"]
     assert history["best_distortion"] <= history["held_out_distortion"][0]
     assert "2 image(s) from imgs to train on; 1 held out" in result.stderr
+    assert Path("r.png").read_bytes()[1:4] == b"PNG"
     a = prunekit.zoo.load_model("a.pt", trust_checkpoint=True)
     b = prunekit.zoo.load_model("b.pt", trust_checkpoint=True)
     for name in ("0", "3", "6"):

@@ -151,6 +151,8 @@ def _message(err: BaseException) -> str:
               show_default=True, help="Adam's learning rate for --recover-steps.")
 @click.option("--recover-batch-size", type=click.IntRange(min=1), default=DEFAULT_RECOVER_BATCH, show_default=True,
               help="Crops per recovery step (the measured default; the built-in digits: 64 per batch).")
+@click.option("--recover-plot", default=None, metavar="PATH.png",
+              help="Also draw the held-out distortion against the recovery step (the state kept circled).")
 @click.option("--gradual", is_flag=True,
               help="Prune gradually during recovery (AGP cubic schedule over the first 3/4 of the steps) "
               "instead of all at once before it.")
@@ -176,6 +178,7 @@ def prune_command(
     held_out: Optional[str],
     recover_lr: float,
     recover_batch_size: int,
+    recover_plot: Optional[str],
     gradual: bool,
     out: str,
     device: str,
@@ -212,10 +215,14 @@ def prune_command(
     if method not in METHODS:
         raise ValueError(f"--plan {plan_path} names method {method!r}; pass --method {' or '.join(METHODS)}")
     criterion = criterion or plan.meta.get("criterion") or "l2"
-    if gradual and recover_steps == 0:
-        raise ValueError("--gradual spreads the pruning over the recovery steps: pass --recover-steps N (e.g. 200)")
+    if (gradual or recover_plot) and recover_steps == 0:
+        flag = "--gradual" if gradual else "--recover-plot"
+        raise ValueError(f"{flag} needs recovery steps: pass --recover-steps N (e.g. 200)")
     check_output_file("--out", out, "pruned.pt")
-    refuse_inputs([("--out", out)], [("--plan file", plan_path), ("--model file", model_spec), ("--weights file", weights)])
+    if recover_plot is not None:
+        check_output_file("--recover-plot", recover_plot, "recovery.png")
+    refuse_inputs([("--out", out), ("--recover-plot", recover_plot)],
+                  [("--plan file", plan_path), ("--model file", model_spec), ("--weights file", weights)])
     target = parse_device(device)
     for note in context.notes:
         status(quiet, f"note: {note}")
@@ -245,6 +252,12 @@ def prune_command(
     else:
         save_checkpoint(model.cpu(), out, arch)
     report = sparsity_report(model)
+    if history is not None and recover_plot is not None:
+        from prunekit.recover import plot_recovery
+
+        references = {} if gradual else {"right after pruning": history.distortion[0]}
+        plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
+        status(quiet, f"wrote {recover_plot}")
     size = _input_size_hint(model, image_size)
     # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
     trust = " --trust-checkpoint" if arch is None or ":" in arch else ""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, TYPE_CHECKING, Any, Optional
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io import PathLike
+from prunekit.plotting import new_figure, save_png
 
 from prunekit.sensitivity.result import _drop
 
@@ -16,16 +17,6 @@ __all__ = ["plot_sensitivity"]
 
 _COLUMNS = 4
 
-
-def _matplotlib() -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib: pip install 'prunekit[plots]'"
-        ) from None
-    return Figure, FigureCanvasAgg
 
 
 def plot_sensitivity(
@@ -57,7 +48,6 @@ def plot_sensitivity(
         >>> open("sensitivity.png", "rb").read(4)[1:]
         b'PNG'
     """
-    Figure, FigureCanvasAgg = _matplotlib()
     if result.baseline is None:
         raise ValueError("the baseline is not measured yet; finish the scan before plotting")
     baseline = result.baseline
@@ -66,8 +56,7 @@ def plot_sensitivity(
     columns = min(_COLUMNS, max(1, len(layers)))
     rows = math.ceil(len(layers) / columns)
 
-    figure = Figure(figsize=(3.2 * columns, 2.4 * rows + 0.8), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(3.2 * columns, 2.4 * rows + 0.8)
     axes = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
     xs = [0.0] + [100.0 * s for s in result.sparsities]
     allowed = None
@@ -121,6 +110,5 @@ def plot_sensitivity(
     elif plan is not None:
         heading += "\nred line: planned sparsity"
     figure.suptitle(heading, fontsize=10)
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
+    save_png(figure, path)
     return figure
