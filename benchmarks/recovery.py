@@ -152,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 print(f"{label:<20} {shown:<16} {value:>20.4f} {best:>9} {seconds:>8.0f}", flush=True)
         if args.figure:
             plot_recovery(histories, args.figure, references=one_shot,
-                          title=f"HED (real weights), recovery on crops of 2 photos, {len(held[0]) * len(held)} "
+                          title=f"HED (real weights), recovery on crops of 2 photos, {sum(len(b) for b in held)} "
                           "other photos held out")
             print(f"wrote {args.figure}")
 
