@@ -14,8 +14,8 @@ On REAL trained weights, offline:
   test accuracy one-shot vs recovered, the student distilled on the digits'
   training split (no labels used), the test split held out.
 
-``--lrs`` runs the uniform HED row at several learning rates (how the CLI's
-default was chosen). The load average is printed: the machine is shared.
+``--lrs`` runs the recover rows of the ``--plans`` at several learning rates
+(how the default was chosen; ``--sweep-only`` for those rows alone). The load average is printed: the machine is shared.
 
 Run::
 
@@ -129,15 +129,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         plans = {label: {f"features.{k}": v for k, v in plan.items()} for label, plan in plans.items()}
         if args.plan:
             plans["scan's joint plan"] = read_plan(args.plan)
+        wanted = set(args.plans.split(","))
         for lr in [float(v) for v in args.lrs.split(",") if v]:
-            value, seconds, best = run(dense, plans[f"uniform {args.uniform:.0%}"], train, held, args.steps, lr,
-                                       "recover")
-            print(f"lr {lr:g}: uniform recover held-out distortion {value:.4f} (best step {best}, {seconds:.0f} s)",
-                  flush=True)
+            for label, plan in plans.items():
+                if ("uniform" if label.startswith("uniform") else "joint") in wanted:
+                    value, seconds, best = run(dense, plan, train, held, args.steps, lr, "recover")
+                    print(f"lr {lr:g}: {label} recover held-out distortion {value:.4f} (best step {best}, "
+                          f"{seconds:.0f} s)", flush=True)
         if args.sweep_only:
             return
         print(f"{'plan':<20} {'mode':<16} {'held-out distortion':>20} {'best step':>9} {'seconds':>8}")
-        wanted = set(args.plans.split(","))
         histories: Dict[str, Any] = {}
         one_shot: Dict[str, float] = {}
         for label, plan in plans.items():
