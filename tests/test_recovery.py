@@ -137,3 +137,14 @@ def test_ctrl_c_during_recovery_keeps_the_best_state_and_says_so(monkeypatch):
     from prunekit.recover import _distortion
 
     assert _distortion(student, teacher, data[-1:], None) == pytest.approx(history.best_distortion)
+
+
+def test_gradual_recovery_is_never_worse_than_pruning_at_once():
+    teacher, data = teacher_and_data()
+    plan = {"0": 0.5, "2": 0.8}
+    one_shot = prunekit.apply_plan(prunekit.copy_model(teacher), plan)
+    student = prunekit.copy_model(teacher)
+    pruner = GradualPruner(student, plan, start_step=0, end_step=6, frequency=2)
+    history = recover(student, teacher, data, steps=10, lr=10.0, eval_every=2, pruner=pruner, progress=False)
+    assert history.best_step == 0 and history.best_distortion == pytest.approx(history.pruned_distortion)
+    assert all(torch.equal(v, one_shot.state_dict()[k]) for k, v in student.state_dict().items())

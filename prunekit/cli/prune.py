@@ -255,7 +255,7 @@ def prune_command(
     if history is not None and recover_plot is not None:
         from prunekit.recover import plot_recovery
 
-        references = {} if gradual else {"right after pruning": history.distortion[0]}
+        references = {"pruned at once": history.pruned_distortion}
         plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
         status(quiet, f"wrote {recover_plot}")
     size = _input_size_hint(model, image_size)
@@ -309,7 +309,7 @@ def _recover(
 
 def _print_recovery(history: Any, gradual: bool) -> None:
     stop = "; interrupted: the best weights so far are kept" if history.interrupted else ""
-    start = "" if gradual else f"{history.distortion[0]:.4f} right after pruning, "
+    start = f"{history.pruned_distortion:.4f} right after pruning at once, "
     click.echo(
         f"recovery: held-out distortion from the dense model {start}{history.best_distortion:.4f} at step "
         f"{history.best_step} of {history.steps[-1]} (kept){stop}"
