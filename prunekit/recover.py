@@ -18,11 +18,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-import click
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +30,7 @@ from prunekit.io import PathLike
 from prunekit.layers import get_module
 from prunekit.plans import apply_plan
 from prunekit.plotting import new_figure, save_png
+from prunekit.progress import progress_bar
 from prunekit.schedules import GradualPruner
 
 __all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
@@ -218,6 +217,25 @@ def recover(
             history.best_distortion, history.best_step = value, step
             best_state = copy.deepcopy(student.state_dict())
 
+    def _train_step(step: int) -> None:
+        if pruner is not None:
+            pruner.step()  # its masks keep their own zeros; `zeros` still holds the finalized ones
+        x = batches[(step - 1) % len(batches)].to(device)
+        with torch.no_grad():
+            targets = _outputs(teacher, x, layers)
+        with torch.autocast(device.type, enabled=autocast):
+            outputs = _outputs(student, x, layers)
+        loss = sum(((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
+                   for o, t in zip(outputs, targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for weight, keep in zeros:
+                weight.mul_(keep)
+        if step % eval_every == 0 or step == steps:
+            evaluate(step, float(loss.detach()))
+
     try:
         for p, _ in teacher_flags:
             p.requires_grad_(False)
@@ -233,33 +251,13 @@ def recover(
                 history.best_distortion, history.best_step = history.pruned_distortion, 0
                 best_state = copy.deepcopy(shot.state_dict())
                 del shot
-            bar = click.progressbar(length=steps, label="recovering", file=sys.stderr) if progress and steps else None
             try:
-                for step in range(1, steps + 1):
-                    if pruner is not None:
-                        pruner.step()  # its masks keep their own zeros; `zeros` still holds the finalized ones
-                    x = batches[(step - 1) % len(batches)].to(device)
-                    with torch.no_grad():
-                        targets = _outputs(teacher, x, layers)
-                    with torch.autocast(device.type, enabled=autocast):
-                        outputs = _outputs(student, x, layers)
-                    loss = sum(((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
-                               for o, t in zip(outputs, targets))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        for weight, keep in zeros:
-                            weight.mul_(keep)
-                    if step % eval_every == 0 or step == steps:
-                        evaluate(step, float(loss.detach()))
-                    if bar is not None:
-                        bar.update(1)
+                with progress_bar(steps, "recovering", progress) as tick:
+                    for step in range(1, steps + 1):
+                        _train_step(step)
+                        tick()
             except KeyboardInterrupt:
                 history.interrupted = True  # keep the best weights so far (below); the caller sees the flag
-            finally:
-                if bar is not None:
-                    bar.render_finish()
     finally:
         for p, flag in teacher_flags:
             p.requires_grad_(flag)

@@ -311,6 +311,6 @@ def _print_recovery(history: Any, gradual: bool) -> None:
     stop = "; interrupted: the best weights so far are kept" if history.interrupted else ""
     start = f"{history.pruned_distortion:.4f} right after pruning at once, "
     click.echo(
-        f"recovery: held-out distortion from the dense model {start}{history.best_distortion:.4f} at step "
+        f"recovery: held-out distortion (vs the dense model) {start}{history.best_distortion:.4f} at step "
         f"{history.best_step} of {history.steps[-1]} (kept){stop}"
     )
