@@ -256,6 +256,8 @@ def scan_command(
     if not is_main_process():
         return  # rank 0 alone writes and prints
     files = {"scan": str(scan_file), "csv": str(out_dir / "scan.csv"), "plan": str(plan_file)}
+    if joint:
+        files["fit"] = str(fit_file)
     result.to_json(scan_file)
     result.to_csv(out_dir / "scan.csv")
     context = {
