@@ -339,19 +339,10 @@ def test_prune_recovers_and_keeps_the_zeros(runner):
                           "--recover-steps")
 
 
-def test_ctrl_c_during_recovery_saves_the_best_weights_and_exits_130(runner, monkeypatch):
+def test_ctrl_c_during_recovery_saves_the_best_weights_and_exits_130(runner, interrupt_at_adam_step):
     Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8, "3": 0.8}, "model": "tinynet:build",
                                              "weights": "w.pt", "data": "imgs", "image_size": 16}))
-    calls = {"n": 0}
-    real_step = torch.optim.Adam.step
-
-    def step_then_interrupt(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
+    interrupt_at_adam_step(6)
     result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "r.pt", "--recover-steps", "40",
                                  "--trust-checkpoint"])
     assert result.exit_code == 130, result.stderr

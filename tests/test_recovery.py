@@ -119,19 +119,10 @@ def test_recovery_under_autocast_and_on_each_device_keeps_zeros_and_improves(dev
     assert history.best_distortion < history.distortion[0]
 
 
-def test_ctrl_c_during_recovery_keeps_the_best_state_and_says_so(monkeypatch):
+def test_ctrl_c_during_recovery_keeps_the_best_state_and_says_so(interrupt_at_adam_step):
     teacher, data = teacher_and_data()
     student = prunekit.finalize(prunekit.apply_plan(prunekit.copy_model(teacher), {"2": 0.8}))
-    calls = {"n": 0}
-    real_step = torch.optim.Adam.step
-
-    def step_then_interrupt(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
+    interrupt_at_adam_step(12)
     history = recover(student, teacher, data, steps=50, lr=3e-3, eval_every=5, progress=False)
     assert history.interrupted and history.steps[-1] == 10  # evaluated at 0, 5, 10; stopped in step 12
     from prunekit.recover import _distortion

@@ -164,39 +164,34 @@ _NOT_FOR_SCANS = ("--size", "--style-size", "--iterations", "--original-colors")
 
 def transfer_options(command: Callable[..., Any], for_scan: bool = False) -> Callable[..., Any]:
     """Options of the style transfer itself (losses, optimiser, sizes); ``for_scan``: only those a scan uses."""
-    decorators = [
-        click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
-                     help="Longer side of the content image (and of the result), in pixels."),
-        click.option("--style-size", type=click.IntRange(min=16), default=None,
-                     help="Longer side of the style image [default: --size]."),
-        click.option("--content-weight", type=click.FloatRange(min=0), default=5.0, show_default=True),
-        click.option("--style-weight", type=click.FloatRange(min=0), default=100.0, show_default=True),
-        click.option("--tv-weight", type=click.FloatRange(min=0), default=None,
-                     help="Total-variation weight [default: 1e-3; 1e-5 with --preprocess hed, whose 0-255 "
-                     "input makes the TV term 255^2 times larger: 1e-3 blurred HED results into colour blobs]."),
-        click.option("--content-layers", default=",".join(DEFAULT_CONTENT_LAYERS), show_default=True,
-                     help="Comma-separated VGG layers (conv4_2, relu4_2, ...)."),
-        click.option("--style-layers", default=",".join(DEFAULT_STYLE_LAYERS), show_default=True,
-                     help="Comma-separated VGG layers."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="lbfgs", show_default=True),
-        click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
-                     help="Optimisation steps (L-BFGS: one network evaluation each)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Step size [default: 1.0 for L-BFGS, 0.02 for Adam]."),
-        click.option("--init", type=click.Choice(INITS), default="content", show_default=True,
-                     help="Start from the content image or from noise."),
-        click.option("--original-colors", is_flag=True, help="Keep the content image's colours."),
+    options = [
+        ("--size", dict(type=click.IntRange(min=16), default=256, show_default=True,
+                        help="Longer side of the content image (and of the result), in pixels.")),
+        ("--style-size", dict(type=click.IntRange(min=16), default=None,
+                              help="Longer side of the style image [default: --size].")),
+        ("--content-weight", dict(type=click.FloatRange(min=0), default=5.0, show_default=True)),
+        ("--style-weight", dict(type=click.FloatRange(min=0), default=100.0, show_default=True)),
+        ("--tv-weight", dict(type=click.FloatRange(min=0), default=None,
+                             help="Total-variation weight [default: 1e-3; 1e-5 with --preprocess hed, whose 0-255 "
+                             "input makes the TV term 255^2 times larger: 1e-3 blurred HED results into colour "
+                             "blobs].")),
+        ("--content-layers", dict(default=",".join(DEFAULT_CONTENT_LAYERS), show_default=True,
+                                  help="Comma-separated VGG layers (conv4_2, relu4_2, ...).")),
+        ("--style-layers", dict(default=",".join(DEFAULT_STYLE_LAYERS), show_default=True,
+                                help="Comma-separated VGG layers.")),
+        ("--optimizer", dict(type=click.Choice(OPTIMIZERS), default="lbfgs", show_default=True)),
+        ("--iterations", dict(type=click.IntRange(min=1), default=100, show_default=True,
+                              help="Optimisation steps (L-BFGS: one network evaluation each).")),
+        ("--lr", dict(type=click.FloatRange(min=0, min_open=True), default=None,
+                      help="Step size [default: 1.0 for L-BFGS, 0.02 for Adam].")),
+        ("--init", dict(type=click.Choice(INITS), default="content", show_default=True,
+                        help="Start from the content image or from noise.")),
+        ("--original-colors", dict(is_flag=True, help="Keep the content image's colours.")),
     ]
-    if for_scan:
-        decorators = [d for d, name in zip(decorators, _TRANSFER_OPTION_NAMES) if name not in _NOT_FOR_SCANS]
-    for decorator in reversed(decorators):
-        command = decorator(command)
+    for name, settings in reversed(options):
+        if not (for_scan and name in _NOT_FOR_SCANS):
+            command = click.option(name, **settings)(command)
     return command
-
-
-_TRANSFER_OPTION_NAMES = ("--size", "--style-size", "--content-weight", "--style-weight", "--tv-weight",
-                          "--content-layers", "--style-layers", "--optimizer", "--iterations", "--lr", "--init",
-                          "--original-colors")
 
 
 def scan_transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -71,11 +71,12 @@ def compact_command(
     from prunekit.io import save_torch
     from prunekit.timing import compare_latency
 
-    outputs = [("--out", out), ("--exported", exported), ("--onnx", onnx_path)]
-    refuse_inputs(outputs, [("input checkpoint", checkpoint), ("--weights file", weights)])
-    for flag, value in outputs:
+    outputs = [("--out", out, "small.pt"), ("--exported", exported, "small.pt2"), ("--onnx", onnx_path, "small.onnx")]
+    refuse_inputs([(flag, value) for flag, value, _ in outputs],
+                  [("input checkpoint", checkpoint), ("--weights file", weights)])
+    for flag, value, example_name in outputs:
         if value is not None:
-            check_output_file(flag, value, {"--out": "small.pt", "--exported": "small.pt2"}.get(flag, "small.onnx"))
+            check_output_file(flag, value, example_name)
     model = load_checkpoint_argument("compact", checkpoint, weights, trust_checkpoint).eval()
     size = parse_input_size(input_size)
     if size is None:

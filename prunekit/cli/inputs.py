@@ -27,11 +27,13 @@ from prunekit.sensitivity._distributed import is_main_process, rank_and_world
 __all__ = [
     "architecture",
     "batch_inputs",
-    "broadcast_text",
     "check_input_fits",
     "evaluation_data",
     "in_channels",
+    "load_checkpoint_argument",
     "process_group",
+    "read_on_rank0",
+    "recovery_batches",
     "status",
 ]
 
@@ -67,8 +69,9 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         torch.distributed.destroy_process_group()
 
 
-def broadcast_text(text: Optional[str]) -> Optional[str]:
-    """Rank 0's ``text`` on every rank (files are read once, on rank 0)."""
+def read_on_rank0(path: Path) -> Optional[str]:
+    """The text of ``path`` as rank 0 reads it, on every rank (None: no such file); files are read once."""
+    text = path.read_text() if is_main_process() and path.is_file() else None
     if rank_and_world()[1] == 1:
         return text
     box = [text]
@@ -251,10 +254,15 @@ def architecture(spec: str) -> str:
     if is_sparse_file(spec):
         arch = read_sparse_header(spec).get("arch")
     else:
-        try:
-            obj = torch.load(spec, map_location="cpu", weights_only=True)
-        except Exception:
-            obj = None
+        obj = None
+        # Memory-mapped first: only the "arch" string is read, not the (already loaded) weights again;
+        # a legacy (non-zip) file cannot be mapped and is read whole.
+        for mmap in (True, False):
+            try:
+                obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=mmap)
+                break
+            except Exception:
+                continue
         arch = obj.get("arch") if isinstance(obj, dict) else None
     if isinstance(arch, str):
         return arch
@@ -300,39 +308,42 @@ def recovery_batches(
     normalize = getattr(model, "input_normalization", "imagenet")
     check_input_fits(model, (3, size, size), "--image-size", size, count=batch)
 
-    def images(source: str, side: int) -> Tuple[torch.Tensor, str]:
+    def images(flag: str, source: str, side: int) -> Tuple[Any, str]:
+        """The dataset ``source`` names (images decoded lazily, when indexed) and how to call it."""
         choice = source.strip().lower()
         if choice == "builtin":
             choice = getattr(model, "builtin_data", "synthetic")
         if choice == "photos":
-            found: Any = datasets.builtin_photos(side, normalize=normalize)
-            name = "the built-in photos"
-        elif choice == "synthetic":
+            return datasets.builtin_photos(side, normalize=normalize), "the built-in photos"
+        if choice == "synthetic":
             raise ValueError(
-                f"--recover-data {source}: synthetic images teach a pruned model nothing real; pass a folder of "
+                f"{flag} {source}: synthetic images teach a pruned model nothing real; pass a folder of "
                 "real images (or photos, the built-in photos)"
             )
-        else:
-            try:
-                found = datasets.load_image_folder(source, side, normalize=normalize)
-            except (ValueError, OSError) as err:
-                raise type(err)(f"--recover-data {source}: {one_line(err)}") from None
-            name = source
-        return torch.stack([found[i] for i in range(len(found))]), name
+        try:
+            return datasets.load_image_folder(source, side, normalize=normalize), source
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{flag} {source}: {one_line(err)}") from None
 
-    train_large, name = images(data, int(round(size * 1.25)))
+    def stack(found: Any, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([found[i] for i in indices])
+
+    train_set, name = images("--recover-data", data, int(round(size * 1.25)))
+    count = len(train_set)
     if held_out is not None:
-        held, held_name = images(held_out, size)
-        kept = train_large
+        held_set, held_name = images("--held-out", held_out, size)
+        held = stack(held_set, range(len(held_set)))
+        kept = stack(train_set, range(count))
     else:
-        if len(train_large) < 2:
+        if count < 2:
             raise ValueError(
                 f"--recover-data {data} holds one image: nothing is left to hold out; add images or pass --held-out FOLDER"
             )
-        cut = max(1, len(train_large) // 5)
-        kept = train_large[:-cut]
-        held_small, _ = images(data, size)
-        held, held_name = held_small[-cut:], f"the last {cut} of {name}"
+        cut = max(1, count // 5)
+        # Each image is decoded once: the training ones large (for crops), the held-out ones at the size.
+        kept = stack(train_set, range(count - cut))
+        held = stack(images("--recover-data", data, size)[0], range(count - cut, count))
+        held_name = f"the last {cut} of {name}"
     train = datasets.random_crops(kept, size, count=min(max(steps, 1), 32), batch_size=batch, seed=seed)
     held_batches = [held[i : i + batch] for i in range(0, len(held), batch)]
     description = (

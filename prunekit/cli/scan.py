@@ -14,7 +14,7 @@ import torch
 
 from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import batch_inputs, broadcast_text, evaluation_data, process_group, status
+from prunekit.cli.inputs import batch_inputs, evaluation_data, process_group, read_on_rank0, status
 from prunekit.cli.options import (
     data_options,
     examples,
@@ -45,8 +45,7 @@ def _options_differ(previous: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def _read_partial_scan(scan_file: Path) -> SensitivityResult:
-    saved = scan_file.read_text() if is_main_process() and scan_file.is_file() else None
-    saved = broadcast_text(saved)
+    saved = read_on_rank0(scan_file)
     if saved is None:
         raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
     try:
@@ -58,8 +57,7 @@ def _read_partial_scan(scan_file: Path) -> SensitivityResult:
 
 def _saved_trials(fit_file: Path, key: Mapping[str, Any], resume: bool) -> Optional[List[Any]]:
     """The trials of an interrupted fit of the same scan and tolerance (only with --resume)."""
-    text = fit_file.read_text() if resume and is_main_process() and fit_file.is_file() else None
-    text = broadcast_text(text)
+    text = read_on_rank0(fit_file) if resume else None
     if text is None:
         return None
     with contextlib.suppress(ValueError, TypeError):
