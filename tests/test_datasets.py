@@ -149,3 +149,19 @@ def test_bad_image_size_and_normalization_are_rejected(tmp_path):
         load_image_folder(tmp_path, image_size=0)
     with pytest.raises(ValueError, match="imagenet, none"):
         load_image_folder(tmp_path, image_size=8, normalize="cifar")
+
+
+def test_random_crops_are_seeded_crops_some_mirrored():
+    from prunekit.datasets import random_crops
+
+    images = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).reshape(2, 3, 10, 12)
+    first = random_crops(images, 8, count=6, batch_size=4, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, random_crops(images, 8, count=6, batch_size=4, seed=3)))
+    windows = {(i, t, l): images[i, :, t:t + 8, l:l + 8] for i in range(2) for t in range(3) for l in range(5)}
+    plain = mirrored = 0
+    for crop in torch.cat(first):
+        plain += any(torch.equal(crop, w) for w in windows.values())
+        mirrored += any(torch.equal(crop, w.flip(-1)) for w in windows.values())
+    assert plain + mirrored == 24 and plain > 0 and mirrored > 0  # every crop is a window, some mirrored
+    with pytest.raises(ValueError, match="exceeds the images"):
+        random_crops(images, 11, count=1, batch_size=1)
