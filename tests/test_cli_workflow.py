@@ -85,7 +85,7 @@ def test_every_printed_hint_runs_as_printed_with_the_scans_weights_and_data(runn
     assert "3 images from imgs" in recorded["statistics"]
 
     prune_argv = hint(scan, "apply it: ")
-    assert prune_argv == ["prune", "--plan", "st/plan.json", "--out", "pruned.pt"]
+    assert prune_argv == ["prune", "--plan", "st/plan.json", "--model", "tinynet:build", "--out", "pruned.pt"]
     os.chdir(tmp_path / "st")  # the plan's paths are absolute: the hint works from another folder too
     prune_argv[2] = "plan.json"
     pruned = runner.invoke(cli, prune_argv)
@@ -126,7 +126,7 @@ def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(runner):
 
 def test_flags_override_the_plan_and_say_so(runner):
     assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
-    result = runner.invoke(cli, ["prune", "--plan", "st/plan.json", "--out", "p.pt", "--weights", "none"])
+    result = runner.invoke(cli, ["prune", "--plan", "st/plan.json", "--model", "tinynet:build", "--out", "p.pt", "--weights", "none"])
     assert result.exit_code == 0, result.stderr
     assert "note: --weights none overrides the plan's" in result.stderr
 
@@ -317,9 +317,9 @@ def test_progress_off_a_terminal_prints_lines(runner):
 def test_prune_recovers_and_keeps_the_zeros(runner):
     Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8, "3": 0.8, "6": 0.8}, "model": "tinynet:build",
                                              "weights": "w.pt", "data": "imgs", "image_size": 16}))
-    one_shot = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "a.pt", "--trust-checkpoint", "-q"])
+    one_shot = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "a.pt", "--trust-checkpoint", "-q"])
     assert one_shot.exit_code == 0, one_shot.stderr
-    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "b.pt", "--recover-steps", "12",
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "b.pt", "--recover-steps", "12",
                                  "--recover-lr", "1e-3", "--trust-checkpoint", "--json", "--recover-plot", "r.png"])
     assert result.exit_code == 0, result.stderr
     history = json.loads(result.stdout)["recovery"]
@@ -330,12 +330,12 @@ def test_prune_recovers_and_keeps_the_zeros(runner):
     b = prunekit.zoo.load_model("b.pt", trust_checkpoint=True)
     for name in ("0", "3", "6"):
         assert torch.equal(a.get_submodule(name).weight == 0, b.get_submodule(name).weight == 0)
-    gradual = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "c.pt", "--recover-steps", "12",
+    gradual = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "c.pt", "--recover-steps", "12",
                                   "--gradual", "--trust-checkpoint", "--json"])
     assert gradual.exit_code == 0, gradual.stderr
     c = prunekit.zoo.load_model("c.pt", trust_checkpoint=True)
     assert float((c[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 216)
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "d.pt", "--gradual"]),
+    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "d.pt", "--gradual"]),
                           "--recover-steps")
 
 
@@ -343,7 +343,7 @@ def test_ctrl_c_during_recovery_saves_the_best_weights_and_exits_130(runner, int
     Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8, "3": 0.8}, "model": "tinynet:build",
                                              "weights": "w.pt", "data": "imgs", "image_size": 16}))
     interrupt_at_adam_step(6)
-    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "r.pt", "--recover-steps", "40",
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "r.pt", "--recover-steps", "40",
                                  "--trust-checkpoint"])
     assert result.exit_code == 130, result.stderr
     assert "interrupted: the best weights so far are kept" in result.stdout

@@ -80,8 +80,8 @@ def test_unknown_vgg_lists_valid_names(spec):
 
 
 def test_unknown_model_and_missing_checkpoint():
-    with pytest.raises(ValueError, match="package.module:factory"):
-        load_model("resnet18")
+    with pytest.raises(ValueError, match=r"unknown model 'resnet1' \(did you mean resnet18.*torchvision.models:resnet18"):
+        load_model("resnet1")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_model("missing.pt")
 
@@ -190,7 +190,7 @@ def test_weights_file_holding_a_pickled_model_is_refused(tmp_path):
 def test_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="imagenet, none or a state_dict path"):
         load_model("digits-vgg", weights=str(tmp_path / "absent.pt"))
-    with pytest.raises(ValueError, match="imagenet is available for torchvision VGG names"):
+    with pytest.raises(ValueError, match="imagenet is available for torchvision model names"):
         load_model("digits-vgg", weights="imagenet")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,7 +31,7 @@ __all__ = [
     "in_channels",
     "load_checkpoint_argument",
     "process_group",
-    "read_on_rank0",
+    "read_json_on_rank0",
     "recovery_batches",
     "status",
 ]
@@ -69,14 +68,25 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         torch.distributed.destroy_process_group()
 
 
-def read_on_rank0(path: Path) -> Optional[str]:
-    """The text of ``path`` as rank 0 reads it, on every rank (None: no such file); files are read once."""
-    text = path.read_text() if is_main_process() and path.is_file() else None
-    if rank_and_world()[1] == 1:
-        return text
-    box = [text]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+def read_json_on_rank0(path: Path) -> Any:
+    """The JSON in ``path`` as rank 0 reads it, on every rank (None: no such file); files are read once.
+
+    A file rank 0 cannot read (not JSON, too large, not a file) raises the same error on every rank.
+    """
+    from prunekit.io import read_json
+
+    box: List[Any] = [None]
+    if is_main_process():
+        try:
+            box = [("ok", read_json(path) if os.path.lexists(path) else None)]
+        except (ValueError, OSError) as err:
+            box = [("error", one_line(err))]
+    if rank_and_world()[1] > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
 def in_channels(model: nn.Module) -> int:
@@ -247,9 +257,9 @@ def batch_inputs(batches: List[Any]) -> List[torch.Tensor]:
 def architecture(spec: str) -> str:
     """The spec that rebuilds ``spec``'s architecture, for ``save_checkpoint``."""
     from prunekit.sparse import is_sparse_file, read_sparse_header
-    from prunekit.zoo import available_models
+    from prunekit.zoo import is_factory_spec, is_model_name
 
-    if spec.strip().lower() in available_models() or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.strip()):
+    if is_model_name(spec) or is_factory_spec(spec):
         return spec.strip()
     if is_sparse_file(spec):
         arch = read_sparse_header(spec).get("arch")
@@ -362,7 +372,8 @@ def load_checkpoint_argument(command: str, checkpoint: str, weights: Optional[st
     from prunekit.zoo import load_model
 
     try:
-        return load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False)
+        return load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False,
+                          factory_folder=os.getcwd())
     except ValueError as err:
         message = str(err)
         if "as --model and the file as --weights" not in message:

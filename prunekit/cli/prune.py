@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any, List, Optional
@@ -29,7 +30,7 @@ from prunekit.cli.options import (
     threads_option,
 )
 from prunekit.cli.paths import check_output_file, refuse_inputs
-from prunekit.cli.plan_file import PlanFile, read_plan_file
+from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
 from prunekit.recover import DEFAULT_LR
 from prunekit.sensitivity.scanner import METHODS
 
@@ -68,8 +69,10 @@ def _same(a: Any, b: Any) -> bool:
 def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool) -> Any:
     from prunekit.zoo import load_model
 
+    typed = "--model" not in context.from_plan
     try:
-        return load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet)
+        return load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
+                          factory_folder=os.getcwd() if typed else None)
     except FileNotFoundError as err:
         recorded = [o for o in ("--model", "--weights") if o in context.from_plan]
         if recorded:
@@ -206,6 +209,8 @@ def prune_command(
     plan = read_plan_file(plan_path)
     context = _Context(plan)
     model_spec = context.pick("--model", "model", model_spec, DEFAULT_MODEL)
+    if "--model" in context.from_plan:
+        check_recorded_model(plan, model_spec, trust_checkpoint)
     weights = context.pick("--weights", "weights", weights, None)
     data = context.pick("--data", "data", data, "builtin")
     image_size = context.pick("--image-size", "image_size", image_size, None)

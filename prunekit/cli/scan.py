@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -14,7 +14,7 @@ import torch
 
 from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import batch_inputs, evaluation_data, process_group, read_on_rank0, status
+from prunekit.cli.inputs import batch_inputs, evaluation_data, process_group, read_json_on_rank0, status
 from prunekit.cli.options import (
     data_options,
     examples,
@@ -40,36 +40,48 @@ DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
 _FIT_FORMAT = "prunekit.fit/1"
 
 
-def _options_differ(previous: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+def _options_differ(previous: Any, current: Mapping[str, Any]) -> List[str]:
+    if not isinstance(previous, Mapping):
+        return ["the saved file records no options"]
     return [f"{key} {previous.get(key)!r} (now {value!r})" for key, value in current.items() if previous.get(key) != value]
 
 
 def _read_partial_scan(scan_file: Path) -> SensitivityResult:
-    saved = read_on_rank0(scan_file)
-    if saved is None:
+    document = read_json_on_rank0(scan_file)
+    if document is None:
         raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
-    try:
-        document = json.loads(saved)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--resume: {scan_file} is not valid JSON ({err}); drop --resume to start over") from None
     return SensitivityResult.from_dict(document, repr(str(scan_file)))
 
 
 def _saved_trials(fit_file: Path, key: Mapping[str, Any], resume: bool) -> Optional[List[Any]]:
     """The trials of an interrupted fit of the same scan and tolerance (only with --resume)."""
-    text = read_on_rank0(fit_file) if resume else None
-    if text is None:
+    if not resume:
         return None
-    with contextlib.suppress(ValueError, TypeError):
-        document = json.loads(text)
-        if document.get("format") == _FIT_FORMAT and document.get("key") == dict(key):
-            return list(document["trials"])
+    with contextlib.suppress(ValueError):
+        document = read_json_on_rank0(fit_file)
+        if isinstance(document, dict) and document.get("format") == _FIT_FORMAT and document.get("key") == dict(key):
+            trials = document.get("trials")
+            if isinstance(trials, list) and all(_is_trial(t) for t in trials):
+                return list(trials)
     return None
 
 
-def _apply_hint(plan_path: Path, trust_checkpoint: bool) -> str:
+def _is_trial(item: Any) -> bool:
+    """``[layer, sparsity, score, kept]`` as fit.json stores a trial."""
+    return (
+        isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item[1:3])
+        and isinstance(item[3], bool)
+    )
+
+
+def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str:
+    """The prune command for this plan; the model is typed in it when loading it runs code (the user's word)."""
+    from prunekit.zoo import is_factory_spec
+
+    model = f" --model {shlex.quote(model_spec)}" if trust_checkpoint or is_factory_spec(model_spec) else ""
     trust = " --trust-checkpoint" if trust_checkpoint else ""
-    return f"prunekit prune --plan {shlex.quote(str(plan_path))} --out pruned.pt{trust}"
+    return f"prunekit prune --plan {shlex.quote(str(plan_path))}{model} --out pruned.pt{trust}"
 
 
 @click.command(
@@ -174,7 +186,8 @@ def scan_command(
     previous = _read_partial_scan(scan_file) if resume else None
 
     torch.manual_seed(seed)
-    model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet).to(target)
+    model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
+                       factory_folder=os.getcwd()).to(target)
     convs = resolve_layers(model, names)
     batches, labelled, description, size, batch_size = evaluation_data(
         model, data, image_size, batch_size, metric, seed
@@ -280,7 +293,7 @@ def scan_command(
         files["plot"] = str(out_dir / "sensitivity.png")
     except ImportError as err:
         click.echo(f"warning: sensitivity.png not written: {err}", err=True)
-    hint = _apply_hint(plan_file, trust_checkpoint)
+    hint = _apply_hint(plan_file, model_spec, trust_checkpoint)
 
     if as_json:
         emit_json({

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io import PathLike, atomic_write, read_json
 
 __all__ = [
     "DEFAULT_SPARSITIES",
@@ -395,17 +395,15 @@ class SensitivityResult:
             ValueError: the text is not a scan result.
         """
         if isinstance(source, str) and source.lstrip().startswith("{"):
-            text, where = source, "JSON text"
-        else:
-            path = Path(os.fspath(source))
-            if not path.is_file():
-                raise FileNotFoundError(f"no such scan file: {str(path)!r}")
-            text, where = path.read_text(encoding="utf-8"), repr(str(path))
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not valid JSON ({err})") from None
-        return cls.from_dict(data, where)
+            try:
+                data = json.loads(source)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ValueError(f"JSON text is not valid JSON ({type(err).__name__}: {err})") from None
+            return cls.from_dict(data, "JSON text")
+        path = Path(os.fspath(source))
+        if not path.exists():
+            raise FileNotFoundError(f"no such scan file: {str(path)!r}")
+        return cls.from_dict(read_json(path), repr(str(path)))
 
     def to_csv(self, path: Optional[PathLike] = None) -> str:
         """CSV text: ``layer``, the dense ``baseline`` (sparsity 0), then one column per sparsity.
