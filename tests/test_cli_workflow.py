@@ -284,8 +284,59 @@ def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, mon
     resumed = runner.invoke(cli, args + ["--resume"])
     assert resumed.exit_code == 0, resumed.stderr
     done = json.loads(Path("fit/fit.json").read_text())["trials"]
-    assert len(evaluations) == len(done) - 2  # the two saved trials were not measured again
+    # The two saved trials were not measured again; one evaluation checks the plan they lead to.
+    assert len(evaluations) == len(done) - 2 + 1
     assert json.loads(Path("fit/plan.json").read_text())["plan"] == json.loads(Path("ref/plan.json").read_text())["plan"]
+
+
+def test_a_forged_fit_is_checked_and_refitted(runner):
+    args = ["scan", "--sparsities", "0.4,0.6,0.8", "--out", "fit", "-q"]
+    reference = runner.invoke(cli, args)
+    assert reference.exit_code == 0, reference.stderr
+    honest = json.loads(Path("fit/plan.json").read_text())
+    fit = json.loads(Path("fit/fit.json").read_text())
+    levels = (0.4, 0.6, 0.8)
+    # Every step the fit would try, all "kept" at the dense score: replayed, they lead to every layer at 0.8.
+    order = []
+    position = {layer: -1 for layer in honest["plan"]}
+    scan = SensitivityResult.from_json("fit/scan.json")
+    from prunekit.sensitivity.joint import _next_step
+
+    ceiling = {layer: 0.8 for layer in honest["plan"]}
+    while (step := _next_step(scan, position, set(), ceiling, False)) is not None:
+        order.append([step[0], levels[step[1]], honest["baseline"], True])
+        position[step[0]] = step[1]
+    fit["trials"] = order
+    Path("fit/fit.json").write_text(json.dumps(fit))
+    resumed = runner.invoke(cli, [a for a in args if a != "-q"] + ["--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "warning: the saved fit's trials do not reproduce" in resumed.stderr
+    written = json.loads(Path("fit/plan.json").read_text())
+    assert written["plan"] == honest["plan"] and written["score_with_plan"] == honest["score_with_plan"]
+
+
+def test_a_resume_after_the_weights_changed_starts_over(runner):
+    args = TINY_SCAN + ["--out", "st", "-q"]
+    assert runner.invoke(cli, args).exit_code == 0
+    torch.manual_seed(99)
+    import tinynet
+
+    torch.save(tinynet.build().state_dict(), "w.pt")  # the same path, other weights
+    resumed = runner.invoke(cli, args + ["--resume"])
+    assert_one_error_line(resumed, "the weights it was measured on changed since")
+
+
+def test_a_scan_never_replaces_another_scans_results_without_force(runner):
+    assert runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "res", "-q"]).exit_code == 0
+    before = Path("res/scan.json").read_bytes()
+    other = runner.invoke(cli, TINY_SCAN + ["--out", "res", "-q"])
+    assert_one_error_line(other, "--out res holds the results of another scan", "model 'digits-vgg'", "--force")
+    assert Path("res/scan.json").read_bytes() == before
+    again = runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "res", "-q"])  # the same scan: a rerun
+    assert again.exit_code == 0, again.stderr
+    forced = runner.invoke(cli, TINY_SCAN + ["--out", "res", "-q", "--force"])
+    assert forced.exit_code == 0, forced.stderr
+    assert json.loads(Path("res/plan.json").read_text())["model"] == "tinynet:build"
 
 
 def test_json_output_is_pure_even_when_a_library_prints(runner, monkeypatch):

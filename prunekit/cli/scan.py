@@ -27,6 +27,7 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_folder
 from prunekit.cli.plan_file import recorded_path, write_plan_file
+from prunekit.fingerprint import data_fingerprint, model_fingerprint
 from prunekit.io import write_json
 from prunekit.layers import resolve_layers
 from prunekit.sensitivity._distributed import is_main_process
@@ -43,7 +44,17 @@ _FIT_FORMAT = "prunekit.fit/1"
 def _options_differ(previous: Any, current: Mapping[str, Any]) -> List[str]:
     if not isinstance(previous, Mapping):
         return ["the saved file records no options"]
-    return [f"{key} {previous.get(key)!r} (now {value!r})" for key, value in current.items() if previous.get(key) != value]
+    differences = []
+    for key, value in current.items():
+        if previous.get(key) == value:
+            continue
+        if key == "fingerprint":
+            saved = previous.get(key) if isinstance(previous.get(key), Mapping) else {}
+            changed = [what for what in ("weights", "data") if saved.get(what) != value[what]]
+            differences.append(f"the {' and the '.join(changed)} it was measured on changed since")
+        else:
+            differences.append(f"{key} {previous.get(key)!r} (now {value!r})")
+    return differences
 
 
 def _read_partial_scan(scan_file: Path) -> SensitivityResult:
@@ -51,6 +62,29 @@ def _read_partial_scan(scan_file: Path) -> SensitivityResult:
     if document is None:
         raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
     return SensitivityResult.from_dict(document, repr(str(scan_file)))
+
+
+def _refuse_other_results(out: str, scan_file: Path, typed: Mapping[str, Any]) -> None:
+    """Refuse to replace the results of another scan in ``--out`` (other model, weights, data, method or levels)."""
+    try:
+        document = read_json_on_rank0(scan_file)
+    except ValueError:
+        document = "unreadable"
+    if document is None:
+        return
+    options = document.get("meta", {}).get("options") if isinstance(document, dict) else None
+    if not isinstance(options, Mapping):
+        raise ValueError(
+            f"--out {out} holds a scan.json that is not a prunekit scan; choose another --out, or pass --force to "
+            "replace it"
+        )
+    differences = [f"{key} {options.get(key)!r} (now {value!r})" for key, value in typed.items()
+                   if options.get(key) != value]
+    if differences:
+        raise ValueError(
+            f"--out {out} holds the results of another scan ({'; '.join(differences)}); choose another --out, "
+            "or pass --force to replace them"
+        )
 
 
 def _saved_trials(fit_file: Path, key: Mapping[str, Any], resume: bool) -> Optional[List[Any]]:
@@ -122,6 +156,8 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Folder for scan.json, scan.csv, sensitivity.png and plan.json.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted scan (or plan fit) in --out (same options required).")
+@click.option("--force", is_flag=True,
+              help="Replace the results of another scan (other model, weights, data, method or levels) in --out.")
 @run_options()
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
@@ -145,6 +181,7 @@ def scan_command(
     joint: bool,
     out: str,
     resume: bool,
+    force: bool,
     device: str,
     seed: int,
     quiet: bool,
@@ -184,6 +221,9 @@ def scan_command(
             )
     scan_file, fit_file, plan_file = out_dir / "scan.json", out_dir / "fit.json", out_dir / "plan.json"
     previous = _read_partial_scan(scan_file) if resume else None
+    if not resume and not force:
+        _refuse_other_results(out, scan_file, {"model": model_spec, "weights": weights, "data": data,
+                                                "method": method, "sparsities": list(levels)})
 
     torch.manual_seed(seed)
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
@@ -203,6 +243,8 @@ def scan_command(
         "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
         "metric": metric_name, "method": method, "criterion": criterion if method == "channel" else None,
         "sparsities": list(levels), "layers": list(convs), "seed": seed,
+        # What the points were measured on: a resume with other weights or data starts over.
+        "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
     }
     if previous is not None:
         differences = _options_differ(previous.meta.get("options", {}), options)

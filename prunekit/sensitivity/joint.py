@@ -9,6 +9,8 @@ cheapest step first, keeping a step only if the whole plan (measured with
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -66,7 +68,9 @@ def fit_plan(
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
         resume_from: the ``trials`` of an interrupted fit of the same scan and tolerance; they are
-            replayed without evaluating (a fit is deterministic), then the fit goes on.
+            replayed without evaluating (a fit is deterministic), then the fit goes on. The plan
+            they lead to is evaluated once at the end: trials that do not reproduce it (a
+            tampered or stale file) are dropped with a warning and the fit starts over.
         on_trial: called with the fit so far after every trial (e.g. to save ``trials``).
         progress: show a progress bar (its length is the most trials the fit can take).
 
@@ -119,6 +123,18 @@ def fit_plan(
             tick(layer)
             if on_trial is not None:
                 on_trial(PlanFit(dict(plan), score, list(trials)))
+        if len(trials) < most:
+            tick.finish()
+    if saved:
+        # Replayed trials are a file's word: one evaluation checks the plan they lead to.
+        check = evaluate_plan(model, evaluate, plan, method=result.method, stats=stats, criterion=criterion)
+        if not math.isclose(check, score, rel_tol=1e-6, abs_tol=1e-9):
+            warnings.warn(
+                f"the saved fit's trials do not reproduce: the plan they lead to scores {check:.6g}, they "
+                f"recorded {score:.6g}; fitting again from the scan without them"
+            )
+            return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
+                            on_trial=on_trial, progress=progress)
     return PlanFit(plan, score, trials)
 
 
