@@ -43,7 +43,10 @@ DEFAULT_LR = 3e-4
 
 @dataclass
 class RecoveryHistory:
-    """What :func:`recover` did: held-out distortion at each evaluated step, and the step kept."""
+    """What :func:`recover` did: held-out distortion at each evaluated step, and the step kept.
+
+    ``steps_done`` of ``steps_planned`` optimiser steps ran (fewer when interrupted).
+    """
 
     steps: List[int] = field(default_factory=list)
     train_loss: List[float] = field(default_factory=list)
@@ -52,11 +55,14 @@ class RecoveryHistory:
     best_distortion: float = float("inf")
     interrupted: bool = False
     pruned_distortion: float = float("nan")
+    steps_done: int = 0
+    steps_planned: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return {"steps": self.steps, "train_loss": self.train_loss, "held_out_distortion": self.distortion,
                 "best_step": self.best_step, "best_distortion": self.best_distortion,
-                "interrupted": self.interrupted, "pruned_distortion": self.pruned_distortion}
+                "interrupted": self.interrupted, "pruned_distortion": self.pruned_distortion,
+                "steps_done": self.steps_done, "steps_planned": self.steps_planned}
 
     def plot(self, path: PathLike, title: Optional[str] = None) -> Any:
         """Write the held-out distortion against the step as a PNG (see :func:`plot_recovery`)."""
@@ -143,6 +149,24 @@ def _zero_masks(student: nn.Module) -> List[tuple]:
             if weight is not None and bool((weight == 0).any()):
                 masks.append((weight, weight.detach() != 0))
     return masks
+
+
+def _load_best(student: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a kept state, first giving the student the pruning reparametrizations the state has.
+
+    The one-shot state (the plan applied at once) carries ``weight_orig``/``weight_mask``; a
+    gradual student interrupted before its pruner's first step has plain weights still.
+    """
+    from torch.nn.utils import prune
+
+    for key in state:
+        if not key.endswith("_orig"):
+            continue
+        module_name, _, name = key[: -len("_orig")].rpartition(".")
+        module = student.get_submodule(module_name)
+        if name + "_orig" not in module._parameters and name in module._parameters:
+            prune.identity(module, name)  # a mask of ones, which the state's mask then replaces
+    student.load_state_dict(state)
 
 
 def recover(
@@ -236,25 +260,29 @@ def recover(
         if step % eval_every == 0 or step == steps:
             evaluate(step, float(loss.detach()))
 
+    history.steps_planned = steps
     try:
         for p, _ in teacher_flags:
             p.requires_grad_(False)
         with eval_mode(student), eval_mode(teacher):
-            evaluate(0, float("nan"))
-            if pruner is None:
-                history.pruned_distortion = history.distortion[0]
-            else:
-                # The plan applied at once is a candidate too: gradual + recover is never worse than one-shot.
-                shot = copy.deepcopy(student)
-                apply_plan(shot, pruner.plan, method=pruner.method, stats=pruner.stats, criterion=pruner.criterion)
-                history.pruned_distortion = _distortion(shot, teacher, held, layers)
-                history.best_distortion, history.best_step = history.pruned_distortion, 0
-                best_state = copy.deepcopy(shot.state_dict())
-                del shot
+            # Ctrl-C anywhere here (even in the first evaluation) keeps the best state so far.
             try:
+                evaluate(0, float("nan"))
+                if pruner is None:
+                    history.pruned_distortion = history.distortion[0]
+                else:
+                    # The plan applied at once is a candidate too: gradual + recover is never worse than one-shot.
+                    shot = copy.deepcopy(student)
+                    apply_plan(shot, pruner.plan, method=pruner.method, stats=pruner.stats,
+                               criterion=pruner.criterion)
+                    history.pruned_distortion = _distortion(shot, teacher, held, layers)
+                    history.best_distortion, history.best_step = history.pruned_distortion, 0
+                    best_state = copy.deepcopy(shot.state_dict())
+                    del shot
                 with progress_bar(steps, "recovering", progress) as tick:
                     for step in range(1, steps + 1):
                         _train_step(step)
+                        history.steps_done = step
                         tick()
             except KeyboardInterrupt:
                 history.interrupted = True  # keep the best weights so far (below); the caller sees the flag
@@ -262,7 +290,7 @@ def recover(
         for p, flag in teacher_flags:
             p.requires_grad_(flag)
         if best_state is not None:
-            student.load_state_dict(best_state)
+            _load_best(student, best_state)
         for key, value in teacher.state_dict().items():
             assert torch.equal(value, teacher_state[key]), "recover changed the teacher: a prunekit bug"
     return history

@@ -313,9 +313,13 @@ def _recover(
 
 
 def _print_recovery(history: Any, gradual: bool) -> None:
-    stop = "; interrupted: the best weights so far are kept" if history.interrupted else ""
+    if not history.distortion:
+        click.echo("recovery: interrupted before its first evaluation: the model is saved pruned at once, unrecovered")
+        return
+    stop = (f"; interrupted after {history.steps_done} of {history.steps_planned} steps: the best weights so far "
+            "are kept") if history.interrupted else ""
     start = f"{history.pruned_distortion:.4f} right after pruning at once, "
     click.echo(
         f"recovery: held-out distortion (vs the dense model) {start}{history.best_distortion:.4f} at step "
-        f"{history.best_step} of {history.steps[-1]} (kept){stop}"
+        f"{history.best_step} of {history.steps_done} (kept){stop}"
     )
