@@ -25,7 +25,7 @@ from torch import nn
 
 import prunekit
 from prunekit.compact import compact, compaction_report
-from prunekit.timing import latency_samples
+from prunekit.timing import latency_samples, speedup, spread
 
 
 def mask_half_of_every_conv(features: nn.Sequential) -> nn.Sequential:
@@ -93,12 +93,11 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     times = latency_samples(models, x, repeats=args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, median in medians.items():
-        spread = f"min {min(times[name]) * 1e3:.1f} / max {max(times[name]) * 1e3:.1f}"
-        print(f"  {name:18s} median {median * 1e3:8.1f} ms  ({spread} ms)")
-    speedup = medians["dense"] / medians["prunekit.compact"]
-    ratio = speedup / report.macs_ratio
-    print(f"speed-up prunekit.compact vs dense: {speedup:.2f}x = {ratio:.2f} x MACs ratio "
+    for name in medians:
+        print(f"  {name:18s} {spread(times[name])}")
+    gain = speedup(times["dense"], times["prunekit.compact"])
+    ratio = gain.ratio / report.macs_ratio
+    print(f"speed-up prunekit.compact vs dense: {gain} = {ratio:.2f} x MACs ratio "
           f"(target >= 0.80 x: {'met' if ratio >= 0.8 else 'NOT met'})")
 
     with torch.inference_mode():
@@ -109,9 +108,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if tp_model is not None:
             theirs = tp_model(x)
             agree = theirs.shape == ours.shape and relative_error(ours, theirs) < 1e-5
-            print(f"torch-pruning {tp_version()}: speed-up {medians['dense'] / medians['torch-pruning']:.2f}x; "
-                  f"prunekit.compact latency / torch-pruning latency "
-                  f"{medians['prunekit.compact'] / medians['torch-pruning']:.2f}; outputs agree: {agree} "
+            print(f"torch-pruning {tp_version()}: speed-up {speedup(times['dense'], times['torch-pruning'])}; "
+                  f"torch-pruning latency / prunekit.compact latency "
+                  f"{speedup(times['torch-pruning'], times['prunekit.compact'])}; outputs agree: {agree} "
                   f"(relative error {relative_error(ours, theirs):.2e})")
         else:
             print("torch-pruning: not installed (pip install torch-pruning) - comparison skipped")

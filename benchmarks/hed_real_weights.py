@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 from typing import Dict, List, Optional
 
@@ -42,7 +41,7 @@ import prunekit
 from prunekit.compact import compact, compaction_report
 from prunekit.datasets import builtin_photos
 from prunekit.sparse import load_sparse, save_sparse
-from prunekit.timing import latency_samples
+from prunekit.timing import latency_samples, speedup, spread
 
 
 def read_plan(path: str) -> Dict[str, float]:
@@ -155,16 +154,15 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{held_out_note(masked)}; compact vs masked output: "
           f"max abs difference {check:.1e}")
     times = latency_samples({"dense": dense, "compact": compacted}, example, repeats=args.rounds)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    speedup = medians["dense"] / medians["compact"]
+    gain = speedup(times["dense"], times["compact"])
     if args.figure:
         with torch.inference_mode():
             maps = [reference.float(), pruned(photos), compacted(photos)]
         write_figure(args.figure, photos, maps, ["photo", "dense HED", "fine-grained plan", "channel plan, compacted"])
         print(f"  wrote {args.figure}")
-    print(f"  latency (batch 1, {args.rounds} interleaved rounds): dense {medians['dense'] * 1e3:.1f} ms, "
-          f"compact {medians['compact'] * 1e3:.1f} ms: {speedup:.2f}x faster "
-          f"({speedup / report.macs_ratio:.2f} x the MACs ratio)")
+    print(f"  latency (batch 1, {args.rounds} interleaved rounds): dense {spread(times['dense'])}, "
+          f"compact {spread(times['compact'])}: {gain} faster "
+          f"({gain.ratio / report.macs_ratio:.2f} x the MACs ratio)")
 
 
 if __name__ == "__main__":

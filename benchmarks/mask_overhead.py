@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunekit
-from prunekit.timing import compare_latency
+from prunekit.timing import latency_samples, speedup, spread
 
 REFERENCE_PLAN = (0.0, 0.9, 0.6, 0.6, 0.9, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8, 0.9, 0.9, 0.9, 0.9, 0.85)
 
@@ -68,13 +68,12 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{mask_multiply_time(masked, args.rounds) * 1e3:.1f} ms per forward")
     for size in args.sizes:
         x = torch.rand(1, 3, size, size)
-        medians = compare_latency({"masked": masked, "finalized": finalized}, x, repeats=args.rounds)
+        times = latency_samples({"masked": masked, "finalized": finalized}, x, repeats=args.rounds)
         with torch.inference_mode():
             identical = torch.equal(masked(x), finalized(x))
-        overhead = medians["masked"] / medians["finalized"] - 1
-        print(f"  {size}x{size}: masked {medians['masked'] * 1e3:8.1f} ms, finalized "
-              f"{medians['finalized'] * 1e3:8.1f} ms (medians of {args.rounds} interleaved rounds): "
-              f"mask overhead {overhead:+.1%}; outputs identical: {identical}")
+        gain = speedup(times["masked"], times["finalized"])
+        print(f"  {size}x{size}: masked {spread(times['masked'])}, finalized {spread(times['finalized'])} "
+              f"({args.rounds} interleaved rounds): masked / finalized {gain}; outputs identical: {identical}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,31 @@
-"""Side-by-side latency: the only honest way to time models on a shared, noisy machine."""
+"""Side-by-side latency: the only honest way to time models on a shared, noisy machine.
+
+Models are timed in interleaved rounds (the order reversed every other round, so
+neither always runs first), after warm-up rounds that are not counted. A speed-up
+is the median of the per-round ratios, with a bootstrap interval over rounds: when
+the interval holds 1.0, the difference is within noise and :class:`Speedup` says so.
+
+Example:
+    >>> samples = latency_samples({"wide": nn.Conv2d(3, 64, 3), "narrow": nn.Conv2d(3, 8, 3)},
+    ...                           torch.randn(1, 3, 32, 32), repeats=5)
+    >>> result = speedup(samples["wide"], samples["narrow"])
+    >>> result.low <= result.ratio <= result.high
+    True
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Mapping, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from prunekit._rollback import restore_training, training_flags
 
-__all__ = ["compare_latency", "latency_samples"]
+__all__ = ["Speedup", "Spread", "compare_latency", "latency_samples", "speedup", "spread"]
 
 
 def latency_samples(
@@ -22,9 +36,11 @@ def latency_samples(
 ) -> Dict[str, List[float]]:
     """Seconds of each forward of each model, timed in interleaved rounds.
 
-    ``example_input`` is one tensor or a tuple of positional inputs. Every round runs each model once, in turn, so a load spike slows all of
-    them alike and the ratios stay meaningful. On CUDA every forward is bracketed
-    by ``torch.cuda.synchronize`` so the time is the kernels', not the launch's. Models run in eval mode under
+    ``example_input`` is one tensor or a tuple of positional inputs. Every round runs
+    each model once, in turn (reversed every other round), so a load spike slows all
+    of them alike and the ratios stay meaningful; ``warmup`` rounds run first and are
+    not counted. On CUDA every forward is bracketed by ``torch.cuda.synchronize`` so
+    the time is the kernels', not the launch's. Models run in eval mode under
     ``torch.no_grad()``; their train/eval flags are restored afterwards.
 
     Example:
@@ -38,6 +54,7 @@ def latency_samples(
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     flags = training_flags(*models.values())
     samples: Dict[str, List[float]] = {name: [] for name in models}
+    order = list(models.items())
     try:
         for model in models.values():
             model.eval()
@@ -47,7 +64,7 @@ def latency_samples(
         device = next(t.device for t in inputs if isinstance(t, torch.Tensor)) if cuda else None
         with torch.no_grad():
             for round_index in range(warmup + repeats):
-                for name, model in models.items():
+                for name, model in order if round_index % 2 == 0 else order[::-1]:
                     if cuda:
                         torch.cuda.synchronize(device)
                     start = time.perf_counter()
@@ -74,3 +91,88 @@ def compare_latency(
     """
     samples = latency_samples(models, example_input, repeats, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some timings and their interquartile range (seconds)."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (IQR {self.q1 * 1e3:.2f}-{self.q3 * 1e3:.2f})"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Median and quartiles of ``values`` (quartiles by linear interpolation; one value is its own spread).
+
+    Example:
+        >>> spread([1.0, 2.0, 3.0, 4.0, 5.0])
+        Spread(median=3.0, q1=2.0, q3=4.0)
+    """
+    if not values:
+        raise ValueError("values is empty; time at least one round")
+    ordered = sorted(float(v) for v in values)
+    return Spread(statistics.median(ordered), _quantile(ordered, 0.25), _quantile(ordered, 0.75))
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """``before / after`` time: the median per-round ratio and its bootstrap interval.
+
+    Attributes:
+        ratio: median over rounds of ``before[i] / after[i]`` (> 1: ``after`` is faster).
+        low, high: the ``confidence`` bootstrap interval of that median.
+        confidence: e.g. 0.95.
+    """
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+
+    @property
+    def within_noise(self) -> bool:
+        """True when the interval holds 1.0: the timings cannot tell the two apart."""
+        return self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        interval = f"{self.confidence:.0%} interval {self.low:.2f}-{self.high:.2f}x"
+        verdict = ": within noise, no measurable difference" if self.within_noise else ""
+        return f"{self.ratio:.2f}x ({interval}){verdict}"
+
+
+def speedup(
+    before: Sequence[float], after: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> Speedup:
+    """The speed-up of ``after`` over ``before`` from paired rounds of :func:`latency_samples`.
+
+    Each round's ratio pairs two forwards timed moments apart, so a load spike that
+    slows one round cancels out; the interval is a percentile bootstrap of the median
+    over rounds (seeded: the same samples give the same interval).
+
+    Example:
+        >>> str(speedup([2.0, 2.1, 1.9, 2.0], [1.0, 1.0, 1.0, 1.05]))
+        '1.95x (95% interval 1.90-2.10x)'
+        >>> speedup([1.0, 1.1, 0.9], [1.05, 1.0, 0.95]).within_noise
+        True
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"pass the same number (>= 1) of rounds for both; got {len(before)} and {len(after)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must lie in (0, 1), e.g. 0.95")
+    ratios = torch.tensor([b / a for b, a in zip(before, after)], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=generator)
+    medians = sorted(ratios[picks].quantile(0.5, dim=1).tolist())
+    tail = (1 - confidence) / 2
+    return Speedup(float(ratios.quantile(0.5)), _quantile(medians, tail), _quantile(medians, 1 - tail), confidence)
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

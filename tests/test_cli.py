@@ -308,12 +308,31 @@ def test_compact_removes_channel_pruned_channels_and_times_both(runner):
     document = json.loads(result.stdout)
     rows = {row["layer"]: row for row in document["report"]["layers"]}
     assert rows["features.5"]["out_channels_after"] == 16 and rows["features.10"]["out_channels_after"] == 48
-    assert set(document["seconds"]) == {"pruned", "compact"} and document["speedup"] > 0
+    assert set(document["seconds"]) == {"pruned", "compact"} and document["removed"]
+    low, high = document["speedup_interval"]
+    assert low <= document["speedup"] <= high
+    assert document["within_noise"] == (low <= 1.0 <= high)
+    for name, (q1, q3) in document["seconds_iqr"].items():
+        assert q1 <= document["seconds"][name] <= q3
     small = torch.load("small.pt", weights_only=False)
     pruned = prunekit.zoo.load_model("ch.pt")
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(small(x), pruned(x))  # fp32 tolerances: logits near 7 differ in the last bits
+
+
+def test_compact_says_nothing_to_remove_and_times_nothing_for_an_unpruned_model(runner, monkeypatch):
+    import prunekit.timing
+
+    timed = []
+    monkeypatch.setattr(prunekit.timing, "latency_samples", lambda *a, **k: timed.append(1))
+    Path("plan.json").write_text(json.dumps({"features.5": 0.5}))
+    assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "fg.pt", "-q"]).exit_code == 0
+    result = runner.invoke(cli, ["compact", "fg.pt"])
+    assert result.exit_code == 0, result.stderr
+    assert "nothing to remove" in result.stdout and "speed-up" not in result.stdout and not timed
+    document = json.loads(runner.invoke(cli, ["compact", "fg.pt", "--json"]).stdout)
+    assert document["removed"] is False and document["speedup"] is None
 
 
 def test_compact_refuses_pickled_model_without_trust(runner):

@@ -1,10 +1,10 @@
-"""compare_latency: interleaved medians, models left as they were."""
+"""Timing: interleaved rounds (order alternating), medians with their spread, speed-ups with an interval."""
 
 import pytest
 import torch
 from torch import nn
 
-from prunekit.timing import compare_latency
+from prunekit.timing import compare_latency, latency_samples, speedup, spread
 
 
 def test_returns_a_positive_median_per_model_and_restores_modes():
@@ -52,3 +52,36 @@ def test_cuda_inputs_are_timed_between_synchronisations(monkeypatch):
 
     latency_samples({"conv": Recording(3, 4, 3)}, x, repeats=2, warmup=0)
     assert events == ["sync", "forward", "sync"] * 2
+
+
+def test_rounds_alternate_the_order_after_uncounted_warm_up():
+    calls = []
+    a, b = nn.Identity(), nn.Identity()
+    a.register_forward_hook(lambda *args: calls.append("a"))
+    b.register_forward_hook(lambda *args: calls.append("b"))
+    samples = latency_samples({"a": a, "b": b}, torch.zeros(1), repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(samples["a"]) == len(samples["b"]) == 3
+
+
+def test_a_clear_speedup_is_not_noise_and_equal_timings_are():
+    gen = torch.Generator().manual_seed(0)
+    noise = (1 + 0.05 * torch.randn(30, generator=gen)).tolist()
+    before = [0.010 * n for n in noise]
+    twice = speedup(before, [0.005 * n for n in reversed(noise)])
+    assert 1.8 < twice.low <= twice.ratio <= twice.high < 2.2 and not twice.within_noise
+    same = speedup(before, [0.010 * n for n in reversed(noise)])
+    assert same.within_noise and "within noise" in str(same)
+    assert speedup(before, before).ratio == 1.0
+    # The first round of one model 60x slower (the reported bug): the median ignores it.
+    spiked = speedup([0.6] + before[1:], before)
+    assert spiked.within_noise
+
+
+def test_spread_and_bad_rounds():
+    assert spread([3.0, 1.0, 2.0]) == spread([1.0, 2.0, 3.0])
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]).q3 == 4.0
+    with pytest.raises(ValueError, match="same number"):
+        speedup([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        spread([])

@@ -42,7 +42,7 @@ from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from prunekit.compact import compact_chain
 from prunekit.io import PathLike, atomic_write, write_json
 from prunekit.methods import channel_activation
-from prunekit.timing import latency_samples
+from prunekit.timing import Speedup, latency_samples, speedup
 from prunekit.stats import ChannelStats, collect_channel_stats, plot_channel_magnitudes, save_channel_stats
 
 __all__ = [
@@ -188,17 +188,18 @@ def _losses(loss_network: LossNetwork, output: Tensor, content: Tensor, style: T
 
 def time_side_by_side(
     first: nn.Module, second: nn.Module, inputs: Sequence[Tensor], repeats: int = 10, warmup: int = 2
-) -> Tuple[float, float]:
-    """Median seconds per call of ``first(*inputs)`` and ``second(*inputs)``, timed alternately.
+) -> Tuple[float, float, Speedup]:
+    """Median seconds per call of ``first(*inputs)`` and ``second(*inputs)``, and the speed-up with its interval.
 
     Alternating the two within each repeat exposes both to the same load on a
     shared machine, so their ratio is meaningful even when the absolute times drift.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    # prunekit's timer: interleaved rounds, CUDA synchronised around each call.
+    # prunekit's timer: interleaved rounds, CUDA synchronised around each call, paired ratios.
     samples = latency_samples({"first": first, "second": second}, tuple(inputs), repeats=repeats, warmup=warmup)
-    return statistics.median(samples["first"]), statistics.median(samples["second"])
+    gain = speedup(samples["first"], samples["second"])
+    return statistics.median(samples["first"]), statistics.median(samples["second"]), gain
 
 
 # --------------------------------------------------------------------------- sweep
@@ -234,18 +235,21 @@ class SweepRow:
     max_abs_diff_vs_masked: float
     max_rel_diff_vs_masked: float
     inactive_pruned: int
+    speedup: float = float("nan")
+    speedup_low: float = float("nan")
+    speedup_high: float = float("nan")
 
     @property
-    def speedup(self) -> float:
-        """Dense time divided by compact time."""
-        return self.time_dense_s / self.time_compact_s
+    def within_noise(self) -> bool:
+        """The speed-up's 95 % interval holds 1.0: the timings cannot tell dense and compact apart."""
+        return self.speedup_low <= 1.0 <= self.speedup_high
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict for JSON; an infinite PSNR (output identical to the dense one) becomes ``None``."""
         data = dict(self.__dict__)
         if not math.isfinite(data["psnr_db"]):
             data["psnr_db"] = None
-        data["speedup"] = self.speedup
+        data["within_noise"] = self.within_noise
         data["params_saved_fraction"] = 1.0 - self.params / self.params_dense
         return data
 
@@ -300,7 +304,7 @@ def prune_sweep(
                 output = compacted(content, style, alpha)
             diff = (output - masked_output).abs().max().item()
             scale = masked_output.abs().max().item()
-            dense_time, compact_time = time_side_by_side(
+            dense_time, compact_time, gain = time_side_by_side(
                 _Stylizer(net, alpha), _Stylizer(compacted, alpha), (content, style), timing_repeats
             )
             content_value, style_value = _losses(loss_network, output, content, style)
@@ -321,6 +325,9 @@ def prune_sweep(
                     max_abs_diff_vs_masked=diff,
                     max_rel_diff_vs_masked=diff / scale if scale > 0 else diff,
                     inactive_pruned=int(never_fire[order[:count]].sum()),
+                    speedup=gain.ratio,
+                    speedup_low=gain.low,
+                    speedup_high=gain.high,
                 )
             )
             outputs[count] = output

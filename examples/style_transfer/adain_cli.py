@@ -253,15 +253,21 @@ def _db(value: Optional[float]) -> str:
     return "inf" if value is None else f"{value:.2f}"
 
 
+def _speedup_cell(row: Dict[str, Any]) -> str:
+    noise = " noise" if row.get("within_noise") else ""
+    return f"{row['speedup']:.2f}x {row['speedup_low']:.2f}-{row['speedup_high']:.2f}{noise}"
+
+
 def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
     """The sweep as a fixed-width table."""
     header = (f"{'pruned':>6} {'left':>5} {'params':>10} {'saved':>6} {'dense ms':>9} {'compact ms':>10} "
-              f"{'speedup':>7} {'PSNR dB':>8} {'SSIM':>6} {'content':>9} {'style':>9}")
+              f"{'speedup (95% interval)':>22} {'PSNR dB':>8} {'SSIM':>6} {'content':>9} {'style':>9}")
     lines = [header]
     for r in rows:
         lines.append(
             f"{r['pruned']:>6} {r['channels_left']:>5} {r['params']:>10,} {r['params_saved_fraction']:>6.1%} "
-            f"{r['time_dense_s'] * 1e3:>9.2f} {r['time_compact_s'] * 1e3:>10.2f} {r['speedup']:>7.2f} "
+            f"{r['time_dense_s'] * 1e3:>9.2f} {r['time_compact_s'] * 1e3:>10.2f} "
+            f"{_speedup_cell(r):>22} "
             f"{_db(r['psnr_db']):>8} {r['ssim']:>6.3f} {r['content_loss']:>9.4g} {r['style_loss']:>9.4g}"
         )
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import click
 import torch
@@ -30,8 +30,9 @@ __all__ = ["compact_command"]
 @click.option("--input-size", default=None, metavar="CxHxW",
               help="One input's shape for the MACs and the timing (default: 1x16x16 for 1-channel "
               "models such as digits-vgg, else 3x224x224).")
-@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Interleaved timing rounds (the median is reported).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Interleaved timing rounds, after 3 warm-up rounds: the median and its spread are reported, "
+              "and the speed-up with a 95 % bootstrap interval (\"within noise\" when it holds 1.0).")
 @click.option("--out", default=None, metavar="PATH",
               help="Also save the compacted model as a whole pickled module (loading it back needs "
               "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
@@ -69,7 +70,7 @@ def compact_command(
     """
     from prunekit.compact import compact, compaction_report
     from prunekit.io import save_torch
-    from prunekit.timing import compare_latency
+    from prunekit.timing import latency_samples, speedup, spread
 
     outputs = [("--out", out, "small.pt"), ("--exported", exported, "small.pt2"), ("--onnx", onnx_path, "small.onnx")]
     refuse_inputs([(flag, value) for flag, value, _ in outputs],
@@ -85,8 +86,12 @@ def compact_command(
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
     small = compact(model, example_input=example)
     report = compaction_report(model, small, size)
-    times = compare_latency({"pruned": model, "compact": small}, example, repeats=repeats)
-    speedup = times["pruned"] / times["compact"]
+    removed = report.params_after < report.params_before
+    timing: Dict[str, Any] = {}
+    if removed:  # identical models are not timed: any "speed-up" between them would be noise
+        samples = latency_samples({"pruned": model, "compact": small}, example, repeats=repeats, warmup=3)
+        gain = speedup(samples["pruned"], samples["compact"])
+        timing = {"pruned": spread(samples["pruned"]), "compact": spread(samples["compact"]), "speedup": gain}
     if out is not None:
         save_torch(small, out)
     checks = {}
@@ -102,14 +107,23 @@ def compact_command(
             reference = model(example)
             checks["compact_vs_source"] = float((reference - small(example)).double().norm() / reference.double().norm())
     if as_json:
-        emit_json({"report": report.to_dict(), "seconds": times, "speedup": speedup, "out": out,
-                   "export_checks": checks})
+        emit_json({"report": report.to_dict(), "removed": removed, "export_checks": checks, "out": out,
+                   "seconds": {name: timing[name].median for name in ("pruned", "compact")} if removed else None,
+                   "seconds_iqr": {name: [timing[name].q1, timing[name].q3] for name in ("pruned", "compact")}
+                   if removed else None,
+                   "speedup": timing["speedup"].ratio if removed else None,
+                   "speedup_interval": [timing["speedup"].low, timing["speedup"].high] if removed else None,
+                   "within_noise": timing["speedup"].within_noise if removed else None})
         return
     click.echo(str(report))
-    click.echo(
-        f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds): "
-        f"{times['pruned'] * 1e3:.2f} ms pruned, {times['compact'] * 1e3:.2f} ms compact ({speedup:.2f}x)"
-    )
+    if removed:
+        click.echo(
+            f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds, after 3 "
+            f"warm-up rounds): {timing['pruned']} pruned, {timing['compact']} compact; speed-up {timing['speedup']}"
+        )
+    else:
+        click.echo(f"nothing to remove: no output channel of {checkpoint} is all zeros (prune it with --method channel "
+                   "first); the compacted model is the same size, so it was not timed")
     if out is not None:
         click.echo(f"wrote {out}: a pickled module; read it back with: prunekit report {shlex.quote(out)} "
                    "--trust-checkpoint (the pruned CHECKPOINT rebuilds it safely)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 __all__ = ["check_output_file", "check_output_folder", "refuse_inputs"]
 
@@ -60,15 +60,22 @@ def check_output_folder(flag: str, value: str) -> Path:
 
 
 def refuse_inputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable[Tuple[str, Optional[str]]]) -> None:
-    """No output may be one of the inputs: ``(flag, path)`` outputs, ``(what, path)`` inputs; ``None`` paths skipped.
+    """No output may be one of the inputs, nor another output: ``(flag, path)`` outputs, ``(what, path)`` inputs.
+
+    ``None`` paths are skipped.
 
     Example:
         >>> refuse_inputs([("--out", "a.pt")], [("input checkpoint", "a.pt")])
         Traceback (most recent call last):
         ...
         ValueError: --out a.pt is the input checkpoint; write the result to another file
+        >>> refuse_inputs([("--out", "a.pt"), ("--recover-plot", "./a.pt")], [])
+        Traceback (most recent call last):
+        ...
+        ValueError: --recover-plot ./a.pt and --out a.pt name the same file; give each output a file of its own
     """
     sources = [(flag, Path(value).resolve()) for flag, value in inputs if value]
+    written: List[Tuple[str, str, Path]] = []
     for flag, value in outputs:
         if value is None:
             continue
@@ -76,3 +83,10 @@ def refuse_inputs(outputs: Iterable[Tuple[str, Optional[str]]], inputs: Iterable
         for source_flag, source in sources:
             if target == source:
                 raise ValueError(f"{flag} {value} is the {source_flag}; write the result to another file")
+        for other_flag, other_value, other in written:
+            if target == other:
+                raise ValueError(
+                    f"{flag} {value} and {other_flag} {other_value} name the same file; give each output a file "
+                    "of its own"
+                )
+        written.append((flag, value, target))
