@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import os
 import struct
 import sys
 import warnings
@@ -79,7 +80,9 @@ _REAL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _LOSSY_DTYPES = (torch.float16, torch.bfloat16)
 # Below this many elements a mask and per-blob bookkeeping cost more than they save.
 _MIN_SPARSE_NUMEL = 64
-_MAX_HEADER = 1 << 30
+_MAX_HEADER = 16 << 20  # about 40,000 tensors' entries
+_LZMA_MEMLIMIT = 128 << 20  # the decoder's own memory (the writer's preset 6 needs about 10 MiB)
+_CHUNK = 1 << 18  # bytes read from the file, and elements decoded, at a time
 
 StateDict = Mapping[str, Any]
 
@@ -371,15 +374,32 @@ class _Reader:
             raise IsADirectoryError(f"{self.name!r} is a folder, not a sparse checkpoint file; name the file inside it")
         if not target.is_file():
             raise FileNotFoundError(f"no such file: {self.name!r}")
-        with open(target, "rb") as handle:
-            self.file_size = target.stat().st_size
+        if not target.is_file():
+            raise SparseFormatError(f"{self.name!r} is not a regular file (a pipe or device?); pass a sparse checkpoint file")
+        handle = open(target, "rb")
+        try:
+            self.file_size = os.fstat(handle.fileno()).st_size  # of the file opened, not of a later one
             self.version, header_bytes = self._read_preamble(handle)
             self.start = handle.tell()
             self.header = self._parse(header_bytes)
-            self.entries = self._check_entries(self.header)
-            self.payload = b"" if header_only else handle.read()
-        if not header_only and len(self.payload) != self.header["payload_bytes"]:
-            raise self.fail(f"the payload holds {len(self.payload)} bytes, the header says {self.header['payload_bytes']}")
+            try:
+                self.entries = self._check_entries(self.header)
+            except (TypeError, KeyError, AttributeError) as err:  # a value of the wrong JSON type anywhere
+                raise self.fail(f"malformed header ({type(err).__name__}: {err})") from None
+        except BaseException:
+            handle.close()
+            raise
+        # The payload is never read whole: each blob is streamed from this handle when decoded.
+        self.handle: Optional[Any] = None
+        if header_only:
+            handle.close()
+        else:
+            self.handle = handle
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
     def fail(self, reason: str) -> SparseFormatError:
         return SparseFormatError(f"{self.name!r} is a damaged prunekit sparse checkpoint: {reason}; save it again")
@@ -409,11 +429,19 @@ class _Reader:
                 raise self.fail("the file ends inside its preamble")
             (crc,) = struct.unpack("<I", extra)
         room = self.file_size - handle.tell()
-        if length > min(_MAX_HEADER, room):
+        if length > room:
             raise self.fail(f"header length {length} exceeds the file")
+        if length > _MAX_HEADER:
+            raise self.fail(f"the header is {length:,} bytes, more than the {_MAX_HEADER:,} a real one needs")
         header = handle.read(length)
         if crc is not None and zlib.crc32(header) != crc:
             raise self.fail("the header's CRC-32 does not match (corrupted header)")
+        # Parsed JSON costs far more memory than its text when it is mostly brackets: a real
+        # header has a few containers per few hundred bytes.
+        containers = header.count(b"[") + header.count(b"{")
+        if containers > len(header) // 16 + 64:
+            raise self.fail(f"the header holds {containers:,} JSON lists and objects in {length:,} bytes, "
+                            "far more than a real one")
         return version, header
 
     def _parse(self, raw: bytes) -> Dict[str, Any]:
@@ -453,7 +481,7 @@ class _Reader:
         length = _int(blob["length"], f"the length of a blob of {where}", self.fail)
         size = _int(blob["size"], f"the size of a blob of {where}", self.fail)
         crc = _int(blob["crc32"], f"the CRC-32 of a blob of {where}", self.fail)
-        if blob["codec"] not in _CODECS:
+        if not isinstance(blob["codec"], str) or blob["codec"] not in _CODECS:
             raise self.fail(f"unknown codec {blob['codec']!r} for {where}")
         if offset != cursor[0]:
             # The writer lays blobs end to end in order: anything else overlaps, leaves gaps or reuses bytes.
@@ -487,7 +515,8 @@ class _Reader:
                 raise self.fail(f"unknown entry type {raw.get('type')!r}")
             if set(raw) != _TENSOR_KEYS:
                 raise self.fail(f"the entry {key!r} has unknown or missing keys {sorted(set(raw) ^ _TENSOR_KEYS)}")
-            if raw["dtype"] not in _DTYPES or raw["stored_dtype"] not in _DTYPES:
+            if not isinstance(raw["dtype"], str) or not isinstance(raw["stored_dtype"], str) \
+                    or raw["dtype"] not in _DTYPES or raw["stored_dtype"] not in _DTYPES:
                 raise self.fail(f"unknown dtype for {key!r}")
             dtype, stored_dtype = _DTYPES[raw["dtype"]], _DTYPES[raw["stored_dtype"]]
             if stored_dtype != dtype and not (stored_dtype in _LOSSY_DTYPES and dtype in (torch.float32, torch.float64)):
@@ -501,7 +530,7 @@ class _Reader:
             if numel > _MAX_INT:
                 raise self.fail(f"{key!r} declares {numel} elements")
             encoding = raw["encoding"]
-            if encoding not in ("sparse", "dense"):
+            if not isinstance(encoding, str) or encoding not in ("sparse", "dense"):
                 raise self.fail(f"bad encoding for {key!r}")
             nnz = _int(raw["nnz"], f"the non-zero count of {key!r}", self.fail)
             if nnz > numel or (encoding == "dense" and nnz != numel):
@@ -536,62 +565,183 @@ class _Reader:
         """Bytes of the tensors the file declares (what loading allocates for its results)."""
         return sum(e["numel"] * torch.empty((), dtype=e["dtype"]).element_size() for e in self.entries if e["type"] == "tensor")
 
-    def blob(self, blob: _Blob) -> bytes:
-        stored = self.payload[blob.offset : blob.offset + blob.length]
-        if zlib.crc32(stored) != blob.crc32:
-            raise self.fail("a blob's CRC-32 does not match (corrupted bytes)")
-        # Decompress at most the size the shapes imply (+1 to notice more): no bomb gets further.
+    def stream(self, blob: _Blob) -> "_BlobStream":
+        assert self.handle is not None, "opened with header_only"
+        return _BlobStream(self, blob)
+
+
+class _BlobStream:
+    """One blob, decoded on demand: stored bytes read from the file a chunk at a time, output handed out exactly.
+
+    :meth:`finish` checks what only the end can tell: the stream ends exactly at the
+    blob's end (no trailing bytes, no second stream), it decodes to exactly the declared
+    size, and the stored bytes match their CRC-32. The LZMA decoder's memory is capped.
+    """
+
+    def __init__(self, reader: _Reader, blob: _Blob) -> None:
+        self.reader, self.blob = reader, blob
+        self.fd = reader.handle.fileno()  # type: ignore[union-attr]
+        self.position = reader.start + blob.offset
+        self.stored_left = blob.length
+        self.crc = 0
+        self.produced = 0
+        self.pending = bytearray()
+        self.tail = b""  # zlib input not yet consumed
+        if blob.codec == "zlib":
+            self.decoder: Any = zlib.decompressobj()
+        elif blob.codec == "lzma":
+            self.decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_LZMA_MEMLIMIT)
+        else:
+            self.decoder = None
+
+    def _stored(self, most: int = _CHUNK) -> bytes:
+        """The next stored bytes of the blob (at most ``most``; b"" at its end), CRC-32 kept up to date."""
+        size = min(most, self.stored_left)
+        data = os.pread(self.fd, size, self.position) if size else b""
+        if len(data) != size:
+            raise self.reader.fail("the file ends inside a blob (truncated while reading?)")
+        self.position += size
+        self.stored_left -= size
+        self.crc = zlib.crc32(data, self.crc)
+        return data
+
+    def _decode(self, room: int) -> bytes:
+        """Up to ``room`` more decoded bytes (b"" once the stored bytes are used up and nothing is pending)."""
         try:
-            if blob.codec == "raw":
-                raw = stored
-            elif blob.codec == "zlib":
-                raw = zlib.decompressobj().decompress(stored, blob.size + 1)
-            else:
-                raw = lzma.LZMADecompressor().decompress(stored, blob.size + 1)
+            if self.decoder is None:
+                return self._stored(min(room, _CHUNK))
+            if isinstance(self.decoder, lzma.LZMADecompressor):
+                if self.decoder.eof:
+                    data = self._stored()
+                    if data:
+                        raise self.reader.fail("bytes follow the end of an lzma stream in a blob")
+                    return b""
+                data = self._stored() if self.decoder.needs_input else b""
+                if not data and self.decoder.needs_input:
+                    return b""
+                return self.decoder.decompress(data, room)
+            data = self.tail or self._stored()
+            if not data:
+                return b""
+            out = self.decoder.decompress(data, room)
+            self.tail = self.decoder.unconsumed_tail
+            if self.decoder.unused_data:
+                raise self.reader.fail("bytes follow the end of a zlib stream in a blob")
+            return out
         except (zlib.error, lzma.LZMAError) as err:
-            raise self.fail(f"bad {blob.codec} data ({err})") from None
-        if len(raw) != blob.size:
-            raise self.fail(f"a blob decodes to {len(raw)} or more bytes, expected {blob.size}")
-        return raw
+            raise self.reader.fail(f"bad {self.blob.codec} data ({err})") from None
+
+    def read(self, count: int) -> np.ndarray:
+        """Exactly ``count`` decoded bytes as a uint8 array."""
+        while len(self.pending) < count:
+            piece = self._decode(count - len(self.pending))
+            if not piece:
+                if self.decoder is not None and not self.stored_left and not self.tail and not getattr(
+                        self.decoder, "eof", True):
+                    raise self.reader.fail(f"a {self.blob.codec} stream in a blob is truncated")
+                raise self.reader.fail(
+                    f"a blob decodes to {self.produced + len(self.pending)} bytes, expected {self.blob.size}")
+            self.pending += piece
+        out = np.frombuffer(bytes(self.pending[:count]), dtype=np.uint8)
+        del self.pending[:count]
+        self.produced += count
+        return out
+
+    def finish(self) -> None:
+        """Check the blob's end: no more output, the stream closed exactly at the blob's end, the CRC-32."""
+        if self.pending or self._decode(1):
+            raise self.reader.fail(f"a blob decodes to more than the {self.blob.size} bytes its shape implies")
+        if self.decoder is not None:
+            while self.stored_left or self.tail:
+                if self._decode(1):
+                    raise self.reader.fail(f"a blob decodes to more than the {self.blob.size} bytes its shape implies")
+            if not self.decoder.eof:
+                raise self.reader.fail(f"a {self.blob.codec} stream in a blob is truncated")
+            if getattr(self.decoder, "unused_data", b""):
+                raise self.reader.fail(f"bytes follow the end of a {self.blob.codec} stream in a blob")
+        if self.stored_left:
+            raise self.reader.fail("a blob holds bytes its stream does not use")
+        if self.crc != self.blob.crc32:
+            raise self.reader.fail("a blob's CRC-32 does not match (corrupted bytes)")
 
 
-def _unpack_bits(reader: _Reader, data: bytes, count: int, what: str) -> np.ndarray:
-    bits = np.frombuffer(data, dtype=np.uint8)
-    if count % 8 and bits.size and bits[-1] & ((1 << (8 - count % 8)) - 1):
-        raise reader.fail(f"the padding bits of {what} are not zero")
-    return np.unpackbits(bits, count=count).astype(bool)
+class _Bits:
+    """A bit-packed blob (``np.packbits`` order) read ``count`` bits at a time; its padding bits must be zero."""
+
+    def __init__(self, stream: _BlobStream, total: int, what: str) -> None:
+        self.stream, self.left, self.what = stream, total, what
+        self.spare = np.zeros(0, dtype=bool)
+
+    def read(self, count: int) -> np.ndarray:
+        if count > self.left:
+            raise self.stream.reader.fail(f"{self.what} holds fewer bits than needed")
+        need = count - len(self.spare)
+        if need > 0:
+            bits = np.unpackbits(self.stream.read((need + 7) // 8)).astype(bool)
+            self.spare = np.concatenate([self.spare, bits])
+        out, self.spare = self.spare[:count], self.spare[count:]
+        self.left -= count
+        return out
+
+    def finish(self) -> None:
+        if self.left:
+            raise self.stream.reader.fail(f"{self.what} holds more bits than used")
+        if self.spare.any():  # what is left of the last byte
+            raise self.stream.reader.fail(f"the padding bits of {self.what} are not zero")
+        self.stream.finish()
 
 
 def _decode_tensor(reader: _Reader, entry: Mapping[str, Any]) -> Tensor:
+    """Decode one tensor into its result buffer, a chunk of elements at a time.
+
+    Besides the result, memory stays within a few chunks (the payload is streamed from
+    the file, the mask and zero signs are unpacked a chunk at a time), so loading a file
+    costs about its declared tensors, whatever their size or sparsity.
+    """
     key, dtype, stored_dtype, shape = entry["key"], entry["dtype"], entry["stored_dtype"], entry["shape"]
     numel, nnz, blobs = entry["numel"], entry["nnz"], entry["blobs"]
     width = torch.empty((), dtype=dtype).element_size()
+    stored_width = torch.empty((), dtype=stored_dtype).element_size()
     sparse = entry["encoding"] == "sparse"
-    if numel == 0:
-        for blob in blobs["planes"]:
-            reader.blob(blob)  # still checked
-        return torch.empty(shape, dtype=dtype)
-    if sparse:
-        nonzero = _unpack_bits(reader, reader.blob(blobs["mask"]), numel, f"the mask of {key!r}")
-        if int(nonzero.sum()) != nnz:
+    result = torch.zeros(numel * width, dtype=torch.uint8)
+    rows = result.numpy().reshape(numel, width)
+    planes = [reader.stream(blob) for blob in blobs["planes"]]
+    mask = _Bits(reader.stream(blobs["mask"]), numel, f"the mask of {key!r}") if sparse else None
+    signs = None
+    if "zero_signs" in blobs:
+        signs = _Bits(reader.stream(blobs["zero_signs"]), numel - nnz, f"the zero signs of {key!r}")
+    seen = 0
+    step = max(8, (_CHUNK // max(width, 1)) // 8 * 8)
+    for begin in range(0, numel, step):
+        end = min(numel, begin + step)
+        nonzero = mask.read(end - begin) if mask is not None else None
+        count = int(nonzero.sum()) if nonzero is not None else end - begin
+        seen += count
+        if seen > nnz:
             raise reader.fail(f"the mask of {key!r} does not match its non-zero count")
-    arrays = [np.frombuffer(reader.blob(blob), dtype=np.uint8) for blob in blobs["planes"]]
-    values = np.stack(arrays, axis=1) if arrays else np.empty((nnz, 0), dtype=np.uint8)
-    if stored_dtype != dtype:
-        widened = torch.from_numpy(np.ascontiguousarray(values).reshape(-1)).view(stored_dtype).to(dtype)
-        values = widened.view(torch.uint8).numpy().reshape(nnz, width)
-    if sparse:
-        rows = np.zeros((numel, width), dtype=np.uint8)
-        rows[nonzero] = values
-        if "zero_signs" in blobs:
-            negative = _unpack_bits(reader, reader.blob(blobs["zero_signs"]), numel - nnz, f"the zero signs of {key!r}")
-            rows[np.flatnonzero(~nonzero)[negative], -1] = 0x80
-    else:
-        rows = values
-    flat = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1))
+        values = np.empty((count, stored_width), dtype=np.uint8)
+        for index, plane in enumerate(planes):
+            values[:, index] = plane.read(count)
+        if stored_dtype != dtype:
+            widened = torch.from_numpy(values.reshape(-1)).view(stored_dtype).to(dtype)
+            values = widened.view(torch.uint8).numpy().reshape(count, width)
+        if nonzero is None:
+            rows[begin:end] = values
+            continue
+        block = rows[begin:end]
+        block[nonzero] = values
+        if signs is not None:
+            zeros = ~nonzero
+            negative = signs.read(int(zeros.sum()))
+            top = block[:, width - 1]
+            top[zeros] = negative.astype(np.uint8) * 0x80
+    if seen != nnz:
+        raise reader.fail(f"the mask of {key!r} does not match its non-zero count")
+    for stream in [*planes, *(b for b in (mask, signs) if b is not None)]:
+        stream.finish()
     if dtype == torch.bool:
-        return flat.view(torch.bool).reshape(shape)
-    return flat.view(dtype).reshape(shape)
+        return result.view(torch.bool).reshape(shape)
+    return result.view(dtype).reshape(shape)
 
 
 def is_sparse_file(path: PathLike) -> bool:
@@ -699,18 +849,26 @@ def load_sparse(
         raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative int (bytes)")
     reader = _Reader(path)
     if model is not None:
-        _check_fits(model, reader.entries, reader.name)
+        try:
+            _check_fits(model, reader.entries, reader.name)
+        except BaseException:
+            reader.close()
+            raise
     else:
         needed = reader.bytes_needed()
         if needed > limit:
+            reader.close()
             raise SparseFormatError(
                 f"{reader.name!r} declares {needed:,} bytes of tensors, more than max_bytes={limit:,}; if you "
                 f"trust the file, pass load_sparse(..., max_bytes={needed}), or "
                 "load it into its model: load_sparse(path, model)"
             )
     state: "OrderedDict[str, Any]" = OrderedDict()
-    for entry in reader.entries:
-        state[entry["key"]] = _decode_tensor(reader, entry) if entry["type"] == "tensor" else entry["value"]
+    try:
+        for entry in reader.entries:
+            state[entry["key"]] = _decode_tensor(reader, entry) if entry["type"] == "tensor" else entry["value"]
+    finally:
+        reader.close()
     metadata = reader.header.get("metadata")
     if isinstance(metadata, dict):
         state._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())  # type: ignore[attr-defined]
