@@ -204,11 +204,34 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+# Folders that hold the system, not a user's images: walking them would take hours or never end.
+_SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys",
+                   "/usr", "/var")
+
+
+def _refuse_system_folder(root: Path) -> None:
+    resolved = root.resolve()
+    for system in map(Path, _SYSTEM_FOLDERS):
+        if resolved == system or (system != Path("/") and system in resolved.parents
+                                  and system.name in ("proc", "sys", "dev")):
+            raise ValueError(
+                f"image folder {str(root)!r} is the system folder {system}, not a folder of images; pass the "
+                "folder that holds your images"
+            )
+
+
 def _list_files(root: Path) -> List[Path]:
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
-        found.extend(Path(folder) / name for name in files if not _is_hidden(name))
+        for name in files:
+            path = Path(folder) / name
+            if _is_hidden(name):
+                continue
+            if not path.is_file():  # a pipe, socket or device: opening it could block forever
+                warnings.warn(f"skipping {str(path)!r}: not a regular file", SkippedFileWarning, stacklevel=3)
+                continue
+            found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -298,7 +321,10 @@ def load_image_folder(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         NotADirectoryError: ``path`` is a file.
-        ValueError: no readable image remains (the message lists the accepted extensions).
+        ValueError: no readable image remains (the message lists the accepted extensions), or
+            ``path`` is a system folder (``/``, ``/usr``, ``/proc``, ...), which holds no images.
+
+    Pipes, sockets and devices below ``path`` are skipped with a warning (opening one could block).
 
     Example:
         >>> _ = write_synthetic_images("imgs", n=4, image_size=32)
@@ -312,6 +338,7 @@ def load_image_folder(
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is a file; pass the folder that holds the images")
+    _refuse_system_folder(root)
 
     if not labelled:
         files = _usable_images(_list_files(root), image_size)
@@ -323,7 +350,7 @@ def load_image_folder(
                 f"labelled folder {str(root)!r} has no class subfolders; put each class's images "
                 "in its own subfolder (root/cat/1.jpg, root/dog/2.jpg) or drop labelled=True"
             )
-        for loose in sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden(p.name)):
+        for loose in sorted(p for p in root.iterdir() if not p.is_dir() and not _is_hidden(p.name)):
             warnings.warn(
                 f"skipping {str(loose)!r}: not inside a class subfolder", SkippedFileWarning, stacklevel=2
             )

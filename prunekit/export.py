@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
@@ -49,8 +50,10 @@ def export_program(model: nn.Module, example: Tensor, path: PathLike) -> float:
     expected = _reference(model, example)
     with eval_mode(model):
         program = torch.export.export(model, (example,))
+    buffer = io.BytesIO()  # made in memory: a full disk is then an OSError here, not an abort in torch's C++ writer
+    torch.export.save(program, buffer)
     with atomic_write(path, "wb") as handle:
-        torch.export.save(program, handle)
+        handle.write(buffer.getbuffer())
     loaded = torch.export.load(str(path))
     with torch.no_grad():
         return _relative_difference(expected, loaded.module()(example))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import tempfile
@@ -71,7 +72,10 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         permissions = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         permissions = 0o666 & ~_UMASK
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise _named(err, target) from None
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
@@ -79,10 +83,19 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, permissions)  # mkstemp creates 0600 files
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError) and tmp_name in str(err):
+            raise _named(err, target) from None
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            raise _named(err, target) from None
         raise
+
+
+def _named(err: OSError, target: Path) -> OSError:
+    """The same error, naming the file the user asked for (never the temporary beside it)."""
+    return type(err)(err.errno, f"cannot write {str(target)!r}: {err.strerror or err}")
 
 
 def package_folder(package: str) -> Optional[Path]:
@@ -147,6 +160,12 @@ def read_json(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
 
 
 def save_torch(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` atomically."""
+    """``torch.save`` to ``path`` atomically.
+
+    The bytes are made in memory first: a write that fails (a full disk) is then a
+    plain ``OSError`` naming ``path``, not an error from torch's zip writer.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
+        handle.write(buffer.getbuffer())

@@ -36,3 +36,102 @@ def test_two_outputs_never_name_the_same_file(runner):
     one_error_line(runner.invoke(cli, ["compact", "p.pt", "--out", "d.bin", "--exported", "d.bin"]),
                    "--exported d.bin and --out d.bin name the same file")
     assert not Path("d.bin").exists()
+
+
+def test_a_pipe_in_a_data_folder_is_skipped_not_waited_on(runner):
+    import os
+
+    from prunekit.datasets import write_synthetic_images
+
+    write_synthetic_images("imgs", n=2, image_size=32, seed=0)
+    os.mkfifo("imgs/a.jpg")
+    result = runner.invoke(cli, ["scan", "--model", "vgg11", "--data", "imgs", "--image-size", "32",
+                                 "--layers", "features.0", "--sparsities", "0.5", "--out", "s", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert "skipping" in result.stderr and "a.jpg" in result.stderr and "not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("root", ["/", "/proc", "/usr"])
+def test_a_system_folder_is_refused_as_data(runner, root):
+    Path("plan.json").write_text(json.dumps({"plan": {"features.0": 0.5}, "model": "vgg11", "data": root}))
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--method", "channel", "--out", "p.pt"])
+    one_error_line(result, f"is the system folder {root}")
+
+
+def test_the_process_group_waits_at_most_the_timeout(monkeypatch):
+    import datetime
+
+    from prunekit.cli.inputs import DEFAULT_TIMEOUT, process_group
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    with process_group(torch.device("cpu"), 5):
+        pass
+    with process_group(torch.device("cpu")):
+        pass
+    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=5)}),
+                     ("gloo", {"timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT)})]
+    assert DEFAULT_TIMEOUT <= 600  # torch's own default is 30 minutes
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_alone_prints_the_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "prunekit", "scan", "--model", "vgg11", "--data", "missing", "--out", "s"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(ours) == 1, done.stderr[-3000:]  # not one per rank (torchrun's own report follows)
+    assert "missing" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["scan", "--out", "/proc/prunekit-x"],
+                                     ["prune", "--plan", "plan.json", "--out", "/proc/x.pt"]])
+def test_an_output_place_that_cannot_be_written_fails_before_any_work(runner, monkeypatch, command):
+    import prunekit.zoo
+
+    Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
+    monkeypatch.setattr(prunekit.zoo, "load_model", lambda *a, **k: pytest.fail("work started"))
+    line = one_error_line(runner.invoke(cli, command), "cannot write in /proc", "choose a writable place")
+    assert ".tmp" not in line
+
+
+def test_a_missing_data_folder_is_called_missing(runner):
+    one_error_line(runner.invoke(cli, ["scan", "--data", "./nonexist", "--out", "s"]),
+                   "--data ./nonexist: no such folder")
+
+
+def test_a_full_disk_names_the_file_and_the_way_on(runner, monkeypatch):
+    import errno
+    import os
+
+    import prunekit.io
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prunekit.io.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
+    line = one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt"]),
+                          "cannot write 'p.pt': No space left on device", "free some space")
+    assert ".tmp" not in line and "pos" not in line
+    assert not any(name.endswith(".tmp") for name in os.listdir("."))

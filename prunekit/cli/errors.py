@@ -1,7 +1,8 @@
 """How every command fails and stops: one line on stderr, the right exit code, pure JSON on stdout.
 
 Library errors become one ``error: ...`` line and exit 1 (no traceback; set
-``PRUNEKIT_DEBUG=1`` to see it); warnings become ``warning: ...`` lines; Ctrl-C
+``PRUNEKIT_DEBUG=1`` to see it; under ``torchrun`` rank 0 alone prints it, the
+other ranks exit 1 quietly); warnings become ``warning: ...`` lines; Ctrl-C
 exits 130. With ``--json`` everything but the JSON document (status lines,
 torchvision's download messages) goes to stderr, so stdout parses.
 """
@@ -9,6 +10,7 @@ torchvision's download messages) goes to stderr, so stdout parses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -80,7 +82,12 @@ def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except _LIBRARY_ERRORS as err:
             if os.environ.get("PRUNEKIT_DEBUG"):
                 raise
-            raise click.ClickException(one_line(err)) from None
+            if os.environ.get("RANK", "0") not in ("", "0"):
+                raise click.exceptions.Exit(1) from None  # under torchrun every rank fails alike: rank 0 says why
+            message = one_line(err)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                message += "; free some space and run the same command again (a scan continues with --resume)"
+            raise click.ClickException(message) from None
 
     return wrapper
 

@@ -9,6 +9,7 @@ batches would not fit in this machine's memory is refused up front.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ from prunekit.layers import conv_layers
 from prunekit.sensitivity._distributed import is_main_process, rank_and_world
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "architecture",
     "batch_inputs",
     "check_input_fits",
@@ -45,12 +47,17 @@ def status(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
+#: Seconds a rank waits for the others in one collective before failing (torch's default is 30 minutes).
+DEFAULT_TIMEOUT = 600
+
+
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[torch.device]:
+def process_group(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator[torch.device]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group for the command, and leave it after.
 
     The ``env://`` variables torchrun sets say where to meet; CPU ranks use gloo,
     CUDA ranks NCCL on ``cuda:LOCAL_RANK``. A group the caller made is used as is.
+    A rank that stops answering (killed, stopped) fails the others after ``timeout`` seconds.
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
@@ -61,7 +68,7 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
         torch.cuda.set_device(device)
         backend = "nccl"
-    torch.distributed.init_process_group(backend)
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield device
     finally:
@@ -196,6 +203,8 @@ def evaluation_data(
     choice = data.strip().lower()
     builtin = choice == "builtin"
     normalize = getattr(model, "input_normalization", "imagenet")
+    if choice not in ("builtin", "photos") and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such folder; pass a folder of images, builtin or photos")
     if builtin and channels == 3:
         choice = getattr(model, "builtin_data", "synthetic")
     if builtin and channels == 1:

@@ -8,6 +8,7 @@ the operating system's text about a temporary file.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
@@ -27,6 +28,15 @@ def _check_writable(flag: str, value: str, folder: Path) -> None:
         raise NotADirectoryError(f"{flag} {value}: {existing} is a file, not a folder; choose another place")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {value}: the folder {existing} is not writable; choose a writable place")
+    # Permission bits do not tell everything (root passes os.access; /proc, read-only mounts, full
+    # disks refuse anyway): create and remove a probe file where the output will go.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {value}: cannot write in {existing} ({err.strerror or err}); choose a writable place"
+        ) from None
 
 
 def check_output_file(flag: str, value: str, example: str = "out.pt") -> Path:

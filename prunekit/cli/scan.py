@@ -14,7 +14,14 @@ import torch
 
 from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import batch_inputs, evaluation_data, process_group, read_json_on_rank0, status
+from prunekit.cli.inputs import (
+    DEFAULT_TIMEOUT,
+    batch_inputs,
+    evaluation_data,
+    process_group,
+    read_json_on_rank0,
+    status,
+)
 from prunekit.cli.options import (
     data_options,
     examples,
@@ -156,6 +163,9 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Folder for scan.json, scan.csv, sensitivity.png and plan.json.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted scan (or plan fit) in --out (same options required).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT, show_default=True,
+              metavar="SECONDS",
+              help="Under torchrun: how long a rank waits for the others before failing (a killed or stopped rank).")
 @click.option("--force", is_flag=True,
               help="Replace the results of another scan (other model, weights, data, method or levels) in --out.")
 @run_options()
@@ -181,6 +191,7 @@ def scan_command(
     joint: bool,
     out: str,
     resume: bool,
+    timeout: float,
     force: bool,
     device: str,
     seed: int,
@@ -208,7 +219,7 @@ def scan_command(
 
     levels = parse_sparsities(sparsities)
     names = parse_layers(layers)
-    target = ctx.with_resource(process_group(parse_device(device)))
+    target = ctx.with_resource(process_group(parse_device(device), timeout))
     if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
         raise ValueError(f"--max-drop {max_drop}: pass a number >= 0 (e.g. 0.01 = one accuracy point)")
     out_dir = check_output_folder("--out", out)
