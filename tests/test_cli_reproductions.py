@@ -135,3 +135,84 @@ def test_a_full_disk_names_the_file_and_the_way_on(runner, monkeypatch):
                           "cannot write 'p.pt': No space left on device", "free some space")
     assert ".tmp" not in line and "pos" not in line
     assert not any(name.endswith(".tmp") for name in os.listdir("."))
+
+
+# ---------------------------------------------------------------------------
+# Models with several outputs; NaN never passes silently
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        features = self.features(x)
+        logits = self.head(features)
+        return {"logits": logits, "features": features} if self.as_dict else (logits, features)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_model_returning_several_outputs_is_scored_on_the_first(as_dict):
+    from prunekit.sensitivity import Accuracy, OutputDistortion, scan
+
+    torch.manual_seed(0)
+    model = TwoHeads(as_dict)
+    x = torch.randn(8, 1, 8, 8)
+    labels = model(x)["logits" if as_dict else 0].argmax(1)
+    accuracy = scan(model, Accuracy([(x, labels)]), sparsities=(0.5,), progress=False)
+    assert accuracy.baseline == 1.0 and all(len(v) == 1 for v in accuracy.scores.values())
+    distortion = scan(model, OutputDistortion(x), sparsities=(0.5,), progress=False)
+    assert distortion.baseline == 0.0 and all(v[0] > 0 for v in distortion.scores.values())
+
+
+def test_a_factory_returning_a_tuple_scans_from_the_cli(runner):
+    source = __import__("inspect").getsource(TwoHeads)
+    Path("heads.py").write_text(f"import torch\n{source}\ndef build():\n    return TwoHeads()\n")
+    result = runner.invoke(cli, ["scan", "--model", "heads:build", "--sparsities", "0.5", "--out", "s", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(Path("s/plan.json").read_text())["baseline"] > 0.05  # digits accuracy, scored on the logits
+
+
+def test_nan_inputs_are_refused_naming_the_batch():
+    from prunekit.sensitivity import Accuracy, OutputDistortion, scan
+
+    batches = [torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)]
+    batches[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input batch 1 holds NaN or Inf"):
+        OutputDistortion(batches)
+    model = TwoHeads()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="input batch 1 holds NaN or Inf"):
+        scan(model, Accuracy([(b, torch.zeros(2, dtype=torch.long)) for b in batches]), progress=False)
+    assert list(model.state_dict()) == list(before)  # no _orig/_mask left behind
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_metric_returning_nan_is_refused_naming_the_point():
+    from prunekit.sensitivity import scan
+
+    model = TwoHeads()
+    with pytest.raises(ValueError, match="dense model scores nan"):
+        scan(model, lambda m: float("nan"), progress=False)
+    calls = []
+
+    def nan_when_pruned(m):
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else float("nan")
+
+    with pytest.raises(ValueError, match=r"score of features\.0 at 40% sparsity is NaN"):
+        scan(model, nan_when_pruned, progress=False)
+
+
+def test_dense_outputs_with_nan_are_refused_naming_the_batch():
+    from prunekit.sensitivity import OutputDistortion, scan
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    with torch.no_grad():
+        model[0].bias[0] = float("inf")
+    with pytest.raises(ValueError, match="dense model's output on batch 0 holds NaN or Inf"):
+        scan(model, OutputDistortion(torch.randn(2, 1, 8, 8)), progress=False)

@@ -20,7 +20,15 @@ from torch import Tensor, nn
 from prunekit._rollback import eval_mode
 from prunekit.layers import get_module
 
-__all__ = ["Accuracy", "ForwardMetric", "MODEL_OUTPUT", "OutputDistortion", "model_device", "relative_distance"]
+__all__ = [
+    "Accuracy",
+    "ForwardMetric",
+    "MODEL_OUTPUT",
+    "OutputDistortion",
+    "model_device",
+    "output_tensor",
+    "relative_distance",
+]
 
 #: Key of the model's own output in the ``outputs`` mapping a metric receives.
 MODEL_OUTPUT = ""
@@ -133,6 +141,35 @@ def _captured(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, Tens
             handle.remove()
 
 
+def output_tensor(output: Any) -> Tensor:
+    """The tensor a metric scores: the output itself, or the first tensor of a tuple, list or dict.
+
+    Models that return several outputs (auxiliary heads, ``{"logits": ..., ...}``) are
+    scored on the first; to score another, wrap the model so that it returns that one.
+
+    Example:
+        >>> output_tensor((torch.ones(1), torch.zeros(1)))
+        tensor([1.])
+    """
+    if isinstance(output, Tensor):
+        return output
+    items = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(
+        output, (tuple, list)) else []
+    for item in items:
+        if isinstance(item, Tensor):
+            return item
+    raise TypeError(
+        f"the model returned {type(output).__name__} without a tensor in it; metrics score a tensor (or the first "
+        "tensor of a tuple, list or dict): wrap the model so that its forward returns the output to score"
+    )
+
+
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if tensor.is_floating_point() or tensor.is_complex():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what} holds NaN or Inf values; every score would be NaN or Inf: fix the data")
+
+
 def _as_batches(inputs: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
     if isinstance(inputs, Tensor):
         batches = [inputs]
@@ -147,6 +184,7 @@ def _as_batches(inputs: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
     for index, batch in enumerate(batches):
         if not isinstance(batch, Tensor):
             raise TypeError(f"inputs[{index}] is a {type(batch).__name__}, not a tensor")
+        _check_finite(batch, f"input batch {index}")
     return [batch.detach() for batch in batches]
 
 
@@ -213,7 +251,10 @@ class OutputDistortion(ForwardMetric):
                 output = model(inputs.to(device))
                 outputs = dict(captured)
                 if MODEL_OUTPUT in self.capture:
-                    outputs[MODEL_OUTPUT] = output.detach().clone()
+                    outputs[MODEL_OUTPUT] = output_tensor(output).detach().clone()
+                for name, value in outputs.items():
+                    _check_finite(value, f"the dense model's output{f' of {name}' if name else ''} on batch "
+                                         f"{len(reference)}")
                 reference.append(outputs)
         self._reference = reference
 
@@ -233,7 +274,7 @@ class OutputDistortion(ForwardMetric):
         for i, name in enumerate(self.capture):
             ref = reference[name].double()
             if name in outputs:
-                stats[2 * i] = (outputs[name].double() - ref).pow(2).sum().cpu()
+                stats[2 * i] = (output_tensor(outputs[name]).double() - ref).pow(2).sum().cpu()
             stats[2 * i + 1] = ref.pow(2).sum().cpu()
         return stats
 
@@ -277,10 +318,11 @@ class Accuracy(ForwardMetric):
             inputs, labels = batch[0], batch[1]
             if not isinstance(labels, Tensor):
                 labels = torch.as_tensor(labels)
+            _check_finite(inputs, f"input batch {index}")
             yield inputs.to(device), labels
 
     def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
-        logits = outputs[MODEL_OUTPUT]
+        logits = output_tensor(outputs[MODEL_OUTPUT])
         if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
             raise ValueError(
                 f"Accuracy needs class scores of shape [batch, classes] matching {target.shape[0]} "

@@ -62,6 +62,16 @@ def _score(value: Any) -> float:
     return float(value)
 
 
+def _not_nan(value: float, layer: str, level: float) -> float:
+    """A point's score, refused when NaN (a NaN would read as "beyond any tolerance" and plan nothing)."""
+    if math.isnan(value):
+        raise ValueError(
+            f"the score of {layer} at {level:.0%} sparsity is NaN: the metric returned NaN for this point; "
+            "fix the metric (or the model's numerics) and scan again"
+        )
+    return value
+
+
 def _targets(model: nn.Module, layer: str, method: str) -> List[Target]:
     """The tensors a point masks: the conv weight, plus bias and following BatchNorm for channels."""
     block = conv_block(model, layer)
@@ -529,6 +539,11 @@ def scan(
             baseline = evaluate.reduce(statistics)
         else:
             baseline = _score(evaluate(model))
+        if not math.isfinite(baseline):
+            raise ValueError(
+                f"the dense model scores {baseline} before any pruning, so no point could be judged against it; "
+                "check the evaluation data and the metric (NaN or Inf in the inputs, or a metric that returns NaN)"
+            )
         guard.reset_point()
         previous = resume_from.baseline if resume_from is not None else None
         if previous is not None and not math.isclose(baseline, previous, rel_tol=1e-6, abs_tol=1e-9):
@@ -566,7 +581,7 @@ def scan(
                                 values[i] = _forward_score(evaluate, model)
                     guard.reset_point()
                     for i in todo:
-                        result.scores[layer][i] = values[i]
+                        result.scores[layer][i] = _not_nan(values[i], layer, levels[i])
                         tick(f"{layer} @ {levels[i]:.0%}")
                     if report is not None:
                         report(result)
@@ -585,7 +600,7 @@ def scan(
                     values = all_reduce_sum(local)  # every point has one owner: the sum is its value
                     assert values is not None
                     for (layer, i), value in zip(round_points, values.tolist()):
-                        result.scores[layer][i] = value
+                        result.scores[layer][i] = _not_nan(value, layer, levels[i])
                         tick(f"{layer} @ {levels[i]:.0%}")
                     if report is not None:
                         report(result)
@@ -674,7 +689,11 @@ def evaluate_plan(
             evaluate.prepare(model)
         with guard.swap(targets, masked):
             if isinstance(evaluate, ForwardMetric):
-                return _forward_score(evaluate, model)  # sharded over the ranks of a process group
-            return _score(evaluate(model))
+                score = _forward_score(evaluate, model)  # sharded over the ranks of a process group
+            else:
+                score = _score(evaluate(model))
+        if math.isnan(score):
+            raise ValueError("the plan's score is NaN: the metric returned NaN; fix the metric and evaluate again")
+        return score
     finally:
         guard.restore()
