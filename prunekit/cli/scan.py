@@ -346,7 +346,8 @@ def scan_command(
         files["plot"] = str(out_dir / "sensitivity.png")
     except ImportError as err:
         click.echo(f"warning: sensitivity.png not written: {err}", err=True)
-    hint = _apply_hint(plan_file, model_spec, trust_checkpoint)
+    # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
+    hint = _apply_hint(plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
 
     if as_json:
         emit_json({
@@ -358,7 +359,8 @@ def scan_command(
     click.echo(result.table(max_drop=tolerance, relative=relative, plan=plan))
     _print_plan(result, plan, per_layer, combined, per_layer_score, tolerance, relative, joint)
     status(quiet, f"\nwrote {', '.join(files.values())}")
-    status(quiet, f"apply it: {hint}")
+    if hint is not None:
+        status(quiet, f"apply it: {hint}")
 
 
 def _print_plan(

@@ -125,6 +125,12 @@ def fit_plan(
                 on_trial(PlanFit(dict(plan), score, list(trials)))
         if len(trials) < most:
             tick.finish()
+    if not any(plan.values()):
+        warnings.warn(
+            f"fit_plan: no layer stays within max_drop={max_drop:g} at the lowest scanned level, so the plan prunes "
+            "nothing; raise max_drop, scan lower levels, or check the weights (random weights rarely tolerate any)",
+            stacklevel=2,
+        )
     if saved:
         # Replayed trials are a file's word: one evaluation checks the plan they lead to.
         check = evaluate_plan(model, evaluate, plan, method=result.method, stats=stats, criterion=criterion)
