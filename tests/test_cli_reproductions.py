@@ -250,3 +250,55 @@ def test_the_hint_for_a_checkpoint_naming_a_factory_runs_as_printed(runner):
         extra = ["--input-size", "1x16x16"] + (["--repeats", "1"] if command == "compact" else [])
         followed = runner.invoke(cli, printed[1:] + extra)
         assert followed.exit_code == 0, (command, followed.stderr)
+
+
+@pytest.mark.parametrize("recorded, fragments", [
+    ({"seed": "abc"}, ["records seed 'abc'", "whole number"]),
+    ({"seed": 1e30}, ["records seed 1e+30"]),
+    ({"image_size": float("nan")}, ["records image_size nan"]),
+    ({"image_size": -5}, ["records image_size -5"]),
+    ({"model": 123}, ["records model 123, not a name or path"]),
+    ({"data": 5}, ["records data 5"]),
+    ({"plan": [0.5]}, ["must hold a mapping"]),
+    ({"plan": {"features.0": 1.5}}, ["sparsity of 'features.0' is 1.5"]),
+    ({"image_size": 3}, ["--image-size (as --plan plan.json records it) 3 is too small",
+                         "pass --image-size to override"]),
+])
+def test_bad_plan_values_are_one_line_naming_the_file(runner, recorded, fragments):
+    document = {"plan": {"features.0": 0.5}, "model": "vgg11", "data": "photos"}
+    document.update(recorded)
+    Path("plan.json").write_text(json.dumps(document))
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--method", "channel", "--out", "p.pt"]),
+                   *fragments)
+
+
+def test_odd_plan_files_are_one_line(runner):
+    import os
+
+    Path("deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "deep.json", "--out", "p.pt"]), "nested too deeply")
+    os.mkfifo("fifo.json")
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "fifo.json", "--out", "p.pt"]), "not a regular file")
+    with open("big.json", "wb") as handle:
+        handle.truncate(65 * 2**20)  # sparse: no disk used
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "big.json", "--out", "p.pt"]), "65 MiB")
+
+
+@pytest.mark.parametrize("fit", ['[1, 2]', '"text"', '{"format": "prunekit.fit/1", "key": null, "trials": [["a"]]}',
+                                 '{"format": "prunekit.fit/1", "trials": [{"a": 1}]}'])
+def test_a_malformed_fit_file_is_ignored_on_resume(runner, fit):
+    assert runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "f", "-q"]).exit_code == 0
+    expected = json.loads(Path("f/plan.json").read_text())["plan"]
+    Path("f/fit.json").write_text(fit)
+    resumed = runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "f", "-q", "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(Path("f/plan.json").read_text())["plan"] == expected
+
+
+def test_a_scan_json_with_odd_options_is_refused_on_resume(runner):
+    assert runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "f", "-q"]).exit_code == 0
+    document = json.loads(Path("f/scan.json").read_text())
+    document["meta"]["options"] = [1, 2]
+    Path("f/scan.json").write_text(json.dumps(document))
+    one_error_line(runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "f", "--resume"]),
+                   "records no options")

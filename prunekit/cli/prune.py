@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import click
 import torch
 
-from prunekit.cli.errors import emit_json, library_errors
+from prunekit.cli.errors import emit_json, library_errors, one_line
 from prunekit.cli.inputs import (
     architecture,
     batch_inputs,
@@ -58,6 +59,22 @@ class _Context:
             self.from_plan.append(option)
             return recorded
         return default
+
+
+@contextlib.contextmanager
+def _blamed_on_plan(context: _Context) -> Iterator[None]:
+    """An error about a value the plan gave (not a flag the user typed) says so, and how to override it."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        message = one_line(err)
+        option = next((o for o in context.from_plan if message.startswith(f"{o} ")), None)
+        if option is None:
+            raise
+        raise type(err)(
+            f"{option} (as --plan {context.plan.path} records it){message[len(option):]}; "
+            f"pass {option} to override the plan's value"
+        ) from None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -234,35 +251,36 @@ def prune_command(
     if context.from_plan:
         status(quiet, f"from {plan_path}: {', '.join(context.from_plan)}")
 
-    torch.manual_seed(seed)
-    model = _load(context, model_spec, weights, trust_checkpoint, quiet).to(target)
-    arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
-    _check_layers(model, plan, model_spec)
-    stats = None
-    if method == "channel":
-        from prunekit.stats import collect_channel_stats
+    with _blamed_on_plan(context):
+        torch.manual_seed(seed)
+        model = _load(context, model_spec, weights, trust_checkpoint, quiet).to(target)
+        arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
+        _check_layers(model, plan, model_spec)
+        stats = None
+        if method == "channel":
+            from prunekit.stats import collect_channel_stats
 
-        batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
-        status(quiet, f"measuring channel statistics on {description} ...")
-        stats = collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
-    history = None
-    if recover_steps:
-        history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
-                           recover_batch_size, recover_steps, recover_lr, gradual, seed, quiet)
-    else:
-        apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
-    finalize(model)
-    if arch is None:
-        save_torch(model.cpu(), out)  # a pickled module, like its source
-    else:
-        save_checkpoint(model.cpu(), out, arch)
-    report = sparsity_report(model)
-    if history is not None and recover_plot is not None:
-        from prunekit.recover import plot_recovery
+            batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
+            status(quiet, f"measuring channel statistics on {description} ...")
+            stats = collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
+        history = None
+        if recover_steps:
+            history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
+                               recover_batch_size, recover_steps, recover_lr, gradual, seed, quiet)
+        else:
+            apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
+        finalize(model)
+        if arch is None:
+            save_torch(model.cpu(), out)  # a pickled module, like its source
+        else:
+            save_checkpoint(model.cpu(), out, arch)
+        report = sparsity_report(model)
+        if history is not None and recover_plot is not None:
+            from prunekit.recover import plot_recovery
 
-        references = {"pruned at once": history.pruned_distortion}
-        plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
-        status(quiet, f"wrote {recover_plot}")
+            references = {"pruned at once": history.pruned_distortion}
+            plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
+            status(quiet, f"wrote {recover_plot}")
     size = _input_size_hint(model, image_size)
     # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
     trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
