@@ -10,35 +10,59 @@ Example:
 
 __version__ = "0.1.0"
 
-from prunekit import hed, losses
-from prunekit.compact import (
-    BorderBiasConv2d,
-    CompactionReport,
-    UnsupportedGraphError,
-    compact,
-    compact_chain,
-    compaction_report,
-)
-from prunekit.hed import HED, caffe_preprocess, hed_vgg16_features
-from prunekit.layers import ConvBlock, conv_block, conv_layers
-from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
-from prunekit.methods import ChannelActivation, FineGrainedL1, channel_activation, fine_grained_l1
-from prunekit.plans import apply_plan, copy_model, finalize
-from prunekit.recover import RecoveryHistory, recover
-from prunekit.regularizer import ChannelRegularizer
-from prunekit.schedules import GradualPruner
-from prunekit.report import LayerSparsity, SparsityReport, sparsity_report
-from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, evaluate_plan, scan
-from prunekit.sparse import load_sparse, read_sparse_header, save_sparse
-from prunekit.stats import (
-    ChannelStats,
-    collect_channel_stats,
-    load_channel_stats,
-    plot_channel_magnitudes,
-    plot_channel_response,
-    save_channel_stats,
-)
-from prunekit.zoo import WeightsUnavailableError, load_model, save_checkpoint
+from prunekit._lazy import lazy_exports
+
+# Each public name is imported on first use (torch only when needed; `prunekit -h` answers without it).
+_EXPORTS = {
+    "hed": "prunekit.hed",
+    "losses": "prunekit.losses",
+    "BorderBiasConv2d": "prunekit.compact:BorderBiasConv2d",
+    "CompactionReport": "prunekit.compact:CompactionReport",
+    "UnsupportedGraphError": "prunekit.compact:UnsupportedGraphError",
+    "compact": "prunekit.compact:compact",
+    "compact_chain": "prunekit.compact:compact_chain",
+    "compaction_report": "prunekit.compact:compaction_report",
+    "HED": "prunekit.hed:HED",
+    "caffe_preprocess": "prunekit.hed:caffe_preprocess",
+    "hed_vgg16_features": "prunekit.hed:hed_vgg16_features",
+    "ConvBlock": "prunekit.layers:ConvBlock",
+    "conv_block": "prunekit.layers:conv_block",
+    "conv_layers": "prunekit.layers:conv_layers",
+    "channel_loss": "prunekit.losses:channel_loss",
+    "uncorrelation_loss": "prunekit.losses:uncorrelation_loss",
+    "xor_loss": "prunekit.losses:xor_loss",
+    "ChannelActivation": "prunekit.methods:ChannelActivation",
+    "FineGrainedL1": "prunekit.methods:FineGrainedL1",
+    "channel_activation": "prunekit.methods:channel_activation",
+    "fine_grained_l1": "prunekit.methods:fine_grained_l1",
+    "apply_plan": "prunekit.plans:apply_plan",
+    "copy_model": "prunekit.plans:copy_model",
+    "finalize": "prunekit.plans:finalize",
+    "RecoveryHistory": "prunekit.recover:RecoveryHistory",
+    "recover": "prunekit.recover:recover",
+    "ChannelRegularizer": "prunekit.regularizer:ChannelRegularizer",
+    "GradualPruner": "prunekit.schedules:GradualPruner",
+    "LayerSparsity": "prunekit.report:LayerSparsity",
+    "SparsityReport": "prunekit.report:SparsityReport",
+    "sparsity_report": "prunekit.report:sparsity_report",
+    "Accuracy": "prunekit.sensitivity:Accuracy",
+    "OutputDistortion": "prunekit.sensitivity:OutputDistortion",
+    "SensitivityResult": "prunekit.sensitivity:SensitivityResult",
+    "evaluate_plan": "prunekit.sensitivity:evaluate_plan",
+    "scan": "prunekit.sensitivity:scan",
+    "load_sparse": "prunekit.sparse:load_sparse",
+    "read_sparse_header": "prunekit.sparse:read_sparse_header",
+    "save_sparse": "prunekit.sparse:save_sparse",
+    "ChannelStats": "prunekit.stats:ChannelStats",
+    "collect_channel_stats": "prunekit.stats:collect_channel_stats",
+    "load_channel_stats": "prunekit.stats:load_channel_stats",
+    "plot_channel_magnitudes": "prunekit.stats:plot_channel_magnitudes",
+    "plot_channel_response": "prunekit.stats:plot_channel_response",
+    "save_channel_stats": "prunekit.stats:save_channel_stats",
+    "WeightsUnavailableError": "prunekit.zoo:WeightsUnavailableError",
+    "load_model": "prunekit.zoo:load_model",
+    "save_checkpoint": "prunekit.zoo:save_checkpoint",
+}
 
 __all__ = [
     "Accuracy",
@@ -91,3 +115,5 @@ __all__ = [
     "uncorrelation_loss",
     "xor_loss",
 ]
+
+lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Union
 
-import torch
-
 __all__ = ["PathLike", "atomic_write", "package_folder", "read_json", "save_torch", "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -165,6 +163,8 @@ def save_torch(obj: Any, path: PathLike) -> None:
     The bytes are made in memory first: a write that fails (a full disk) is then a
     plain ``OSError`` naming ``path``, not an error from torch's zip writer.
     """
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_write(path, "wb") as handle:

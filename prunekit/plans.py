@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
+from prunekit.defaults import METHODS
 from prunekit.layers import check_prunable, conv_block, resolve_layers
 from prunekit.methods.channel import (
     channel_activation,
@@ -22,7 +23,6 @@ from prunekit.methods.fine_grained import FineGrainedL1
 
 __all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "pruned_tensors"]
 
-METHODS = ("fine-grained", "channel")
 
 
 def pruned_tensors(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, prune.BasePruningMethod]]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import prunekit  # noqa: F401  (the docstring example uses it)
 from prunekit._rollback import eval_mode
 from prunekit.io import PathLike
+from prunekit.defaults import DEFAULT_LR
 from prunekit.layers import get_module
 from prunekit.plans import apply_plan
 from prunekit.plotting import new_figure, save_png
@@ -35,10 +36,6 @@ from prunekit.schedules import GradualPruner
 
 __all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
 
-#: Adam's learning rate by default: measured on HED's real weights, every backbone conv at 80 %,
-#: 200 steps on crops of two photos, held-out edge-map distortion (one-shot 0.505): 3e-5 0.421,
-#: 1e-4 0.409, 3e-4 0.402, 1e-3 0.401 (``benchmarks/recovery.py --lrs``); 3e-4 is the lowest of the best.
-DEFAULT_LR = 3e-4
 
 
 @dataclass

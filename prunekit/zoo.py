@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from prunekit.defaults import DEFAULT_MODEL
 from prunekit.io import PathLike, save_torch
 from prunekit.layers import conv_layers
 from prunekit.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
@@ -66,7 +67,6 @@ __all__ = [
     "torchvision_models",
 ]
 
-DEFAULT_MODEL = "digits-vgg"
 HED_MODEL = "hed"
 VGG_NAMES = (
     "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"

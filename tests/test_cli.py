@@ -181,7 +181,7 @@ def test_unknown_layer_lists_the_valid_ones(runner):
     "args, fragments",
     [
         (["--model", "missing.pt"], ["missing.pt", "not found"]),
-        (["--model", "vgg11", "--data", "no-such-folder"], ["--data", "no-such-folder", "does not exist"]),
+        (["--model", "vgg11", "--data", "no-such-folder"], ["--data", "no-such-folder", "no such folder"]),
         (["--weights", "no-weights.pth"], ["no-weights.pth", "not found"]),
         (["--model", "vgg11", "--metric", "accuracy"], ["--metric accuracy needs labelled images"]),
         (["--image-size", "32"], ["built-in digits are 16x16"]),

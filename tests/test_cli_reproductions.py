@@ -302,3 +302,16 @@ def test_a_scan_json_with_odd_options_is_refused_on_resume(runner):
     Path("f/scan.json").write_text(json.dumps(document))
     one_error_line(runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "f", "--resume"]),
                    "records no options")
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["scan", "-h"], ["scan", "--sparsities", "2"],
+                                  ["prune", "--plan", "missing.json", "--out", "p.pt"], ["compact", "-h"]])
+def test_help_and_argument_errors_answer_before_torch_is_imported(tmp_path, argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom prunekit.cli import cli\ntry:\n    cli(sys.argv[1:], prog_name='prunekit')\n"
+            "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "no torch", (done.stdout, done.stderr)

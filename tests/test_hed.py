@@ -237,7 +237,7 @@ def test_any_rgb_model_can_be_scanned_on_the_photos(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["scan"]["meta"]["data"].startswith("3 built-in photos")
-    one_channel = ["scan", "--data", "photos", "--quiet"]  # digits-vgg takes 1 channel
+    one_channel = ["scan", "--data", "photos", "--quiet", "--out", "one"]  # digits-vgg takes 1 channel
     result = CliRunner().invoke(cli, one_channel)
     assert result.exit_code == 1 and "--data photos provides RGB images" in result.stderr
 

@@ -6,7 +6,6 @@ import shlex
 from typing import Any, Dict, Optional
 
 import click
-import torch
 
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.inputs import check_input_fits, in_channels, load_checkpoint_argument
@@ -68,6 +67,8 @@ def compact_command(
     timed side by side) are printed. CHECKPOINT may be .pt or .pksparse.
 
     """
+    import torch
+
     from prunekit.compact import compact, compaction_report
     from prunekit.io import save_torch
     from prunekit.timing import latency_samples, speedup, spread

@@ -15,15 +15,18 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-import click
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from prunekit._rollback import eval_mode
+import click
+
+from prunekit._lazy import lazy_module
 from prunekit.cli.errors import one_line
 from prunekit.cli.options import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, DIGITS_SIZE
-from prunekit.layers import conv_layers
-from prunekit.sensitivity._distributed import is_main_process, rank_and_world
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy_module("torch")  # imported when a command runs, not for -h or an argument error
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -44,6 +47,8 @@ _LARGEST_PROBE = 4096
 
 def status(quiet: bool, message: str) -> None:
     """A status line on stderr (rank 0 only; none with ``--quiet``)."""
+    from prunekit.sensitivity._distributed import is_main_process
+
     if not quiet and is_main_process():
         click.echo(message, err=True)
 
@@ -53,7 +58,7 @@ DEFAULT_TIMEOUT = 600
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator[torch.device]:
+def process_group(device: "torch.device", timeout: float = DEFAULT_TIMEOUT) -> Iterator["torch.device"]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group for the command, and leave it after.
 
     The ``env://`` variables torchrun sets say where to meet; CPU ranks use gloo,
@@ -82,6 +87,7 @@ def read_json_on_rank0(path: Path) -> Any:
     A file rank 0 cannot read (not JSON, too large, not a file) raises the same error on every rank.
     """
     from prunekit.io import read_json
+    from prunekit.sensitivity._distributed import is_main_process, rank_and_world
 
     box: List[Any] = [None]
     if is_main_process():
@@ -99,6 +105,8 @@ def read_json_on_rank0(path: Path) -> Any:
 
 def in_channels(model: nn.Module) -> int:
     """The input channels of the model's first conv."""
+    from prunekit.layers import conv_layers
+
     first = next(iter(conv_layers(model).values()))
     return int(first.in_channels)
 
@@ -112,6 +120,8 @@ def _physical_memory() -> Optional[int]:
 
 def _check_memory(flag: str, value: Any, model: nn.Module, shape: Sequence[int], count: int) -> None:
     """Refuse inputs whose batch and first activation alone would exceed half this machine's memory."""
+    from prunekit.layers import conv_layers
+
     memory = _physical_memory()
     if memory is None:
         return
@@ -129,6 +139,8 @@ def _check_memory(flag: str, value: Any, model: nn.Module, shape: Sequence[int],
 
 
 def _runs(model: nn.Module, shape: Sequence[int]) -> bool:
+    from prunekit._rollback import eval_mode
+
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), eval_mode(model):
@@ -170,6 +182,8 @@ def check_input_fits(model: nn.Module, shape: Sequence[int], flag: str, value: A
             break
         low = probe
     if high is None:
+        from prunekit._rollback import eval_mode
+
         try:
             with torch.no_grad(), eval_mode(model):
                 model(torch.zeros(1, *shape, device=next(model.parameters()).device))
@@ -259,7 +273,7 @@ def evaluation_data(
     return list(datasets.make_loader(dataset, batch_size)), labelled, description, size, batch_size
 
 
-def batch_inputs(batches: List[Any]) -> List[torch.Tensor]:
+def batch_inputs(batches: List[Any]) -> List["torch.Tensor"]:
     """The input tensors of ``batches`` (labels dropped)."""
     return [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in batches]
 
@@ -301,7 +315,7 @@ def recovery_batches(
     batch_size: Optional[int],
     steps: int,
     seed: int,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor], str]:
+) -> Tuple[List["torch.Tensor"], List["torch.Tensor"], str]:
     """Unlabelled training batches and held-out batches for ``prunekit prune --recover-steps``.
 
     RGB images: the held-out images are ``held_out``'s, or else the last fifth of
@@ -345,7 +359,7 @@ def recovery_batches(
         except (ValueError, OSError) as err:
             raise type(err)(f"{flag} {source}: {one_line(err)}") from None
 
-    def stack(found: Any, indices: Sequence[int]) -> torch.Tensor:
+    def stack(found: Any, indices: Sequence[int]) -> "torch.Tensor":
         return torch.stack([found[i] for i in indices])
 
     train_set, name = images("--recover-data", data, int(round(size * 1.25)))

@@ -7,9 +7,12 @@ import re
 from typing import Any, Callable, List, Optional, Tuple
 
 import click
-import torch
 
+from prunekit._lazy import lazy_module
+from prunekit.defaults import DEFAULT_MODEL
 from prunekit.sensitivity.result import check_sparsities
+
+torch = lazy_module("torch")  # imported by the commands that run, not by -h or an argument error
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -99,7 +102,7 @@ def parse_layers(text: Optional[str]) -> Optional[List[str]]:
     return names
 
 
-def parse_device(text: str) -> torch.device:
+def parse_device(text: str) -> "torch.device":
     """``--device`` as a ``torch.device`` that exists on this machine.
 
     Example:
@@ -144,8 +147,6 @@ def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, ...]]:
 
 def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--model``, ``--weights``, ``--trust-checkpoint``; with ``from_plan`` their defaults are the plan's."""
-    from prunekit.zoo import DEFAULT_MODEL
-
     recorded = " (--plan's own value first, when it records one)" if from_plan else ""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:

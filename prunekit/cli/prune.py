@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import click
-import torch
 
 from prunekit.cli.errors import emit_json, library_errors, one_line
 from prunekit.cli.inputs import (
@@ -32,8 +31,7 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
-from prunekit.recover import DEFAULT_LR
-from prunekit.sensitivity.scanner import METHODS
+from prunekit.defaults import CRITERIA, DEFAULT_LR, DEFAULT_MODEL, METHODS
 
 __all__ = ["prune_command"]
 
@@ -157,7 +155,7 @@ def _message(err: BaseException) -> str:
               "{layer: sparsity}.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Default: the method recorded in the plan file, else fine-grained.")
-@click.option("--criterion", type=click.Choice(["l2", "l0"]), default=None,
+@click.option("--criterion", type=click.Choice(CRITERIA), default=None,
               help="Channel score for --method channel (default: the plan file's, else l2).")
 @data_options(from_plan=True)
 @click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -218,11 +216,6 @@ def prune_command(
     --recover-steps N then wins back quality by label-free distillation.
 
     """
-    from prunekit.plans import apply_plan, finalize
-    from prunekit.report import sparsity_report
-    from prunekit.io import save_torch
-    from prunekit.zoo import DEFAULT_MODEL, save_checkpoint
-
     plan = read_plan_file(plan_path)
     context = _Context(plan)
     model_spec = context.pick("--model", "model", model_spec, DEFAULT_MODEL)
@@ -245,6 +238,13 @@ def prune_command(
         check_output_file("--recover-plot", recover_plot, "recovery.png")
     refuse_inputs([("--out", out), ("--recover-plot", recover_plot)],
                   [("--plan file", plan_path), ("--model file", model_spec), ("--weights file", weights)])
+    import torch
+
+    from prunekit.io import save_torch
+    from prunekit.plans import apply_plan, finalize
+    from prunekit.report import sparsity_report
+    from prunekit.zoo import save_checkpoint
+
     target = parse_device(device)
     for note in context.notes:
         status(quiet, f"note: {note}")

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
+from prunekit.defaults import CRITERIA
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 
 __all__ = [
@@ -23,7 +24,6 @@ __all__ = [
     "masked_channels",
 ]
 
-CRITERIA = ("l2", "l0")
 
 Stats = Union[torch.Tensor, Any]  # a 1-D score tensor or a prunekit.ChannelStats
 

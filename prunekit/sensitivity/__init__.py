@@ -13,16 +13,25 @@ Example:
     >>> plan = result.plan(max_drop=0.1)
 """
 
-from prunekit.sensitivity.joint import PlanFit, fit_plan
-from prunekit.sensitivity.metrics import Accuracy, ForwardMetric, OutputDistortion
-from prunekit.sensitivity.result import (
-    DEFAULT_SPARSITIES,
-    SensitivityResult,
-    check_sparsities,
-    select_plan,
-    select_sparsity,
-)
-from prunekit.sensitivity.scanner import METHODS, SuffixFallbackWarning, evaluate_plan, scan
+from prunekit._lazy import lazy_exports
+
+# Each public name is imported on first use (the scanner needs torch; results and plans do not).
+_EXPORTS = {
+    "PlanFit": "prunekit.sensitivity.joint:PlanFit",
+    "fit_plan": "prunekit.sensitivity.joint:fit_plan",
+    "Accuracy": "prunekit.sensitivity.metrics:Accuracy",
+    "ForwardMetric": "prunekit.sensitivity.metrics:ForwardMetric",
+    "OutputDistortion": "prunekit.sensitivity.metrics:OutputDistortion",
+    "DEFAULT_SPARSITIES": "prunekit.sensitivity.result:DEFAULT_SPARSITIES",
+    "SensitivityResult": "prunekit.sensitivity.result:SensitivityResult",
+    "check_sparsities": "prunekit.sensitivity.result:check_sparsities",
+    "select_plan": "prunekit.sensitivity.result:select_plan",
+    "select_sparsity": "prunekit.sensitivity.result:select_sparsity",
+    "METHODS": "prunekit.defaults:METHODS",
+    "SuffixFallbackWarning": "prunekit.sensitivity.scanner:SuffixFallbackWarning",
+    "evaluate_plan": "prunekit.sensitivity.scanner:evaluate_plan",
+    "scan": "prunekit.sensitivity.scanner:scan",
+}
 
 __all__ = [
     "Accuracy",
@@ -40,3 +49,5 @@ __all__ = [
     "select_plan",
     "select_sparsity",
 ]
+
+lazy_exports(__name__, _EXPORTS)

@@ -83,8 +83,8 @@ def fit_plan(
         >>> from prunekit.sensitivity import OutputDistortion, scan
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
-        >>> fit = fit_plan(model, metric, scan(model, metric, progress=False), max_drop=0.2)
-        >>> fit.score <= 0.2
+        >>> fit = fit_plan(model, metric, scan(model, metric, progress=False), max_drop=0.4)
+        >>> fit.score <= 0.4 and any(fit.plan.values())
         True
     """
     if not result.complete:

@@ -26,12 +26,12 @@ from prunekit.plans import check_plan
 from prunekit.progress import progress_bar
 from prunekit.sensitivity._distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
+from prunekit.defaults import METHODS
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 
 __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_plan", "scan"]
 
-METHODS = ("fine-grained", "channel")
 
 #: Bytes of dense prefix states kept between layers; batches beyond it recompute their prefix
 #: (a tuning knob: the suffix speed-up holds at any value, 0 included).
