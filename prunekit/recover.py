@@ -18,8 +18,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +180,7 @@ def recover(
     pruner: Optional[GradualPruner] = None,
     autocast: bool = False,
     progress: bool = True,
+    on_estimate: Optional[Callable[[float, float], None]] = None,
 ) -> RecoveryHistory:
     """Train ``student`` to match ``teacher`` on ``data`` for ``steps`` Adam steps; keep its best held-out state.
 
@@ -198,6 +200,9 @@ def recover(
             than one-shot pruning on ``held_out``.
         autocast: run the forwards under ``torch.autocast`` of the student's device (fp32 losses).
         progress: a progress bar on stderr.
+        on_estimate: called once, after the first optimiser step, with ``(seconds of that step,
+            estimated seconds for the whole run)``, evaluations included (e.g. to say how long
+            a CPU run will take before most of it is spent).
 
     Returns:
         A :class:`RecoveryHistory`. Both models run in eval mode (BatchNorm statistics frozen);
@@ -264,7 +269,9 @@ def recover(
         with eval_mode(student), eval_mode(teacher):
             # Ctrl-C anywhere here (even in the first evaluation) keeps the best state so far.
             try:
+                started = time.perf_counter()
                 evaluate(0, float("nan"))
+                evaluation_seconds = time.perf_counter() - started
                 if pruner is None:
                     history.pruned_distortion = history.distortion[0]
                 else:
@@ -278,8 +285,13 @@ def recover(
                     del shot
                 with progress_bar(steps, "recovering", progress) as tick:
                     for step in range(1, steps + 1):
+                        started = time.perf_counter()
                         _train_step(step)
                         history.steps_done = step
+                        if step == 1 and on_estimate is not None:
+                            step_seconds = time.perf_counter() - started
+                            evaluations = len(range(eval_every, steps + 1, eval_every)) + (steps % eval_every != 0)
+                            on_estimate(step_seconds, step_seconds * steps + evaluation_seconds * evaluations)
                         tick()
             except KeyboardInterrupt:
                 history.interrupted = True  # keep the best weights so far (below); the caller sees the flag

@@ -423,3 +423,17 @@ def test_ctrl_c_at_the_start_of_gradual_recovery_still_writes_the_pruned_model(r
     model = prunekit.zoo.load_model("g.pt", trust_checkpoint=True)
     for name in ("0", "3"):
         assert float((model.get_submodule(name).weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 72)
+
+
+def test_a_long_recovery_says_how_long_it_will_take_after_its_first_step(runner, monkeypatch):
+    import sys
+
+    recover_module = sys.modules["prunekit.recover"]
+    clock = iter(range(0, 10**6, 40))  # every reading 40 s later: each step and evaluation "takes" 40 s
+    monkeypatch.setattr(recover_module.time, "perf_counter", lambda: float(next(clock)))
+    Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8}, "data": "imgs", "image_size": 16}))
+    result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--weights", "w.pt",
+                                 "--out", "r.pt", "--recover-steps", "30"])
+    assert result.exit_code == 0, result.stderr
+    # 30 steps of 40 s plus 3 held-out evaluations of 40 s each: 1320 s
+    assert "recovery: the first step took 40.0 s: about 22 min for 30 steps" in result.stderr

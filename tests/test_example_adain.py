@@ -212,6 +212,15 @@ def test_cli_trains_analyzes_and_sweeps(image_folders, tmp_path):
     assert (tmp_path / "sweep" / "grid.png").stat().st_size > 0
 
 
+def test_training_off_a_terminal_prints_progress_lines(image_folders, tmp_path):
+    result = CliRunner().invoke(adain_cli, [
+        "train", "--content", str(image_folders / "content"), "--style", str(image_folders / "style"),
+        "--weights", "random", "--width", "0.125", "--steps", "3", "--batch-size", "2", "--crop", "16",
+        "--load-size", "24", "--mode", "baseline", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "training AdaIN: 0/3" in result.stderr and "training AdaIN: 3/3" in result.stderr
+
+
 def test_vgg16_encoder_ends_at_its_own_relu4_1():
     encoder = build_encoder("random", width=0.125, arch="vgg16")
     assert len(encoder) == 19 and encoder_last_conv(encoder) == "17" and encoder_output(encoder) == "18"

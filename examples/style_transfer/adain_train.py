@@ -32,12 +32,10 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import click
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -59,6 +57,7 @@ from examples.style_transfer.vgg import FeatureExtractor, Preprocessor, default_
 from prunekit.datasets import IMAGE_EXTENSIONS
 from prunekit.io import PathLike, atomic_write, save_torch, write_json
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
+from prunekit.progress import progress_bar
 from prunekit.regularizer import ChannelRegularizer
 
 __all__ = [
@@ -554,14 +553,6 @@ def _probe_inactive(net: AdaINNet, probe: Tensor, batch_size: int) -> int:
     return count_inactive(features)
 
 
-def _progress(steps: Sequence[int], show: bool) -> Any:
-    if not show:
-        import contextlib
-
-        return contextlib.nullcontext(steps)
-    return click.progressbar(steps, label="training AdaIN", file=sys.stderr, show_pos=True)
-
-
 def _check_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     try:
         target = torch.device(device) if device is not None else torch.device("cpu")
@@ -657,9 +648,11 @@ def train(
     net.encoder.train(config.trains_encoder)
     step = start
     try:
-        with _progress(range(start, config.steps), progress) as bar, open(log_path, "a", encoding="utf-8") as log:
+        # prunekit's progress display: a bar on a terminal, a line every 30 s off one (a log file, nohup, CI).
+        with progress_bar(config.steps - start, "training AdaIN", progress) as tick, \
+                open(log_path, "a", encoding="utf-8") as log:
             iterator: Iterator[Tuple[Tensor, Tensor]] = iter(loader)
-            for step in bar:
+            for step in range(start, config.steps):
                 content, style = (batch.to(device) for batch in next(iterator))
                 _set_lr(config, optimizers, step)
                 entry = _train_step(config, net, loss_network, regularizer, optimizers, content, style)
@@ -678,6 +671,7 @@ def train(
                     if plot:
                         plot_training_log(log_path, out_dir / "log.png", f"AdaIN, mode {config.mode}")
                 step = done
+                tick(f"step {done}")
     finally:
         if regularizer is not None:
             regularizer.remove()

@@ -321,13 +321,25 @@ def _recover(
                                method=method, stats=stats, criterion=criterion)
     else:
         apply_plan(model, plan, method=method, stats=stats, criterion=criterion)
-    history = recover(model, teacher, train, steps, lr=lr, held_out=held, pruner=pruner, progress=not quiet)
+    def say_how_long(step_seconds: float, total_seconds: float) -> None:
+        if total_seconds >= 60:
+            status(quiet, f"recovery: the first step took {step_seconds:.1f} s: about {_duration(total_seconds)} for "
+                          f"{steps} steps (Ctrl-C keeps the best state so far; a smaller --image-size is faster)")
+
+    history = recover(model, teacher, train, steps, lr=lr, held_out=held, pruner=pruner, progress=not quiet,
+                      on_estimate=say_how_long)
     if pruner is not None and not pruner.done:
         if not history.interrupted:
             raise RuntimeError("the gradual schedule did not reach the plan: a prunekit bug")
         apply_plan(model, plan, method=method, stats=stats, criterion=criterion)  # the rest of it, at once
         status(quiet, "interrupted before the schedule reached the plan: the rest was pruned at once")
     return history
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``'2 min'``, ``7000`` -> ``'1 h 57 min'``."""
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
 def _print_recovery(history: Any, gradual: bool) -> None:
