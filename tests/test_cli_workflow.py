@@ -3,6 +3,7 @@ sparse files are read everywhere, errors name the value and the fix, Ctrl-C in t
 
 import json
 import os
+import re
 import shlex
 import textwrap
 from pathlib import Path
@@ -359,6 +360,11 @@ def test_progress_off_a_terminal_prints_lines(runner):
     result = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "p"])
     assert result.exit_code == 0
     assert "scanning: 12/12" in result.stderr and "fitting the plan: " in result.stderr
+    early = runner.invoke(cli, ["scan", "--out", "q"])  # the default levels: this fit stops early (25 of 31)
+    fit_lines = [line for line in early.stderr.splitlines() if line.startswith("fitting the plan: ")]
+    trials = len(json.loads(Path("q/fit.json").read_text())["trials"])
+    assert re.fullmatch(rf"fitting the plan: done in {trials} steps \(of at most \d+\), \d+ s", fit_lines[-1]), \
+        fit_lines
 
 
 # ---------------------------------------------------------------------------
