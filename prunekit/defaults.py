@@ -4,15 +4,15 @@ The command line reads its choices and defaults from here, so that ``prunekit -h
 and argument errors answer before torch is imported (about 2 s, several times that
 on a busy machine). Each name's home is here; the modules that use it re-export it.
 
+The pruning methods' names live in their registry, :mod:`prunekit.methods.registry`
+(torch-free as well).
+
 Example:
-    >>> METHODS, CRITERIA
-    (('fine-grained', 'channel'), ('l2', 'l0'))
+    >>> CRITERIA, DEFAULT_MODEL
+    (('l2', 'l0'), 'digits-vgg')
 """
 
-__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL", "METHODS"]
-
-#: Pruning methods by name: fine-grained (L1 magnitude of single weights) and channel (whole output channels).
-METHODS = ("fine-grained", "channel")
+__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL"]
 
 #: Channel scores from activation statistics: l2 (response magnitude) and l0 (firing frequency).
 CRITERIA = ("l2", "l0")

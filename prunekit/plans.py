@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
-from prunekit.defaults import METHODS
-from prunekit.layers import check_prunable, conv_block, resolve_layers
-from prunekit.methods.channel import (
-    channel_activation,
-    layer_scores,
-    channel_targets,
-    masked_channels,
-)
-from prunekit.methods.fine_grained import FineGrainedL1
+from prunekit.layers import check_prunable, resolve_layers
+from prunekit.methods.registry import METHODS, get_method
 
 __all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "pruned_tensors"]
-
 
 
 def pruned_tensors(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, prune.BasePruningMethod]]:
@@ -97,44 +89,10 @@ def check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
     return checked
 
 
-def _fine_grained_step(conv: nn.Conv2d, name: str, sparsity: float) -> int:
-    total = conv.weight.numel()
-    target = round(sparsity * total)
-    done = int((conv.weight_mask == 0).sum()) if hasattr(conv, "weight_mask") else 0
-    if done > target:
-        raise ValueError(
-            f"layer {name!r} already has {done / total:.4f} sparsity, above the planned "
-            f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow weights: "
-            "apply it to the unpruned model"
-        )
-    return target - done
-
-
-def _channel_step(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d], name: str, sparsity: float) -> Optional[int]:
-    """How many more channels to mask, or None when the layer is already as planned."""
-    channels = conv.out_channels
-    target = round(sparsity * channels)
-    targets = channel_targets(conv, batchnorm)
-    dead = masked_channels(targets)
-    done = int(dead.sum())
-    if done > target:
-        raise ValueError(
-            f"layer {name!r} already has {done} of {channels} channels masked, above the planned "
-            f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow channels: "
-            "apply it to the unpruned model"
-        )
-    # A channel masked in the weight alone (say by fine-grained pruning) still
-    # emits its bias: the channel method then masks it in every tensor.
-    consistent = torch.equal(dead, masked_channels(targets, everywhere=True))
-    if target == done and consistent:
-        return None
-    return target - done
-
-
 def apply_plan(
     model: nn.Module,
     plan: Mapping[str, float],
-    method: str = "fine-grained",
+    method: Any = "fine-grained",
     stats: Optional[Mapping[str, object]] = None,
     criterion: str = "l2",
 ) -> nn.Module:
@@ -149,9 +107,11 @@ def apply_plan(
     Args:
         model: the model to prune in place.
         plan: conv layer name -> final sparsity in [0, 1] (see :func:`prunekit.conv_layers`).
-        method: ``"fine-grained"`` (:class:`FineGrainedL1` on the weight) or ``"channel"``
-            (:class:`ChannelActivation`; the value is the fraction of output channels masked,
-            and the BatchNorm that follows the conv is masked too).
+        method: a name from :data:`prunekit.methods.registry.METHODS` (or a method object):
+            ``"fine-grained"`` (:class:`FineGrainedL1` on the weight), ``"channel"``
+            (:class:`ChannelActivation` by activation statistics; the value is the fraction of
+            output channels masked, and the BatchNorm that follows the conv is masked too) or
+            ``"filter-norm"`` (channels with the smallest filter L1 norms; no statistics needed).
         stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
         criterion: for ``"channel"``, ``"l2"`` or ``"l0"``.
 
@@ -161,22 +121,13 @@ def apply_plan(
         >>> float((model[2].weight == 0).float().mean())
         0.75
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    pruning = get_method(method)
     checked = check_plan(model, plan)
     check_prunable(model, checked)
-    scores = layer_scores(stats, checked, criterion) if method == "channel" else {}
-    blocks = {name: conv_block(model, name) for name in checked}
+    scores = pruning.scores(model, checked, stats, criterion) or {}
+    blocks = {name: pruning.block(model, name) for name in checked}
     touched = [module for block in blocks.values() for module in (block.conv, block.batchnorm) if module is not None]
     with rollback_on_error(touched):
         for name, sparsity in checked.items():
-            block = blocks[name]
-            if method == "fine-grained":
-                count = _fine_grained_step(block.conv, name, sparsity)
-                if count:
-                    FineGrainedL1.apply(block.conv, "weight", amount=count)
-            else:
-                count = _channel_step(block.conv, block.batchnorm, name, sparsity)
-                if count is not None:
-                    channel_activation(block.conv, scores[name], amount=count, batchnorm=block.batchnorm)
+            pruning.apply(blocks[name], name, sparsity, scores.get(name))
     return model

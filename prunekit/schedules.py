@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import nn
 
-from prunekit.layers import conv_block
+from prunekit.methods.registry import get_method
 from prunekit.plans import apply_plan, check_plan
 
 __all__ = ["SCHEDULES", "GradualPruner", "scheduled_sparsity"]
@@ -60,11 +60,8 @@ def scheduled_sparsity(
 
 
 def _current_sparsity(model: nn.Module, layer: str, method: str) -> float:
-    weight = conv_block(model, layer).conv.weight.detach()
-    if method == "channel":
-        dead = (weight.flatten(1) == 0).all(dim=1)
-        return float(dead.float().mean())
-    return float((weight == 0).float().mean())
+    pruning = get_method(method)
+    return pruning.current_sparsity(pruning.block(model, layer))
 
 
 class GradualPruner:

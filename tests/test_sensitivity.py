@@ -11,6 +11,7 @@ from torch.nn.utils import prune
 
 import prunekit
 from prunekit.methods.fine_grained import FineGrainedL1
+from prunekit.methods.registry import METHODS, get_method
 from prunekit.sensitivity import (
     Accuracy,
     OutputDistortion,
@@ -166,11 +167,11 @@ def test_evaluate_sees_one_layer_pruned_at_the_planned_sparsity():
 # Scores agree with apply_plan and with full forwards
 
 
-@pytest.mark.parametrize("method", ["fine-grained", "channel"])
+@pytest.mark.parametrize("method", METHODS)
 def test_scores_equal_apply_plan(method):
     model = randomize_batchnorm(small_vgg(batchnorm=True)).eval()
     metric = OutputDistortion(torch.randn(4, 3, 8, 8))
-    stats = channel_stats(model) if method == "channel" else None
+    stats = channel_stats(model) if get_method(method).needs_statistics else None
     result = scan(model, metric, sparsities=LEVELS, method=method, stats=stats, progress=False)
     metric.prepare(model)
     for layer in result.layers:
@@ -180,12 +181,13 @@ def test_scores_equal_apply_plan(method):
 
 
 def test_fine_grained_masks_equal_compute_mask_with_ties():
-    conv = nn.Conv2d(4, 6, 3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3))
+    conv = model[0]
     with torch.no_grad():
         conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())  # many equal magnitudes
-    masker = _Masker("fine-grained", None)
+    masker = _Masker(model, get_method("fine-grained"), None)
     for level in (0.0, 0.25, 0.5, 0.9):
-        (masked,) = masker.masked("conv", [(conv, "weight")], level)
+        (masked,) = masker.masked("0", [(conv, "weight")], level)
         count = round(level * conv.weight.numel())
         mask = FineGrainedL1(amount=count).compute_mask(conv.weight, torch.ones_like(conv.weight))
         assert torch.equal(masked, conv.weight.detach() * mask)

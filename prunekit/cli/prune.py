@@ -31,7 +31,8 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
-from prunekit.defaults import CRITERIA, DEFAULT_LR, DEFAULT_MODEL, METHODS
+from prunekit.defaults import CRITERIA, DEFAULT_LR, DEFAULT_MODEL
+from prunekit.methods.registry import METHODS, get_method
 
 __all__ = ["prune_command"]
 
@@ -229,6 +230,7 @@ def prune_command(
     method = method or plan.meta.get("method") or "fine-grained"
     if method not in METHODS:
         raise ValueError(f"--plan {plan_path} names method {method!r}; pass --method {' or '.join(METHODS)}")
+    pruning = get_method(method)
     criterion = criterion or plan.meta.get("criterion") or "l2"
     if (gradual or recover_plot) and recover_steps == 0:
         flag = "--gradual" if gradual else "--recover-plot"
@@ -257,7 +259,7 @@ def prune_command(
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
         _check_layers(model, plan, model_spec)
         stats = None
-        if method == "channel":
+        if pruning.needs_statistics:
             from prunekit.stats import collect_channel_stats
 
             batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
@@ -285,7 +287,7 @@ def prune_command(
     # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
     trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
     hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
-    if method == "channel":
+    if pruning.unit == "channels":
         hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
     if as_json:
         emit_json({"out": out, "arch": arch, "method": method, "report": report.to_dict(),

@@ -33,7 +33,8 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_folder
 from prunekit.cli.plan_file import recorded_path, write_plan_file
-from prunekit.defaults import CRITERIA, METHODS
+from prunekit.defaults import CRITERIA
+from prunekit.methods.registry import METHODS, get_method
 from prunekit.io import write_json
 from prunekit.sensitivity.result import SensitivityResult
 
@@ -141,7 +142,8 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
 )
 @click.option("--method", type=click.Choice(METHODS), default="fine-grained", show_default=True,
               help="fine-grained: fraction of weights (L1 magnitude); channel: fraction of output "
-              "channels (activation statistics measured on --data).")
+              "channels (activation statistics measured on --data); filter-norm: fraction of output channels "
+              "with the smallest filter L1 norms (no statistics, no images needed to choose them).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default="l2", show_default=True,
               help="Channel score for --method channel.")
 @click.option("--sparsities", default="0.4:0.9:0.1", show_default=True, metavar="START:STOP:STEP|LIST",
@@ -233,6 +235,7 @@ def scan_command(
     from prunekit.zoo import load_model
 
     target = ctx.with_resource(process_group(parse_device(device), timeout))
+    uses_statistics = get_method(method).needs_statistics
     scan_file, fit_file, plan_file = out_dir / "scan.json", out_dir / "fit.json", out_dir / "plan.json"
     previous = _read_partial_scan(scan_file) if resume else None
     if not resume and not force:
@@ -255,7 +258,7 @@ def scan_command(
     evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(batch_inputs(batches))
     options = {
         "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
-        "metric": metric_name, "method": method, "criterion": criterion if method == "channel" else None,
+        "metric": metric_name, "method": method, "criterion": criterion if uses_statistics else None,
         "sparsities": list(levels), "layers": list(convs), "seed": seed,
         # What the points were measured on: a resume with other weights or data starts over.
         "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
@@ -275,7 +278,7 @@ def scan_command(
 
     status(quiet, f"data: {description}; metric: {metric_name}; {len(convs)} conv layers x {len(levels)} levels")
     stats = None
-    if method == "channel":
+    if uses_statistics:
         from prunekit.stats import collect_channel_stats
 
         stats = collect_channel_stats(model, batch_inputs(batches), layers=list(convs), progress=not quiet)
@@ -337,8 +340,8 @@ def scan_command(
     }
     write_plan_file(
         plan_file, plan, context,
-        method=method, criterion=criterion if method == "channel" else None,
-        statistics=f"channel statistics ({criterion}) measured on {description}" if method == "channel" else None,
+        method=method, criterion=criterion if uses_statistics else None,
+        statistics=f"channel statistics ({criterion}) measured on {description}" if uses_statistics else None,
         data_description=description, scan=str(scan_file.resolve()),
         max_drop=tolerance, relative=relative, metric=result.metric, higher_is_better=result.higher_is_better,
         baseline=result.baseline, score_with_plan=combined, joint=joint,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,16 +11,20 @@ from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
 from prunekit.defaults import CRITERIA
+from prunekit.layers import ConvBlock
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
+from prunekit.methods.base import PruningMethod, Target
 
 __all__ = [
     "CRITERIA",
     "ChannelActivation",
     "alive_channels",
     "channel_activation",
+    "ChannelMethod",
     "channel_scores",
     "channel_targets",
     "layer_scores",
+    "lowest_channels",
     "masked_channels",
 ]
 
@@ -207,6 +211,22 @@ class _PerEntryChannelActivation(ChannelActivation):
     PRUNING_TYPE = "unstructured"
 
 
+def lowest_channels(scores: torch.Tensor, remaining: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool tensor of the ``count`` remaining channels with the lowest scores (ties: lower index first).
+
+    The one channel selection of prunekit's channel methods: :func:`channel_activation`
+    (torch's reparametrization) and a scan's masks both call it.
+
+    Example:
+        >>> lowest_channels(torch.tensor([3., 0., 2., 0.]), torch.ones(4, dtype=torch.bool), 2).tolist()
+        [False, True, False, True]
+    """
+    order = torch.argsort(torch.where(remaining, scores.to(remaining.device), torch.inf), stable=True)
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=remaining.device)
+    chosen[order[:count]] = True
+    return chosen
+
+
 def channel_targets(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d] = None) -> List[Tuple[nn.Module, str]]:
     """The tensors that carry a conv's output channels: its weight and bias, and the BatchNorm's affine pair."""
     targets: List[Tuple[nn.Module, str]] = [(conv, "weight")]
@@ -305,10 +325,7 @@ def channel_activation(
     dead = masked_channels(targets)
     remaining = ~dead
     if amount is not None:
-        count = count_to_prune(amount, int(remaining.sum()), what="channels")
-        order = torch.argsort(torch.where(remaining, scores, torch.inf), stable=True)
-        chosen = torch.zeros(channels, dtype=torch.bool)
-        chosen[order[:count]] = True
+        chosen = lowest_channels(scores, remaining, count_to_prune(amount, int(remaining.sum()), what="channels"))
     else:
         chosen = remaining & (scores <= threshold)
     # The channels are chosen once, over the channels alive in every tensor, and
@@ -320,3 +337,67 @@ def channel_activation(
         for target, name in targets:
             ChannelActivation.apply(target, name, scores=selection, threshold=0.0)
     return module
+
+
+class ChannelMethod(PruningMethod):
+    """``"channel"``: whole output channels chosen by activation statistics (:func:`channel_activation`).
+
+    A sparsity is the fraction of the conv's output channels masked, in its weight and
+    bias and in the BatchNorm that follows it. The scores are ``stats[layer]`` under a
+    criterion (``l2``: response magnitude, ``l0``: firing frequency), measured on images
+    with :func:`prunekit.collect_channel_stats`.
+    """
+
+    name = "channel"
+    unit = "channels"
+    needs_statistics = True
+
+    def targets(self, block: ConvBlock) -> List[Target]:
+        return channel_targets(block.conv, block.batchnorm)
+
+    def current_sparsity(self, block: ConvBlock) -> float:
+        weight = block.conv.weight.detach()
+        return float((weight.flatten(1) == 0).all(dim=1).float().mean())
+
+    def scores(
+        self, model: nn.Module, layers: Iterable[str], stats: Optional[Mapping[str, Any]], criterion: str
+    ) -> Optional[Dict[str, torch.Tensor]]:
+        return layer_scores(stats, layers, criterion)
+
+    def apply(self, block: ConvBlock, layer: str, sparsity: float, scores: Optional[torch.Tensor]) -> None:
+        assert scores is not None, "scores come from ChannelMethod.scores"
+        channels = block.conv.out_channels
+        target = round(sparsity * channels)
+        targets = self.targets(block)
+        dead = masked_channels(targets)
+        done = int(dead.sum())
+        if done > target:
+            raise ValueError(
+                f"layer {layer!r} already has {done} of {channels} channels masked, above the planned "
+                f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow channels: "
+                "apply it to the unpruned model"
+            )
+        # A channel masked in the weight alone (say by fine-grained pruning) still
+        # emits its bias: the channel method then masks it in every tensor.
+        consistent = torch.equal(dead, masked_channels(targets, everywhere=True))
+        if target == done and consistent:
+            return
+        channel_activation(block.conv, scores, amount=target - done, batchnorm=block.batchnorm)
+
+    def mask_maker(self, block: ConvBlock, scores: Optional[torch.Tensor]) -> Callable[[float], List[torch.Tensor]]:
+        assert scores is not None, "scores come from the method's scores()"
+        targets = self.targets(block)
+        channels = block.conv.out_channels
+        remaining = torch.ones(channels, dtype=torch.bool)
+        values = channel_scores(scores)
+
+        def masks(sparsity: float) -> List[torch.Tensor]:
+            keep = ~lowest_channels(values, remaining, round(sparsity * channels))
+            out = []
+            for module, name in targets:
+                tensor = module._parameters[name]
+                shape = (channels,) + (1,) * (tensor.dim() - 1)
+                out.append(keep.to(device=tensor.device, dtype=tensor.dtype).reshape(shape).expand_as(tensor).contiguous())
+            return out
+
+        return masks

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from prunekit.layers import ConvBlock
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
+from prunekit.methods.base import PruningMethod, Target
 
-__all__ = ["FineGrainedL1", "fine_grained_l1"]
+__all__ = ["FineGrainedL1", "FineGrainedMethod", "fine_grained_l1", "magnitude_order"]
+
+
+def magnitude_order(t: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``t`` from the smallest magnitude up; a stable sort breaks ties by position.
+
+    Example:
+        >>> magnitude_order(torch.tensor([0.5, -0.1, 0.1])).tolist()
+        [1, 2, 0]
+    """
+    return torch.argsort(t.detach().abs().reshape(-1), stable=True)
 
 
 class FineGrainedL1(prune.BasePruningMethod):
@@ -42,9 +54,7 @@ class FineGrainedL1(prune.BasePruningMethod):
         count = count_to_prune(self.amount, t.nelement())
         mask = default_mask.clone(memory_format=torch.contiguous_format)
         if count:
-            # A stable sort makes the choice among equal magnitudes deterministic.
-            order = torch.argsort(t.detach().abs().reshape(-1), stable=True)
-            mask.view(-1)[order[:count]] = 0
+            mask.view(-1)[magnitude_order(t)[:count]] = 0
         return mask
 
     @classmethod
@@ -79,3 +89,53 @@ def fine_grained_l1(
         )
     FineGrainedL1.apply(module, name, amount=amount, importance_scores=importance_scores)
     return module
+
+
+class FineGrainedMethod(PruningMethod):
+    """``"fine-grained"``: the conv weight's smallest-magnitude entries (:class:`FineGrainedL1`); data-free.
+
+    A sparsity is the fraction of the weight's entries that are zero.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3)
+        >>> from prunekit.layers import conv_block
+        >>> block = conv_block(nn.Sequential(conv), "0")
+        >>> [mask.mean().item() for mask in FineGrainedMethod().mask_maker(block, None)(0.25)]
+        [0.75]
+    """
+
+    name = "fine-grained"
+    unit = "weights"
+
+    def targets(self, block: ConvBlock) -> List[Target]:
+        return [(block.conv, "weight")]
+
+    def current_sparsity(self, block: ConvBlock) -> float:
+        return float((block.conv.weight.detach() == 0).float().mean())
+
+    def apply(self, block: ConvBlock, layer: str, sparsity: float, scores: Optional[torch.Tensor]) -> None:
+        conv = block.conv
+        total = conv.weight.numel()
+        target = round(sparsity * total)
+        done = int((conv.weight_mask == 0).sum()) if hasattr(conv, "weight_mask") else 0
+        if done > target:
+            raise ValueError(
+                f"layer {layer!r} already has {done / total:.4f} sparsity, above the planned "
+                f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow weights: "
+                "apply it to the unpruned model"
+            )
+        if target > done:
+            FineGrainedL1.apply(conv, "weight", amount=target - done)
+
+    def mask_maker(self, block: ConvBlock, scores: Optional[torch.Tensor]) -> Callable[[float], List[torch.Tensor]]:
+        weight = block.conv.weight
+        order = magnitude_order(weight)  # sorted once per layer: it does not depend on the level
+
+        def masks(sparsity: float) -> List[torch.Tensor]:
+            mask = torch.ones_like(weight, memory_format=torch.contiguous_format)
+            count = round(sparsity * weight.numel())
+            if count:
+                mask.view(-1)[order[:count]] = 0
+            return [mask]
+
+        return masks

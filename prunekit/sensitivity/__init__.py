@@ -27,7 +27,7 @@ _EXPORTS = {
     "check_sparsities": "prunekit.sensitivity.result:check_sparsities",
     "select_plan": "prunekit.sensitivity.result:select_plan",
     "select_sparsity": "prunekit.sensitivity.result:select_sparsity",
-    "METHODS": "prunekit.defaults:METHODS",
+    "METHODS": "prunekit.methods.registry:METHODS",
     "SuffixFallbackWarning": "prunekit.sensitivity.scanner:SuffixFallbackWarning",
     "evaluate_plan": "prunekit.sensitivity.scanner:evaluate_plan",
     "scan": "prunekit.sensitivity.scanner:scan",

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
-from prunekit.layers import check_prunable, conv_block, resolve_layers
-from prunekit.methods.channel import ChannelActivation, layer_scores
+from prunekit.layers import check_prunable, resolve_layers
+from prunekit.methods.base import PruningMethod, Target
+from prunekit.methods.registry import METHODS, get_method
 from prunekit.plans import check_plan
 from prunekit.progress import progress_bar
 from prunekit.sensitivity._distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
-from prunekit.defaults import METHODS
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 
@@ -36,9 +36,6 @@ __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_
 #: Bytes of dense prefix states kept between layers; batches beyond it recompute their prefix
 #: (a tuning knob: the suffix speed-up holds at any value, 0 included).
 DEFAULT_CACHE_LIMIT = 1 << 30
-
-Target = Tuple[nn.Module, str]
-
 
 # ---------------------------------------------------------------------------
 # Checks
@@ -72,15 +69,9 @@ def _not_nan(value: float, layer: str, level: float) -> float:
     return value
 
 
-def _targets(model: nn.Module, layer: str, method: str) -> List[Target]:
-    """The tensors a point masks: the conv weight, plus bias and following BatchNorm for channels."""
-    block = conv_block(model, layer)
-    targets: List[Target] = [(block.conv, "weight")]
-    if method == "channel":
-        if block.conv.bias is not None:
-            targets.append((block.conv, "bias"))
-        if block.batchnorm is not None and block.batchnorm.affine:
-            targets += [(block.batchnorm, "weight"), (block.batchnorm, "bias")]
+def _targets(model: nn.Module, layer: str, pruning: PruningMethod) -> List[Target]:
+    """The tensors a point masks: the method's targets for the layer's block (all still plain parameters)."""
+    targets = pruning.targets(pruning.block(model, layer))
     for module, name in targets:
         if name not in module._parameters:
             raise ValueError(
@@ -102,7 +93,7 @@ def _fingerprint(
     """
     return {
         "method": method,
-        "criterion": criterion if method == "channel" else None,
+        "criterion": criterion if get_method(method).needs_statistics else None,
         "dense_statistics": None if statistics is None else [float(v) for v in statistics.tolist()],
         "channel_scores": None if scores is None else {
             layer: [float(values.double().sum()), float(values.double().pow(2).sum())] for layer, values in scores.items()
@@ -162,50 +153,30 @@ def _check_resume(previous: SensitivityResult, fresh: SensitivityResult) -> None
 
 
 class _Masker:
-    """Masked copies of a layer's tensors, computed exactly as ``apply_plan`` computes its masks.
+    """Masked copies of a layer's tensors at any level, from the method's own :meth:`~PruningMethod.mask_maker`.
 
-    Channel masks come from :meth:`ChannelActivation.compute_mask` itself. For
-    fine-grained pruning, :meth:`FineGrainedL1.compute_mask` zeros the first
-    ``count`` entries of a stable argsort of ``|w|``; that order does not depend
-    on ``count``, so it is computed once per layer instead of once per point
-    (sorting dominates the cost of a point on large layers). The masks are the
-    same bit for bit (tests compare them with ``compute_mask``).
+    The masks are the method's, so a plan read off a scan behaves as scanned by
+    construction. One layer's mask maker is kept at a time (a fine-grained one holds
+    the layer's magnitude order, sorted once for all its levels).
     """
 
-    def __init__(self, method: str, scores: Optional[Dict[str, Tensor]]) -> None:
-        self.method = method
-        self.scores = scores
-        self._order: Optional[Tuple[str, Tensor]] = None
-
-    def _fine_grained_mask(self, layer: str, tensor: Tensor, count: int) -> Tensor:
-        if self._order is None or self._order[0] != layer:
-            self._order = None  # free the previous layer's order before sorting the next
-            self._order = (layer, torch.argsort(tensor.detach().abs().reshape(-1), stable=True))
-        mask = torch.ones_like(tensor, memory_format=torch.contiguous_format)
-        if count:
-            mask.view(-1)[self._order[1][:count]] = 0
-        return mask
+    def __init__(self, model: nn.Module, pruning: PruningMethod, scores: Optional[Mapping[str, Tensor]]) -> None:
+        self.model, self.pruning, self.scores = model, pruning, scores or {}
+        self._maker: Optional[Tuple[str, Callable[[float], List[Tensor]]]] = None
 
     def masked(self, layer: str, targets: Sequence[Target], sparsity: float) -> List[Tensor]:
-        out = []
+        if self._maker is None or self._maker[0] != layer:
+            self._maker = None  # free the previous layer's work before the next one's
+            block = self.pruning.block(self.model, layer)
+            self._maker = (layer, self.pruning.mask_maker(block, self.scores.get(layer)))
         with torch.no_grad():
-            for module, name in targets:
-                tensor = module._parameters[name]
-                assert tensor is not None
-                if self.method == "fine-grained":
-                    count = round(sparsity * tensor.numel())
-                    mask = self._fine_grained_mask(layer, tensor, count)
-                else:
-                    channels = targets[0][0].out_channels  # type: ignore[union-attr]
-                    count = round(sparsity * channels)
-                    pruning = ChannelActivation(self.scores[layer], amount=count)  # type: ignore[index]
-                    mask = pruning.compute_mask(tensor, torch.ones_like(tensor))
-                # The same product the pruning forward pre-hook computes (weight_orig * weight_mask).
-                out.append(tensor.detach() * mask.to(dtype=tensor.dtype))
-        return out
+            masks = self._maker[1](sparsity)
+            # The same product the pruning forward pre-hook computes (weight_orig * weight_mask).
+            return [module._parameters[name].detach() * mask.to(dtype=module._parameters[name].dtype)
+                    for (module, name), mask in zip(targets, masks)]
 
     def release(self) -> None:
-        self._order = None
+        self._maker = None
 
 
 # ---------------------------------------------------------------------------
@@ -459,9 +430,13 @@ def scan(
             ``higher_is_better`` attributes are recorded in the result.
         layers: conv layer names (default: every ``Conv2d``).
         sparsities: increasing levels in [0, 1).
-        method: ``"fine-grained"`` (:class:`FineGrainedL1`, fraction of weights) or
-            ``"channel"`` (:class:`ChannelActivation`, fraction of output channels;
-            the following BatchNorm is masked too).
+        method: a name from :data:`prunekit.methods.registry.METHODS` (or a method object):
+            ``"fine-grained"`` (:class:`FineGrainedL1`, fraction of weights), ``"channel"``
+            (:class:`ChannelActivation`, fraction of output channels by activation statistics;
+            the following BatchNorm is masked too) or ``"filter-norm"`` (fraction of output
+            channels with the smallest filter L1 norms; no statistics). The masks are the
+            method's own (:meth:`~prunekit.methods.base.PruningMethod.mask_maker`), so a plan
+            read off the result behaves as scanned.
         stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
         progress: show a progress bar on stderr.
         criterion: for ``"channel"``: ``"l2"`` or ``"l0"``.
@@ -496,13 +471,13 @@ def scan(
         raise TypeError(
             f"evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}"
         )
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    pruning = get_method(method)
+    method = pruning.name
     convs = resolve_layers(model, layers)
     check_prunable(model, convs)
     levels = check_sparsities(sparsities)
-    scores = layer_scores(stats, convs, criterion) if method == "channel" else None
-    targets = {layer: _targets(model, layer, method) for layer in convs}
+    scores = pruning.scores(model, convs, stats, criterion)  # from the dense model, before any point
+    targets = {layer: _targets(model, layer, pruning) for layer in convs}
     if scores is not None:
         for layer, values in scores.items():
             if values.numel() != convs[layer].out_channels:
@@ -523,7 +498,7 @@ def scan(
     if resume_from is not None:
         _check_resume(resume_from, result)
         result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
-    masker = _Masker(method, scores)
+    masker = _Masker(model, pruning, scores)
 
     rank, world = rank_and_world()
     main = rank == 0
@@ -669,16 +644,14 @@ def evaluate_plan(
         >>> evaluate_plan(model, metric, {"0": 0.5, "2": 0.5}) > 0
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    pruning = get_method(method)
     plan = check_plan(model, plan)  # also checks the layer names
     check_prunable(model, plan)
-    scores = layer_scores(stats, plan, criterion) if method == "channel" else None
-    masker = _Masker(method, scores)
+    masker = _Masker(model, pruning, pruning.scores(model, plan, stats, criterion))
     targets: List[Target] = []
     masked: List[Tensor] = []
     for layer, sparsity in plan.items():
-        layer_targets = _targets(model, layer, method)
+        layer_targets = _targets(model, layer, pruning)
         targets += layer_targets
         masked += masker.masked(layer, layer_targets, sparsity)
     masker.release()
