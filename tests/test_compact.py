@@ -498,8 +498,10 @@ def _border_bias_model():
 def test_compacted_model_with_border_bias_exports_and_matches_at_other_sizes():
     model, compacted = _border_bias_model()
     x = torch.randn(2, 3, 9, 11)
-    exported = torch.export.export(compacted, (x,))
-    for shape in [(2, 3, 9, 11)]:
+    height, width = torch.export.Dim("height", min=4, max=64), torch.export.Dim("width", min=4, max=64)
+    batch = torch.export.Dim("batch", min=2, max=8)
+    exported = torch.export.export(compacted, (x,), dynamic_shapes=({0: batch, 2: height, 3: width},))
+    for shape in [(2, 3, 9, 11), (2, 3, 16, 5), (3, 3, 7, 30)]:  # the border correction follows each size
         y = torch.randn(*shape)
         with torch.no_grad():
             torch.testing.assert_close(exported.module()(y), model(y))

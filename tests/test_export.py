@@ -40,6 +40,26 @@ def test_torch_export_program_round_trips(tmp_path):
         torch.testing.assert_close(loaded.module()(x), model(x))
 
 
+def test_a_wrong_export_is_measured_as_wrong(tmp_path, monkeypatch):
+    model, small = compacted_with_border_bias()
+    x = torch.rand(2, 3, 11, 9)
+    other = prunekit.copy_model(small)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # what a broken export would run instead
+    program = torch.export.export(other, (x,))
+    monkeypatch.setattr(torch.export, "load", lambda path: program)
+    assert export_program(small, x, tmp_path / "m.pt2") > 1e-3
+
+
+def test_a_wrong_onnx_file_is_measured_as_wrong(tmp_path, monkeypatch):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime onnxscript")
+    _, small = compacted_with_border_bias()
+    real_run = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                        lambda self, *a, **k: [output * 1.01 for output in real_run(self, *a, **k)])
+    assert export_onnx(small, torch.rand(1, 3, 11, 9), tmp_path / "m.onnx") == pytest.approx(0.01, rel=1e-3)
+
+
 def test_onnx_agrees_with_onnxruntime_within_1e_5(tmp_path):
     pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime onnxscript")
     _, small = compacted_with_border_bias()

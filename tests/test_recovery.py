@@ -44,23 +44,44 @@ def test_a_learning_rate_that_only_hurts_returns_the_starting_weights():
 
 @pytest.mark.parametrize("frequency", [1, 3])
 def test_the_cubic_schedule_is_zhu_and_guptas_formula_and_reaches_the_plan(frequency):
+    # s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3 with s_i 0.1, s_f 0.9, t0 4, n dt 18, worked by hand:
+    # halfway (9 steps in) 0.9 - 0.8 / 8 = 0.8; a third of the way (6 steps) 0.9 - 0.8 * 8 / 27.
     start, end, initial, final = 4, 22, 0.1, 0.9
-    for step in range(0, 30):
-        expected = initial
-        if step >= end:
-            expected = final
-        elif step >= start:
-            t = start + (step - start) // frequency * frequency
-            expected = final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
-        assert scheduled_sparsity(step, initial, final, start, end, frequency) == pytest.approx(expected, abs=1e-12)
+    assert scheduled_sparsity(3, initial, final, start, end, frequency) == initial
+    assert scheduled_sparsity(4, initial, final, start, end, frequency) == pytest.approx(initial)
+    assert scheduled_sparsity(22, initial, final, start, end, frequency) == final
+    assert scheduled_sparsity(99, initial, final, start, end, frequency) == final
+    if frequency == 1:
+        assert scheduled_sparsity(13, initial, final, start, end, 1) == pytest.approx(0.8)
+        assert scheduled_sparsity(10, initial, final, start, end, 1) == pytest.approx(0.9 - 0.8 * 8 / 27)
+    else:  # updates every 3 steps: step 14 (10 in) holds the value of 9 in; step 12 that of 6 in
+        assert scheduled_sparsity(14, initial, final, start, end, 3) == pytest.approx(0.8)
+        assert scheduled_sparsity(12, initial, final, start, end, 3) == pytest.approx(0.9 - 0.8 * 8 / 27)
     model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3))
     pruner = GradualPruner(model, {"0": 0.8, "2": 0.5}, start_step=2, end_step=12, frequency=frequency)
+    seen = []
     for _ in range(12):
         pruner.step()
+        seen.append(pruner.sparsity("0"))
+    assert seen == sorted(seen) and seen[0] < 0.8  # rises gradually, never falls
     assert pruner.done
     assert pruner.sparsity("0") == pytest.approx(0.8, abs=1 / model[0].weight.numel())
     assert pruner.sparsity("2") == pytest.approx(0.5, abs=1 / model[2].weight.numel())
-    assert prunekit.report.sparsity_report(model) is not None and hasattr(model[0], "weight_mask")
+    assert torch.equal(model[0].weight == 0, model[0].weight_mask == 0)  # pruned through torch's masks
+
+
+def test_the_linear_and_one_shot_schedules():
+    assert scheduled_sparsity(5, 0.0, 0.8, 0, 10, schedule="linear") == pytest.approx(0.4)
+    assert scheduled_sparsity(2, 0.2, 0.6, 0, 8, schedule="linear") == pytest.approx(0.3)
+    assert scheduled_sparsity(3, 0.0, 0.8, 4, 10, schedule="one-shot") == 0.0
+    assert scheduled_sparsity(4, 0.0, 0.8, 4, 10, schedule="one-shot") == 0.8
+    model = nn.Sequential(nn.Conv2d(3, 10, 3))
+    linear = GradualPruner(model, {"0": 0.8}, start_step=0, end_step=4, schedule="linear")
+    assert [round(linear.step()["0"], 6) for _ in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert linear.sparsity("0") == pytest.approx(0.8, abs=1 / 270)
+    shot = GradualPruner(nn.Sequential(nn.Conv2d(3, 10, 3)), {"0": 0.5}, start_step=2, end_step=5,
+                         schedule="one-shot")
+    assert shot.step()["0"] == 0.0 and shot.step()["0"] == 0.5
 
 
 def test_resuming_a_gradual_pruner_equals_an_uninterrupted_run():
