@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from prunekit.defaults import DIGITS_SIZE
 from prunekit.io import PathLike, atomic_write, package_folder
 
 __all__ = [
@@ -66,7 +67,7 @@ _NORMALIZATIONS = ("imagenet", "none")
 
 # sklearn's digits are 8x8; upsampling to 16x16 leaves enough spatial positions
 # for three 2x2 max-pool stages in the built-in VGG-style model.
-DIGITS_IMAGE_SIZE = 16
+DIGITS_IMAGE_SIZE = DIGITS_SIZE  # one home: prunekit.defaults
 DIGITS_TEST_FILE = Path(__file__).resolve().parent / "assets" / "digits_test.npz"
 # 360 of the 1797 digits (20 %), stratified by class, with a fixed seed.
 _DIGITS_TEST_SIZE = 360

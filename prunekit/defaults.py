@@ -12,13 +12,16 @@ Example:
     (('l2', 'l0'), 'digits-vgg')
 """
 
-__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL"]
+__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL", "DIGITS_SIZE"]
 
 #: Channel scores from activation statistics: l2 (response magnitude) and l0 (firing frequency).
 CRITERIA = ("l2", "l0")
 
 #: The model a command uses when none is named: the built-in digits VGG with its shipped weights.
 DEFAULT_MODEL = "digits-vgg"
+
+#: Side of the built-in digits (scikit-learn's 8x8 digits, upsampled) that digits-vgg takes.
+DIGITS_SIZE = 16
 
 #: Adam's learning rate by default: measured on HED's real weights, every backbone conv at 80 %,
 #: 200 steps on crops of two photos, held-out edge-map distortion (one-shot 0.505): 3e-5 0.421,

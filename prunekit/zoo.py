@@ -192,9 +192,9 @@ def _read_torch_file(path: Path, what: str) -> Any:
     except pickle.UnpicklingError as err:
         # torch words a damaged or non-torch file ("Unsupported operand") the same
         # way as a real pickled model: only a named global means the latter.
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if "weights only load failed" in str(err).lower() and found:
-            detail = f" (it pickles {found.group(1)})"
+        found = _unsafe_globals(path, err)
+        if found:
+            detail = f" (it pickles {found[0]})"
             raise _PickledObjectError(
                 f"{what} {str(path)!r} holds pickled Python objects{detail} that "
                 "torch.load(weights_only=True) refuses"
@@ -225,6 +225,22 @@ class RecordedFactoryError(ValueError):
             f"checkpoint {self.path!r} asks to build its model with {arch!r}, which imports and runs code named by "
             f"the file; pass --trust-checkpoint if you trust it, or load it as --model {arch} --weights {self.path}"
         )
+
+
+def _unsafe_globals(path: Path, err: BaseException) -> List[str]:
+    """The Python objects (``module.name``) a torch file pickles beyond plain tensors; [] for a damaged file.
+
+    torch >= 2.5 answers directly (``get_unsafe_globals_in_checkpoint``); older torch only
+    says so in the text of its error, which is read as the fallback.
+    """
+    asker = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if asker is not None:
+        try:
+            return list(asker(path))
+        except Exception:  # not a zip checkpoint (a legacy or damaged file): read the error instead
+            pass
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return [found.group(1)] if "weights only load failed" in str(err).lower() and found else []
 
 
 class _PickledObjectError(ValueError):

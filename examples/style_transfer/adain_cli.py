@@ -35,6 +35,7 @@ from examples.style_transfer.adain_train import (
     train,
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
+from prunekit.cli.options import threads_option
 from prunekit.io import atomic_write, package_folder, write_json
 from prunekit.stats import save_channel_stats
 
@@ -55,25 +56,6 @@ def _library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(message)) from None
 
     return wrapper
-
-
-def _threads_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--threads N``: torch's CPU threads for the command, restored afterwards."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, threads: Optional[int] = None, **kwargs: Any) -> Any:
-        previous = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return click.option(
-        "--threads", default=None, type=click.IntRange(1),
-        help="CPU threads for torch (default: torch's choice); on a busy machine 1 can be faster.",
-    )(wrapper)
 
 
 def _heldout_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -194,7 +176,7 @@ def _parse_checkpoints(values: Sequence[str]) -> List[Tuple[str, str]]:
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               help="LABEL=PATH of a trained run; repeat to compare runs.")
 @_heldout_options
-@_threads_option
+@threads_option
 @_library_errors
 def analyze_command(
     checkpoints: Sequence[str], content_dir: str, style_dir: str, size: int, limit: Optional[int],
@@ -284,7 +266,7 @@ def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
               help="Interleaved timing repeats per count.")
 @click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Style strength.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_threads_option
+@threads_option
 @_library_errors
 def sweep_command(
     checkpoint: str, content_dir: str, style_dir: str, size: int, limit: Optional[int], out_dir: str,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import click
 import torch
 
+from prunekit.cli.options import threads_option
 from prunekit.io import write_json
 from prunekit.sparse import save_sparse
 from prunekit.sensitivity import SensitivityResult
@@ -118,7 +119,7 @@ def default_tv_weight(preprocess: str) -> float:
 
 
 def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options choosing the network, its preprocessing, the seed and the CPU threads."""
+    """Options choosing the network, its preprocessing and the seed (``--threads``: prunekit's threads_option)."""
     decorators = [
         click.option(
             "--arch",
@@ -144,12 +145,6 @@ def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "with HED's mean) [default: hed with --weights hed, else imagenet].",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds random weights and noise init."),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="CPU threads for torch (default: torch's choice). On a busy machine 1 can be faster.",
-        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
     ]
     for decorator in reversed(decorators):
@@ -285,23 +280,6 @@ class _Run:
         )
 
 
-def _with_threads(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Apply ``--threads`` for the duration of the command and restore torch's setting after."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        threads = kwargs.get("threads")
-        previous = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            return command(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return wrapper
-
-
 def _losses_line(losses: Dict[str, float]) -> str:
     return "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
 
@@ -314,7 +292,7 @@ def _losses_line(losses: Dict[str, float]) -> str:
 @network_options
 @click.option("--json", "as_json", is_flag=True, help="Print the losses and timing as JSON.")
 @_clean_errors
-@_with_threads
+@threads_option
 def stylize(content: str, style: str, output: str, as_json: bool, **options: Any) -> None:
     """Render CONTENT in the style of STYLE (Gatys et al., CVPR 2016).
 
@@ -404,7 +382,7 @@ def _run_scans(run: _Run, features: torch.nn.Sequential, content01: torch.Tensor
 @scan_transfer_options
 @network_options
 @_clean_errors
-@_with_threads
+@threads_option
 def scan(content: str, style: str, out_dir: str, metric: str, tolerance: float, **options: Any) -> None:
     """Scan how much each conv (16 in VGG-19, 13 in VGG-16) can be pruned for style transfer of CONTENT in STYLE.
 
@@ -470,7 +448,7 @@ def _load_scans(folder: Path, run: _Run) -> Dict[str, SensitivityResult]:
 @transfer_options
 @network_options
 @_clean_errors
-@_with_threads
+@threads_option
 def prune(content: str, style: str, out_dir: str, from_scan: Optional[str], metric: str, plan_metric: str,
           tolerance: float, joint: bool, finetune_steps: int, finetune_lr: float, as_json: bool,
           **options: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Callable, List, Optional, Tuple
@@ -9,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import click
 
 from prunekit._lazy import lazy_module
-from prunekit.defaults import DEFAULT_MODEL
+from prunekit.defaults import DEFAULT_MODEL, DIGITS_SIZE
 from prunekit.sensitivity.result import check_sparsities
 
 torch = lazy_module("torch")  # imported by the commands that run, not by -h or an argument error
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = 224
-DIGITS_SIZE = 16
 DEFAULT_BATCH = 8
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -216,18 +216,28 @@ def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Call
     return decorate
 
 
-def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
-    if value is not None:
-        torch.set_num_threads(value)
-    return value
-
-
 def threads_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--threads N``: torch's CPU threads for this command (on a shared machine 1 can be faster)."""
+    """``--threads N``: torch's CPU threads while the command runs, restored when it ends (also on errors).
+
+    The one home of the option: prunekit's commands and the example's use it (on a
+    shared machine 1 thread can be several times faster).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, threads: Optional[int] = None, **kwargs: Any) -> Any:
+        if threads is None:
+            return func(*args, **kwargs)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
     return click.option(
-        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        "--threads", type=click.IntRange(min=1), default=None,
         help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be several times faster).",
-    )(func)
+    )(wrapper)
 
 
 def run_options(seed_from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
