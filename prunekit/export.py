@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from prunekit._rollback import eval_mode
 from prunekit.io import PathLike, atomic_write
+from prunekit.sensitivity.metrics import relative_error
 
 __all__ = ["EXPORT_INSTALL", "export_onnx", "export_program"]
 
@@ -28,10 +29,9 @@ EXPORT_INSTALL = "pip install onnx onnxruntime onnxscript"
 
 
 def _relative_difference(expected: Tensor, actual: Tensor) -> float:
-    expected, actual = expected.detach().double().cpu(), actual.detach().double().cpu()
     if expected.shape != actual.shape:
         raise RuntimeError(f"the exported model returns shape {tuple(actual.shape)}, the model {tuple(expected.shape)}")
-    return float((expected - actual).norm() / expected.norm().clamp_min(1e-300))
+    return relative_error(actual.cpu(), expected.cpu())
 
 
 def _reference(model: nn.Module, example: Tensor) -> Tensor:

@@ -49,26 +49,25 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on a pruned model.
+    """``copy.deepcopy`` that also works on a pruned model, which it leaves untouched.
 
     torch keeps the masked tensor (``weight = weight_orig * weight_mask``) as a
     non-leaf tensor, which ``copy.deepcopy`` refuses once autograd recorded it.
-    It is detached for the copy and rebuilt afterwards; the forward pre-hook
-    rebuilds it at every forward anyway.
+    The copy gets a detached clone of it (and of any other non-leaf tensor a module
+    holds); its forward pre-hook recomputes it from the copy's own ``weight_orig``
+    and mask at every forward.
 
     Example:
         >>> twin = copy_model(apply_plan(nn.Sequential(nn.Conv2d(3, 8, 3)), {"0": 0.5}))
         >>> hasattr(twin[0], "weight_mask")
         True
     """
-    reparametrized = list(pruned_tensors(model))
-    for _, module, name, _ in reparametrized:
-        setattr(module, name, getattr(module, name).detach())
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for _, module, name, method in reparametrized:
-            setattr(module, name, method.apply_mask(module))
+    memo: Dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:

@@ -34,6 +34,7 @@ from prunekit.plans import apply_plan
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
 from prunekit.schedules import GradualPruner
+from prunekit.sensitivity.metrics import relative_distance
 
 __all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
 
@@ -135,7 +136,8 @@ def _distortion(student: nn.Module, teacher: nn.Module, batches: Sequence[Tensor
             errors = e if errors is None else errors + e
             norms = n if norms is None else norms + n
     assert errors is not None and norms is not None
-    return float((errors / norms.clamp_min(1e-300)).sqrt().mean())
+    distances = [relative_distance(e, n) for e, n in zip(errors.tolist(), norms.tolist())]
+    return sum(distances) / len(distances)
 
 
 def _zero_masks(student: nn.Module) -> List[tuple]:

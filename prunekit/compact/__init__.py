@@ -20,9 +20,8 @@ the mode in which a pruned model is evaluated and deployed.
 
 from __future__ import annotations
 
-import copy
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +36,8 @@ from prunekit.compact.modules import (
     resize_prelu,
 )
 from prunekit.compact.report import CompactionReport, LayerCost, compaction_report, layer_costs
-from prunekit.plans import finalize
+from prunekit.plans import copy_model, finalize
+from prunekit.sensitivity.metrics import relative_error
 
 __all__ = [
     "BorderBiasConv2d",
@@ -68,19 +68,6 @@ def check_tolerance(dtype: torch.dtype) -> float:
         (0.0001, 0.01)
     """
     return _CHECK_TOLERANCES.get(dtype, 1e-4)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on a masked model, leaving the model untouched."""
-    # A pruned module's ``weight`` is computed from weight_orig * weight_mask, a
-    # non-leaf tensor that deepcopy refuses; the copy gets a detached clone,
-    # which prune.remove recomputes anyway.
-    memo: Dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -129,8 +116,7 @@ def _check_equal(reference: Any, compacted: Any) -> None:
     for expected, actual in zip(_tensors(reference), _tensors(compacted)):
         if expected.shape != actual.shape or not expected.is_floating_point():
             continue  # output channels removed on purpose (prune_output_channels=True)
-        scale = expected.double().norm().clamp_min(1e-12)
-        error = float((expected.double() - actual.double()).norm() / scale)
+        error = relative_error(actual, expected)
         tolerance = check_tolerance(expected.dtype)
         if not error <= tolerance:
             raise RuntimeError(
@@ -196,7 +182,7 @@ def compact(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
-    compacted = _copy(model)
+    compacted = copy_model(model)
     finalize(compacted)
     plan = plan_compaction(compacted, prune_output_channels=prune_output_channels)
     reference = _eval_output(compacted, example_input) if example_input is not None else None

@@ -28,6 +28,7 @@ __all__ = [
     "model_device",
     "output_tensor",
     "relative_distance",
+    "relative_error",
 ]
 
 #: Key of the model's own output in the ``outputs`` mapping a metric receives.
@@ -198,6 +199,20 @@ def relative_distance(squared_error: float, squared_norm: float) -> float:
     if squared_norm > 0.0:
         return math.sqrt(squared_error / squared_norm)
     return 0.0 if squared_error == 0.0 else math.inf
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``||actual - expected|| / ||expected||``, summed in float64 (as :func:`relative_distance`: 0 for 0/0).
+
+    The one relative L2 distance of prunekit: scans, recovery, compaction's self-check and
+    the export checks all measure with it.
+
+    Example:
+        >>> relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0]))
+        1.3333333333333333
+    """
+    expected64, actual64 = expected.detach().double(), actual.detach().double().to(expected.device)
+    return relative_distance(float((actual64 - expected64).pow(2).sum()), float(expected64.pow(2).sum()))
 
 
 class OutputDistortion(ForwardMetric):
