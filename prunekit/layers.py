@@ -12,9 +12,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 __all__ = [
+    "model_device",
     "ELEMENTWISE_ACTIVATIONS",
     "ConvBlock",
     "conv_block",
@@ -109,6 +111,20 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise KeyError(
             f"unknown module {name!r}; conv layers are: {', '.join(conv_layers(model))}"
         ) from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without tensors.
+
+    Example:
+        >>> model_device(nn.Conv2d(1, 1, 1))
+        device(type='cpu')
+    """
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)

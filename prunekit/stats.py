@@ -23,7 +23,7 @@ from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import CRITERIA
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
-from prunekit.sensitivity.metrics import model_device
+from prunekit.layers import model_device
 
 __all__ = [
     "CRITERIA",

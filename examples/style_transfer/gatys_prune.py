@@ -32,7 +32,8 @@ from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
 from prunekit.recover import recover
 from prunekit.report import sparsity_report
 from prunekit.sensitivity import ForwardMetric, SensitivityResult, fit_plan, scan
-from prunekit.sensitivity.metrics import model_device, relative_distance
+from prunekit.layers import model_device
+from prunekit.sensitivity.metrics import relative_distance
 
 from examples.style_transfer.gatys import GatysConfig, GatysLoss, StylizeResult, gram_matrix, stylize
 from examples.style_transfer.imaging import resize_longer_side

@@ -47,7 +47,7 @@ _LARGEST_PROBE = 4096
 
 def status(quiet: bool, message: str) -> None:
     """A status line on stderr (rank 0 only; none with ``--quiet``)."""
-    from prunekit.sensitivity._distributed import is_main_process
+    from prunekit.sensitivity.distributed import is_main_process
 
     if not quiet and is_main_process():
         click.echo(message, err=True)
@@ -87,7 +87,7 @@ def read_json_on_rank0(path: Path) -> Any:
     A file rank 0 cannot read (not JSON, too large, not a file) raises the same error on every rank.
     """
     from prunekit.io import read_json
-    from prunekit.sensitivity._distributed import is_main_process, rank_and_world
+    from prunekit.sensitivity.distributed import is_main_process, rank_and_world
 
     box: List[Any] = [None]
     if is_main_process():

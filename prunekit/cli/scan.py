@@ -231,7 +231,7 @@ def scan_command(
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
     from prunekit.layers import resolve_layers
     from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, fit_plan, scan
-    from prunekit.sensitivity._distributed import is_main_process
+    from prunekit.sensitivity.distributed import is_main_process
     from prunekit.zoo import load_model
 
     target = ctx.with_resource(process_group(parse_device(device), timeout))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from prunekit.progress import progress_bar
-from prunekit.sensitivity.result import SensitivityResult, _drop
+from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
 from prunekit.sensitivity.scanner import evaluate_plan
 
 __all__ = ["PlanFit", "Trial", "fit_plan"]
@@ -114,7 +114,7 @@ def fit_plan(
                     )
             else:
                 joint = evaluate_plan(model, evaluate, trial, method=result.method, stats=stats, criterion=criterion)
-            kept = _drop(joint, result.baseline, result.higher_is_better, relative) <= max_drop + 1e-12
+            kept = within_tolerance(joint, result.baseline, result.higher_is_better, relative, max_drop)
             trials.append((layer, float(levels[following]), float(joint), kept))
             if kept:
                 plan, score, position[layer] = trial, joint, following
@@ -154,7 +154,7 @@ def _next_step(
         following = position[layer] + 1
         if layer in frozen or following >= len(levels) or levels[following] > ceiling[layer] + 1e-12:
             continue
-        single = _drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
+        single = score_drop(result.scores[layer][following], result.baseline, result.higher_is_better, relative)
         steps.append((single, order, layer, following))
     if not steps:
         return None

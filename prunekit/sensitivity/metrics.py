@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import eval_mode
-from prunekit.layers import get_module
+from prunekit.layers import get_module, model_device
 
 __all__ = [
     "Accuracy",
@@ -33,15 +33,6 @@ __all__ = [
 
 #: Key of the model's own output in the ``outputs`` mapping a metric receives.
 MODEL_OUTPUT = ""
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 class ForwardMetric(abc.ABC):

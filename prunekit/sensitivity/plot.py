@@ -8,7 +8,7 @@ from typing import Mapping, TYPE_CHECKING, Any, Optional
 from prunekit.io import PathLike
 from prunekit.plotting import new_figure, save_png
 
-from prunekit.sensitivity.result import _drop
+from prunekit.sensitivity.result import within_tolerance
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunekit.sensitivity.result import SensitivityResult
@@ -78,7 +78,7 @@ def plot_sensitivity(
             ax.axhspan(low, high, color="tab:green", alpha=0.12, linewidth=0)
             beyond = [
                 (x, y) for x, y in points[1:]
-                if math.isnan(y) or _drop(y, baseline, result.higher_is_better, relative) > max_drop + 1e-12
+                if not within_tolerance(y, baseline, result.higher_is_better, relative, max_drop)
             ]
             if beyond:
                 ax.plot([p[0] for p in beyond], [p[1] for p in beyond], linestyle="none", marker="x",

@@ -23,8 +23,10 @@ __all__ = [
     "DEFAULT_SPARSITIES",
     "SensitivityResult",
     "check_sparsities",
+    "score_drop",
     "select_plan",
     "select_sparsity",
+    "within_tolerance",
 ]
 
 #: The sparsity levels of the reference analysis (one VGG-19 conv layer at a time).
@@ -73,12 +75,29 @@ def check_sparsities(sparsities: Iterable[float]) -> Tuple[float, ...]:
     return tuple(checked)
 
 
-def _drop(score: float, baseline: float, higher_is_better: bool, relative: bool) -> float:
-    """How much worse ``score`` is than ``baseline`` (negative when better)."""
+def score_drop(score: float, baseline: float, higher_is_better: bool, relative: bool) -> float:
+    """How much worse ``score`` is than ``baseline`` (negative when better; a fraction of it with ``relative``).
+
+    Example:
+        >>> score_drop(0.9, 1.0, True, False), score_drop(0.2, 0.1, False, False)
+        (0.09999999999999998, 0.1)
+    """
     drop = baseline - score if higher_is_better else score - baseline
     if relative:
         drop /= abs(baseline)
     return drop
+
+
+def within_tolerance(score: float, baseline: float, higher_is_better: bool, relative: bool, max_drop: float) -> bool:
+    """The one verdict of plans, fits and plots: ``score`` is at most ``max_drop`` worse than ``baseline``.
+
+    A NaN score is never within. The comparison allows float rounding (``max_drop`` + 1e-12).
+
+    Example:
+        >>> within_tolerance(0.99, 1.0, True, False, 0.01), within_tolerance(0.98, 1.0, True, False, 0.01)
+        (True, False)
+    """
+    return score_drop(score, baseline, higher_is_better, relative) <= max_drop + _TOLERANCE_SLACK
 
 
 def _check_tolerance(max_drop: float, baseline: float, relative: bool) -> None:
@@ -119,9 +138,7 @@ def select_sparsity(
     _check_tolerance(max_drop, baseline, relative)
     chosen = 0.0
     for sparsity, score in zip(sparsities, scores):
-        if score is None or math.isnan(score):
-            break
-        if not _drop(score, baseline, higher_is_better, relative) <= max_drop + _TOLERANCE_SLACK:
+        if score is None or not within_tolerance(score, baseline, higher_is_better, relative, max_drop):
             break
         chosen = float(sparsity)
     return chosen
@@ -301,10 +318,8 @@ class SensitivityResult:
             for value in values:
                 cell = _format_score(value)
                 if plan is not None and value is not None and self.baseline is not None:
-                    bad = math.isnan(value) or (
-                        _drop(value, self.baseline, self.higher_is_better, relative)
-                        > max_drop + _TOLERANCE_SLACK  # type: ignore[operator]
-                    )
+                    bad = not within_tolerance(value, self.baseline, self.higher_is_better, relative,
+                                               max_drop)  # type: ignore[arg-type]
                     cell += "*" if bad else " "
                     starred = starred or bad
                 cells.append(cell)

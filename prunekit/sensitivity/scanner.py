@@ -25,9 +25,10 @@ from prunekit.methods.base import PruningMethod, Target
 from prunekit.methods.registry import METHODS, get_method
 from prunekit.plans import check_plan
 from prunekit.progress import progress_bar
-from prunekit.sensitivity._distributed import all_reduce_sum, rank_and_world
+from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
-from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, model_device
+from prunekit.layers import model_device
+from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 
 __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_plan", "scan"]
