@@ -262,7 +262,7 @@ def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, mon
     args = ["scan", "--sparsities", "0.4,0.6,0.8", "--out", "fit", "-q"]
     reference = runner.invoke(cli, args + ["--out", "ref"])
     assert reference.exit_code == 0, reference.stderr
-    real_fit = prunekit.sensitivity.fit_plan
+    real_fit = joint.fit_plan
 
     def interrupted_fit(*a, **kw):
         save = kw["on_trial"]
@@ -274,11 +274,11 @@ def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, mon
 
         return real_fit(*a, **dict(kw, on_trial=stop_after_two))
 
-    monkeypatch.setattr(prunekit.sensitivity, "fit_plan", interrupted_fit)
+    monkeypatch.setattr(joint, "fit_plan", interrupted_fit)
     stopped = runner.invoke(cli, args)
     assert stopped.exit_code == 130 and "--resume" in stopped.stderr
     assert len(json.loads(Path("fit/fit.json").read_text())["trials"]) == 2
-    monkeypatch.setattr(prunekit.sensitivity, "fit_plan", real_fit)
+    monkeypatch.setattr(joint, "fit_plan", real_fit)
     evaluations = []
     real_evaluate = joint.evaluate_plan
     monkeypatch.setattr(joint, "evaluate_plan", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))

@@ -37,7 +37,6 @@ __all__ = [
     "in_channels",
     "load_checkpoint_argument",
     "process_group",
-    "read_json_on_rank0",
     "recovery_batches",
     "status",
 ]
@@ -79,28 +78,6 @@ def process_group(device: "torch.device", timeout: float = DEFAULT_TIMEOUT) -> I
         yield device
     finally:
         torch.distributed.destroy_process_group()
-
-
-def read_json_on_rank0(path: Path) -> Any:
-    """The JSON in ``path`` as rank 0 reads it, on every rank (None: no such file); files are read once.
-
-    A file rank 0 cannot read (not JSON, too large, not a file) raises the same error on every rank.
-    """
-    from prunekit.io import read_json
-    from prunekit.sensitivity.distributed import is_main_process, rank_and_world
-
-    box: List[Any] = [None]
-    if is_main_process():
-        try:
-            box = [("ok", read_json(path) if os.path.lexists(path) else None)]
-        except (ValueError, OSError) as err:
-            box = [("error", one_line(err))]
-    if rank_and_world()[1] > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise ValueError(value)
-    return value
 
 
 def in_channels(model: nn.Module) -> int:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict
 
-from prunekit.io import read_json, write_json
+from prunekit.io import read_json
+from prunekit.sensitivity.folder import PLAN_FORMAT, recorded_path
 
-__all__ = ["PLAN_FORMAT", "PlanFile", "check_recorded_model", "read_plan_file", "recorded_path", "write_plan_file"]
+__all__ = ["PLAN_FORMAT", "PlanFile", "check_recorded_model", "read_plan_file", "recorded_path"]
 
-PLAN_FORMAT = "prunekit.plan/1"
 # What a plan records about its scan, and prune's option for each.
 CONTEXT_KEYS = ("model", "weights", "data", "image_size", "batch_size", "seed")
 
@@ -35,24 +35,6 @@ class PlanFile:
     def context(self, key: str) -> Any:
         """A recorded value of :data:`CONTEXT_KEYS` (None when the file does not record it)."""
         return self.meta.get(key)
-
-
-def recorded_path(value: Optional[str], kind: str) -> Optional[str]:
-    """``value`` made absolute when it names an existing file (``kind="file"``) or folder (``"folder"``)."""
-    if value is None:
-        return None
-    path = Path(value)
-    if (kind == "file" and path.is_file()) or (kind == "folder" and path.is_dir()):
-        return str(path.resolve())
-    return value
-
-
-def write_plan_file(path: Path, plan: Mapping[str, float], context: Mapping[str, Any], **details: Any) -> None:
-    """Write ``plan.json`` atomically: the format tag, the plan, its scan's context and ``details``."""
-    document: Dict[str, Any] = {"format": PLAN_FORMAT, "plan": dict(plan)}
-    document.update(context)
-    document.update(details)
-    write_json(path, document)
 
 
 def _looks_like_scan(data: Any) -> bool:

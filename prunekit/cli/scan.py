@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, Optional
 
 import click
 
@@ -18,7 +17,6 @@ from prunekit.cli.inputs import (
     batch_inputs,
     evaluation_data,
     process_group,
-    read_json_on_rank0,
     status,
 )
 from prunekit.cli.options import (
@@ -32,85 +30,15 @@ from prunekit.cli.options import (
     threads_option,
 )
 from prunekit.cli.paths import check_output_folder
-from prunekit.cli.plan_file import recorded_path, write_plan_file
 from prunekit.defaults import CRITERIA
 from prunekit.methods.registry import METHODS, get_method
-from prunekit.io import write_json
+from prunekit.sensitivity.folder import ScanFolder, recorded_path
 from prunekit.sensitivity.result import SensitivityResult
 
 __all__ = ["scan_command"]
 
 DEFAULT_OUT = "prunekit-scan"
 DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
-_FIT_FORMAT = "prunekit.fit/1"
-
-
-def _options_differ(previous: Any, current: Mapping[str, Any]) -> List[str]:
-    if not isinstance(previous, Mapping):
-        return ["the saved file records no options"]
-    differences = []
-    for key, value in current.items():
-        if previous.get(key) == value:
-            continue
-        if key == "fingerprint":
-            saved = previous.get(key) if isinstance(previous.get(key), Mapping) else {}
-            changed = [what for what in ("weights", "data") if saved.get(what) != value[what]]
-            differences.append(f"the {' and the '.join(changed)} it was measured on changed since")
-        else:
-            differences.append(f"{key} {previous.get(key)!r} (now {value!r})")
-    return differences
-
-
-def _read_partial_scan(scan_file: Path) -> SensitivityResult:
-    document = read_json_on_rank0(scan_file)
-    if document is None:
-        raise FileNotFoundError(f"--resume: no partial scan at {scan_file}; run without --resume to start one")
-    return SensitivityResult.from_dict(document, repr(str(scan_file)))
-
-
-def _refuse_other_results(out: str, scan_file: Path, typed: Mapping[str, Any]) -> None:
-    """Refuse to replace the results of another scan in ``--out`` (other model, weights, data, method or levels)."""
-    try:
-        document = read_json_on_rank0(scan_file)
-    except ValueError:
-        document = "unreadable"
-    if document is None:
-        return
-    options = document.get("meta", {}).get("options") if isinstance(document, dict) else None
-    if not isinstance(options, Mapping):
-        raise ValueError(
-            f"--out {out} holds a scan.json that is not a prunekit scan; choose another --out, or pass --force to "
-            "replace it"
-        )
-    differences = [f"{key} {options.get(key)!r} (now {value!r})" for key, value in typed.items()
-                   if options.get(key) != value]
-    if differences:
-        raise ValueError(
-            f"--out {out} holds the results of another scan ({'; '.join(differences)}); choose another --out, "
-            "or pass --force to replace them"
-        )
-
-
-def _saved_trials(fit_file: Path, key: Mapping[str, Any], resume: bool) -> Optional[List[Any]]:
-    """The trials of an interrupted fit of the same scan and tolerance (only with --resume)."""
-    if not resume:
-        return None
-    with contextlib.suppress(ValueError):
-        document = read_json_on_rank0(fit_file)
-        if isinstance(document, dict) and document.get("format") == _FIT_FORMAT and document.get("key") == dict(key):
-            trials = document.get("trials")
-            if isinstance(trials, list) and all(_is_trial(t) for t in trials):
-                return list(trials)
-    return None
-
-
-def _is_trial(item: Any) -> bool:
-    """``[layer, sparsity, score, kept]`` as fit.json stores a trial."""
-    return (
-        isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item[1:3])
-        and isinstance(item[3], bool)
-    )
 
 
 def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str:
@@ -230,17 +158,17 @@ def scan_command(
 
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
     from prunekit.layers import resolve_layers
-    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, fit_plan, scan
+    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, scan
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.zoo import load_model
 
     target = ctx.with_resource(process_group(parse_device(device), timeout))
     uses_statistics = get_method(method).needs_statistics
-    scan_file, fit_file, plan_file = out_dir / "scan.json", out_dir / "fit.json", out_dir / "plan.json"
-    previous = _read_partial_scan(scan_file) if resume else None
+    folder = ScanFolder(out_dir)
     if not resume and not force:
-        _refuse_other_results(out, scan_file, {"model": model_spec, "weights": weights, "data": data,
-                                                "method": method, "sparsities": list(levels)})
+        folder.refuse_other_scan({"model": model_spec, "weights": weights, "data": data, "method": method,
+                                  "sparsities": list(levels)})
+    previous = folder.partial_scan() if resume else None  # read before any work: a missing one fails fast
 
     torch.manual_seed(seed)
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
@@ -264,17 +192,10 @@ def scan_command(
         "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
     }
     if previous is not None:
-        differences = _options_differ(previous.meta.get("options", {}), options)
-        if differences:
-            raise ValueError(
-                f"--resume: the partial scan in {scan_file} used other options: " + "; ".join(differences)
-                + ". Rerun with the same options, or drop --resume to start over"
-            )
+        folder.check_resumable(previous, options)
         status(quiet, f"resuming: {previous.num_done} points already measured")
-    elif scan_file.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            if not SensitivityResult.from_json(scan_file).complete:
-                status(quiet, f"note: replacing the partial scan in {scan_file} (use --resume to continue it)")
+    elif folder.holds_a_partial_scan():
+        status(quiet, f"note: replacing the partial scan in {folder.scan_file} (use --resume to continue it)")
 
     status(quiet, f"data: {description}; metric: {metric_name}; {len(convs)} conv layers x {len(levels)} levels")
     stats = None
@@ -286,50 +207,38 @@ def scan_command(
     try:
         result = scan(
             model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
-            progress=not quiet, criterion=criterion, resume_from=previous,
-            on_point=lambda partial: partial.to_json(scan_file),
+            progress=not quiet, criterion=criterion, resume_from=previous, on_point=folder.save_scan,
             meta={"options": options, "prunekit": __version__, "data": description},
         )
     except KeyboardInterrupt:
         if is_main_process():
-            click.echo(f"\ninterrupted: the points measured so far are in {scan_file}; "
+            click.echo(f"\ninterrupted: the points measured so far are in {folder.scan_file}; "
                        "run the same command with --resume to continue", err=True)
         ctx.exit(130)
 
     tolerance = max_drop if max_drop is not None else DEFAULT_MAX_DROP[result.metric]
     per_layer = result.plan(tolerance, relative=relative)
-    fit_key = {"options": options, "max_drop": tolerance, "relative": relative}
     try:
         # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
         per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
         if joint:
-            saved = _saved_trials(fit_file, fit_key, resume)
-            if saved:
-                status(quiet, f"resuming the plan fit: {len(saved)} trials already measured")
-
-            def save_fit(partial: Any) -> None:
-                if is_main_process():
-                    write_json(fit_file, {"format": _FIT_FORMAT, "key": fit_key, "trials": partial.trials})
-
             status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
-            fitted = fit_plan(model, evaluate, result, tolerance, relative=relative, stats=stats,
-                              criterion=criterion, resume_from=saved, on_trial=save_fit,
-                              progress=not quiet and is_main_process())
+            fitted = folder.fit_plan(
+                model, evaluate, result, tolerance, key={"options": options, "max_drop": tolerance, "relative": relative},
+                relative=relative, stats=stats, criterion=criterion, resume=resume, progress=not quiet,
+                on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),
+            )
             plan, combined = fitted.plan, fitted.score
         else:
             plan, combined = per_layer, per_layer_score
     except KeyboardInterrupt:
         if is_main_process():
-            click.echo(f"\ninterrupted while fitting the plan: the scan is complete in {scan_file} and the fit's "
-                       f"trials so far are in {fit_file}; run the same command with --resume to continue", err=True)
+            click.echo(f"\ninterrupted while fitting the plan: the scan is complete in {folder.scan_file} and the "
+                       f"fit's trials so far are in {folder.fit_file}; run the same command with --resume to continue",
+                       err=True)
         ctx.exit(130)
     if not is_main_process():
         return  # rank 0 alone writes and prints
-    files = {"scan": str(scan_file), "csv": str(out_dir / "scan.csv"), "plan": str(plan_file)}
-    if joint:
-        files["fit"] = str(fit_file)
-    result.to_json(scan_file)
-    result.to_csv(out_dir / "scan.csv")
     context = {
         "model": recorded_path(model_spec, "file"),
         "weights": recorded_path(weights, "file"),
@@ -338,22 +247,17 @@ def scan_command(
         "batch_size": batch_size,
         "seed": seed,
     }
-    write_plan_file(
-        plan_file, plan, context,
+    files = folder.write(
+        result, plan, context, max_drop=tolerance, relative=relative, joint=joint,
+        warn=lambda message: click.echo(f"warning: {message}", err=True),
         method=method, criterion=criterion if uses_statistics else None,
         statistics=f"channel statistics ({criterion}) measured on {description}" if uses_statistics else None,
-        data_description=description, scan=str(scan_file.resolve()),
-        max_drop=tolerance, relative=relative, metric=result.metric, higher_is_better=result.higher_is_better,
-        baseline=result.baseline, score_with_plan=combined, joint=joint,
-        per_layer_plan=per_layer, score_with_per_layer_plan=per_layer_score, prunekit=__version__,
+        data_description=description, metric=result.metric, higher_is_better=result.higher_is_better,
+        baseline=result.baseline, score_with_plan=combined, per_layer_plan=per_layer,
+        score_with_per_layer_plan=per_layer_score, prunekit=__version__,
     )
-    try:
-        result.plot(out_dir / "sensitivity.png", max_drop=tolerance, relative=relative, plan=plan if joint else None)
-        files["plot"] = str(out_dir / "sensitivity.png")
-    except ImportError as err:
-        click.echo(f"warning: sensitivity.png not written: {err}", err=True)
     # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
-    hint = _apply_hint(plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
+    hint = _apply_hint(folder.plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
 
     if as_json:
         emit_json({

@@ -158,7 +158,8 @@ class ChannelActivation(prune.BasePruningMethod):
         scores = self.scores.to(t.device)
         if self.amount is not None:
             count = count_to_prune(self.amount, channels, what="channels")
-            pruned = torch.argsort(scores, stable=True)[:count]
+            everyone = torch.ones(channels, dtype=torch.bool, device=scores.device)
+            pruned = lowest_channels(scores, everyone, count).nonzero().flatten()
         else:
             pruned = torch.nonzero(scores <= self.threshold).flatten()
         mask = default_mask.clone(memory_format=torch.contiguous_format)

@@ -8,12 +8,16 @@ whole job. Collectives run on float64 tensors, on the device the backend needs
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-import torch
-from torch import Tensor
+from prunekit._lazy import lazy_module
 
-__all__ = ["all_reduce_sum", "is_main_process", "rank_and_world"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # the CLI reads its files through here before it needs torch
+
+__all__ = ["all_reduce_sum", "is_main_process", "rank_and_world", "read_json_on_rank0"]
 
 
 def _initialized() -> bool:
@@ -57,3 +61,26 @@ def all_reduce_sum(local: Optional[Tensor]) -> Optional[Tensor]:
         values += local.detach().double().reshape(-1).to(device)
     torch.distributed.all_reduce(values)
     return values.cpu()
+
+
+def read_json_on_rank0(path: Any) -> Any:
+    """The JSON in ``path`` as rank 0 reads it, on every rank (None: no such file); each file is read once.
+
+    A file rank 0 cannot read (not JSON, too large, not a file) raises the same ``ValueError`` on every rank.
+    """
+    import os
+
+    from prunekit.io import read_json
+
+    box: list = [None]
+    if is_main_process():
+        try:
+            box = [("ok", read_json(path) if os.path.lexists(path) else None)]
+        except (ValueError, OSError) as err:
+            box = [("error", " ".join(str(err).split()))]
+    if rank_and_world()[1] > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
