@@ -35,12 +35,11 @@ import difflib
 import functools
 import importlib
 import os
-import pickle
 import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -49,6 +48,7 @@ from prunekit.defaults import DEFAULT_MODEL
 from prunekit.io import PathLike, save_torch
 from prunekit.layers import conv_layers
 from prunekit.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
+from prunekit.weights import PickledObjectError, load_state, load_weights, read_torch_file, sparse_limit
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -63,7 +63,9 @@ __all__ = [
     "is_model_name",
     "load_model",
     "load_weights",
+    "register_model",
     "save_checkpoint",
+    "unregister_model",
     "torchvision_models",
 ]
 
@@ -75,20 +77,55 @@ DIGITS_VGG_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_vgg.pt
 
 _CHECKPOINT_FORMAT = "prunekit-checkpoint-v1"
 _FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_SHOW = 5  # keys listed per kind in a state_dict mismatch message
 
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be downloaded (e.g. offline); the message says how to supply them."""
 
 
+#: (weights, progress) -> a model: ``weights`` is None (the model's default weights) or "none".
+ModelBuilder = Callable[[Optional[str], bool], nn.Module]
+_BUILDERS: Dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder under ``name``: ``load_model(name)`` and ``--model name`` then build it.
+
+    The builder takes ``(weights, progress)``: ``weights`` is None for the model's own default
+    weights, or ``"none"`` for none (a ``--weights`` file is loaded into it afterwards).
+
+    Example:
+        >>> @register_model("tiny-conv")
+        ... def tiny(weights, progress):
+        ...     return nn.Sequential(nn.Conv2d(1, 2, 3))
+        >>> type(load_model("tiny-conv")).__name__
+        'Sequential'
+        >>> unregister_model("tiny-conv")
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name) or name in _BUILDERS:
+        raise ValueError(f"model name {name!r} is taken or not a lowercase name (letters, digits, '-', '_')")
+
+    def register(builder: ModelBuilder) -> ModelBuilder:
+        _BUILDERS[name] = builder
+        return builder
+
+    return register
+
+
+def unregister_model(name: str) -> None:
+    """Forget a model registered with :func:`register_model` (KeyError naming the registered ones)."""
+    if name not in _BUILDERS:
+        raise KeyError(f"no model {name!r} is registered; registered: {', '.join(_BUILDERS)}")
+    del _BUILDERS[name]
+
+
 def available_models() -> List[str]:
-    """The model names :func:`load_model` builds without a file: ``digits-vgg``, ``hed`` and the torchvision VGGs.
+    """The model names :func:`load_model` builds without a file: the registered ones and the torchvision VGGs.
 
     Every other torchvision classification model is accepted by name too (``resnet18``, ...);
     see :func:`torchvision_models`.
     """
-    return [DEFAULT_MODEL, HED_MODEL, *VGG_NAMES]
+    return [*_BUILDERS, *VGG_NAMES]
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,34 +218,20 @@ def digits_vgg(pretrained: bool = False, num_classes: int = 10) -> nn.Sequential
     return model.eval()
 
 
+@register_model(DEFAULT_MODEL)
+def _digits_vgg(weights: Optional[str], progress: bool) -> nn.Module:
+    return digits_vgg(pretrained=weights is None)
+
+
+@register_model(HED_MODEL)
+def _hed(weights: Optional[str], progress: bool) -> nn.Module:
+    from prunekit import hed
+
+    return hed.hed() if weights is None else hed.HED()
+
+
 # ---------------------------------------------------------------------------
-# State dicts
-
-
-def _read_torch_file(path: Path, what: str) -> Any:
-    """``torch.load`` with ``weights_only=True``, turning every failure into an error naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch words a damaged or non-torch file ("Unsupported operand") the same
-        # way as a real pickled model: only a named global means the latter.
-        found = _unsafe_globals(path, err)
-        if found:
-            detail = f" (it pickles {found[0]})"
-            raise _PickledObjectError(
-                f"{what} {str(path)!r} holds pickled Python objects{detail} that "
-                "torch.load(weights_only=True) refuses"
-            ) from None
-        # torch's own text here advises weights_only=False, the wrong advice for
-        # a file that is damaged or not a checkpoint at all.
-        raise ValueError(
-            f"{what} {str(path)!r} is not a readable PyTorch checkpoint (damaged, or another kind of file); "
-            "pass a file written by torch.save or prunekit"
-        ) from None
-    except Exception as err:  # zip/pickle readers raise RuntimeError, KeyError, EOFError, ...
-        raise ValueError(
-            f"{what} {str(path)!r} is not a readable PyTorch file ({type(err).__name__}: {err})"
-        ) from None
+# Checkpoints that name their architecture
 
 
 class RecordedFactoryError(ValueError):
@@ -225,129 +248,6 @@ class RecordedFactoryError(ValueError):
             f"checkpoint {self.path!r} asks to build its model with {arch!r}, which imports and runs code named by "
             f"the file; pass --trust-checkpoint if you trust it, or load it as --model {arch} --weights {self.path}"
         )
-
-
-def _unsafe_globals(path: Path, err: BaseException) -> List[str]:
-    """The Python objects (``module.name``) a torch file pickles beyond plain tensors; [] for a damaged file.
-
-    torch >= 2.5 answers directly (``get_unsafe_globals_in_checkpoint``); older torch only
-    says so in the text of its error, which is read as the fallback.
-    """
-    asker = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if asker is not None:
-        try:
-            return list(asker(path))
-        except Exception:  # not a zip checkpoint (a legacy or damaged file): read the error instead
-            pass
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    return [found.group(1)] if "weights only load failed" in str(err).lower() and found else []
-
-
-class _PickledObjectError(ValueError):
-    """A torch file needs full unpickling (``weights_only=False``) to be read."""
-
-
-def _as_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(
-            f"{str(path)!r} does not hold a state_dict (a dict of tensors); it holds {type(obj).__name__}"
-        )
-    bad = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
-    if bad:
-        raise ValueError(
-            f"{str(path)!r} is not a state_dict: {len(bad)} entries are not tensors "
-            f"(e.g. {', '.join(map(repr, bad[:_SHOW]))})"
-        )
-    return dict(obj)
-
-
-def _adapt_keys(state: Dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Strip a DataParallel ``module.`` prefix and fold ``*_orig * *_mask`` pairs the model does not have."""
-    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    folded = dict(state)
-    for key in list(state):
-        if not key.endswith("_orig") or key in expected:
-            continue
-        base = key[: -len("_orig")]
-        mask = state.get(base + "_mask")
-        if mask is not None and base not in state:
-            folded[base] = state[key] * mask
-            del folded[key], folded[base + "_mask"]
-    # BatchNorm fills in a missing counter itself in older state_dicts; do the same.
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in folded:
-            folded[key] = torch.zeros_like(value)
-    return folded
-
-
-def _mismatch_message(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Optional[str]:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
-    return "; ".join(parts) or None
-
-
-def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load a state_dict file into ``model`` strictly (safe: ``weights_only=True``) and return the model.
-
-    Accepts a plain state_dict, a ``{"state_dict": ...}`` wrapper (such as a prunekit
-    checkpoint), a ``module.`` prefix, and ``weight_orig``/``weight_mask`` pairs from
-    ``torch.nn.utils.prune`` (folded to ``weight_orig * weight_mask``).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a state_dict, or its keys/shapes do not match
-            ``model`` (the message lists the first few of each).
-
-    Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3))
-        >>> torch.save(model.state_dict(), "w.pt")
-        >>> load_weights(model, "w.pt")
-        Sequential(
-          (0): Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1))
-        )
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"weights file {str(target)!r} is a folder; name the state_dict file inside it")
-    if not target.is_file():
-        raise FileNotFoundError(f"weights file {str(target)!r} not found")
-    if is_sparse_file(target):
-        state = load_sparse(target, max_bytes=_sparse_limit(model))
-        return _load_state(model, dict(state), target)
-    try:
-        obj = _read_torch_file(target, "weights file")
-    except _PickledObjectError as err:
-        raise ValueError(
-            f"{err}; --weights needs a state_dict (torch.save(model.state_dict(), path)). "
-            "A whole pickled model can be loaded as --model PATH --trust-checkpoint if you trust it"
-        ) from None
-    return _load_state(model, obj, target)
-
-
-def _load_state(model: nn.Module, obj: Any, path: Path) -> nn.Module:
-    expected = model.state_dict()
-    state = _adapt_keys(_as_state_dict(obj, path), expected)
-    problem = _mismatch_message(state, expected)
-    if problem is not None:
-        raise ValueError(
-            f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}. "
-            "Check that the weights were saved from this architecture (e.g. vgg16 weights do not fit vgg19)"
-        )
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -420,11 +320,6 @@ def _factory(spec: str, folder: Optional[PathLike] = None) -> nn.Module:
     return model
 
 
-def _sparse_limit(model: nn.Module) -> int:
-    """The most bytes a sparse file loaded into ``model`` may decode: the model's own state, plus slack for masks."""
-    return 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
-
-
 def _sparse_checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
     arch = read_sparse_header(path).get("arch")
     if arch is None:
@@ -434,7 +329,7 @@ def _sparse_checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn
         )
     model = _build_recorded(arch, path, trust_checkpoint, progress)
     # The architecture bounds what the file may make us allocate (the shapes are checked first).
-    return _load_state(model, dict(load_sparse(path, max_bytes=_sparse_limit(model))), path)
+    return load_state(model, dict(load_sparse(path, max_bytes=sparse_limit(model))), path)
 
 
 def _build_recorded(arch: str, path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module:
@@ -453,8 +348,8 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
     if is_sparse_file(path):
         return _sparse_checkpoint(path, trust_checkpoint, progress)
     try:
-        obj = _read_torch_file(path, "checkpoint")
-    except _PickledObjectError as err:
+        obj = read_torch_file(path, "checkpoint")
+    except PickledObjectError as err:
         if not trust_checkpoint:
             raise ValueError(
                 f"{err}; unpickling a whole model runs code stored in the file, so it is "
@@ -469,7 +364,7 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
         return obj
 
     if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and "state_dict" in obj:
-        return _load_state(_build_recorded(obj["arch"], path, trust_checkpoint, progress), obj, path)
+        return load_state(_build_recorded(obj["arch"], path, trust_checkpoint, progress), obj, path)
     if isinstance(obj, Mapping):
         raise ValueError(
             f"{str(path)!r} holds a state_dict without an architecture; pass the architecture as "
@@ -482,12 +377,8 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
 def _build(spec: str, weights: Optional[str], progress: bool, folder: Optional[PathLike] = None) -> nn.Module:
     """Build a named architecture (built-in, torchvision or factory) with the default or no weights."""
     name = spec.lower()
-    if name == DEFAULT_MODEL:
-        return digits_vgg(pretrained=weights is None)
-    if name == HED_MODEL:
-        from prunekit import hed
-
-        return hed.hed() if weights is None else hed.HED()
+    if name in _BUILDERS:
+        return _BUILDERS[name](weights, progress)
     if not _FACTORY_SPEC.match(spec) and is_model_name(name):
         return _torchvision(name, weights, progress)
     return _factory(spec, folder)
@@ -558,7 +449,7 @@ def load_model(
     name = spec.strip().lower()
     path = Path(spec)
 
-    if name in (DEFAULT_MODEL, HED_MODEL):
+    if name in _BUILDERS:
         kind = "builtin"
     elif name in VGG_NAMES:
         kind = "torchvision"

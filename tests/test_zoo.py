@@ -14,6 +14,7 @@ from prunekit.zoo import (
     DIGITS_VGG_WEIGHTS,
     VGG_NAMES,
     WeightsUnavailableError,
+    available_models,
     digits_vgg,
     load_model,
     load_weights,
@@ -214,3 +215,27 @@ def test_damaged_or_foreign_file_is_not_called_a_pickled_model(tmp_path, content
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as info:
         load_model(str(path))
     assert "trust" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_models_come_from_one_registry():
+    from prunekit.zoo import register_model, unregister_model
+
+    assert available_models()[:2] == ["digits-vgg", "hed"]
+    calls = []
+
+    @register_model("unit-test-net")
+    def build(weights, progress):
+        calls.append(weights)
+        return nn.Sequential(nn.Conv2d(1, 2, 3))
+
+    try:
+        assert "unit-test-net" in available_models()
+        load_model("unit-test-net")
+        assert calls == [None]  # its own default weights
+        with pytest.raises(ValueError, match="taken"):
+            register_model("unit-test-net")
+    finally:
+        unregister_model("unit-test-net")
+    assert "unit-test-net" not in available_models()
+    with pytest.raises(ValueError, match="unknown model 'unit-test-net'"):
+        load_model("unit-test-net")
