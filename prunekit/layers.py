@@ -8,15 +8,18 @@ channel masks cover the conv and its BatchNorm together.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
 
 __all__ = [
+    "captured_outputs",
     "model_device",
+    "record_outputs",
     "ELEMENTWISE_ACTIVATIONS",
     "ConvBlock",
     "conv_block",
@@ -125,6 +128,60 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def record_outputs(
+    model: nn.Module, names: Iterable[str], store: Dict[str, Any], keep: Optional[Callable[[Any], Any]] = None
+) -> List[Any]:
+    """Hook each named submodule so that its output lands in ``store[name]`` (through ``keep`` when given).
+
+    Returns the hook handles (``handle.remove()`` each to stop). The one output recorder of
+    prunekit: metrics (a detached copy), recovery and the training regularizer (the live tensor).
+
+    Example:
+        >>> model, seen = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), {}
+        >>> handles = record_outputs(model, ["0"], seen)
+        >>> _ = model(torch.zeros(1, 1, 5, 5)); [h.remove() for h in handles] and sorted(seen)
+        ['0']
+    """
+    handles: List[Any] = []
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            store[name] = output if keep is None else keep(output)
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_module(model, name).register_forward_hook(hook_for(name)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextlib.contextmanager
+def captured_outputs(
+    model: nn.Module, names: Iterable[str], keep: Optional[Callable[[Any], Any]] = None
+) -> Iterator[Dict[str, Any]]:
+    """The outputs of the named submodules during the block, as a dict (hooks removed after it).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+        >>> with captured_outputs(model, ["0"]) as seen:
+        ...     _ = model(torch.zeros(1, 1, 5, 5))
+        >>> seen["0"].shape
+        torch.Size([1, 2, 3, 3])
+    """
+    store: Dict[str, Any] = {}
+    handles = record_outputs(model, names, store, keep)
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)

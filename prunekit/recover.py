@@ -29,7 +29,7 @@ import prunekit  # noqa: F401  (the docstring example uses it)
 from prunekit._rollback import eval_mode
 from prunekit.io import PathLike
 from prunekit.defaults import DEFAULT_LR
-from prunekit.layers import get_module
+from prunekit.layers import captured_outputs
 from prunekit.plans import apply_plan
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
@@ -113,14 +113,8 @@ def _outputs(model: nn.Module, x: Tensor, layers: Optional[Sequence[str]]) -> Li
     if layers is None:
         out = model(x)
         return [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
-    captured: Dict[str, Tensor] = {}
-    handles = [get_module(model, name).register_forward_hook(
-        lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in layers]
-    try:
+    with captured_outputs(model, layers) as captured:
         model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
     return [captured[name] for name in layers]
 
 

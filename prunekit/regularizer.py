@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from prunekit.layers import conv_block, resolve_layers
+from prunekit.layers import conv_block, record_outputs, resolve_layers
 from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
 
 __all__ = ["ChannelRegularizer"]
@@ -92,12 +92,10 @@ class ChannelRegularizer:
         self._outputs: Dict[str, Any] = {}
         self._handles: List[Any] = []
         self._removed = False
-        modules = dict(model.named_modules())
         try:
             # A new forward of the whole model starts a new batch: drop the old outputs.
             self._handles.append(model.register_forward_pre_hook(self._start_forward))
-            for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+            self._handles += record_outputs(model, self.layers, self._outputs)  # the live tensors: the loss trains them
         except BaseException:
             self.remove()
             raise
@@ -128,12 +126,6 @@ class ChannelRegularizer:
 
     def _start_forward(self, module: nn.Module, inputs: Any) -> None:
         self._outputs.clear()
-
-    def _recorder(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._outputs[name] = output
-
-        return hook
 
     def _features(self) -> Dict[str, Tensor]:
         if self._removed:

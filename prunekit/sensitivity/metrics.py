@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import eval_mode
-from prunekit.layers import get_module, model_device
+from prunekit.layers import captured_outputs, get_module, model_device
 
 __all__ = [
     "Accuracy",
@@ -113,24 +113,9 @@ class ForwardMetric(abc.ABC):
 @contextlib.contextmanager
 def _captured(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, Tensor]]:
     """Record (a copy of) the output of each named submodule while the block runs; hooks removed after."""
-    captured: Dict[str, Tensor] = {}
-    handles = []
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            # A copy, since an in-place op further on (ReLU(inplace=True)) may overwrite it.
-            captured[name] = output.detach().clone()
-
-        return hook
-
-    try:
-        for name in names:
-            if name != MODEL_OUTPUT:
-                handles.append(get_module(model, name).register_forward_hook(hook_for(name)))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    # A copy, since an in-place op further on (ReLU(inplace=True)) may overwrite it.
+    with captured_outputs(model, [n for n in names if n != MODEL_OUTPUT], keep=lambda o: o.detach().clone()) as seen:
+        yield seen
 
 
 def output_tensor(output: Any) -> Tensor:
