@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunekit.tracing import TracingError, trace_graph
 from prunekit.compact.modules import BorderBiasConv2d
 from prunekit.layers import ELEMENTWISE_ACTIVATIONS
 
@@ -103,19 +104,14 @@ class CompactionPlan:
         return not self.keep_out
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return isinstance(module, BorderBiasConv2d) or super().is_leaf_module(module, qualname)
-
-
 def trace(model: nn.Module) -> fx.Graph:
-    """Trace ``model`` with ``torch.fx``; raise UnsupportedGraphError with advice if it cannot be traced."""
+    """Trace ``model`` with prunekit's tracer; raise UnsupportedGraphError with advice if it cannot be traced."""
     try:
-        return _Tracer().trace(model)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
+        return trace_graph(model)[0]
+    except TracingError as err:
         raise UnsupportedGraphError(
             f"compact could not trace {type(model).__name__} with torch.fx "
-            f"({type(err).__name__}: {err}); compact needs a forward without data-dependent "
+            f"({err}); compact needs a forward without data-dependent "
             "control flow, such as an nn.Sequential stack or torchvision's VGG; compact the traceable "
             "parts instead (an encoder and a decoder together: prunekit.compact_chain(encoder, decoder))"
         ) from None

@@ -28,18 +28,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from prunekit.tracing import TracingError, trace_graph
+
 __all__ = ["GraphRunner", "Traced", "UntraceableError", "live_values", "trace"]
 
 
 class UntraceableError(RuntimeError):
     """The model cannot be split into a prefix and suffixes (the message says why)."""
-
-
-class _LeafConvTracer(fx.Tracer):
-    """torch.fx's tracer, with every ``Conv2d`` (subclasses included) kept as one call: the layers we cut at."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -79,12 +74,11 @@ def trace(model: nn.Module) -> Traced:
     """
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         raise UntraceableError("global forward hooks are registered; running graph pieces would skip them")
-    tracer = _LeafConvTracer()
     try:
-        graph = tracer.trace(model)
-    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        raise UntraceableError(f"torch.fx cannot trace it ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
-    graph_module = fx.GraphModule(tracer.root, graph)
+        graph, root = trace_graph(model)
+    except TracingError as err:
+        raise UntraceableError(f"torch.fx cannot trace it ({err})") from None
+    graph_module = fx.GraphModule(root, graph)
     nodes = list(graph.nodes)
     calls: Dict[str, List[int]] = {}
     for index, node in enumerate(nodes):
