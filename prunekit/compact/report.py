@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from prunekit.report import count_macs
+from prunekit.macs import count_macs
 
 __all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]
 
