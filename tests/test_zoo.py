@@ -239,3 +239,11 @@ def test_models_come_from_one_registry():
     assert "unit-test-net" not in available_models()
     with pytest.raises(ValueError, match="unknown model 'unit-test-net'"):
         load_model("unit-test-net")
+
+
+def test_any_torchvision_classifier_by_name():
+    model = load_model("resnet18")
+    assert type(model).__name__ == "ResNet" and not model.training
+    assert "conv1" in conv_layers(model)
+    with pytest.raises(ValueError, match="imagenet is available for torchvision model names"):
+        load_model("digits-vgg", weights="imagenet")
