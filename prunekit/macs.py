@@ -13,7 +13,26 @@ from torch import nn
 
 from prunekit._rollback import eval_mode
 
-__all__ = ["count_macs"]
+__all__ = ["batched_shape", "count_macs"]
+
+
+def batched_shape(input_size: Sequence[int], dims: Optional[int] = None) -> Tuple[int, ...]:
+    """``input_size`` with a batch of one in front of a ``(C, H, W)`` shape, checked (``dims``: the length required).
+
+    The one normaliser of input sizes (MAC counts, compaction reports).
+
+    Example:
+        >>> batched_shape((3, 8, 8)), batched_shape((2, 3, 8, 8), dims=4)
+        ((1, 3, 8, 8), (2, 3, 8, 8))
+    """
+    shape = tuple(int(v) for v in input_size)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    if len(shape) < 2 or (dims is not None and len(shape) != dims) or any(v <= 0 for v in shape):
+        raise ValueError(
+            f"input_size={tuple(input_size)!r} must be (C, H, W) or (N, C, H, W) with positive sizes, e.g. (3, 224, 224)"
+        )
+    return shape
 
 
 def count_macs(
@@ -35,11 +54,7 @@ def count_macs(
         >>> count_macs(nn.Sequential(nn.Conv2d(3, 8, 3)), (3, 8, 8))
         {'0': (7776, 7776)}
     """
-    shape = tuple(int(v) for v in input_size)
-    if len(shape) == 3:
-        shape = (1,) + shape
-    if len(shape) < 2 or any(v <= 0 for v in shape):
-        raise ValueError(f"input_size={tuple(input_size)!r} must be (C, H, W) or (N, C, H, W) with positive sizes")
+    shape = batched_shape(input_size)
     if layers is None:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     totals: Dict[str, List[int]] = {name: [0, 0] for name in layers}

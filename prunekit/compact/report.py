@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from prunekit.macs import count_macs
+from prunekit.macs import batched_shape, count_macs
 
 __all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]
 
@@ -25,18 +25,6 @@ class LayerCost:
     macs: int
 
 
-def _input_shape(input_size: Sequence[int]) -> Tuple[int, ...]:
-    shape = tuple(int(s) for s in input_size)
-    if len(shape) == 3:
-        shape = (1,) + shape
-    if len(shape) != 4 or any(s <= 0 for s in shape):
-        raise ValueError(
-            f"input_size={tuple(input_size)!r} must be (C, H, W) or (N, C, H, W) with positive "
-            "sizes, e.g. (3, 224, 224)"
-        )
-    return shape
-
-
 def layer_costs(model: nn.Module, input_size: Sequence[int]) -> "OrderedDict[str, LayerCost]":
     """Measure each ``Conv2d`` / ``Linear`` of ``model`` on a zero input of ``input_size`` (per sample).
 
@@ -48,7 +36,7 @@ def layer_costs(model: nn.Module, input_size: Sequence[int]) -> "OrderedDict[str
         >>> costs["0"].macs
         7776
     """
-    shape = _input_shape(input_size)
+    shape = batched_shape(input_size, dims=4)
     macs = count_macs(model, shape)  # prunekit's one MAC counter: every call counts
     costs: "OrderedDict[str, LayerCost]" = OrderedDict()
     for name, module in model.named_modules():
@@ -175,7 +163,7 @@ def compaction_report(before: nn.Module, after: nn.Module, input_size: Sequence[
         >>> compaction_report(model, model, (3, 16, 16)).macs_ratio
         1.0
     """
-    shape = _input_shape(input_size)
+    shape = batched_shape(input_size, dims=4)
     return CompactionReport(
         input_size=shape[1:],
         before=layer_costs(before, shape),
