@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.macs import count_macs
+from prunekit.tables import format_table
 
 __all__ = ["LayerSparsity", "SparsityReport", "count_macs", "sparsity_report"]
 
@@ -110,11 +111,9 @@ class SparsityReport:
             ["total (all params)", "", f"{self.total_params:,}", f"{self.total_zeros:,}", f"{self.sparsity:.1%}"]
             + ([_macs(self.macs), _macs(self.effective_macs)] if with_macs else [])
         )
-        widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-        lines = ["  ".join(str(cell).rjust(width) if i > 1 else str(cell).ljust(width)
-                           for i, (cell, width) in enumerate(zip(row, widths))) for row in [header] + rows]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        lines.insert(len(lines) - 1, lines[1])
+        lines, rule = format_table([header] + rows, left=2)
+        lines.insert(1, rule)
+        lines.insert(len(lines) - 1, rule)
         lines.append(
             f"size: {self.dense_bytes / _MIB:.2f} MiB dense, {self.nonzero_bytes / _MIB:.2f} MiB of non-zeros "
             f"({self.compression:.2f}x fewer parameters)"

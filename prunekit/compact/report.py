@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prunekit.macs import batched_shape, count_macs
+from prunekit.tables import format_table
 
 __all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]
 
@@ -137,12 +138,8 @@ class CompactionReport:
                 f"{self.macs_after:,}",
             )
         )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines, rule = format_table(rows)
+        lines.insert(1, rule)
         lines.append(
             f"params {self.params_ratio:.2f}x fewer, MACs {self.macs_ratio:.2f}x fewer "
             f"(input {tuple(self.input_size)}, per sample)"

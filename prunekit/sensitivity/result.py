@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from prunekit.io import PathLike, atomic_write, read_json
+from prunekit.tables import format_table
 
 __all__ = [
     "DEFAULT_SPARSITIES",
@@ -328,12 +329,7 @@ class SensitivityResult:
             if differs:
                 cells.append(_percent(own[layer]))  # type: ignore[index]
             rows.append(cells)
-        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-        align = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
-            cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)
-        ).rstrip()
-        lines.append(align(header))
-        lines.extend(align(row) for row in rows)
+        lines.extend(line.rstrip() for line in format_table([header] + rows)[0])
         if plan is not None:
             kind = f"{max_drop:g} of the baseline (relative)" if relative else f"{max_drop:g}"
             word = "drop" if self.higher_is_better else "rise"
