@@ -61,7 +61,7 @@ def test_a_system_folder_is_refused_as_data(runner, root):
 def test_the_process_group_waits_at_most_the_timeout(monkeypatch):
     import datetime
 
-    from prunekit.cli.inputs import DEFAULT_TIMEOUT, process_group
+    from prunekit.cli.session import DEFAULT_TIMEOUT, process_group
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")

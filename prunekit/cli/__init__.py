@@ -2,8 +2,10 @@
 
 * ``scan.py``, ``prune.py``, ``report.py``, ``compact.py``: the commands.
 * ``options.py``: options several commands share, and parsers of option values.
-* ``inputs.py``: what a command builds first (process group, evaluation and recovery
-  data, checked input sizes).
+* ``inputs.py``: the images a command works on (evaluation and recovery batches).
+* ``sizes.py``: input sizes checked before any work (channels, memory, poolings).
+* ``checkpoints.py``: a CHECKPOINT argument, and the spec a saved model records.
+* ``session.py``: status lines and the torchrun process group.
 * ``plan_file.py``: ``plan.json``, the hand-over from ``scan`` to ``prune``.
 * ``paths.py``: output paths checked before any work; never over an input.
 * ``errors.py``: library errors as one line (exit 1), Ctrl-C as exit 130, pure ``--json``.

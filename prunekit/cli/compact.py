@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional
 import click
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import check_input_fits, in_channels, load_checkpoint_argument
+from prunekit.cli.checkpoints import load_checkpoint_argument
+from prunekit.cli.sizes import check_input_fits, in_channels
 from prunekit.cli.options import DEFAULT_IMAGE_SIZE, DIGITS_SIZE, examples, parse_input_size, threads_option
 from prunekit.cli.paths import check_output_file, refuse_inputs
 

@@ -11,14 +11,8 @@ from typing import Any, Iterator, List, Optional
 import click
 
 from prunekit.cli.errors import emit_json, library_errors, one_line
-from prunekit.cli.inputs import (
-    architecture,
-    batch_inputs,
-    evaluation_data,
-    in_channels,
-    recovery_batches,
-    status,
-)
+from prunekit.cli.checkpoints import architecture
+from prunekit.cli.inputs import batch_inputs, evaluation_data, recovery_batches
 from prunekit.cli.options import (
     DEFAULT_IMAGE_SIZE,
     DIGITS_SIZE,
@@ -31,6 +25,8 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
+from prunekit.cli.session import status
+from prunekit.cli.sizes import in_channels
 from prunekit.defaults import CRITERIA, DEFAULT_LR, DEFAULT_MODEL
 from prunekit.methods.registry import METHODS, get_method
 

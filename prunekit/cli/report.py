@@ -7,7 +7,8 @@ from typing import Optional
 import click
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import check_input_fits, load_checkpoint_argument
+from prunekit.cli.checkpoints import load_checkpoint_argument
+from prunekit.cli.sizes import check_input_fits
 from prunekit.cli.options import examples, parse_input_size, threads_option
 
 __all__ = ["report_command"]

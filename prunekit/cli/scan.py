@@ -12,13 +12,7 @@ import click
 
 from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import (
-    DEFAULT_TIMEOUT,
-    batch_inputs,
-    evaluation_data,
-    process_group,
-    status,
-)
+from prunekit.cli.inputs import batch_inputs, evaluation_data
 from prunekit.cli.options import (
     data_options,
     examples,
@@ -30,6 +24,7 @@ from prunekit.cli.options import (
     threads_option,
 )
 from prunekit.cli.paths import check_output_folder
+from prunekit.cli.session import DEFAULT_TIMEOUT, process_group, status
 from prunekit.defaults import CRITERIA
 from prunekit.methods.registry import METHODS, get_method
 from prunekit.sensitivity.folder import ScanFolder, recorded_path
