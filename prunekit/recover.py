@@ -218,84 +218,100 @@ def recover(
             batches, held_out = batches[:-cut], batches[-cut:]
         else:
             held_out = batches
-    held = list(held_out)
-    device = next(student.parameters()).device
+    run = _Distillation(student, teacher, batches, list(held_out), layers, lr, pruner, autocast, eval_every, steps)
     teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
     teacher_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-    history = RecoveryHistory()
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    zeros = _zero_masks(student)
-    best_state: Optional[Dict[str, Tensor]] = None
-
-    def evaluate(step: int, loss: float) -> None:
-        nonlocal best_state
-        value = _distortion(student, teacher, held, layers)
-        history.steps.append(step)
-        history.train_loss.append(loss)
-        history.distortion.append(value)
-        eligible = pruner is None or pruner.done
-        if eligible and value < history.best_distortion:
-            history.best_distortion, history.best_step = value, step
-            best_state = copy.deepcopy(student.state_dict())
-
-    def _train_step(step: int) -> None:
-        if pruner is not None:
-            pruner.step()  # its masks keep their own zeros; `zeros` still holds the finalized ones
-        x = batches[(step - 1) % len(batches)].to(device)
-        with torch.no_grad():
-            targets = _outputs(teacher, x, layers)
-        with torch.autocast(device.type, enabled=autocast):
-            outputs = _outputs(student, x, layers)
-        loss = sum(((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
-                   for o, t in zip(outputs, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for weight, keep in zeros:
-                weight.mul_(keep)
-        if step % eval_every == 0 or step == steps:
-            evaluate(step, float(loss.detach()))
-
-    history.steps_planned = steps
     try:
         for p, _ in teacher_flags:
             p.requires_grad_(False)
         with eval_mode(student), eval_mode(teacher):
-            # Ctrl-C anywhere here (even in the first evaluation) keeps the best state so far.
-            try:
-                started = time.perf_counter()
-                evaluate(0, float("nan"))
-                evaluation_seconds = time.perf_counter() - started
-                if pruner is None:
-                    history.pruned_distortion = history.distortion[0]
-                else:
-                    # The plan applied at once is a candidate too: gradual + recover is never worse than one-shot.
-                    shot = copy.deepcopy(student)
-                    apply_plan(shot, pruner.plan, method=pruner.method, stats=pruner.stats,
-                               criterion=pruner.criterion)
-                    history.pruned_distortion = _distortion(shot, teacher, held, layers)
-                    history.best_distortion, history.best_step = history.pruned_distortion, 0
-                    best_state = copy.deepcopy(shot.state_dict())
-                    del shot
-                with progress_bar(steps, "recovering", progress) as tick:
-                    for step in range(1, steps + 1):
-                        started = time.perf_counter()
-                        _train_step(step)
-                        history.steps_done = step
-                        if step == 1 and on_estimate is not None:
-                            step_seconds = time.perf_counter() - started
-                            evaluations = len(range(eval_every, steps + 1, eval_every)) + (steps % eval_every != 0)
-                            on_estimate(step_seconds, step_seconds * steps + evaluation_seconds * evaluations)
-                        tick()
+            try:  # Ctrl-C anywhere here (even in the first evaluation) keeps the best state so far
+                run.train(progress, on_estimate)
             except KeyboardInterrupt:
-                history.interrupted = True  # keep the best weights so far (below); the caller sees the flag
+                run.history.interrupted = True  # the caller sees the flag
     finally:
         for p, flag in teacher_flags:
             p.requires_grad_(flag)
-        if best_state is not None:
-            _load_best(student, best_state)
+        if run.best_state is not None:
+            _load_best(student, run.best_state)
         for key, value in teacher.state_dict().items():
             assert torch.equal(value, teacher_state[key]), "recover changed the teacher: a prunekit bug"
-    return history
+    return run.history
+
+
+class _Distillation:
+    """One :func:`recover` run: the optimiser, the zeros kept, the held-out evaluations and the best state."""
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, batches: List[Tensor], held: List[Tensor],
+        layers: Optional[Sequence[str]], lr: float, pruner: Optional[GradualPruner], autocast: bool,
+        eval_every: int, steps: int,
+    ) -> None:
+        self.student, self.teacher, self.batches, self.held, self.layers = student, teacher, batches, held, layers
+        self.pruner, self.autocast, self.eval_every, self.steps = pruner, autocast, eval_every, steps
+        self.device = next(student.parameters()).device
+        self.optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+        self.zeros = _zero_masks(student)
+        self.history = RecoveryHistory(steps_planned=steps)
+        self.best_state: Optional[Dict[str, Tensor]] = None
+
+    def evaluate(self, step: int, loss: float) -> None:
+        """Score the student on the held-out batches; keep its state when it is the best so far (and eligible)."""
+        value = _distortion(self.student, self.teacher, self.held, self.layers)
+        self.history.steps.append(step)
+        self.history.train_loss.append(loss)
+        self.history.distortion.append(value)
+        eligible = self.pruner is None or self.pruner.done  # only states at the plan's final sparsity
+        if eligible and value < self.history.best_distortion:
+            self.history.best_distortion, self.history.best_step = value, step
+            self.best_state = copy.deepcopy(self.student.state_dict())
+
+    def one_shot_candidate(self) -> None:
+        """The plan applied at once is a candidate too: gradual + recover is never worse than one-shot."""
+        pruner = self.pruner
+        assert pruner is not None
+        shot = copy.deepcopy(self.student)
+        apply_plan(shot, pruner.plan, method=pruner.method, stats=pruner.stats, criterion=pruner.criterion)
+        self.history.pruned_distortion = _distortion(shot, self.teacher, self.held, self.layers)
+        self.history.best_distortion, self.history.best_step = self.history.pruned_distortion, 0
+        self.best_state = copy.deepcopy(shot.state_dict())
+
+    def step(self, step: int) -> None:
+        """One Adam step of distillation on the next batch; the zeros are put back after it."""
+        if self.pruner is not None:
+            self.pruner.step()  # its masks keep their own zeros; `zeros` still holds the finalized ones
+        x = self.batches[(step - 1) % len(self.batches)].to(self.device)
+        with torch.no_grad():
+            targets = _outputs(self.teacher, x, self.layers)
+        with torch.autocast(self.device.type, enabled=self.autocast):
+            outputs = _outputs(self.student, x, self.layers)
+        loss = sum(((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12))
+                   for o, t in zip(outputs, targets))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            for weight, keep in self.zeros:
+                weight.mul_(keep)
+        if step % self.eval_every == 0 or step == self.steps:
+            self.evaluate(step, float(loss.detach()))
+
+    def train(self, progress: bool, on_estimate: Optional[Callable[[float, float], None]]) -> None:
+        started = time.perf_counter()
+        self.evaluate(0, float("nan"))
+        evaluation_seconds = time.perf_counter() - started
+        if self.pruner is None:
+            self.history.pruned_distortion = self.history.distortion[0]
+        else:
+            self.one_shot_candidate()
+        with progress_bar(self.steps, "recovering", progress) as tick:
+            for step in range(1, self.steps + 1):
+                started = time.perf_counter()
+                self.step(step)
+                self.history.steps_done = step
+                if step == 1 and on_estimate is not None:
+                    step_seconds = time.perf_counter() - started
+                    evaluations = len(range(self.eval_every, self.steps + 1, self.eval_every))
+                    evaluations += self.steps % self.eval_every != 0
+                    on_estimate(step_seconds, step_seconds * self.steps + evaluation_seconds * evaluations)
+                tick()
