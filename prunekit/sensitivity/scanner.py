@@ -501,89 +501,131 @@ def scan(
         result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
     masker = _Masker(model, pruning, scores)
 
-    rank, world = rank_and_world()
-    main = rank == 0
+    main = rank_and_world()[0] == 0
     report = on_point if (on_point is not None and main) else None
     guard = _Guard(model)
     try:
         model.eval()
-        forward = isinstance(evaluate, ForwardMetric)
-        statistics = None
-        if forward:
-            evaluate.prepare(model)
-            statistics = _forward_statistics(evaluate, model)
-            baseline = evaluate.reduce(statistics)
-        else:
-            baseline = _score(evaluate(model))
-        if not math.isfinite(baseline):
-            raise ValueError(
-                f"the dense model scores {baseline} before any pruning, so no point could be judged against it; "
-                "check the evaluation data and the metric (NaN or Inf in the inputs, or a metric that returns NaN)"
-            )
+        baseline, statistics = _dense_baseline(evaluate, model)
         guard.reset_point()
-        previous = resume_from.baseline if resume_from is not None else None
-        if previous is not None and not math.isclose(baseline, previous, rel_tol=1e-6, abs_tol=1e-9):
-            raise ValueError(
-                f"the dense model scores {baseline!r} but the partial scan measured {previous!r}: "
-                "the model, data or metric changed; start a new scan"
-            )
         fingerprint = _fingerprint(method, criterion, statistics, scores)
         if resume_from is not None:
-            _check_fingerprint(resume_from.meta.get("fingerprint"), fingerprint)
+            _check_resumed_baseline(resume_from, baseline, fingerprint)
         result.meta["fingerprint"] = fingerprint
         result.baseline = baseline
         if report is not None:
             report(result)
-
+        points = _Points(model, evaluate, result, targets, masker, guard, report)
         traced, positions, capture = _suffix_graph(model, evaluate, convs)
         order = sorted(convs, key=lambda layer: positions.get(layer, math.inf))
-        pending = [(layer, i) for layer in order for i, value in enumerate(result.scores[layer]) if value is None]
-        with progress_bar(len(pending), "scanning", progress and main) as tick:
-            if forward:
-                cache = _PrefixCache(GraphRunner(traced), cache_limit) if traced is not None else None
-                for layer in order:
-                    todo = [i for i, value in enumerate(result.scores[layer]) if value is None]
-                    if not todo:
-                        continue
-                    if cache is not None and layer in positions:
-                        values = _stream_layer(
-                            evaluate, model, cache, positions[layer], capture, guard,
-                            targets[layer], {i: masker.masked(layer, targets[layer], levels[i]) for i in todo},
-                        )
-                    else:
-                        values = {}
-                        for i in todo:
-                            with guard.swap(targets[layer], masker.masked(layer, targets[layer], levels[i])):
-                                values[i] = _forward_score(evaluate, model)
-                    guard.reset_point()
-                    for i in todo:
-                        result.scores[layer][i] = _not_nan(values[i], layer, levels[i])
-                        tick(f"{layer} @ {levels[i]:.0%}")
-                    if report is not None:
-                        report(result)
-                if cache is not None:
-                    cache.clear()
+        with progress_bar(len(points.pending(order)), "scanning", progress and main) as tick:
+            if isinstance(evaluate, ForwardMetric):
+                points.by_forwards(order, traced, positions, capture, cache_limit, tick)
             else:
-                # A plain callable: the points are shared out, one per rank in each round.
-                for start in range(0, len(pending), world):
-                    round_points = pending[start : start + world]
-                    local = torch.zeros(len(round_points), dtype=torch.float64)
-                    if rank < len(round_points):
-                        layer, i = round_points[rank]
-                        with guard.swap(targets[layer], masker.masked(layer, targets[layer], levels[i])):
-                            local[rank] = _score(evaluate(model))
-                        guard.reset_point()
-                    values = all_reduce_sum(local)  # every point has one owner: the sum is its value
-                    assert values is not None
-                    for (layer, i), value in zip(round_points, values.tolist()):
-                        result.scores[layer][i] = _not_nan(value, layer, levels[i])
-                        tick(f"{layer} @ {levels[i]:.0%}")
-                    if report is not None:
-                        report(result)
+                points.by_callable(order, tick)
     finally:
         masker.release()
         guard.restore()
     return result
+
+
+def _dense_baseline(evaluate: Any, model: nn.Module) -> Tuple[float, Optional[Tensor]]:
+    """The dense model's score (and a ForwardMetric's summed statistics), refused when not finite."""
+    statistics = None
+    if isinstance(evaluate, ForwardMetric):
+        evaluate.prepare(model)
+        statistics = _forward_statistics(evaluate, model)
+        baseline = evaluate.reduce(statistics)
+    else:
+        baseline = _score(evaluate(model))
+    if not math.isfinite(baseline):
+        raise ValueError(
+            f"the dense model scores {baseline} before any pruning, so no point could be judged against it; "
+            "check the evaluation data and the metric (NaN or Inf in the inputs, or a metric that returns NaN)"
+        )
+    return baseline, statistics
+
+
+def _check_resumed_baseline(resume_from: SensitivityResult, baseline: float, fingerprint: Mapping[str, Any]) -> None:
+    previous = resume_from.baseline
+    if previous is not None and not math.isclose(baseline, previous, rel_tol=1e-6, abs_tol=1e-9):
+        raise ValueError(
+            f"the dense model scores {baseline!r} but the partial scan measured {previous!r}: "
+            "the model, data or metric changed; start a new scan"
+        )
+    _check_fingerprint(resume_from.meta.get("fingerprint"), fingerprint)
+
+
+class _Points:
+    """The points of a scan still to measure, and the two ways of measuring them."""
+
+    def __init__(
+        self, model: nn.Module, evaluate: Any, result: SensitivityResult, targets: Mapping[str, List[Target]],
+        masker: _Masker, guard: "_Guard", report: Optional[Callable[[SensitivityResult], None]],
+    ) -> None:
+        self.model, self.evaluate, self.result, self.targets = model, evaluate, result, targets
+        self.masker, self.guard, self.report = masker, guard, report
+        self.levels = result.sparsities
+
+    def todo(self, layer: str) -> List[int]:
+        return [i for i, value in enumerate(self.result.scores[layer]) if value is None]
+
+    def pending(self, order: Sequence[str]) -> List[Tuple[str, int]]:
+        return [(layer, i) for layer in order for i in self.todo(layer)]
+
+    def masked(self, layer: str, i: int) -> List[Tensor]:
+        return self.masker.masked(layer, self.targets[layer], self.levels[i])
+
+    def record(self, layer: str, values: Mapping[int, float], tick: Callable[..., None]) -> None:
+        for i, value in values.items():
+            self.result.scores[layer][i] = _not_nan(value, layer, self.levels[i])
+            tick(f"{layer} @ {self.levels[i]:.0%}")
+
+    def by_forwards(
+        self, order: Sequence[str], traced: Optional[Traced], positions: Mapping[str, int],
+        capture: Mapping[str, int], cache_limit: int, tick: Callable[..., None],
+    ) -> None:
+        """A ForwardMetric: layer by layer, the suffix after the cut for each level (full forwards where no cut)."""
+        cache = _PrefixCache(GraphRunner(traced), cache_limit) if traced is not None else None
+        for layer in order:
+            todo = self.todo(layer)
+            if not todo:
+                continue
+            if cache is not None and layer in positions:
+                values = _stream_layer(
+                    self.evaluate, self.model, cache, positions[layer], capture, self.guard, self.targets[layer],
+                    {i: self.masked(layer, i) for i in todo},
+                )
+            else:
+                values = {}
+                for i in todo:
+                    with self.guard.swap(self.targets[layer], self.masked(layer, i)):
+                        values[i] = _forward_score(self.evaluate, self.model)
+            self.guard.reset_point()
+            self.record(layer, {i: values[i] for i in todo}, tick)
+            if self.report is not None:
+                self.report(self.result)
+        if cache is not None:
+            cache.clear()
+
+    def by_callable(self, order: Sequence[str], tick: Callable[..., None]) -> None:
+        """A plain callable: the points are shared out, one per rank in each round."""
+        rank, world = rank_and_world()
+        pending = self.pending(order)
+        for start in range(0, len(pending), world):
+            round_points = pending[start : start + world]
+            local = torch.zeros(len(round_points), dtype=torch.float64)
+            if rank < len(round_points):
+                layer, i = round_points[rank]
+                with self.guard.swap(self.targets[layer], self.masked(layer, i)):
+                    local[rank] = _score(self.evaluate(self.model))
+                self.guard.reset_point()
+            values = all_reduce_sum(local)  # every point has one owner: the sum is its value
+            assert values is not None
+            for (layer, i), value in zip(round_points, values.tolist()):
+                self.record(layer, {i: value}, tick)
+            if self.report is not None:
+                self.report(self.result)
 
 
 def _stream_layer(
