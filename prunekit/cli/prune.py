@@ -236,43 +236,25 @@ def prune_command(
         check_output_file("--recover-plot", recover_plot, "recovery.png")
     refuse_inputs([("--out", out), ("--recover-plot", recover_plot)],
                   [("--plan file", plan_path), ("--model file", model_spec), ("--weights file", weights)])
-    import torch
-
-    from prunekit.io import save_torch
-    from prunekit.plans import apply_plan, finalize
-    from prunekit.report import sparsity_report
-    from prunekit.zoo import save_checkpoint
-
     target = parse_device(device)
     for note in context.notes:
         status(quiet, f"note: {note}")
     if context.from_plan:
         status(quiet, f"from {plan_path}: {', '.join(context.from_plan)}")
-
     with _blamed_on_plan(context):
-        torch.manual_seed(seed)
-        model = _load(context, model_spec, weights, trust_checkpoint, quiet).to(target)
+        model = _load_with_seed(context, model_spec, weights, trust_checkpoint, quiet, seed).to(target)
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
         _check_layers(model, plan, model_spec)
-        stats = None
-        if pruning.needs_statistics:
-            from prunekit.stats import collect_channel_stats
-
-            batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
-            status(quiet, f"measuring channel statistics on {description} ...")
-            stats = collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
+        stats = _statistics(model, pruning, plan, data, image_size, batch_size, seed, quiet)
         history = None
         if recover_steps:
             history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
                                recover_batch_size, recover_steps, recover_lr, gradual, seed, quiet)
         else:
+            from prunekit.plans import apply_plan
+
             apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
-        finalize(model)
-        if arch is None:
-            save_torch(model.cpu(), out)  # a pickled module, like its source
-        else:
-            save_checkpoint(model.cpu(), out, arch)
-        report = sparsity_report(model)
+        report = _save(model, out, arch)
         if history is not None and recover_plot is not None:
             from prunekit.recover import plot_recovery
 
@@ -299,6 +281,41 @@ def prune_command(
         status(quiet, hint)
     if history is not None and history.interrupted:
         raise click.exceptions.Exit(130)
+
+
+def _load_with_seed(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool,
+                    seed: int) -> Any:
+    import torch
+
+    torch.manual_seed(seed)  # random weights (a factory without --weights) as the scan had them
+    return _load(context, model_spec, weights, trust_checkpoint, quiet)
+
+
+def _statistics(model: Any, pruning: Any, plan: PlanFile, data: str, image_size: Optional[int],
+                batch_size: Optional[int], seed: int, quiet: bool) -> Any:
+    """The activation statistics a method needs (measured on the plan's data), else None."""
+    if not pruning.needs_statistics:
+        return None
+    from prunekit.stats import collect_channel_stats
+
+    batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
+    status(quiet, f"measuring channel statistics on {description} ...")
+    return collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
+
+
+def _save(model: Any, out: str, arch: Optional[str]) -> Any:
+    """Make the pruning permanent, save the model (a prunekit checkpoint, or pickled like its source); its report."""
+    from prunekit.io import save_torch
+    from prunekit.plans import finalize
+    from prunekit.report import sparsity_report
+    from prunekit.zoo import save_checkpoint
+
+    finalize(model)
+    if arch is None:
+        save_torch(model.cpu(), out)  # a pickled module, like its source
+    else:
+        save_checkpoint(model.cpu(), out, arch)
+    return sparsity_report(model)
 
 
 def _recover(
