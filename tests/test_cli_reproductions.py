@@ -135,7 +135,7 @@ def test_a_full_disk_names_the_file_and_the_way_on(runner, monkeypatch):
                           "cannot write 'p.pt': No space left on device", "free some space")
     assert ".tmp" not in line and "pos" not in line
     assert not any(name.endswith(".tmp") for name in os.listdir("."))
-    monkeypatch.undo()
+    monkeypatch.setattr(prunekit.io.os, "fdopen", real_fdopen)  # (undo() would also undo the fixture's chdir)
     Path("ch.json").write_text(json.dumps({"features.5": 0.5}))
     assert runner.invoke(cli, ["prune", "--plan", "ch.json", "--method", "channel", "--out", "ch.pt", "-q"]).exit_code == 0
     monkeypatch.setattr(prunekit.io.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))

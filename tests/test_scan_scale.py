@@ -166,7 +166,7 @@ def _working_set_peak(model, n_batches, cache_limit, monkeypatch):
 
     monkeypatch.setattr(scanner._PrefixCache, "state_at", probing)
     scan(model, metric, sparsities=(0.5,), progress=False, cache_limit=cache_limit)
-    monkeypatch.undo()
+    monkeypatch.setattr(scanner._PrefixCache, "state_at", real_state_at)
     return peak[0]
 
 
