@@ -92,6 +92,18 @@ class ScanFolder:
         self.fit_file = self.path / "fit.json"
         self.plan_file = self.path / "plan.json"
         self.plot_file = self.path / "sensitivity.png"
+        self._before: Any = None  # scan.json as found before this run: read once (a collective under torchrun)
+        self._read = False
+
+    def _saved_scan(self) -> Any:
+        """The JSON of ``scan.json`` as it was before this run (None: none; a ValueError: unreadable)."""
+        if not self._read:
+            try:
+                self._before = read_json_on_rank0(self.scan_file)
+            except ValueError as err:
+                self._before = err
+            self._read = True
+        return self._before
 
     # ------------------------------------------------------------------ before the scan
 
@@ -102,7 +114,9 @@ class ScanFolder:
             FileNotFoundError: there is none.
             ValueError: it is not a scan.
         """
-        document = read_json_on_rank0(self.scan_file)
+        document = self._saved_scan()
+        if isinstance(document, ValueError):
+            raise document
         if document is None:
             raise FileNotFoundError(f"--resume: no partial scan at {self.scan_file}; run without --resume to start one")
         return SensitivityResult.from_dict(document, repr(str(self.scan_file)))
@@ -126,10 +140,7 @@ class ScanFolder:
         Raises:
             ValueError: naming what differs, ``--force`` and another ``--out`` as the ways on.
         """
-        try:
-            document = read_json_on_rank0(self.scan_file)
-        except ValueError:
-            document = "unreadable"
+        document = self._saved_scan()
         if document is None:
             return
         options = document.get("meta", {}).get("options") if isinstance(document, dict) else None
@@ -148,9 +159,11 @@ class ScanFolder:
 
     def holds_a_partial_scan(self) -> bool:
         """Whether ``scan.json`` is an unfinished scan (which a new scan would replace)."""
+        document = self._saved_scan()
+        if document is None or isinstance(document, ValueError):
+            return False
         try:
-            document = read_json_on_rank0(self.scan_file)
-            return document is not None and not SensitivityResult.from_dict(document).complete
+            return not SensitivityResult.from_dict(document).complete
         except ValueError:
             return False
 
