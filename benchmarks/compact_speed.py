@@ -25,7 +25,7 @@ from torch import nn
 
 import prunekit
 from prunekit.compact import compact, compaction_report
-from prunekit.timing import latency_samples, speedup, spread
+from prunekit.measure.timing import latency_samples, speedup, spread
 
 
 def mask_half_of_every_conv(features: nn.Sequential) -> nn.Sequential:

@@ -40,8 +40,8 @@ import torch
 import prunekit
 from prunekit.compact import compact, compaction_report
 from prunekit.datasets import builtin_photos
-from prunekit.sparse import load_sparse, save_sparse
-from prunekit.timing import latency_samples, speedup, spread
+from prunekit.io.sparse import load_sparse, save_sparse
+from prunekit.measure.timing import latency_samples, speedup, spread
 
 
 def read_plan(path: str) -> Dict[str, float]:
@@ -128,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{distortion(pruned, reference, photos):.4f} on the photos that chose the plan{held_out_note(pruned)}")
     with tempfile.TemporaryDirectory() as folder:
         dense_path = os.path.join(folder, "hed_pruned.pt")
-        prunekit.io.save_torch(state, dense_path)
+        prunekit.io.files.save_torch(state, dense_path)
         sparse_path = os.path.join(folder, "hed_pruned.pksparse")
         save_sparse(state, sparse_path)
         loaded = load_sparse(sparse_path)

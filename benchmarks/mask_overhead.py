@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunekit
-from prunekit.timing import latency_samples, speedup, spread
+from prunekit.measure.timing import latency_samples, speedup, spread
 
 REFERENCE_PLAN = (0.0, 0.9, 0.6, 0.6, 0.9, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8, 0.9, 0.9, 0.9, 0.9, 0.85)
 

@@ -41,8 +41,8 @@ import prunekit
 from prunekit.cli.inputs import recovery_batches
 from prunekit.cli.prune import DEFAULT_RECOVER_LR
 from prunekit.datasets import digits_test_set, digits_train_set, photo_files
-from prunekit.recover import plot_recovery
-from prunekit.schedules import GradualPruner
+from prunekit.training.recover import plot_recovery
+from prunekit.training.schedules import GradualPruner
 
 
 def read_plan(path: str) -> Dict[str, float]:

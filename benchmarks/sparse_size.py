@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 import prunekit
-from prunekit.sparse import load_sparse, read_sparse_header, save_sparse
+from prunekit.io.sparse import load_sparse, read_sparse_header, save_sparse
 
 REFERENCE_PLAN = (0.0, 0.9, 0.6, 0.6, 0.9, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8, 0.9, 0.9, 0.9, 0.9, 0.85)
 
@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         folder = args.out or scratch
         os.makedirs(folder, exist_ok=True)
         dense_path = os.path.join(folder, "vgg19_features_dense.pt")
-        prunekit.io.save_torch(state, dense_path)
+        prunekit.io.files.save_torch(state, dense_path)
         dense = os.path.getsize(dense_path)
         print(f"torch.save(state_dict), dense:        {dense:>12,} bytes   1.00x")
 

@@ -32,11 +32,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from prunekit.defaults import DIGITS_SIZE
-from prunekit.io import PathLike, atomic_write, package_folder
+from prunekit.io.files import PathLike, atomic_write, package_folder
 
 __all__ = [
     "PHOTO_NAMES",
-    "DIGITS_IMAGE_SIZE",
     "DIGITS_TEST_FILE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -67,7 +66,6 @@ _NORMALIZATIONS = ("imagenet", "none")
 
 # sklearn's digits are 8x8; upsampling to 16x16 leaves enough spatial positions
 # for three 2x2 max-pool stages in the built-in VGG-style model.
-DIGITS_IMAGE_SIZE = DIGITS_SIZE  # one home: prunekit.defaults
 DIGITS_TEST_FILE = Path(__file__).resolve().parent / "assets" / "digits_test.npz"
 # 360 of the 1797 digits (20 %), stratified by class, with a fixed seed.
 _DIGITS_TEST_SIZE = 360
@@ -93,7 +91,7 @@ def preprocess_digits(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     if x.dim() != 3 or tuple(x.shape[1:]) != (8, 8):
         raise ValueError(f"expected digits of shape [N, 8, 8], got {list(x.shape)}")
     x = (x / 16.0).unsqueeze(1)
-    x = F.interpolate(x, size=(DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     return (x - 0.5) / 0.5
 
 
@@ -552,7 +550,7 @@ def random_crops(
     """``count`` batches of random ``size`` x ``size`` crops (randomly mirrored) of ``images`` ``[N, C, H, W]``.
 
     Deterministic for a ``seed``. A few photos give many different training
-    inputs this way (what :func:`prunekit.recover` needs from unlabelled images);
+    inputs this way (what :func:`prunekit.training.recover` needs from unlabelled images);
     images smaller than ``size`` are refused.
 
     Example:

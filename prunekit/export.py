@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import eval_mode
-from prunekit.io import PathLike, atomic_write
+from prunekit.io.files import PathLike, atomic_write
 from prunekit.sensitivity.metrics import relative_error
 
 __all__ = ["EXPORT_INSTALL", "export_onnx", "export_program"]

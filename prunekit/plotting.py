@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io.files import PathLike, atomic_write
 
 __all__ = ["new_figure", "save_png"]
 

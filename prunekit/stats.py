@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
-from prunekit.io import PathLike, read_json, write_json
+from prunekit.io.files import PathLike, read_json, write_json
 from prunekit.layers import conv_block, resolve_layers
 from prunekit.methods.channel import CRITERIA
 from prunekit.plotting import new_figure, save_png

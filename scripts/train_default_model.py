@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.datasets import digits_split, preprocess_digits
-from prunekit.io import atomic_write, save_torch, write_json
-from prunekit.zoo import digits_vgg
+from prunekit.io.files import atomic_write, save_torch, write_json
+from prunekit.models.zoo import digits_vgg
 
 ASSETS = Path(__file__).resolve().parent.parent / "prunekit" / "assets"
 

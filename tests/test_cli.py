@@ -12,7 +12,7 @@ from torch import nn
 
 import prunekit
 import prunekit.sensitivity
-import prunekit.zoo
+import prunekit.models.zoo
 from prunekit.cli import cli, parse_sparsities
 from prunekit.datasets import write_synthetic_images
 from prunekit.sensitivity import SensitivityResult
@@ -68,7 +68,7 @@ def test_scan_with_no_options_scans_the_builtin_digits_model(runner):
     result = runner.invoke(cli, ["scan"])
     assert result.exit_code == 0, result.stderr
     assert "accuracy (higher is better)" in result.stdout
-    for layer in prunekit.conv_layers(prunekit.zoo.load_model("digits-vgg")):
+    for layer in prunekit.conv_layers(prunekit.models.zoo.load_model("digits-vgg")):
         assert layer in result.stdout
     assert "suggested plan" in result.stdout
     out = Path("prunekit-scan")
@@ -229,7 +229,7 @@ def test_prune_applies_a_plan_and_report_reads_the_checkpoint(runner):
     Path("plan.json").write_text(json.dumps({"plan": {"features.0": 0.5, "features.2": 0.75}, "method": "fine-grained"}))
     result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "pruned.pt"])
     assert result.exit_code == 0, result.stderr
-    model = prunekit.zoo.load_model("pruned.pt")
+    model = prunekit.models.zoo.load_model("pruned.pt")
     assert not any(name.endswith(("_orig", "_mask")) for name in model.state_dict())
     assert float((model.features[2].weight == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
 
@@ -315,17 +315,17 @@ def test_compact_removes_channel_pruned_channels_and_times_both(runner):
     for name, (q1, q3) in document["seconds_iqr"].items():
         assert q1 <= document["seconds"][name] <= q3
     small = torch.load("small.pt", weights_only=False)
-    pruned = prunekit.zoo.load_model("ch.pt")
+    pruned = prunekit.models.zoo.load_model("ch.pt")
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(small(x), pruned(x))  # fp32 tolerances: logits near 7 differ in the last bits
 
 
 def test_compact_says_nothing_to_remove_and_times_nothing_for_an_unpruned_model(runner, monkeypatch):
-    import prunekit.timing
+    import prunekit.measure.timing
 
     timed = []
-    monkeypatch.setattr(prunekit.timing, "latency_samples", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(prunekit.measure.timing, "latency_samples", lambda *a, **k: timed.append(1))
     Path("plan.json").write_text(json.dumps({"features.5": 0.5}))
     assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "fg.pt", "-q"]).exit_code == 0
     result = runner.invoke(cli, ["compact", "fg.pt"])

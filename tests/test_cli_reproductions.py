@@ -95,10 +95,10 @@ def test_under_torchrun_rank_0_alone_prints_the_error(tmp_path):
 @pytest.mark.parametrize("command", [["scan", "--out", "/proc/prunekit-x"],
                                      ["prune", "--plan", "plan.json", "--out", "/proc/x.pt"]])
 def test_an_output_place_that_cannot_be_written_fails_before_any_work(runner, monkeypatch, command):
-    import prunekit.zoo
+    import prunekit.models.zoo
 
     Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
-    monkeypatch.setattr(prunekit.zoo, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(prunekit.models.zoo, "load_model", lambda *a, **k: pytest.fail("work started"))
     line = one_error_line(runner.invoke(cli, command), "cannot write in /proc", "choose a writable place")
     assert ".tmp" not in line
 
@@ -112,7 +112,7 @@ def test_a_full_disk_names_the_file_and_the_way_on(runner, monkeypatch):
     import errno
     import os
 
-    import prunekit.io
+    import prunekit.io.files
 
     real_fdopen = os.fdopen
 
@@ -129,16 +129,16 @@ def test_a_full_disk_names_the_file_and_the_way_on(runner, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prunekit.io.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    monkeypatch.setattr(prunekit.io.files.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
     Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
     line = one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt"]),
                           "cannot write 'p.pt': No space left on device", "free some space")
     assert ".tmp" not in line and "pos" not in line
     assert not any(name.endswith(".tmp") for name in os.listdir("."))
-    monkeypatch.setattr(prunekit.io.os, "fdopen", real_fdopen)  # (undo() would also undo the fixture's chdir)
+    monkeypatch.setattr(prunekit.io.files.os, "fdopen", real_fdopen)  # (undo() would also undo the fixture's chdir)
     Path("ch.json").write_text(json.dumps({"features.5": 0.5}))
     assert runner.invoke(cli, ["prune", "--plan", "ch.json", "--method", "channel", "--out", "ch.pt", "-q"]).exit_code == 0
-    monkeypatch.setattr(prunekit.io.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    monkeypatch.setattr(prunekit.io.files.os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
     exported = runner.invoke(cli, ["compact", "ch.pt", "--repeats", "1", "--exported", "ch.pt2"])
     one_error_line(exported, "cannot write 'ch.pt2': No space left on device")  # not an abort in torch's writer
 
@@ -246,7 +246,7 @@ def test_the_hint_for_a_checkpoint_naming_a_factory_runs_as_printed(runner):
     import shlex
 
     Path("plan.json").write_text(json.dumps({"plan": {"features.0": 0.5}}))
-    pruned = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "prunekit.zoo:digits_vgg", "--out",
+    pruned = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "prunekit.models.zoo:digits_vgg", "--out",
                                  "v.pt", "-q"])
     assert pruned.exit_code == 0, pruned.stderr
     for command in ("report", "compact"):

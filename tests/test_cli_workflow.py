@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import prunekit
 import prunekit.sensitivity
-import prunekit.zoo
+import prunekit.models.zoo
 from prunekit.cli import cli
 from prunekit.datasets import write_synthetic_images
 from prunekit.sensitivity import SensitivityResult
@@ -92,7 +92,7 @@ def test_every_printed_hint_runs_as_printed_with_the_scans_weights_and_data(runn
     pruned = runner.invoke(cli, prune_argv)
     assert pruned.exit_code == 0, pruned.stderr
     assert "measuring channel statistics on 3 images from" in pruned.stderr  # the scan's data, not synthetic
-    model = prunekit.zoo.load_model("pruned.pt", trust_checkpoint=True)
+    model = prunekit.models.zoo.load_model("pruned.pt", trust_checkpoint=True)
     dense = torch.load(tmp_path / "w.pt", weights_only=True)
     kept = model[0].weight.detach().abs().sum(dim=(1, 2, 3)) != 0
     assert torch.equal(model[0].weight[kept], dense["0.weight"][kept])  # the scanned weights, not random ones
@@ -160,7 +160,7 @@ def test_prune_writes_sparse_files_and_every_command_reads_them_by_content(runne
     assert report.exit_code == 0, report.stderr
     layers = {layer["name"]: layer for layer in json.loads(report.stdout)["layers"]}
     assert layers["features.0"]["sparsity"] == pytest.approx(0.7, abs=1 / 72)
-    prunekit.save_sparse(prunekit.zoo.load_model("renamed.bin"), "weights.pt")  # a sparse state_dict named .pt
+    prunekit.save_sparse(prunekit.models.zoo.load_model("renamed.bin"), "weights.pt")  # a sparse state_dict named .pt
     scan = runner.invoke(cli, ["scan", "--weights", "weights.pt", "--sparsities", "0.5", "--out", "s", "-q",
                                "--layers", "features.0"])
     assert scan.exit_code == 0, scan.stderr
@@ -169,13 +169,13 @@ def test_prune_writes_sparse_files_and_every_command_reads_them_by_content(runne
 
 
 def test_a_sparse_state_dict_without_architecture_says_how_to_load_it(runner):
-    prunekit.save_sparse(prunekit.zoo.load_model("digits-vgg"), "state.pksparse")
+    prunekit.save_sparse(prunekit.models.zoo.load_model("digits-vgg"), "state.pksparse")
     assert_one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "without an architecture",
                           "prunekit report vgg16 --weights state.pksparse")
 
 
 def test_a_bare_state_dict_as_checkpoint_suggests_options_the_command_has(runner):
-    torch.save(prunekit.zoo.load_model("digits-vgg").state_dict(), "state.pt")
+    torch.save(prunekit.models.zoo.load_model("digits-vgg").state_dict(), "state.pt")
     for command in ("report", "compact"):
         result = runner.invoke(cli, [command, "state.pt"])
         assert_one_error_line(result, f"prunekit {command} vgg16 --weights state.pt")
@@ -189,7 +189,7 @@ def test_report_counts_the_weights_sparsity_not_the_bias(runner):
     assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt", "-q"]).exit_code == 0
     row = next(line for line in runner.invoke(cli, ["report", "p.pt"]).stdout.splitlines()
                if line.startswith("features.0 "))
-    weights = prunekit.zoo.load_model("digits-vgg").features[0].weight.numel()
+    weights = prunekit.models.zoo.load_model("digits-vgg").features[0].weight.numel()
     assert row.split()[-1] == f"{round(0.7 * weights) / weights:.1%}"  # of the weights; the biases stay dense
     assert round(0.7 * weights) / weights == pytest.approx(0.7, abs=0.5 / weights)
 
@@ -341,13 +341,13 @@ def test_a_scan_never_replaces_another_scans_results_without_force(runner):
 
 
 def test_json_output_is_pure_even_when_a_library_prints(runner, monkeypatch):
-    real_load = prunekit.zoo.load_model
+    real_load = prunekit.models.zoo.load_model
 
     def chatty(*a, **k):
         print('Downloading: "https://download.pytorch.org/models/x.pth" to /root/.cache/x.pth')
         return real_load(*a, **k)
 
-    monkeypatch.setattr(prunekit.zoo, "load_model", chatty)
+    monkeypatch.setattr(prunekit.models.zoo, "load_model", chatty)
     for argv in (["scan", "--sparsities", "0.5", "--layers", "features.0", "--out", "j", "--json"],
                  ["report", "digits-vgg", "--json"]):
         result = runner.invoke(cli, argv)
@@ -383,14 +383,14 @@ def test_prune_recovers_and_keeps_the_zeros(runner):
     assert history["best_distortion"] <= history["held_out_distortion"][0]
     assert "2 image(s) from imgs to train on; 1 held out" in result.stderr
     assert Path("r.png").read_bytes()[1:4] == b"PNG"
-    a = prunekit.zoo.load_model("a.pt", trust_checkpoint=True)
-    b = prunekit.zoo.load_model("b.pt", trust_checkpoint=True)
+    a = prunekit.models.zoo.load_model("a.pt", trust_checkpoint=True)
+    b = prunekit.models.zoo.load_model("b.pt", trust_checkpoint=True)
     for name in ("0", "3", "6"):
         assert torch.equal(a.get_submodule(name).weight == 0, b.get_submodule(name).weight == 0)
     gradual = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "c.pt", "--recover-steps", "12",
                                   "--gradual", "--trust-checkpoint", "--json"])
     assert gradual.exit_code == 0, gradual.stderr
-    c = prunekit.zoo.load_model("c.pt", trust_checkpoint=True)
+    c = prunekit.models.zoo.load_model("c.pt", trust_checkpoint=True)
     assert float((c[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 216)
     assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "d.pt", "--gradual"]),
                           "--recover-steps")
@@ -404,7 +404,7 @@ def test_ctrl_c_during_recovery_saves_the_best_weights_and_exits_130(runner, int
                                  "--trust-checkpoint"])
     assert result.exit_code == 130, result.stderr
     assert "interrupted after 5 of 40 steps: the best weights so far are kept" in result.stdout
-    model = prunekit.zoo.load_model("r.pt", trust_checkpoint=True)
+    model = prunekit.models.zoo.load_model("r.pt", trust_checkpoint=True)
     assert float((model[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 216)
 
 
@@ -420,13 +420,13 @@ def test_ctrl_c_at_the_start_of_gradual_recovery_still_writes_the_pruned_model(r
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(sys.modules["prunekit.recover"], "_distortion", interrupted)
+        monkeypatch.setattr(sys.modules["prunekit.training.recover"], "_distortion", interrupted)
     result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--weights", "w.pt",
                                  "--out", "g.pt", "--recover-steps", "40", "--gradual"])
     assert result.exit_code == 130, result.stderr
     assert "Traceback" not in result.stderr and "Error" not in result.stderr
     assert "interrupted after 0 of 40 steps" in result.stdout or "before its first evaluation" in result.stdout
-    model = prunekit.zoo.load_model("g.pt", trust_checkpoint=True)
+    model = prunekit.models.zoo.load_model("g.pt", trust_checkpoint=True)
     for name in ("0", "3"):
         assert float((model.get_submodule(name).weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 72)
 
@@ -434,7 +434,7 @@ def test_ctrl_c_at_the_start_of_gradual_recovery_still_writes_the_pruned_model(r
 def test_a_long_recovery_says_how_long_it_will_take_after_its_first_step(runner, monkeypatch):
     import sys
 
-    recover_module = sys.modules["prunekit.recover"]
+    recover_module = sys.modules["prunekit.training.recover"]
     clock = iter(range(0, 10**6, 40))  # every reading 40 s later: each step and evaluation "takes" 40 s
     monkeypatch.setattr(recover_module.time, "perf_counter", lambda: float(next(clock)))
     Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8}, "data": "imgs", "image_size": 16}))

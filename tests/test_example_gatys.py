@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from prunekit import apply_plan, copy_model, conv_layers
-from prunekit.hed import caffe_preprocess
+from prunekit.models.hed import caffe_preprocess
 from prunekit.sensitivity import SensitivityResult, fit_plan, scan
 
 from examples.style_transfer.__main__ import cli

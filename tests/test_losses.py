@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunekit import losses
-from prunekit.losses import channel_indicator, channel_loss, uncorrelation_loss, xor_loss
+from prunekit.training.losses import channel_indicator, channel_loss, uncorrelation_loss, xor_loss
 
 LOSSES = [channel_loss, xor_loss, uncorrelation_loss]
 

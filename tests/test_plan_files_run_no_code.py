@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from prunekit.cli import cli
-from prunekit.zoo import is_factory_spec, load_model
+from prunekit.models.zoo import is_factory_spec, load_model
 
 # Importing this module leaves a marker file: the tests below prove it was never imported.
 MARKING_MODULE = textwrap.dedent(
@@ -73,7 +73,7 @@ def test_trust_checkpoint_never_extends_to_a_model_file_the_plan_names(folder):
 
 
 def test_a_factory_recorded_in_a_checkpoint_is_never_imported_from_the_current_folder(folder):
-    from prunekit.zoo import save_checkpoint
+    from prunekit.models.zoo import save_checkpoint
 
     model = load_model("marking:build", factory_folder=folder)
     Path("imported.marker").unlink()

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.recover import recover
-from prunekit.schedules import GradualPruner, scheduled_sparsity
+from prunekit.training.recover import recover
+from prunekit.training.schedules import GradualPruner, scheduled_sparsity
 
 
 def teacher_and_data():
@@ -146,7 +146,7 @@ def test_ctrl_c_during_recovery_keeps_the_best_state_and_says_so(interrupt_at_ad
     interrupt_at_adam_step(12)
     history = recover(student, teacher, data, steps=50, lr=3e-3, eval_every=5, progress=False)
     assert history.interrupted and history.steps[-1] == 10  # evaluated at 0, 5, 10; stopped in step 12
-    from prunekit.recover import _distortion
+    from prunekit.training.recover import _distortion
 
     assert _distortion(student, teacher, data[-1:], None) == pytest.approx(history.best_distortion)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
-from prunekit.regularizer import ChannelRegularizer
+from prunekit.training.losses import channel_loss, uncorrelation_loss, xor_loss
+from prunekit.training.regularizer import ChannelRegularizer
 from prunekit.stats import collect_channel_stats
 
 

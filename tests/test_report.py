@@ -62,7 +62,7 @@ def test_one_mac_counter_agrees_with_flop_counter_mode_and_counts_every_call():
     from torch.utils.flop_counter import FlopCounterMode
 
     from prunekit.compact import layer_costs
-    from prunekit.report import count_macs
+    from prunekit.measure.sparsity import count_macs
 
     torch.manual_seed(0)
     shared = nn.Conv2d(8, 8, 3, padding=1)  # called twice per forward

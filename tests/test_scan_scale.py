@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.hed import HED
+from prunekit.models.hed import HED
 from prunekit.sensitivity import OutputDistortion, scan
 from prunekit.sensitivity.graph_cut import GraphRunner, live_values, trace
 from prunekit.sensitivity.scanner import SuffixFallbackWarning

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.sparse import MAGIC, SparseFormatError, load_sparse, read_sparse_header, save_sparse
+from prunekit.io.sparse import MAGIC, SparseFormatError, load_sparse, read_sparse_header, save_sparse
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:

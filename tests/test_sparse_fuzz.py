@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunekit
-from prunekit.sparse import MAGIC, SparseFormatError, load_sparse, read_sparse_header, save_sparse
+from prunekit.io.sparse import MAGIC, SparseFormatError, load_sparse, read_sparse_header, save_sparse
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -350,7 +350,7 @@ def test_bytes_after_a_compressed_stream_are_refused(tmp_path, good_file, codec)
 def test_an_lzma_stream_in_another_container_or_over_the_memory_cap_is_refused(tmp_path, good_file, monkeypatch):
     import numpy as np
 
-    import prunekit.sparse as sparse
+    import prunekit.io.sparse as sparse
 
     state = load_bytes(tmp_path, good_file)
     mask = np.packbits((state["2.weight"].reshape(-1) != 0).numpy()).tobytes()
@@ -379,7 +379,7 @@ def test_every_malformed_header_value_is_a_format_error(tmp_path, good_file, fie
 
 PEAK_SCRIPT = """
 import math, sys, torch
-from prunekit.sparse import load_sparse, read_sparse_header
+from prunekit.io.sparse import load_sparse, read_sparse_header
 
 def status(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))

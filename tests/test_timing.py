@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.timing import compare_latency, latency_samples, speedup, spread
+from prunekit.measure.timing import compare_latency, latency_samples, speedup, spread
 
 
 def test_returns_each_models_median_and_restores_modes(monkeypatch):
-    import prunekit.timing
+    import prunekit.measure.timing
 
     clock = [0.0]
-    monkeypatch.setattr(prunekit.timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(prunekit.measure.timing.time, "perf_counter", lambda: clock[0])
     wide, narrow = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout()), nn.Conv2d(3, 2, 3)
     wide.train()
     costs = {"wide": iter([9.0, 3.0, 2.0, 4.0]), "narrow": iter([7.0, 1.0, 1.5, 0.5])}  # warm-up round first
@@ -43,7 +43,7 @@ def test_cuda_inputs_are_timed_between_synchronisations(monkeypatch):
     import torch
     from torch import nn
 
-    from prunekit.timing import latency_samples
+    from prunekit.measure.timing import latency_samples
 
     events = []
 

@@ -9,7 +9,7 @@ from torch.nn.utils import prune
 
 from prunekit.datasets import digits_test_set
 from prunekit.layers import conv_layers
-from prunekit.zoo import (
+from prunekit.models.zoo import (
     DEFAULT_MODEL,
     DIGITS_VGG_WEIGHTS,
     VGG_NAMES,
@@ -88,7 +88,7 @@ def test_unknown_model_and_missing_checkpoint():
 
 
 def test_factory_spec_builds_the_model():
-    model = load_model("prunekit.zoo:digits_vgg")
+    model = load_model("prunekit.models.zoo:digits_vgg")
     assert list(conv_layers(model)) == DIGITS_CONVS
 
 
@@ -97,10 +97,10 @@ def test_factory_spec_builds_the_model():
     [
         ("torch.nn:Identity", ValueError, "has no Conv2d layer"),
         ("no_such_package_xyz.models:net", ValueError, "cannot import 'no_such_package_xyz.models'"),
-        ("prunekit.zoo:no_such_factory", ValueError, "has no attribute 'no_such_factory'.*digits_vgg"),
-        ("prunekit.zoo:DEFAULT_MODEL", TypeError, "not a callable"),
-        ("prunekit.zoo:available_models", TypeError, "returned list, expected an nn.Module"),
-        ("prunekit.zoo:save_checkpoint", RuntimeError, "factory 'prunekit.zoo:save_checkpoint' failed"),
+        ("prunekit.models.zoo:no_such_factory", ValueError, "has no attribute 'no_such_factory'.*digits_vgg"),
+        ("prunekit.models.zoo:DEFAULT_MODEL", TypeError, "not a callable"),
+        ("prunekit.models.zoo:available_models", TypeError, "returned list, expected an nn.Module"),
+        ("prunekit.models.zoo:save_checkpoint", RuntimeError, "factory 'prunekit.models.zoo:save_checkpoint' failed"),
     ],
 )
 def test_factory_errors_name_the_problem(spec, error, message):
@@ -138,7 +138,7 @@ def test_checkpoint_of_a_pruned_model_folds_the_masks(tmp_path):
 
 def test_checkpoint_naming_a_factory_needs_trust(tmp_path):
     path = tmp_path / "factory.pt"
-    save_checkpoint(digits_vgg(pretrained=True), path, "prunekit.zoo:digits_vgg")
+    save_checkpoint(digits_vgg(pretrained=True), path, "prunekit.models.zoo:digits_vgg")
     with pytest.raises(ValueError, match="--trust-checkpoint"):
         load_model(str(path))
     assert len(conv_layers(load_model(str(path), trust_checkpoint=True))) == 6
@@ -218,7 +218,7 @@ def test_damaged_or_foreign_file_is_not_called_a_pickled_model(tmp_path, content
 
 
 def test_models_come_from_one_registry():
-    from prunekit.zoo import register_model, unregister_model
+    from prunekit.models.zoo import register_model, unregister_model
 
     assert available_models()[:2] == ["digits-vgg", "hed"]
     calls = []

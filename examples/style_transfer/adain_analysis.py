@@ -40,9 +40,9 @@ from examples.style_transfer.adain_train import LossNetwork, list_images, load_c
 from examples.style_transfer.imaging import side_by_side
 from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from prunekit.compact import compact_chain
-from prunekit.io import PathLike, atomic_write, write_json
+from prunekit.io.files import PathLike, atomic_write, write_json
 from prunekit.methods import channel_activation
-from prunekit.timing import Speedup, latency_samples, speedup
+from prunekit.measure.timing import Speedup, latency_samples, speedup
 from prunekit.stats import ChannelStats, collect_channel_stats, plot_channel_magnitudes, save_channel_stats
 
 __all__ = [

@@ -36,7 +36,7 @@ from examples.style_transfer.adain_train import (
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
 from prunekit.cli.options import threads_option
-from prunekit.io import atomic_write, package_folder, write_json
+from prunekit.io.files import atomic_write, package_folder, write_json
 from prunekit.stats import save_channel_stats
 
 __all__ = ["adain", "format_sweep", "machine_info", "write_demo_data"]

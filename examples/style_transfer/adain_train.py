@@ -3,7 +3,7 @@
 Three modes, all with AdaIN's content and style losses:
 
 * ``compact`` (the Sensors 2022 method): the encoder trains at a small learning
-  rate and :class:`prunekit.regularizer.ChannelRegularizer` adds the channel
+  rate and :class:`prunekit.training.regularizer.ChannelRegularizer` adds the channel
   loss (switch channels off) and the xor loss (switch the same ones off for
   every image) on the encoder output, relu4_1.
 * ``baseline``: the encoder is frozen, no regulariser: plain AdaIN.
@@ -55,10 +55,10 @@ from examples.style_transfer.adain import (
 )
 from examples.style_transfer.vgg import FeatureExtractor, Preprocessor, default_preprocess
 from prunekit.datasets import IMAGE_EXTENSIONS
-from prunekit.io import PathLike, atomic_write, save_torch, write_json
-from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
+from prunekit.io.files import PathLike, atomic_write, save_torch, write_json
+from prunekit.training.losses import channel_loss, uncorrelation_loss, xor_loss
 from prunekit.progress import progress_bar
-from prunekit.regularizer import ChannelRegularizer
+from prunekit.training.regularizer import ChannelRegularizer
 
 __all__ = [
     "CHECKPOINT_FORMAT",

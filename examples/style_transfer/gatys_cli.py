@@ -15,8 +15,8 @@ import click
 import torch
 
 from prunekit.cli.options import threads_option
-from prunekit.io import write_json
-from prunekit.sparse import save_sparse
+from prunekit.io.files import write_json
+from prunekit.io.sparse import save_sparse
 from prunekit.sensitivity import SensitivityResult
 
 from examples.style_transfer.gatys import (
@@ -50,7 +50,7 @@ from examples.style_transfer.vgg import (
     resolve_arch,
 )
 from prunekit.cli.paths import check_output_file, check_output_folder
-from prunekit.hed import HEDWeightsUnavailableError
+from prunekit.models.hed import HEDWeightsUnavailableError
 
 __all__ = ["prune", "samples", "scan", "stylize"]
 

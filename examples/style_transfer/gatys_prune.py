@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
-from prunekit.recover import recover
-from prunekit.report import sparsity_report
+from prunekit.training.recover import recover
+from prunekit.measure.sparsity import sparsity_report
 from prunekit.sensitivity import ForwardMetric, SensitivityResult, fit_plan, scan
 from prunekit.layers import model_device
 from prunekit.sensitivity.metrics import relative_distance
@@ -319,7 +319,7 @@ def finetune_features(
     preprocessor: Optional[Preprocessor] = None,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Feature distillation with :func:`prunekit.recover`: the pruned network learns the dense loss-layer activations.
+    """Feature distillation with :func:`prunekit.training.recover`: the pruned network learns the dense loss-layer activations.
 
     The pruned network must still carry its pruning reparametrization
     (``weight_orig`` + ``weight_mask``): only ``weight_orig`` and the biases are

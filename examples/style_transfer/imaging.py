@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io.files import PathLike, atomic_write
 
 __all__ = ["image_format", "load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "to_pil"]
 

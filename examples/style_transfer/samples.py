@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from examples.style_transfer.imaging import load_image, save_image
-from prunekit.io import PathLike
+from prunekit.io.files import PathLike
 
 __all__ = ["SAMPLE_PREFIX", "draw_sample", "load_image_or_sample", "sample_names", "write_samples"]
 

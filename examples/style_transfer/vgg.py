@@ -30,9 +30,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from prunekit.hed import HED_BGR_MEAN, HED_INSTALL
-from prunekit.sparse import is_sparse_file, load_sparse
-from prunekit.zoo import WeightsUnavailableError  # one error for unavailable ImageNet weights, re-exported
+from prunekit.models.hed import HED_BGR_MEAN, HED_INSTALL
+from prunekit.io.sparse import is_sparse_file, load_sparse
+from prunekit.models.zoo import WeightsUnavailableError  # one error for unavailable ImageNet weights, re-exported
 
 __all__ = [
     "ARCHES",
@@ -298,7 +298,7 @@ def load_vgg_features(weights: str = "imagenet", arch: Optional[str] = None) -> 
     if is_hed:
         if arch != "vgg16":
             raise ValueError(f"--weights hed is HED's VGG-16; it does not fit --arch {arch} (use --arch vgg16)")
-        from prunekit.hed import hed_vgg16_features
+        from prunekit.models.hed import hed_vgg16_features
 
         features = hed_vgg16_features()
         state = None
@@ -343,7 +343,7 @@ class Preprocessor:
         mode: ``"imagenet"`` (torchvision weights: RGB, ImageNet mean/std),
             ``"caffe"`` (Caffe-converted weights: BGR, 0-255, minus the BGR mean) or
             ``"hed"`` (HED's weights: Caffe's convention with HED's mean, as
-            :func:`prunekit.hed.caffe_preprocess`).
+            :func:`prunekit.models.hed.caffe_preprocess`).
 
     Example:
         >>> pre = Preprocessor("caffe")

@@ -10,9 +10,9 @@
 * ``paths.py``: output paths checked before any work; never over an input.
 * ``errors.py``: library errors as one line (exit 1), Ctrl-C as exit 130, pure ``--json``.
 
-The work itself is done by :mod:`prunekit.sensitivity`, :mod:`prunekit.zoo`,
-:mod:`prunekit.datasets`, :mod:`prunekit.plans`, :mod:`prunekit.recover`,
-:mod:`prunekit.report` and :mod:`prunekit.compact`.
+The work itself is done by :mod:`prunekit.sensitivity`, :mod:`prunekit.models.zoo`,
+:mod:`prunekit.datasets`, :mod:`prunekit.plans`, :mod:`prunekit.training.recover`,
+:mod:`prunekit.measure.sparsity` and :mod:`prunekit.compact`.
 """
 
 from __future__ import annotations

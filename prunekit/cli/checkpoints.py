@@ -18,8 +18,8 @@ __all__ = ["architecture", "load_checkpoint_argument"]
 
 def architecture(spec: str) -> str:
     """The spec that rebuilds ``spec``'s architecture, for ``save_checkpoint``."""
-    from prunekit.sparse import is_sparse_file, read_sparse_header
-    from prunekit.zoo import is_factory_spec, is_model_name
+    from prunekit.io.sparse import is_sparse_file, read_sparse_header
+    from prunekit.models.zoo import is_factory_spec, is_model_name
 
     if is_model_name(spec) or is_factory_spec(spec):
         return spec.strip()
@@ -51,7 +51,7 @@ def load_checkpoint_argument(command: str, checkpoint: str, weights: Optional[st
     The library words its hints for ``--model``/``--weights``; here the model is the
     positional CHECKPOINT, so the hint says so.
     """
-    from prunekit.zoo import RecordedFactoryError, load_model
+    from prunekit.models.zoo import RecordedFactoryError, load_model
 
     try:
         return load_model(checkpoint, weights, trust_checkpoint=trust_checkpoint, progress=False,

@@ -71,9 +71,9 @@ def compact_command(
     import torch
 
     from prunekit.compact import compact, compaction_report
-    from prunekit.io import save_torch
+    from prunekit.io.files import save_torch
     from prunekit.sensitivity.metrics import relative_error
-    from prunekit.timing import latency_samples, speedup, spread
+    from prunekit.measure.timing import latency_samples, speedup, spread
 
     outputs = [("--out", out, "small.pt"), ("--exported", exported, "small.pt2"), ("--onnx", onnx_path, "small.onnx")]
     refuse_inputs([(flag, value) for flag, value, _ in outputs],

@@ -1,6 +1,6 @@
 """Checks on output paths, made before any work: each says what is wrong with the path and what to pass.
 
-Outputs are written atomically (:func:`prunekit.io.atomic_write`), never over an
+Outputs are written atomically (:func:`prunekit.io.files.atomic_write`), never over an
 input, and a bad ``--out`` fails in a second rather than after a long scan with
 the operating system's text about a temporary file.
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
-from prunekit.io import read_json
+from prunekit.io.files import read_json
 from prunekit.sensitivity.folder import PLAN_FORMAT, recorded_path
 
 __all__ = ["PLAN_FORMAT", "PlanFile", "check_recorded_model", "read_plan_file", "recorded_path"]
@@ -109,7 +109,7 @@ def check_recorded_model(plan: PlanFile, spec: str, trust_checkpoint: bool) -> N
     Raises:
         ValueError: naming the recorded model and the command-line flag to type instead.
     """
-    from prunekit.zoo import is_factory_spec
+    from prunekit.models.zoo import is_factory_spec
 
     if is_factory_spec(spec):
         raise ValueError(

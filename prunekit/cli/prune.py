@@ -79,7 +79,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool) -> Any:
-    from prunekit.zoo import load_model
+    from prunekit.models.zoo import load_model
 
     typed = "--model" not in context.from_plan
     try:
@@ -208,7 +208,7 @@ def prune_command(
     overrides one, and a note says so); --trust-checkpoint is never taken from
     a file. The pruned zeros are made permanent (no _orig/_mask left) and the
     model is saved as a prunekit checkpoint that `prunekit report` and
-    prunekit.zoo.load_model read safely (.pksparse: the sparse format).
+    prunekit.models.zoo.load_model read safely (.pksparse: the sparse format).
     --method channel measures activation statistics on --data first.
     --recover-steps N then wins back quality by label-free distillation.
 
@@ -256,7 +256,7 @@ def prune_command(
             apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
         report = _save(model, out, arch)
         if history is not None and recover_plot is not None:
-            from prunekit.recover import plot_recovery
+            from prunekit.training.recover import plot_recovery
 
             references = {"pruned at once": history.pruned_distortion}
             plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
@@ -305,10 +305,10 @@ def _statistics(model: Any, pruning: Any, plan: PlanFile, data: str, image_size:
 
 def _save(model: Any, out: str, arch: Optional[str]) -> Any:
     """Make the pruning permanent, save the model (a prunekit checkpoint, or pickled like its source); its report."""
-    from prunekit.io import save_torch
+    from prunekit.io.files import save_torch
     from prunekit.plans import finalize
-    from prunekit.report import sparsity_report
-    from prunekit.zoo import save_checkpoint
+    from prunekit.measure.sparsity import sparsity_report
+    from prunekit.models.zoo import save_checkpoint
 
     finalize(model)
     if arch is None:
@@ -323,8 +323,8 @@ def _recover(
     image_size: Optional[int], batch_size: Optional[int], steps: int, lr: float, gradual: bool, seed: int, quiet: bool,
 ) -> Any:
     from prunekit.plans import apply_plan, copy_model
-    from prunekit.recover import recover
-    from prunekit.schedules import GradualPruner
+    from prunekit.training.recover import recover
+    from prunekit.training.schedules import GradualPruner
 
     train, held, description = recovery_batches(model, data, held_out, image_size, batch_size, steps, seed)
     status(quiet, f"recovery data: {description}")

@@ -42,7 +42,7 @@ def report_command(
     its weight's (biases are counted in params and zeros, not in the sparsity).
 
     """
-    from prunekit.report import sparsity_report
+    from prunekit.measure.sparsity import sparsity_report
 
     size = parse_input_size(input_size)
     model = load_checkpoint_argument("report", checkpoint, weights, trust_checkpoint)

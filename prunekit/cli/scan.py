@@ -38,7 +38,7 @@ DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
 
 def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str:
     """The prune command for this plan; the model is typed in it when loading it runs code (the user's word)."""
-    from prunekit.zoo import is_factory_spec
+    from prunekit.models.zoo import is_factory_spec
 
     model = f" --model {shlex.quote(model_spec)}" if trust_checkpoint or is_factory_spec(model_spec) else ""
     trust = " --trust-checkpoint" if trust_checkpoint else ""
@@ -155,7 +155,7 @@ def scan_command(
     from prunekit.layers import resolve_layers
     from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, scan
     from prunekit.sensitivity.distributed import is_main_process
-    from prunekit.zoo import load_model
+    from prunekit.models.zoo import load_model
 
     target = ctx.with_resource(process_group(parse_device(device), timeout))
     uses_statistics = get_method(method).needs_statistics

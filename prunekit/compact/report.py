@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from prunekit.macs import batched_shape, count_macs
+from prunekit.measure.macs import batched_shape, count_macs
 from prunekit.tables import format_table
 
 __all__ = ["CompactionReport", "LayerCost", "compaction_report", "layer_costs"]

@@ -70,7 +70,7 @@ def read_json_on_rank0(path: Any) -> Any:
     """
     import os
 
-    from prunekit.io import read_json
+    from prunekit.io.files import read_json
 
     box: list = [None]
     if is_main_process():

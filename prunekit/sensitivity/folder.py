@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from prunekit.io import PathLike, write_json
+from prunekit.io.files import PathLike, write_json
 from prunekit.sensitivity.distributed import is_main_process, read_json_on_rank0
 from prunekit.sensitivity.result import SensitivityResult
 

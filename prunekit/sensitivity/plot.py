@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, TYPE_CHECKING, Any, Optional
 
-from prunekit.io import PathLike
+from prunekit.io.files import PathLike
 from prunekit.plotting import new_figure, save_png
 
 from prunekit.sensitivity.result import within_tolerance

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from prunekit.io import PathLike, atomic_write, read_json
+from prunekit.io.files import PathLike, atomic_write, read_json
 from prunekit.tables import format_table
 
 __all__ = [

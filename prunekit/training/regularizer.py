@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.layers import conv_block, record_outputs, resolve_layers
-from prunekit.losses import channel_loss, uncorrelation_loss, xor_loss
+from prunekit.training.losses import channel_loss, uncorrelation_loss, xor_loss
 
 __all__ = ["ChannelRegularizer"]
 
@@ -39,7 +39,7 @@ class ChannelRegularizer:
     ``sum over layers of channel_weight * channel_loss + xor_weight * xor_loss
     + uncorrelation_weight * uncorrelation_loss``
 
-    (see :mod:`prunekit.losses`). Only the most recent forward is kept: a
+    (see :mod:`prunekit.training.losses`). Only the most recent forward is kept: a
     forward of ``model`` itself drops everything stored before, so tensors of
     older batches are never kept alive. If a hooked output is later modified in
     place (e.g. a conv followed by ``ReLU(inplace=True)``), the loss sees the
@@ -49,9 +49,9 @@ class ChannelRegularizer:
         model: the model being trained.
         layers: module names (as in ``model.named_modules()``); ``None`` hooks the
             output module of every conv block (:func:`prunekit.layers.conv_block`).
-        channel_weight: weight of :func:`~prunekit.losses.channel_loss`, >= 0.
-        xor_weight: weight of :func:`~prunekit.losses.xor_loss`, >= 0.
-        uncorrelation_weight: weight of :func:`~prunekit.losses.uncorrelation_loss`, >= 0.
+        channel_weight: weight of :func:`~prunekit.training.losses.channel_loss`, >= 0.
+        xor_weight: weight of :func:`~prunekit.training.losses.xor_loss`, >= 0.
+        uncorrelation_weight: weight of :func:`~prunekit.training.losses.uncorrelation_loss`, >= 0.
         eps: the soft indicator's ``eps`` (> 0).
 
     Raises:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.io import package_folder
+from prunekit.io.files import package_folder
 
 __all__ = [
     "HED",

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from prunekit.macs import count_macs
+from prunekit.measure.macs import count_macs
 from prunekit.tables import format_table
 
 __all__ = ["LayerSparsity", "SparsityReport", "count_macs", "sparsity_report"]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunekit.io import PathLike, atomic_write
+from prunekit.io.files import PathLike, atomic_write
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

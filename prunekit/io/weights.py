@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from prunekit.io import PathLike
-from prunekit.sparse import is_sparse_file, load_sparse
+from prunekit.io.files import PathLike
+from prunekit.io.sparse import is_sparse_file, load_sparse
 
 __all__ = ["PickledObjectError", "load_state", "load_weights", "read_torch_file", "sparse_limit"]
 
