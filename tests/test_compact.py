@@ -331,14 +331,13 @@ def residual_model():
     "build, layer",
     [
         (residual_model, "1.conv2"),
-        (Concat, "left"),
         (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2)), "0"),
         (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 2, 1)), "2"),
         (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 2, 1)), "0"),
     ],
-    ids=["residual-add", "concat", "grouped-consumer", "depthwise", "grouped-producer"],
+    ids=["residual-add", "grouped-consumer", "depthwise", "grouped-producer"],
 )
-def test_unsupported_graph_is_refused_naming_the_layer(build, layer):
+def test_channels_masked_in_part_of_their_group_are_refused_naming_the_layer(build, layer):
     torch.manual_seed(0)
     model = build()
     conv = model.get_submodule(layer)
@@ -509,7 +508,21 @@ def test_compacted_model_with_border_bias_exports_and_matches_at_other_sizes():
     with torch.no_grad():
         compacted(torch.randn(1, 3, 13, 7))
     assert all(torch.equal(v, state_before[k]) for k, v in compacted.state_dict().items())  # forward writes nothing
-    assert not [k for k in vars(compacted[3]) if "cache" in k]
+    assert "_border_cache" not in compacted[3].state_dict() and "_border_cache" not in str(exported.graph)
+
+
+def test_the_kept_border_bias_follows_sizes_and_in_place_weight_changes():
+    model, compacted = _border_bias_model()
+    conv = compacted[3]
+    for shape in [(1, 3, 9, 11), (1, 3, 12, 6), (1, 3, 9, 11)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compacted(y), model(y))
+    with torch.no_grad():
+        conv.border_weight.mul_(2)  # an in-place change: the kept correction must not be reused
+        y = torch.randn(1, 3, 9, 11)
+        expected = torch.nn.Conv2d.forward(conv, compacted[:3](y)) + conv.border_bias(compacted[:3](y)).float()
+        torch.testing.assert_close(compacted(y), expected)
 
 
 def test_concurrent_forwards_of_a_compacted_model_agree():
@@ -523,3 +536,21 @@ def test_concurrent_forwards_of_a_compacted_model_agree():
             outputs = list(pool.map(compacted, inputs))
     for want, got in zip(expected, outputs):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(padding=1), dict(padding=2, stride=2), dict(padding=(1, 2), dilation=(2, 1), stride=(1, 3)),
+     dict(padding="same", dilation=2), dict(padding="same")],
+    ids=["pad1", "stride2", "mixed", "same-dilated", "same"],
+)
+def test_border_bias_equals_the_constant_channels_response_at_every_position(kwargs):
+    torch.manual_seed(0)
+    conv = BorderBiasConv2d(2, 4, 3 if kwargs.get("padding") == "same" else (3, 4), **kwargs)
+    with torch.no_grad():
+        conv.border_weight.normal_()
+    # What a constant 1 input channel with kernel border_weight contributes, minus its interior value.
+    taps = conv.border_weight.double()
+    full = torch.nn.functional.conv2d(torch.ones(1, 1, 9, 11, dtype=torch.float64), taps, None, conv.stride, conv.padding, conv.dilation)
+    expected = full - taps.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+    torch.testing.assert_close(conv.border_bias(torch.zeros(1, 2, 9, 11)), expected, rtol=0, atol=1e-12)

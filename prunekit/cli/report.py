@@ -20,6 +20,7 @@ __all__ = ["report_command"]
     epilog=examples(
         "prunekit report pruned.pt --input-size 1x16x16",
         "prunekit report vgg11-pruned.pksparse --input-size 3x224x224 --json",
+        "prunekit report resnet18 --groups",
     ),
 )
 @click.argument("checkpoint", metavar="CHECKPOINT")
@@ -29,11 +30,18 @@ __all__ = ["report_command"]
               help="Weights for a model name given as CHECKPOINT (a checkpoint file carries its own).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole model (runs code stored in the file; only for files you trust).")
+@click.option("--groups", is_flag=True,
+              help="Print the channel groups instead: layers whose channels are removed together, and what is fixed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @threads_option
 @library_errors
 def report_command(
-    checkpoint: str, input_size: Optional[str], weights: Optional[str], trust_checkpoint: bool, as_json: bool
+    checkpoint: str,
+    input_size: Optional[str],
+    weights: Optional[str],
+    trust_checkpoint: bool,
+    groups: bool,
+    as_json: bool,
 ) -> None:
     """Print the sparsity report of a checkpoint: zeros, sizes and MACs per layer.
 
@@ -41,6 +49,10 @@ def report_command(
     by their content) or any --model spec, such as vgg11. A layer's sparsity is
     its weight's (biases are counted in params and zeros, not in the sparsity).
 
+    --groups lists the channel groups instead: convs and Linear layers coupled by
+    residual additions, grouped convs or gates, whose channels channel pruning and
+    `compact` remove together, and the channels that must stay (with the graph node
+    that fixes them).
     """
     from prunekit.measure.sparsity import sparsity_report
 
@@ -48,8 +60,28 @@ def report_command(
     model = load_checkpoint_argument("report", checkpoint, weights, trust_checkpoint)
     if size is not None:
         check_input_fits(model, size, "--input-size", input_size)
+    if groups:
+        _print_groups(model, as_json)
+        return
     report = sparsity_report(model, input_size=size)
     if as_json:
         emit_json(report.to_dict())
     else:
         click.echo(str(report))
+
+
+def _print_groups(model, as_json: bool) -> None:
+    from prunekit.compact.groups import channel_groups
+
+    found = channel_groups(model)
+    if as_json:
+        emit_json({"groups": [
+            {"name": g.name, "members": list(g.members), "units": len(g.units),
+             "removable_units": len(g.removable_units), "fixed": list(g.fixed_reasons), "joined_by": list(g.joined_by)}
+            for g in found
+        ]})
+        return
+    coupled = sum(len(g.members) > 1 for g in found)
+    click.echo(f"{len(found)} channel groups ({coupled} coupling several layers):")
+    for group in found:
+        click.echo(f"  {group}")

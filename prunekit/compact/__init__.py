@@ -3,7 +3,9 @@
 A mask makes a channel output zeros; the conv still computes them. ``compact``
 builds a new model in which those channels are gone: the conv has fewer
 output channels, the following BatchNorm fewer features, the next conv fewer
-input channels and the first Linear after a flatten fewer input features.
+input channels and the first Linear after a flatten fewer input features; channels
+coupled through residual additions, grouped convs and gates go together
+(:mod:`prunekit.compact.groups`).
 The result is made of plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear``
 layers under the same names, so its speed-up is real and its ``state_dict``
 keys stay recognisable.
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.compact.graph import CompactionPlan, UnsupportedGraphError, plan_compaction
+from prunekit.compact.groups import ChannelGroup, ChannelUnit, channel_groups
 from prunekit._rollback import eval_mode
 from prunekit.compact.modules import (
     BorderBiasConv2d,
@@ -41,10 +44,13 @@ from prunekit.sensitivity.metrics import relative_error
 
 __all__ = [
     "BorderBiasConv2d",
+    "ChannelGroup",
+    "ChannelUnit",
     "CompactionPlan",
     "CompactionReport",
     "LayerCost",
     "UnsupportedGraphError",
+    "channel_groups",
     "check_tolerance",
     "compact",
     "compact_chain",
@@ -82,7 +88,7 @@ def _rebuild(model: nn.Module, plan: CompactionPlan) -> None:
     for name in convs_and_linears:
         module = modules[name]
         if isinstance(module, nn.Linear):
-            new: nn.Module = resize_linear(module, plan.keep_in[name], plan.folds.get(name))
+            new: nn.Module = resize_linear(module, plan.keep_in.get(name), plan.folds.get(name), plan.keep_out.get(name))
         else:
             new = resize_conv(module, plan.keep_in.get(name), plan.keep_out.get(name), plan.folds.get(name))
         _set_module(model, name, new)
@@ -146,13 +152,16 @@ def compact(
     The input model is not modified. The copy has its pruning reparametrizations
     removed (as :func:`prunekit.finalize` does) before it is resized.
 
-    Supported graphs: anything ``torch.fx`` can trace in which, between a conv
-    and the layer consuming its channels, there are only BatchNorm2d, element-wise
-    activations, dropout, max/average/adaptive pooling, upsampling, reflection or
-    replication padding, and ``flatten`` / ``nn.Flatten`` / ``x.view(x.size(0), -1)``
-    before an ``nn.Linear`` (torchvision VGG, plain ``nn.Sequential`` stacks).
-    To compact an encoder and a decoder together (AdaIN style transfer), use
-    :func:`compact_chain`.
+    Coupled channels go together (see :func:`prunekit.channel_groups`): the convs that add
+    into one residual stream, a depthwise or grouped conv and the conv feeding it (grouped
+    convs lose whole groups), a squeeze-and-excitation gate and the channels it scales.
+    A channel is removed when it is dead in every member of its unit; concatenations keep
+    each producer's offsets, and ``nn.Linear`` layers lose hidden units and the features of
+    removed channels after a flatten. Anything ``torch.fx`` can trace is accepted; channels
+    that meet an operation prunekit does not follow (a reshape that mixes channels, a
+    channel shuffle, a split at fixed sizes, LayerNorm) stay, and dead ones there are
+    refused naming the node. To compact an encoder and a decoder together (AdaIN style
+    transfer), use :func:`compact_chain`.
 
     Args:
         model: the (masked or finalized) model.
@@ -168,9 +177,10 @@ def compact(
         :class:`BorderBiasConv2d` where a non-zero constant meets zero padding).
 
     Raises:
-        UnsupportedGraphError (a ValueError): a conv with dead channels feeds something
-            compact cannot resize exactly (residual addition, concatenation, grouped or
-            depthwise conv, reshape, a module called twice); the message names the layer.
+        UnsupportedGraphError (a ValueError): dead channels that cannot be removed exactly:
+            dead in some members of their group only (a residual stream masked in one
+            branch), or meeting an operation prunekit does not follow (a reshape, a module
+            called twice); the message names the layers and the node.
 
     Example:
         >>> from torch.nn.utils import prune
@@ -188,8 +198,8 @@ def compact(
     reference = _eval_output(compacted, example_input) if example_input is not None else None
     if plan.batchnorm_constants and any(module.training for module in model.modules()):
         warnings.warn(
-            f"the removed channels of {', '.join(repr(n) for n in plan.batchnorm_constants)} leave "
-            "their BatchNorm as non-zero constants, folded from its running statistics: the compacted "
+            f"removed channels leave the BatchNorms {', '.join(repr(n) for n in plan.batchnorm_constants)} "
+            "as non-zero constants, folded from its running statistics: the compacted "
             "model matches the input model in eval mode only (in training mode a BatchNorm uses batch "
             "statistics). Call model.eval() before compact to silence this, or mask the BatchNorm too "
             "(prunekit.channel_activation(..., batchnorm=bn)) so the constants are 0",

@@ -1,0 +1,338 @@
+"""Channel groups: coupled channels (residual additions, concatenation, grouped convs, gates, MLPs) removed exactly."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import prune
+
+import prunekit
+from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
+from prunekit.compact.groups import channel_groups, group_of, unit_masks
+from prunekit.measure.macs import count_macs
+from prunekit.sensitivity.metrics import relative_error
+
+
+def randomize_batchnorms(model: nn.Module) -> None:
+    """Non-trivial statistics and shifts, so masked channels become non-zero constants after BN."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+
+
+def mask_layer(layer: nn.Module, keep: torch.Tensor) -> None:
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    prune.custom_from_mask(layer, "weight", keep.view(shape).expand_as(layer.weight))
+    if layer.bias is not None:
+        prune.custom_from_mask(layer, "bias", keep)
+
+
+def mask_units(model: nn.Module, fraction: float = 0.5) -> None:
+    """Mask the lowest-L1 ``fraction`` of every group's removable units (all members at once)."""
+    for group in channel_groups(model):
+        removable = list(group.removable_units)
+        count = int(len(removable) * fraction)
+        if count == 0:
+            continue
+        scores = torch.tensor([
+            sum(float(model.get_submodule(name).weight.detach()[list(ch)].abs().sum()) for name, ch in group.units[k].channels.items())
+            for k in removable
+        ])
+        drop = [removable[i] for i in scores.argsort()[:count].tolist()]
+        for name, keep in unit_masks(model, group, drop).items():
+            mask_layer(model.get_submodule(name), keep)
+
+
+def total_macs(model: nn.Module, shape) -> int:
+    return sum(dense for dense, _ in count_macs(model, shape).values())
+
+
+def assert_compacts_exactly(model: nn.Module, x: torch.Tensor, fraction: float = 0.5) -> nn.Module:
+    model.eval()
+    mask_units(model, fraction)
+    with torch.no_grad():
+        expected = model(x)
+    small = compact(model, x)
+    with torch.no_grad():
+        actual = small(x)
+    assert relative_error(actual, expected) <= check_tolerance(x.dtype)
+    assert total_macs(small, x.shape) < 0.8 * total_macs(model, x.shape)
+    return small
+
+
+class ResidualStream(nn.Module):
+    """stem -> two residual blocks -> head: stem and both blocks' last convs share one channel set."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.a1, self.a2 = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = x + self.b2(torch.relu(self.b1(x)))
+        return self.head(self.bn(x))
+
+
+def test_residual_stream_is_one_group_and_compacts_when_every_member_is_masked():
+    torch.manual_seed(0)
+    model = ResidualStream()
+    randomize_batchnorms(model)
+    stream = group_of(channel_groups(model), "stem.0")
+    assert stream.members == ("stem.0", "a2", "b2")
+    assert len(stream.units) == 8 and stream.units[3].channels == {"stem.0": (3,), "a2": (3,), "b2": (3,)}
+    assert any("add" in node for node in stream.joined_by)
+    small = assert_compacts_exactly(model, torch.randn(2, 3, 10, 10))
+    assert small.stem[0].out_channels == small.a2.out_channels == small.head.in_channels == 4
+    assert small.bn.num_features == 4 and small.a1.in_channels == 4
+
+
+def test_residual_channels_masked_in_one_branch_only_are_refused_naming_both_sides():
+    torch.manual_seed(0)
+    model = ResidualStream().eval()
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[1, 2]] = False
+    mask_layer(model.a2, keep)
+    with pytest.raises(UnsupportedGraphError, match=r"dead 'a2' channels 1, 2.*add.*'stem.0' channels 1, 2.*not dead"):
+        compact(model)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.right = nn.Conv2d(3, 5, 3)
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.left(x), self.right(x)], dim=1))
+
+
+def test_concatenation_keeps_each_producers_offsets_and_folds_its_constants():
+    torch.manual_seed(0)
+    model = Concat()
+    randomize_batchnorms(model)
+    groups = channel_groups(model)
+    assert [g.members for g in groups] == [("left.0",), ("right",), ("head",)]
+    model.eval()
+    keep = torch.tensor([True, False, True, True])
+    mask_layer(model.left[0], keep)
+    mask_layer(model.right, torch.tensor([True, True, False, True, False]))
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    small = compact(model, x)
+    assert small.head.in_channels == 6 and small.left[1].num_features == 3
+    torch.testing.assert_close(small(x), expected)
+
+
+class Inverted(nn.Module):
+    """MobileNet's expand -> depthwise -> squeeze-and-excitation -> project, with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(6, 12, 1), nn.BatchNorm2d(12), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12), nn.Hardswish())
+        self.squeeze, self.excite = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.project = nn.Sequential(nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        y = self.depthwise(self.expand(x))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return x + self.project(y * gate)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = Inverted()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.block(self.stem(x)), 1), 1))
+
+
+def test_depthwise_conv_and_excitation_gate_join_the_channels_they_scale():
+    torch.manual_seed(0)
+    model = Net()
+    randomize_batchnorms(model)
+    groups = channel_groups(model)
+    assert group_of(groups, "block.expand.0").members == ("block.expand.0", "block.depthwise.0", "block.excite")
+    assert group_of(groups, "stem").members == ("stem", "block.project.0")
+    small = assert_compacts_exactly(model, torch.randn(2, 3, 8, 8))
+    assert small.block.depthwise[0].groups == small.block.depthwise[0].out_channels == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_coupled_groups_compact_within_each_dtypes_tolerance(dtype):
+    torch.manual_seed(0)
+    model = Net()
+    randomize_batchnorms(model)
+    assert_compacts_exactly(model.to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype))
+
+
+def test_grouped_conv_loses_whole_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1),
+    )
+    randomize_batchnorms(model)
+    group = group_of(channel_groups(model), "0")
+    assert group.members == ("0", "3") and len(group.units) == 4
+    assert group.units[1].channels == {"0": (2, 3), "3": (2, 3)}
+    small = assert_compacts_exactly(model, torch.randn(1, 3, 6, 6))
+    assert small[3].groups == 2 and small[3].in_channels == small[3].out_channels == 4
+
+
+def test_hidden_units_of_an_mlp_are_removed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    assert [g.members for g in channel_groups(model)] == [("1",), ("3",), ("5",)]
+    assert channel_groups(model)[2].fixed_reasons == ("reaches the model output",)
+    small = assert_compacts_exactly(model, torch.randn(4, 3, 2, 2))
+    assert (small[1].out_features, small[3].in_features, small[3].out_features, small[5].in_features) == (8, 8, 8, 8)
+
+
+class Split(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        left, right = self.stem(x).chunk(2, dim=1)
+        return self.head(torch.cat([left, self.branch(right)], dim=1))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle after a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.branch(x)], dim=1)
+        n, c, h, w = x.shape
+        return self.head(x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w))
+
+
+def test_a_split_and_a_channel_shuffle_fix_the_channels_they_touch_naming_the_node():
+    torch.manual_seed(0)
+    plain = group_of(channel_groups(Split()), "stem")
+    # chunk() splits at a fixed size in the forward's code: removing a channel would move the split.
+    assert plain.removable_units == () and "chunk() (graph node 'chunk')" in plain.fixed_reasons[0]
+    shuffled = channel_groups(Shuffle())
+    assert "tensor.view() (graph node 'view')" in group_of(shuffled, "branch.0").fixed_reasons[0]
+    model = Shuffle().eval()
+    mask_layer(model.branch[0], torch.tensor([False, True, True, True]))
+    with pytest.raises(UnsupportedGraphError, match=r"'branch.0' channel 0: tensor.view\(\) \(graph node 'view'\) is not supported"):
+        compact(model)
+
+
+def test_unit_masks_refuse_a_fixed_unit_and_group_of_suggests_names():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    groups = channel_groups(model)
+    with pytest.raises(ValueError, match="reaches the model output"):
+        unit_masks(model, groups[1], [0])
+    with pytest.raises(KeyError, match="did you mean '2'"):
+        group_of(groups, "2.")
+    assert prunekit.channel_groups(model)[0].members == ("0",)
+
+
+def small_unet() -> nn.Module:
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+
+            def block(cin, cout):
+                return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+            self.enc1, self.enc2, self.mid = block(3, 8), block(8, 16), block(16, 16)
+            self.dec2, self.dec1 = block(32, 8), block(16, 8)
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            e1 = self.enc1(x)
+            e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+            m = self.mid(nn.functional.max_pool2d(e2, 2))
+            d2 = self.dec2(torch.cat([nn.functional.interpolate(m, size=e2.shape[-2:]), e2], 1))
+            d1 = self.dec1(torch.cat([nn.functional.interpolate(d2, scale_factor=2.0), e1], 1))
+            return self.out(d1)
+
+    return UNet()
+
+
+def _torchvision(name: str, **kwargs):
+    return lambda: getattr(torchvision.models, name)(**kwargs)
+
+
+def _adain_pair():
+    from examples.style_transfer.adain import build_decoder, build_encoder
+
+    encoder = build_encoder("random", width=0.25)
+    return nn.Sequential(encoder, build_decoder(encoder))
+
+
+FAST = {
+    "resnet18": (_torchvision("resnet18"), 64),
+    "mobilenet_v2": (_torchvision("mobilenet_v2"), 64),
+    "efficientnet_b0": (_torchvision("efficientnet_b0"), 64),
+    "densenet121": (_torchvision("densenet121"), 64),
+    "squeezenet1_1": (_torchvision("squeezenet1_1"), 64),
+    "shufflenet_v2_x0_5": (_torchvision("shufflenet_v2_x0_5"), 64),
+    "hed": (prunekit.HED, 64),
+    "adain-encoder-decoder": (_adain_pair, 32),
+    "unet": (small_unet, 32),
+}
+SLOW = {
+    "resnet34": (_torchvision("resnet34"), 64),
+    "resnet50": (_torchvision("resnet50"), 64),
+    "mobilenet_v3_large": (_torchvision("mobilenet_v3_large"), 64),
+    "regnet_x_400mf": (_torchvision("regnet_x_400mf"), 64),
+    "googlenet": (_torchvision("googlenet", aux_logits=False, init_weights=False), 64),
+    **{name: (_torchvision(name), 32) for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    list(FAST) + [pytest.param(name, marks=pytest.mark.slow) for name in SLOW],
+)
+def test_every_common_cnn_compacts_exactly_with_half_of_each_groups_channels(name):
+    build, size = {**FAST, **SLOW}[name]
+    torch.manual_seed(0)
+    model = build()
+    randomize_batchnorms(model)
+    assert_compacts_exactly(model, torch.rand(1, 3, size, size))
+
+
+def test_report_groups_lists_coupled_layers_and_what_is_fixed():
+    import json
+
+    from click.testing import CliRunner
+
+    from prunekit.cli import cli
+
+    result = CliRunner().invoke(cli, ["report", "resnet18", "--groups"])
+    assert result.exit_code == 0, result.output
+    assert "13 channel groups (4 coupling several layers)" in result.output
+    assert "conv1: 3 layers, 64/64 units removable (conv1, layer1.0.conv2, layer1.1.conv2)" in result.output
+    assert "fc: 1 layer, 0/1000 units removable; fixed: reaches the model output" in result.output
+    as_json = json.loads(CliRunner().invoke(cli, ["report", "resnet18", "--groups", "--json"]).output)
+    assert as_json["groups"][0]["members"] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
