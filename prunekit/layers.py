@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ __all__ = [
     "check_prunable",
     "conv_layers",
     "get_module",
+    "prunable_layers",
     "resolve_layers",
 ]
 
@@ -66,13 +67,30 @@ def conv_layers(model: nn.Module) -> "OrderedDict[str, nn.Conv2d]":
     )
 
 
+def prunable_layers(model: nn.Module, types: Tuple[type, ...] = (nn.Conv2d,)) -> "OrderedDict[str, nn.Module]":
+    """The layers of ``model`` of the given ``types`` (``nn.Conv2d``, ``nn.Linear``), in module order.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> list(prunable_layers(model, (nn.Conv2d, nn.Linear)))
+        ['0', '2']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    return OrderedDict((name, module) for name, module in model.named_modules() if isinstance(module, types))
+
+
+def _kinds(types: Tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
 def resolve_layers(
-    model: nn.Module, layers: Optional[Iterable[str]] = None
-) -> "OrderedDict[str, nn.Conv2d]":
-    """Return the conv layers named in ``layers`` (all of them when ``None``), checking every name.
+    model: nn.Module, layers: Optional[Iterable[str]] = None, types: Tuple[type, ...] = (nn.Conv2d,)
+) -> "OrderedDict[str, nn.Module]":
+    """Return the layers named in ``layers`` (every layer of ``types`` when ``None``), checking every name.
 
     Raises:
-        KeyError: a name is not a conv layer of ``model``; the message lists the valid names.
+        KeyError: a name is not such a layer of ``model``; the message lists the valid names.
         ValueError: ``layers`` is empty or names a layer twice.
 
     Example:
@@ -80,26 +98,25 @@ def resolve_layers(
         >>> list(resolve_layers(model, ["2"]))
         ['2']
     """
-    convs = conv_layers(model)
-    if not convs:
-        raise ValueError(f"{type(model).__name__} has no Conv2d layer to prune")
+    found = prunable_layers(model, types)
+    what = "conv layers" if types == (nn.Conv2d,) else f"{_kinds(types)} layers"
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no {_kinds(types)} layer to prune")
     if layers is None:
-        return convs
+        return found
     if isinstance(layers, str):
         layers = [layers]
     names = list(layers)
     if not names:
-        raise ValueError("layers is empty; pass None for every conv layer or name at least one")
+        raise ValueError("layers is empty; pass None for every layer or name at least one")
     seen = set()
     for name in names:
-        if name not in convs:
-            raise KeyError(
-                f"unknown layer {name!r}; conv layers are: {', '.join(convs)}"
-            )
+        if name not in found:
+            raise KeyError(f"unknown layer {name!r}; {what} are: {', '.join(found)}")
         if name in seen:
             raise ValueError(f"layer {name!r} is named twice; name each layer once")
         seen.add(name)
-    return OrderedDict((name, convs[name]) for name in names)
+    return OrderedDict((name, found[name]) for name in names)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -220,6 +237,9 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
     """
     convs = conv_layers(model)
     if conv_name not in convs:
+        module = dict(model.named_modules()).get(conv_name)
+        if isinstance(module, nn.Linear):
+            return ConvBlock(conv_name, module)  # a Linear's block is the layer alone (fine-grained pruning)
         raise KeyError(f"unknown layer {conv_name!r}; conv layers are: {', '.join(convs)}")
     conv = convs[conv_name]
     parent_name, _, child = conv_name.rpartition(".")

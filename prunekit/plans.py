@@ -7,7 +7,7 @@ re-exported here.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -16,16 +16,18 @@ from prunekit.layers import check_prunable, resolve_layers
 from prunekit.methods.registry import METHODS, get_method
 from prunekit.reparametrization import copy_model, finalize, pruned_tensors
 
-__all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "pruned_tensors"]
+__all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "plan_blocks", "pruned_tensors"]
 
 
-def check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
-    """Validate ``plan`` against ``model``: conv layer names, sparsities in [0, 1]; return it as floats."""
+def check_plan(
+    model: nn.Module, plan: Mapping[str, float], types: Tuple[type, ...] = (nn.Conv2d,)
+) -> Dict[str, float]:
+    """Validate ``plan`` against ``model``: layer names (of ``types``), sparsities in [0, 1]; return it as floats."""
     if not isinstance(plan, Mapping):
         raise TypeError(
             f"plan must map conv layer names to sparsities, got {type(plan).__name__}"
         )
-    layers = resolve_layers(model, list(plan)) if plan else {}
+    layers = resolve_layers(model, list(plan), types) if plan else {}
     checked = {}
     for name in layers:
         value = plan[name]
@@ -35,6 +37,33 @@ def check_plan(model: nn.Module, plan: Mapping[str, float]) -> Dict[str, float]:
             raise ValueError(f"plan[{name!r}]={value} is outside [0, 1]; use a final sparsity in [0, 1]")
         checked[name] = float(value)
     return checked
+
+
+def plan_blocks(model: nn.Module, plan: Mapping[str, float], pruning: Any) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """What a checked ``plan`` prunes with ``pruning``: its blocks and each block's level, keyed alike.
+
+    A channel method prunes channel groups: a level given to any member applies to the
+    whole group (the key is the group's name, its first member's).
+
+    Raises:
+        ValueError: two members of one group are given different levels (the message names both);
+            a member cannot be pruned alone (tied or parametrized weights).
+    """
+    blocks = pruning.blocks(model, plan)
+    owner = {layer: key for key, block in blocks.items() for layer in pruning.block_layers(block)}
+    levels: Dict[str, float] = {}
+    named: Dict[str, str] = {}
+    for layer, level in plan.items():
+        key = owner[layer]
+        if key in levels and levels[key] != level:
+            raise ValueError(
+                f"plan gives {named[key]!r} {levels[key]:g} and {layer!r} {level:g}, but their channels are coupled "
+                f"(channel group {key!r}: {', '.join(pruning.block_layers(blocks[key]))}) and are pruned at one "
+                "level; give them the same level (prunekit report MODEL --groups lists the groups)"
+            )
+        levels[key], named[key] = level, layer
+    check_prunable(model, list(owner))
+    return blocks, levels
 
 
 def apply_plan(
@@ -60,7 +89,10 @@ def apply_plan(
             (:class:`ChannelActivation` by activation statistics; the value is the fraction of
             output channels masked, and the BatchNorm that follows the conv is masked too) or
             ``"filter-norm"`` (channels with the smallest filter L1 norms; no statistics needed).
-        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
+            The channel methods prune channel groups: a level given to a conv applies to every
+            conv coupled with it (:func:`prunekit.channel_groups`), masked at the same channels.
+        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor), for
+            every conv of the planned groups.
         criterion: for ``"channel"``, ``"l2"`` or ``"l0"``.
 
     Example:
@@ -70,12 +102,12 @@ def apply_plan(
         0.75
     """
     pruning = get_method(method)
-    checked = check_plan(model, plan)
+    checked = check_plan(model, plan, pruning.layer_types)
     check_prunable(model, checked)
-    scores = pruning.scores(model, checked, stats, criterion) or {}
-    blocks = {name: pruning.block(model, name) for name in checked}
-    touched = [module for block in blocks.values() for module in (block.conv, block.batchnorm) if module is not None]
-    with rollback_on_error(touched):
-        for name, sparsity in checked.items():
-            pruning.apply(blocks[name], name, sparsity, scores.get(name))
+    blocks, levels = plan_blocks(model, checked, pruning)
+    scores = pruning.scores(model, blocks, stats, criterion) or {}
+    touched = [module for block in blocks.values() for module, _ in pruning.targets(block)]
+    with rollback_on_error(list(dict.fromkeys(touched))):
+        for key, sparsity in levels.items():
+            pruning.apply(blocks[key], key, sparsity, scores.get(key))
     return model

@@ -74,7 +74,9 @@ def test_scan_with_no_options_scans_the_builtin_digits_model(runner):
     out = Path("prunekit-scan")
     scan = SensitivityResult.from_json(out / "scan.json")
     assert scan.complete and scan.metric == "accuracy" and scan.baseline > 0.9
-    assert len(scan.layers) == 6 and scan.sparsities == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    # Fine-grained: the six convs and the classifier's two Linear layers.
+    assert scan.layers[-2:] == ["classifier.1", "classifier.3"] and len(scan.layers) == 8
+    assert scan.sparsities == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["joint"] and plan["per_layer_plan"] == scan.plan(0.01)
     assert all(plan["plan"][layer] <= level for layer, level in scan.plan(0.01).items())
@@ -101,7 +103,7 @@ def test_scan_json_prints_one_document(runner, tiny):
     result = runner.invoke(cli, tiny + ["--out", "j", "--json", "--quiet"])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
-    assert set(document["plan"]) == {"0", "3"}
+    assert set(document["plan"]) == {"0", "3", "7"}  # the convs and the Linear head
     assert document["scan"]["complete"] is True
     assert document["files"]["scan"].endswith("scan.json")
 
@@ -174,7 +176,7 @@ def test_bad_sparsities(runner, sparsities, fragment):
 
 def test_unknown_layer_lists_the_valid_ones(runner):
     result = runner.invoke(cli, ["scan", "--layers", "features.0,features.99"])
-    assert_one_error_line(result, "features.99", "conv layers are: features.0, features.2")
+    assert_one_error_line(result, "features.99", "Conv2d or Linear layers are: features.0, features.2")
 
 
 @pytest.mark.parametrize(

@@ -359,7 +359,7 @@ def test_json_output_is_pure_even_when_a_library_prints(runner, monkeypatch):
 def test_progress_off_a_terminal_prints_lines(runner):
     result = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "p"])
     assert result.exit_code == 0
-    assert "scanning: 12/12" in result.stderr and "fitting the plan: " in result.stderr
+    assert "scanning: 16/16" in result.stderr and "fitting the plan: " in result.stderr
     early = runner.invoke(cli, ["scan", "--out", "q"])  # the default levels: this fit stops early (25 of 31)
     fit_lines = [line for line in early.stderr.splitlines() if line.startswith("fitting the plan: ")]
     trials = len(json.loads(Path("q/fit.json").read_text())["trials"])

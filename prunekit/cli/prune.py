@@ -95,11 +95,11 @@ def _load(context: _Context, model_spec: str, weights: Optional[str], trust_chec
         raise
 
 
-def _check_layers(model: Any, plan: PlanFile, model_spec: str) -> None:
+def _check_layers(model: Any, plan: PlanFile, model_spec: str, types: Any) -> None:
     from prunekit.layers import resolve_layers
 
     try:
-        resolve_layers(model, list(plan.plan))
+        resolve_layers(model, list(plan.plan), types)
     except (KeyError, ValueError) as err:
         made_for = plan.context("model")
         if made_for is not None and not _same(made_for, model_spec):
@@ -244,7 +244,7 @@ def prune_command(
     with _blamed_on_plan(context):
         model = _load_with_seed(context, model_spec, weights, trust_checkpoint, quiet, seed).to(target)
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
-        _check_layers(model, plan, model_spec)
+        _check_layers(model, plan, model_spec, pruning.layer_types)
         stats = _statistics(model, pruning, plan, data, image_size, batch_size, seed, quiet)
         history = None
         if recover_steps:
@@ -265,11 +265,17 @@ def prune_command(
     # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
     trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
     hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
+    problem = None
     if pruning.unit == "channels":
-        hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
+        from prunekit.compact import compaction_problem
+
+        problem = compaction_problem(model)  # said now, not discovered by compact later
+        if problem is None:
+            hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
     if as_json:
         emit_json({"out": out, "arch": arch, "method": method, "report": report.to_dict(),
-                   "recovery": history.to_dict() if history is not None else None, "next": hints})
+                   "recovery": history.to_dict() if history is not None else None, "next": hints,
+                   "compact_problem": problem})
         return
     if not quiet:
         click.echo(str(report))
@@ -277,6 +283,8 @@ def prune_command(
         _print_recovery(history, gradual)
     pickled = "; a pickled module like its source: read it back with --trust-checkpoint" if arch is None else ""
     status(quiet, f"wrote {out} ({method} pruning, {len(plan.plan)} layers{pickled})")
+    if problem is not None:
+        click.echo(f"note: compact cannot shrink this model: {problem}", err=True)
     for hint in hints:
         status(quiet, hint)
     if history is not None and history.interrupted:
@@ -300,7 +308,8 @@ def _statistics(model: Any, pruning: Any, plan: PlanFile, data: str, image_size:
 
     batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
     status(quiet, f"measuring channel statistics on {description} ...")
-    return collect_channel_stats(model, batch_inputs(batches), layers=list(plan.plan), progress=not quiet)
+    layers = pruning.statistics_layers(pruning.blocks(model, plan.plan))  # every conv of the planned groups
+    return collect_channel_stats(model, batch_inputs(batches), layers=layers, progress=not quiet)
 
 
 def _save(model: Any, out: str, arch: Optional[str]) -> Any:

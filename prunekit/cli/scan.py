@@ -6,7 +6,7 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import click
 
@@ -71,7 +71,7 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Channel score for --method channel.")
 @click.option("--sparsities", default="0.4:0.9:0.1", show_default=True, metavar="START:STOP:STEP|LIST",
               help="Levels in [0, 1), increasing: start:stop:step (stop included) or a comma list.")
-@click.option("--layers", default=None, metavar="NAME,...", help="Conv layers to scan (default: all).")
+@click.option("--layers", default=None, metavar="NAME,...", help="Layers to scan (default: every conv, and every nn.Linear for fine-grained; channel methods scan each channel group once).")
 @click.option("--max-drop", type=float, default=None,
               help="Tolerance for the suggested plan: the largest acceptable score loss vs. the dense "
               "model (default: 0.01 for accuracy, 0.05 for distortion).")
@@ -168,7 +168,7 @@ def scan_command(
     torch.manual_seed(seed)
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
                        factory_folder=os.getcwd()).to(target)
-    convs = resolve_layers(model, names)
+    convs = resolve_layers(model, names, get_method(method).layer_types)
     batches, labelled, description, size, batch_size = evaluation_data(
         model, data, image_size, batch_size, metric, seed
     )
@@ -192,12 +192,19 @@ def scan_command(
     elif folder.holds_a_partial_scan():
         status(quiet, f"note: replacing the partial scan in {folder.scan_file} (use --resume to continue it)")
 
-    status(quiet, f"data: {description}; metric: {metric_name}; {len(convs)} conv layers x {len(levels)} levels")
+    pruning = get_method(method)
+    blocks = pruning.blocks(model, convs)
+    what = f"{len(convs)} layers"
+    if len(blocks) != len(convs):
+        what = f"{len(blocks)} channel groups of {len(convs)} conv layers"
+    status(quiet, f"data: {description}; metric: {metric_name}; {what} x {len(levels)} levels")
     stats = None
     if uses_statistics:
         from prunekit.stats import collect_channel_stats
 
-        stats = collect_channel_stats(model, batch_inputs(batches), layers=list(convs), progress=not quiet)
+        stats = collect_channel_stats(
+            model, batch_inputs(batches), layers=pruning.statistics_layers(blocks), progress=not quiet
+        )
 
     try:
         result = scan(
@@ -253,19 +260,32 @@ def scan_command(
     )
     # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
     hint = _apply_hint(folder.plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
+    problem = _compaction_problem(model, plan, method, stats, criterion) if hint and pruning.unit == "channels" else None
 
     if as_json:
         emit_json({
             "scan": result.to_dict(), "plan": plan, "max_drop": tolerance, "relative": relative,
             "score_with_plan": combined, "joint": joint, "per_layer_plan": per_layer,
             "score_with_per_layer_plan": per_layer_score, "files": files, "next": hint,
+            "compact_problem": problem,
         })
         return
     click.echo(result.table(max_drop=tolerance, relative=relative, plan=plan))
     _print_plan(result, plan, per_layer, combined, per_layer_score, tolerance, relative, joint)
     status(quiet, f"\nwrote {', '.join(files.values())}")
+    if problem is not None:
+        click.echo(f"warning: compact will not shrink a model pruned by this plan: {problem}", err=True)
     if hint is not None:
         status(quiet, f"apply it: {hint}")
+
+
+def _compaction_problem(model: Any, plan: Dict[str, float], method: str, stats: Any, criterion: str) -> Optional[str]:
+    """Why ``compact`` would refuse the model this channel plan gives (checked on a copy), or None."""
+    from prunekit.compact import compaction_problem
+    from prunekit.plans import apply_plan, copy_model
+
+    pruned = apply_plan(copy_model(model), plan, method=method, stats=stats, criterion=criterion)
+    return compaction_problem(pruned)
 
 
 def _print_plan(

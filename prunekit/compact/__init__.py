@@ -54,6 +54,7 @@ __all__ = [
     "check_tolerance",
     "compact",
     "compact_chain",
+    "compaction_problem",
     "compaction_report",
     "layer_costs",
     "plan_compaction",
@@ -211,6 +212,28 @@ def compact(
     if example_input is not None:
         _check_equal(reference, _eval_output(compacted, example_input))
     return compacted
+
+
+def compaction_problem(model: nn.Module, *, prune_output_channels: bool = False) -> Optional[str]:
+    """Why :func:`compact` would not shrink ``model``, or None when it would (nothing is built or changed).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> compaction_problem(model)
+        'no channel is dead (all-zero weights): compact has nothing to remove'
+    """
+    copy = copy_model(model)
+    finalize(copy)
+    try:
+        plan = plan_compaction(copy, prune_output_channels=prune_output_channels)
+    except UnsupportedGraphError as err:
+        return str(err)
+    if plan.empty:
+        if plan.pinned:
+            return (f"the dead channels of {', '.join(map(repr, plan.pinned))} reach the model output and are kept "
+                    "(prune_output_channels=True removes them): compact has nothing to remove")
+        return "no channel is dead (all-zero weights): compact has nothing to remove"
+    return None
 
 
 def compact_chain(

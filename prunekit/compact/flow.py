@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from prunekit._rollback import eval_mode
 from prunekit.compact.modules import BorderBiasConv2d
@@ -249,6 +250,12 @@ def _is_shape_query(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is builtins.getattr and node.args[1] in ("shape", "ndim")
 
 
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Hooks other than torch's pruning reparametrization (which only recomputes ``weight`` from its mask)."""
+    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+    return bool(pre or module._forward_hooks or getattr(module, "_backward_hooks", None))
+
+
 def _tensor_args(node: fx.Node) -> List[fx.Node]:
     found: List[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
@@ -309,9 +316,7 @@ class _Tracer:
         if self.calls[name] != 1 and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)):
             self._unsupported(node, f"is called {self.calls[name]} times in the forward pass (only modules used once can be resized)")
             return
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)) and (
-            module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
-        ):
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)) and _foreign_hooks(module):
             self._unsupported(node, "has hooks registered (they may depend on the channel count; remove them first)")
             return
         if isinstance(module, nn.Conv2d):

@@ -6,7 +6,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from prunekit.measure.macs import batched_shape, count_macs

@@ -180,3 +180,17 @@ def load_state(model: nn.Module, obj: Any, path: Path) -> nn.Module:
 def sparse_limit(model: nn.Module) -> int:
     """The most bytes a sparse file loaded into ``model`` may decode: the model's own state, plus slack for masks."""
     return 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+
+
+def load_shipped_digits_weights(model: nn.Module, path: Path, num_classes: int, rebuild: str) -> nn.Module:
+    """Load the trained digits weights shipped in ``path`` into ``model`` (10 classes); ``rebuild`` is the command that writes them.
+
+    Raises:
+        ValueError: ``num_classes`` is not 10.
+        FileNotFoundError: the file is missing (the message gives ``rebuild``).
+    """
+    if num_classes != 10:
+        raise ValueError(f"the shipped digits weights have 10 classes, not num_classes={num_classes}")
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped weights {str(path)!r} not found; reinstall prunekit or regenerate them with: {rebuild}")
+    return load_weights(model, path)

@@ -11,9 +11,9 @@ from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
 from prunekit.defaults import CRITERIA
-from prunekit.layers import ConvBlock
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
+from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
 
 __all__ = [
     "CRITERIA",
@@ -343,62 +343,131 @@ def channel_activation(
 class ChannelMethod(PruningMethod):
     """``"channel"``: whole output channels chosen by activation statistics (:func:`channel_activation`).
 
-    A sparsity is the fraction of the conv's output channels masked, in its weight and
-    bias and in the BatchNorm that follows it. The scores are ``stats[layer]`` under a
-    criterion (``l2``: response magnitude, ``l0``: firing frequency), measured on images
-    with :func:`prunekit.collect_channel_stats`.
+    What it prunes is a channel group (:class:`~prunekit.methods.groups.GroupBlock`): a conv
+    alone, or the convs whose channels are coupled (a residual stream, a depthwise conv and
+    the conv feeding it), masked at the same units so that :func:`prunekit.compact` can
+    remove them. A sparsity is the fraction of the group's units masked, in every member's
+    weight and bias and in the BatchNorm that follows it. The scores are ``stats[layer]``
+    under a criterion (``l2``: response magnitude, ``l0``: firing frequency), measured on
+    images with :func:`prunekit.collect_channel_stats` for every member, and combined per
+    unit (:func:`~prunekit.methods.groups.unit_scores`).
     """
 
     name = "channel"
     unit = "channels"
     needs_statistics = True
 
-    def targets(self, block: ConvBlock) -> List[Target]:
-        return channel_targets(block.conv, block.batchnorm)
+    def block(self, model: nn.Module, layer: str) -> GroupBlock:
+        return next(iter(group_blocks(model, [layer]).values()))
 
-    def current_sparsity(self, block: ConvBlock) -> float:
-        weight = block.conv.weight.detach()
-        return float((weight.flatten(1) == 0).all(dim=1).float().mean())
+    def blocks(self, model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBlock]:
+        return group_blocks(model, layers)
+
+    def block_layers(self, block: GroupBlock) -> List[str]:
+        return block.member_names
+
+    def targets(self, block: GroupBlock) -> List[Target]:
+        return [target for member in block.members for target in channel_targets(member.conv, member.batchnorm)]
+
+    def current_sparsity(self, block: GroupBlock) -> float:
+        return float(block.dead_units().float().mean())
+
+    def member_scores(
+        self, model: nn.Module, blocks: Mapping[str, GroupBlock], stats: Optional[Mapping[str, Any]], criterion: str
+    ) -> Dict[str, torch.Tensor]:
+        """Each member conv's per-channel scores (here: from ``stats``)."""
+        return layer_scores(stats, self.statistics_layers(blocks), criterion)
 
     def scores(
-        self, model: nn.Module, layers: Iterable[str], stats: Optional[Mapping[str, Any]], criterion: str
+        self, model: nn.Module, blocks: Mapping[str, Any], stats: Optional[Mapping[str, Any]], criterion: str
     ) -> Optional[Dict[str, torch.Tensor]]:
-        return layer_scores(stats, layers, criterion)
+        per_layer = self.member_scores(model, blocks, stats, criterion)
+        for block in blocks.values():
+            for member in block.members:
+                values = per_layer[member.conv_name]
+                if values.numel() != member.conv.out_channels:
+                    raise ValueError(
+                        f"stats for {member.conv_name!r} have {values.numel()} channels but the conv has "
+                        f"{member.conv.out_channels}; collect them on this model"
+                    )
+        return {
+            key: unit_scores(block, [per_layer[name] for name in block.member_names]) for key, block in blocks.items()
+        }
 
-    def apply(self, block: ConvBlock, layer: str, sparsity: float, scores: Optional[torch.Tensor]) -> None:
+    def max_sparsity(self, block: GroupBlock) -> float:
+        return float(self._selectable(block).float().mean())
+
+    @staticmethod
+    def _selectable(block: GroupBlock) -> torch.Tensor:
+        """Units a plan may mask: all of a single conv's channels (compact keeps those it must), a group's removable ones."""
+        if len(block.members) == 1 and all(len(unit[0]) == 1 for unit in block.units):
+            return torch.ones(len(block.units), dtype=torch.bool)
+        return block.removable
+
+    @staticmethod
+    def _masked_units(block: GroupBlock, everywhere: bool = False) -> torch.Tensor:
+        per_member = [
+            masked_channels(channel_targets(m.conv, m.batchnorm), everywhere=everywhere) for m in block.members
+        ]
+        combine = all if everywhere else any
+        return torch.tensor([
+            combine(bool(masked[list(channels)].all() if everywhere else masked[list(channels)].any())
+                    for masked, channels in zip(per_member, unit))
+            for unit in block.units
+        ], dtype=torch.bool)
+
+    def apply(self, block: GroupBlock, layer: str, sparsity: float, scores: Optional[torch.Tensor]) -> None:
         assert scores is not None, "scores come from ChannelMethod.scores"
-        channels = block.conv.out_channels
-        target = round(sparsity * channels)
-        targets = self.targets(block)
-        dead = masked_channels(targets)
-        done = int(dead.sum())
+        units = len(block.units)
+        target = round(sparsity * units)
+        masked = self._masked_units(block)
+        done = int(masked.sum())
+        what = "channels" if len(block.members) == 1 else f"units of channel group {block.name!r}"
         if done > target:
             raise ValueError(
-                f"layer {layer!r} already has {done} of {channels} channels masked, above the planned "
+                f"layer {layer!r} already has {done} of {units} {what} masked, above the planned "
                 f"{sparsity:.4f}; a plan sets final sparsities and cannot regrow channels: "
                 "apply it to the unpruned model"
             )
         # A channel masked in the weight alone (say by fine-grained pruning) still
         # emits its bias: the channel method then masks it in every tensor.
-        consistent = torch.equal(dead, masked_channels(targets, everywhere=True))
+        consistent = torch.equal(masked, self._masked_units(block, everywhere=True))
         if target == done and consistent:
             return
-        channel_activation(block.conv, scores, amount=target - done, batchnorm=block.batchnorm)
+        remaining = ~masked & self._selectable(block)
+        if target - done > int(remaining.sum()):
+            reasons = sorted({r for fixed in block.fixed for r in fixed})
+            raise ValueError(
+                f"{layer!r} at {sparsity:.4f} needs {target} of the {units} {what} masked, but only "
+                f"{int(remaining.sum()) + done} can be ({'; '.join(reasons[:2])}); plan a lower level"
+            )
+        removed = masked | lowest_channels(scores, remaining, target - done)
+        members = [m for member in block.members for m in (member.conv, member.batchnorm) if m is not None]
+        with rollback_on_error(members):
+            for member, gone in zip(block.members, block.channel_masks(removed)):
+                channel_activation(member.conv, (~gone).float(), threshold=0.0, batchnorm=member.batchnorm)
 
-    def mask_maker(self, block: ConvBlock, scores: Optional[torch.Tensor]) -> Callable[[float], List[torch.Tensor]]:
+    def mask_maker(self, block: GroupBlock, scores: Optional[torch.Tensor]) -> Callable[[float], List[torch.Tensor]]:
         assert scores is not None, "scores come from the method's scores()"
-        targets = self.targets(block)
-        channels = block.conv.out_channels
-        remaining = torch.ones(channels, dtype=torch.bool)
+        units = len(block.units)
+        remaining = self._selectable(block)
         values = channel_scores(scores)
 
         def masks(sparsity: float) -> List[torch.Tensor]:
-            keep = ~lowest_channels(values, remaining, round(sparsity * channels))
+            count = round(sparsity * units)
+            if count > int(remaining.sum()):
+                raise ValueError(
+                    f"channel group {block.name!r} at {sparsity:.4f} needs {count} of its {units} units, but only "
+                    f"{int(remaining.sum())} can be removed; scan lower levels"
+                )
+            gone = block.channel_masks(lowest_channels(values, remaining, count))
             out = []
-            for module, name in targets:
-                tensor = module._parameters[name]
-                shape = (channels,) + (1,) * (tensor.dim() - 1)
-                out.append(keep.to(device=tensor.device, dtype=tensor.dtype).reshape(shape).expand_as(tensor).contiguous())
+            for member, member_gone in zip(block.members, gone):
+                keep = ~member_gone
+                for module, name in channel_targets(member.conv, member.batchnorm):
+                    tensor = module._parameters[name]
+                    shape = (keep.numel(),) + (1,) * (tensor.dim() - 1)
+                    out.append(keep.to(device=tensor.device, dtype=tensor.dtype).reshape(shape).expand_as(tensor).contiguous())
             return out
 
         return masks

@@ -14,12 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor, nn
 
-from prunekit.layers import conv_block
 from prunekit.methods._amount import Amount
 from prunekit.methods.channel import ChannelMethod, channel_activation
 
@@ -70,7 +69,7 @@ class FilterNormMethod(ChannelMethod):
     name = "filter-norm"
     needs_statistics = False
 
-    def scores(
-        self, model: nn.Module, layers: Iterable[str], stats: Optional[Mapping[str, Any]], criterion: str
-    ) -> Optional[Dict[str, Tensor]]:
-        return {layer: filter_norms(conv_block(model, layer).conv) for layer in layers}
+    def member_scores(
+        self, model: nn.Module, blocks: Mapping[str, Any], stats: Optional[Mapping[str, Any]], criterion: str
+    ) -> Dict[str, Tensor]:
+        return {member.conv_name: filter_norms(member.conv) for block in blocks.values() for member in block.members}

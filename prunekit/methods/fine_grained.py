@@ -94,7 +94,8 @@ def fine_grained_l1(
 class FineGrainedMethod(PruningMethod):
     """``"fine-grained"``: the conv weight's smallest-magnitude entries (:class:`FineGrainedL1`); data-free.
 
-    A sparsity is the fraction of the weight's entries that are zero.
+    A sparsity is the fraction of the weight's entries that are zero. It prunes convs and
+    ``nn.Linear`` layers (an MLP's or a ViT's weights, a classifier's).
 
     Example:
         >>> conv = nn.Conv2d(3, 8, 3)
@@ -105,6 +106,7 @@ class FineGrainedMethod(PruningMethod):
     """
 
     name = "fine-grained"
+    layer_types = (nn.Conv2d, nn.Linear)
     unit = "weights"
 
     def targets(self, block: ConvBlock) -> List[Target]:

@@ -48,7 +48,14 @@ from prunekit.defaults import DEFAULT_MODEL
 from prunekit.io.files import PathLike, save_torch
 from prunekit.layers import conv_layers
 from prunekit.io.sparse import is_sparse_file, load_sparse, read_sparse_header, save_sparse
-from prunekit.io.weights import PickledObjectError, load_state, load_weights, read_torch_file, sparse_limit
+from prunekit.io.weights import (
+    PickledObjectError,
+    load_shipped_digits_weights,
+    load_state,
+    load_weights,
+    read_torch_file,
+    sparse_limit,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -207,20 +214,20 @@ def digits_vgg(pretrained: bool = False, num_classes: int = 10) -> nn.Sequential
         )
     )
     if pretrained:
-        if num_classes != 10:
-            raise ValueError(f"the shipped digits weights have 10 classes, not num_classes={num_classes}")
-        if not DIGITS_VGG_WEIGHTS.is_file():
-            raise FileNotFoundError(
-                f"shipped weights {str(DIGITS_VGG_WEIGHTS)!r} not found; reinstall prunekit or "
-                "regenerate them with: python scripts/train_default_model.py"
-            )
-        load_weights(model, DIGITS_VGG_WEIGHTS)
+        load_shipped_digits_weights(model, DIGITS_VGG_WEIGHTS, num_classes, "python scripts/train_default_model.py")
     return model.eval()
 
 
 @register_model(DEFAULT_MODEL)
 def _digits_vgg(weights: Optional[str], progress: bool) -> nn.Module:
     return digits_vgg(pretrained=weights is None)
+
+
+@register_model("digits-resnet")
+def _digits_resnet(weights: Optional[str], progress: bool) -> nn.Module:
+    from prunekit.models.digits_resnet import digits_resnet
+
+    return digits_resnet(pretrained=weights is None)
 
 
 @register_model(HED_MODEL)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import warnings
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "ForwardMetric",
     "MODEL_OUTPUT",
     "OutputDistortion",
+    "ZeroOutputWarning",
     "model_device",
     "output_tensor",
     "relative_distance",
@@ -191,6 +193,10 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return relative_distance(float((actual64 - expected64).pow(2).sum()), float(expected64.pow(2).sum()))
 
 
+class ZeroOutputWarning(UserWarning):
+    """The dense model's output (or a captured layer's) is all zeros: distortions against it say nothing."""
+
+
 class OutputDistortion(ForwardMetric):
     """Relative L2 distance of the pruned model's outputs to the dense model's, on fixed inputs.
 
@@ -248,6 +254,16 @@ class OutputDistortion(ForwardMetric):
                                          f"{len(reference)}")
                 reference.append(outputs)
         self._reference = reference
+        for name in self.capture:
+            if reference and all(not bool(outputs[name].any()) for outputs in reference if name in outputs):
+                where = "the model's output" if name == MODEL_OUTPUT else f"the output of {name!r}"
+                warnings.warn(
+                    f"{where} is all zeros on every batch of the dense model (a zero-initialised head?): "
+                    "every distortion is then 0 and every layer looks prunable; measure a trained model, "
+                    "or the distortion of a feature layer (OutputDistortion(inputs, layers=[...]))",
+                    ZeroOutputWarning,
+                    stacklevel=3,
+                )
 
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
         if self._reference is None:

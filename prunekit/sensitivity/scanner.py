@@ -23,7 +23,7 @@ from prunekit._rollback import restore_training, training_flags
 from prunekit.layers import check_prunable, resolve_layers
 from prunekit.methods.base import PruningMethod, Target
 from prunekit.methods.registry import METHODS, get_method
-from prunekit.plans import check_plan
+from prunekit.plans import check_plan, plan_blocks
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
@@ -70,9 +70,9 @@ def _not_nan(value: float, layer: str, level: float) -> float:
     return value
 
 
-def _targets(model: nn.Module, layer: str, pruning: PruningMethod) -> List[Target]:
-    """The tensors a point masks: the method's targets for the layer's block (all still plain parameters)."""
-    targets = pruning.targets(pruning.block(model, layer))
+def _targets(block: Any, layer: str, pruning: PruningMethod) -> List[Target]:
+    """The tensors a point masks: the method's targets for the block (all still plain parameters)."""
+    targets = pruning.targets(block)
     for module, name in targets:
         if name not in module._parameters:
             raise ValueError(
@@ -81,6 +81,26 @@ def _targets(model: nn.Module, layer: str, pruning: PruningMethod) -> List[Targe
                 "prunekit.finalize(model) first (the scan then starts from its zeros)"
             )
     return targets
+
+
+def _feasible(blocks: Dict[str, Any], pruning: PruningMethod, highest: float, named: bool) -> Dict[str, Any]:
+    """The blocks that can be pruned to every level; others are refused (named layers) or skipped with a warning."""
+    short = {key: pruning.max_sparsity(block) for key, block in blocks.items()}
+    short = {key: most for key, most in short.items() if most + 1e-9 < highest}
+    if not short:
+        return blocks
+    reasons = {key: "; ".join(sorted({r for fixed in getattr(blocks[key], "fixed", []) for r in fixed})[:2]) for key in short}
+    described = ", ".join(f"{key!r} (at most {most:.0%}: {reasons[key]})" for key, most in short.items())
+    if named:
+        raise ValueError(
+            f"channel group{'s' if len(short) > 1 else ''} {described} cannot be pruned to {highest:.0%}; "
+            "leave out their convs, or scan lower levels"
+        )
+    warnings.warn(f"scan: skipping channel group{'s' if len(short) > 1 else ''} {described}", UserWarning, stacklevel=3)
+    kept = {key: block for key, block in blocks.items() if key not in short}
+    if not kept:
+        raise ValueError(f"no layer can be pruned to {highest:.0%}: {described}; scan lower levels")
+    return kept
 
 
 def _fingerprint(
@@ -161,15 +181,16 @@ class _Masker:
     the layer's magnitude order, sorted once for all its levels).
     """
 
-    def __init__(self, model: nn.Module, pruning: PruningMethod, scores: Optional[Mapping[str, Tensor]]) -> None:
-        self.model, self.pruning, self.scores = model, pruning, scores or {}
+    def __init__(
+        self, blocks: Mapping[str, Any], pruning: PruningMethod, scores: Optional[Mapping[str, Tensor]]
+    ) -> None:
+        self.blocks, self.pruning, self.scores = blocks, pruning, scores or {}
         self._maker: Optional[Tuple[str, Callable[[float], List[Tensor]]]] = None
 
     def masked(self, layer: str, targets: Sequence[Target], sparsity: float) -> List[Tensor]:
         if self._maker is None or self._maker[0] != layer:
             self._maker = None  # free the previous layer's work before the next one's
-            block = self.pruning.block(self.model, layer)
-            self._maker = (layer, self.pruning.mask_maker(block, self.scores.get(layer)))
+            self._maker = (layer, self.pruning.mask_maker(self.blocks[layer], self.scores.get(layer)))
         with torch.no_grad():
             masks = self._maker[1](sparsity)
             # The same product the pruning forward pre-hook computes (weight_orig * weight_mask).
@@ -310,14 +331,14 @@ class _PrefixCache:
 
 
 def _suffix_graph(
-    model: nn.Module, evaluate: Any, layers: Iterable[str]
+    model: nn.Module, evaluate: Any, cuts: Mapping[str, Sequence[str]]
 ) -> Tuple[Optional[Traced], Dict[str, int], Dict[str, int]]:
-    """The traced graph, each cuttable layer's position and the metric's capture positions.
+    """The traced graph, each block's cut position (before its first conv) and the metric's capture positions.
 
-    Layers that cannot be cut at (shared convs) and models that cannot be traced
-    are scored with full forwards, with one :class:`SuffixFallbackWarning` saying why.
+    ``cuts`` maps each scanned key to its convs. Blocks with a conv that cannot be cut at
+    (a shared conv) and models that cannot be traced are scored with full forwards, with
+    one :class:`SuffixFallbackWarning` saying why.
     """
-    layers = list(layers)
     if not isinstance(evaluate, ForwardMetric):
         return None, {}, {}
     try:
@@ -333,11 +354,11 @@ def _suffix_graph(
         return None, {}, {}
     positions: Dict[str, int] = {}
     shared = []
-    for layer in layers:
+    for key, layers in cuts.items():
         try:
-            positions[layer] = traced.position(layer)
+            positions[key] = min(traced.position(layer) for layer in layers)
         except KeyError:
-            shared.append(layer)
+            shared.append(key)
     if shared:
         warnings.warn(
             f"scan: scoring {', '.join(map(repr, shared))} with full forwards (same scores, slower): called more "
@@ -390,7 +411,7 @@ def scan(
     meta: Optional[Mapping[str, Any]] = None,
     cache_limit: int = DEFAULT_CACHE_LIMIT,
 ) -> SensitivityResult:
-    """Prune each conv layer alone at each sparsity, score the model, and restore it.
+    """Prune each layer (or channel group) alone at each sparsity, score the model, and restore it.
 
     Every point starts from the dense model; only one layer is pruned at a
     time. The masks are the ones :func:`prunekit.apply_plan` would apply, so a
@@ -429,7 +450,9 @@ def scan(
         model: the dense model.
         evaluate: ``evaluate(model) -> float``; a metric object's ``name`` and
             ``higher_is_better`` attributes are recorded in the result.
-        layers: conv layer names (default: every ``Conv2d``).
+        layers: layer names (default: every ``Conv2d``, and every ``nn.Linear`` for ``"fine-grained"``).
+            A channel method scans each channel group once, under its first member's name
+            (:func:`prunekit.channel_groups`): a point masks the same units in every member.
         sparsities: increasing levels in [0, 1).
         method: a name from :data:`prunekit.methods.registry.METHODS` (or a method object):
             ``"fine-grained"`` (:class:`FineGrainedL1`, fraction of weights), ``"channel"``
@@ -474,32 +497,28 @@ def scan(
         )
     pruning = get_method(method)
     method = pruning.name
-    convs = resolve_layers(model, layers)
+    convs = resolve_layers(model, layers, pruning.layer_types)
     check_prunable(model, convs)
     levels = check_sparsities(sparsities)
-    scores = pruning.scores(model, convs, stats, criterion)  # from the dense model, before any point
-    targets = {layer: _targets(model, layer, pruning) for layer in convs}
-    if scores is not None:
-        for layer, values in scores.items():
-            if values.numel() != convs[layer].out_channels:
-                raise ValueError(
-                    f"stats for {layer!r} have {values.numel()} channels but the conv has "
-                    f"{convs[layer].out_channels}; collect them on this model"
-                )
+    blocks = pruning.blocks(model, convs)  # a channel method's groups: one point per group
+    blocks = _feasible(blocks, pruning, levels[-1], named=layers is not None)
+    check_prunable(model, [layer for block in blocks.values() for layer in pruning.block_layers(block)])
+    scores = pruning.scores(model, blocks, stats, criterion)  # from the dense model, before any point
+    targets = {key: _targets(block, key, pruning) for key, block in blocks.items()}
     name, direction = _metric_identity(evaluate, higher_is_better)
     result = SensitivityResult(
         metric=name,
         higher_is_better=direction,
         baseline=None,
         sparsities=levels,
-        scores={layer: [None] * len(levels) for layer in convs},
+        scores={key: [None] * len(levels) for key in blocks},
         method=method,
         meta=dict(meta or {}),
     )
     if resume_from is not None:
         _check_resume(resume_from, result)
         result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
-    masker = _Masker(model, pruning, scores)
+    masker = _Masker(blocks, pruning, scores)
 
     main = rank_and_world()[0] == 0
     report = on_point if (on_point is not None and main) else None
@@ -516,8 +535,9 @@ def scan(
         if report is not None:
             report(result)
         points = _Points(model, evaluate, result, targets, masker, guard, report)
-        traced, positions, capture = _suffix_graph(model, evaluate, convs)
-        order = sorted(convs, key=lambda layer: positions.get(layer, math.inf))
+        cuts = {key: pruning.block_layers(block) for key, block in blocks.items()}
+        traced, positions, capture = _suffix_graph(model, evaluate, cuts)
+        order = sorted(blocks, key=lambda key: positions.get(key, math.inf))
         with progress_bar(len(points.pending(order)), "scanning", progress and main) as tick:
             if isinstance(evaluate, ForwardMetric):
                 points.by_forwards(order, traced, positions, capture, cache_limit, tick)
@@ -688,15 +708,16 @@ def evaluate_plan(
         True
     """
     pruning = get_method(method)
-    plan = check_plan(model, plan)  # also checks the layer names
+    plan = check_plan(model, plan, pruning.layer_types)  # also checks the layer names
     check_prunable(model, plan)
-    masker = _Masker(model, pruning, pruning.scores(model, plan, stats, criterion))
+    blocks, levels = plan_blocks(model, plan, pruning)
+    masker = _Masker(blocks, pruning, pruning.scores(model, blocks, stats, criterion))
     targets: List[Target] = []
     masked: List[Tensor] = []
-    for layer, sparsity in plan.items():
-        layer_targets = _targets(model, layer, pruning)
-        targets += layer_targets
-        masked += masker.masked(layer, layer_targets, sparsity)
+    for key, sparsity in levels.items():
+        block_targets = _targets(blocks[key], key, pruning)
+        targets += block_targets
+        masked += masker.masked(key, block_targets, sparsity)
     masker.release()
     guard = _Guard(model)
     try:

@@ -102,7 +102,7 @@ class GradualPruner:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         self.model = model
-        self.plan = check_plan(model, plan)
+        self.plan = check_plan(model, plan, get_method(method).layer_types)
         self.start_step, self.end_step, self.frequency, self.schedule = start_step, end_step, frequency, schedule
         self.method, self.stats, self.criterion = method, stats, criterion
         self.initial = {layer: _current_sparsity(model, layer, method) for layer in self.plan}
