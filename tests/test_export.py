@@ -88,3 +88,24 @@ def test_compacted_model_compiles_without_graph_breaks():
     x = torch.rand(1, 3, 10, 12)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def compacted_groups():
+    from test_compact_groups import Net, mask_units, randomize_batchnorms
+
+    torch.manual_seed(0)
+    model = Net()
+    randomize_batchnorms(model)
+    mask_units(model.eval())
+    return model, prunekit.compact(model)
+
+
+def test_a_model_compacted_across_residuals_gates_and_depthwise_convs_exports(tmp_path):
+    model, small = compacted_groups()
+    assert small.block.depthwise[0].groups == 6 and small.stem.out_channels == 3
+    x = torch.rand(2, 3, 8, 8)
+    assert export_program(small, x, tmp_path / "g.pt2") < 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(tmp_path / "g.pt2")).module()(x), model(x))
+    pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime onnxscript")
+    assert export_onnx(small, x[:1], tmp_path / "g.onnx") < 1e-5

@@ -361,8 +361,9 @@ def _suffix_graph(
             shared.append(key)
     if shared:
         warnings.warn(
-            f"scan: scoring {', '.join(map(repr, shared))} with full forwards (same scores, slower): called more "
-            "than once in the model's forward, so there is no single point to cut it at",
+            f"scan: scoring {', '.join(map(repr, shared))} with full forwards (same scores, slower): not called "
+            "exactly once as a module in the model's forward (called twice, or its weight read directly, as "
+            "nn.MultiheadAttention reads out_proj's), so there is no single point to cut it at",
             SuffixFallbackWarning,
             stacklevel=3,
         )
