@@ -290,24 +290,22 @@ def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, mon
     assert json.loads(Path("fit/plan.json").read_text())["plan"] == json.loads(Path("ref/plan.json").read_text())["plan"]
 
 
-def test_a_forged_fit_is_checked_and_refitted(runner):
+def test_a_forged_fit_is_checked_and_refitted(runner, monkeypatch):
     args = ["scan", "--sparsities", "0.4,0.6,0.8", "--out", "fit", "-q"]
     reference = runner.invoke(cli, args)
     assert reference.exit_code == 0, reference.stderr
     honest = json.loads(Path("fit/plan.json").read_text())
     fit = json.loads(Path("fit/fit.json").read_text())
-    levels = (0.4, 0.6, 0.8)
-    # Every step the fit would try, all "kept" at the dense score: replayed, they lead to every layer at 0.8.
-    order = []
-    position = {layer: -1 for layer in honest["plan"]}
-    scan = SensitivityResult.from_json("fit/scan.json")
-    from prunekit.sensitivity.joint import _next_step
+    # The plans the fit would measure if every one "held" at the dense score: replayed, they lead to
+    # every layer at its ceiling, which the final check measures and finds false.
+    from prunekit.sensitivity import joint
 
-    ceiling = {layer: 0.8 for layer in honest["plan"]}
-    while (step := _next_step(scan, position, set(), ceiling, False)) is not None:
-        order.append([step[0], levels[step[1]], honest["baseline"], True])
-        position[step[0]] = step[1]
-    fit["trials"] = order
+    scan = SensitivityResult.from_json("fit/scan.json")
+    with monkeypatch.context() as patched:
+        patched.setattr(joint, "evaluate_plan", lambda *args, **kwargs: honest["baseline"])
+        forged = joint.fit_plan(None, None, scan, max_drop=honest["max_drop"]).trials
+    assert all(kept for *_, kept in forged)
+    fit["trials"] = [list(trial) for trial in forged]
     Path("fit/fit.json").write_text(json.dumps(fit))
     resumed = runner.invoke(cli, [a for a in args if a != "-q"] + ["--resume"])
     assert resumed.exit_code == 0, resumed.stderr

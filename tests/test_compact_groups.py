@@ -27,6 +27,8 @@ def randomize_batchnorms(model: nn.Module) -> None:
 
 def mask_layer(layer: nn.Module, keep: torch.Tensor) -> None:
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    if isinstance(layer, nn.ConvTranspose2d):
+        shape = (1, -1, 1, 1)  # its weight is [in, out, kh, kw]
     prune.custom_from_mask(layer, "weight", keep.view(shape).expand_as(layer.weight))
     if layer.bias is not None:
         prune.custom_from_mask(layer, "bias", keep)
@@ -40,12 +42,17 @@ def mask_units(model: nn.Module, fraction: float = 0.5) -> None:
         if count == 0:
             continue
         scores = torch.tensor([
-            sum(float(model.get_submodule(name).weight.detach()[list(ch)].abs().sum()) for name, ch in group.units[k].channels.items())
+            sum(float(_out_weight(model.get_submodule(name))[list(ch)].abs().sum()) for name, ch in group.units[k].channels.items())
             for k in removable
         ])
         drop = [removable[i] for i in scores.argsort()[:count].tolist()]
         for name, keep in unit_masks(model, group, drop).items():
             mask_layer(model.get_submodule(name), keep)
+
+
+def _out_weight(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight.detach()
+    return weight.transpose(0, 1) if isinstance(layer, nn.ConvTranspose2d) else weight
 
 
 def total_macs(model: nn.Module, shape) -> int:
@@ -276,6 +283,59 @@ def small_unet() -> nn.Module:
             return self.out(d1)
 
     return UNet()
+
+
+class TransposedUNet(nn.Module):
+    """A U-Net that upsamples with ConvTranspose2d (its BatchNorms masked with the convs: see the test)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.enc1, self.enc2, self.mid = block(3, 8), block(8, 16), block(16, 16)
+        self.up2, self.up1 = nn.ConvTranspose2d(16, 16, 2, stride=2), nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.dec2, self.dec1 = block(32, 8), block(16, 8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+        m = self.mid(nn.functional.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], 1))
+        return self.out(self.dec1(torch.cat([self.up1(d2), e1], 1)))
+
+
+def test_a_unet_with_transposed_convs_compacts_once_its_constants_are_zero():
+    torch.manual_seed(0)
+    model = TransposedUNet()
+    randomize_batchnorms(model)
+    model.eval()
+    plan = {name: 0.5 for name in prunekit.conv_layers(model) if name != "out"}
+    masked = prunekit.apply_plan(prunekit.copy_model(model), plan, method="filter-norm")  # convs and their BatchNorms
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = masked(x)
+    small = compact(masked, x)
+    assert small.up2.in_channels == 8 and small.up1.in_channels == 4 and small.mid[0].out_channels == 8
+    torch.testing.assert_close(small(x), expected)
+    # A transposed conv's own output channels go too (their constant, its bias, folds into the next conv).
+    upsampled = prunekit.copy_model(model)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[1, 5, 9]] = False
+    mask_layer(upsampled.up2, keep)
+    with torch.no_grad():
+        expected = upsampled(x)
+    small = compact(upsampled, x)
+    assert small.up2.out_channels == 13 and small.dec2[0].in_channels == 29
+    torch.testing.assert_close(small(x), expected)
+    bn_kept = prunekit.copy_model(model)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[:4] = False
+    mask_layer(bn_kept.mid[0], keep)  # the conv alone: its BatchNorm turns the dead channels into constants
+    with pytest.raises(UnsupportedGraphError, match="ConvTranspose2d 'up2': they carry non-zero constants"):
+        compact(bn_kept)
 
 
 def _torchvision(name: str, **kwargs):

@@ -56,8 +56,50 @@ def test_joint_plan_repairs_a_per_layer_plan_that_fails_together():
     assert together == pytest.approx(0.72, abs=0.01) and together > tolerance  # the losses add up
     fit = fit_plan(model, metric, result, max_drop=tolerance)
     assert fit.score <= tolerance < together
-    kept = [trial for trial in fit.trials if trial[3]]
-    assert len(kept) == sum(result.sparsities.index(level) + 1 for level in fit.plan.values() if level > 0)
+    greedy = fit_plan(model, metric, result, max_drop=tolerance, search="greedy")
+    kept = [trial for trial in greedy.trials if trial[3]]  # the greedy measures one plan per step
+    assert len(kept) == sum(result.sparsities.index(level) + 1 for level in greedy.plan.values() if level > 0)
+    assert fit.plan == greedy.plan and len(fit.trials) <= len(greedy.trials)
+
+
+def test_the_bisecting_fit_finds_the_greedy_plan_with_fewer_measurements():
+    """On a score that worsens as steps are added, bisecting the greedy order gives the greedy's plan exactly."""
+    generator = torch.Generator().manual_seed(3)
+    layers = [str(i) for i in range(6)]
+    levels = (0.2, 0.4, 0.6, 0.8)
+    cost = {layer: float(torch.rand(1, generator=generator)) * 0.1 for layer in layers}
+
+    def loss(plan):  # each layer costs cost * level^2; interactions make the sum 1.5x worse
+        return 1.5 * sum(cost[layer] * plan.get(layer, 0.0) ** 2 for layer in layers)
+
+    scores = {layer: [cost[layer] * level**2 for level in levels] for layer in layers}
+    result = SensitivityResult("loss", False, 0.0, levels, scores)
+    measured = []
+
+    def fake_evaluate_plan(model, evaluate, plan, **kwargs):
+        measured.append(dict(plan))
+        return loss(plan)
+
+    import prunekit.sensitivity.joint as joint
+
+    original = joint.evaluate_plan
+    joint.evaluate_plan = fake_evaluate_plan
+    try:
+        for tolerance in (0.02, 0.05, 0.1):
+            greedy = fit_plan(None, None, result, max_drop=tolerance, search="greedy")
+            count = len(measured)
+            fit = fit_plan(None, None, result, max_drop=tolerance)
+            assert fit.plan == greedy.plan and fit.score == pytest.approx(greedy.score)
+            assert len(measured) - count < count / 2 and fit.score <= tolerance
+            measured.clear()
+    finally:
+        joint.evaluate_plan = original
+
+
+def test_an_unknown_search_is_refused():
+    result = SensitivityResult("accuracy", True, 0.9, (0.5,), {"0": [0.9]})
+    with pytest.raises(ValueError, match="search='binary' is unknown; choose one of bisect, greedy"):
+        fit_plan(nn.Sequential(nn.Conv2d(3, 4, 3)), lambda m: 0.0, result, max_drop=0.1, search="binary")
 
 
 def test_zero_tolerance_on_sensitive_model_gives_dense_plan():

@@ -35,6 +35,7 @@ from prunekit.compact.modules import (
     BorderBiasConv2d,
     resize_batchnorm,
     resize_conv,
+    resize_conv_transpose,
     resize_linear,
     resize_prelu,
 )
@@ -88,8 +89,10 @@ def _rebuild(model: nn.Module, plan: CompactionPlan) -> None:
     convs_and_linears = dict.fromkeys(list(plan.keep_out) + list(plan.keep_in))
     for name in convs_and_linears:
         module = modules[name]
-        if isinstance(module, nn.Linear):
-            new: nn.Module = resize_linear(module, plan.keep_in.get(name), plan.folds.get(name), plan.keep_out.get(name))
+        if isinstance(module, nn.ConvTranspose2d):
+            new: nn.Module = resize_conv_transpose(module, plan.keep_in.get(name), plan.keep_out.get(name))
+        elif isinstance(module, nn.Linear):
+            new = resize_linear(module, plan.keep_in.get(name), plan.folds.get(name), plan.keep_out.get(name))
         else:
             new = resize_conv(module, plan.keep_in.get(name), plan.keep_out.get(name), plan.folds.get(name))
         _set_module(model, name, new)
@@ -157,8 +160,9 @@ def compact(
     into one residual stream, a depthwise or grouped conv and the conv feeding it (grouped
     convs lose whole groups), a squeeze-and-excitation gate and the channels it scales.
     A channel is removed when it is dead in every member of its unit; concatenations keep
-    each producer's offsets, and ``nn.Linear`` layers lose hidden units and the features of
-    removed channels after a flatten. Anything ``torch.fx`` can trace is accepted; channels
+    each producer's offsets, ``nn.Linear`` layers lose hidden units and the features of
+    removed channels after a flatten, and ``nn.ConvTranspose2d`` (``groups=1``) loses input
+    channels whose constants are 0 and its own dead output channels. Anything ``torch.fx`` can trace is accepted; channels
     that meet an operation prunekit does not follow (a reshape that mixes channels, a
     channel shuffle, a split at fixed sizes, LayerNorm) stay, and dead ones there are
     refused naming the node. To compact an encoder and a decoder together (AdaIN style

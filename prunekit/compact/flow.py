@@ -313,14 +313,17 @@ class _Tracer:
     def _module(self, node: fx.Node) -> None:
         name = node.target
         module = self.modules[name]
-        if self.calls[name] != 1 and isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)):
+        resizable = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)
+        if self.calls[name] != 1 and isinstance(module, resizable):
             self._unsupported(node, f"is called {self.calls[name]} times in the forward pass (only modules used once can be resized)")
             return
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.PReLU)) and _foreign_hooks(module):
+        if isinstance(module, resizable) and _foreign_hooks(module):
             self._unsupported(node, "has hooks registered (they may depend on the channel count; remove them first)")
             return
         if isinstance(module, nn.Conv2d):
             self._conv(node, module)
+        elif type(module) is nn.ConvTranspose2d and module.groups == 1 and len(node.args) == 1 and not node.kwargs:
+            self._conv_transpose(node, module)
         elif isinstance(module, nn.Linear):
             self._linear(node, module)
         elif isinstance(module, nn.BatchNorm2d):
@@ -355,6 +358,19 @@ class _Tracer:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return None
         return self.flow.values.get(node.args[0])
+
+    def _conv_transpose(self, node: fx.Node, conv: nn.ConvTranspose2d) -> None:
+        """A transposed conv (a U-Net's upsampling): it reads channels and makes new ones, like a conv."""
+        flow = self.flow
+        tracked = flow.values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if tracked is not None and (tracked.layout != CONV or len(tracked.ids) != conv.in_channels):
+            self._unsupported(node, f"expects {conv.in_channels} input channels laid out as [N, C, H, W]")
+            tracked = None
+        in_ids = tracked.ids if tracked is not None else self._ids_for(None, conv.in_channels, "channels of the model's input")
+        out_ids = flow.new_ids(conv.out_channels)
+        flow.producers[node.target] = out_ids
+        flow.consumers[node.target] = Consumer(node.target, in_ids, CONV, node)
+        flow.values[node] = Tracked(out_ids, CONV)
 
     def _conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
         name = node.target

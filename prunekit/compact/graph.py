@@ -77,6 +77,8 @@ def removable_channels(layer: nn.Module) -> Tuple[Tensor, Tensor]:
     masked channel, whose bias is masked too).
     """
     weight = layer.weight.detach()
+    if isinstance(layer, nn.ConvTranspose2d):
+        weight = weight.transpose(0, 1)  # [in, out, kh, kw]: output channels on dim 1
     dead = (weight.flatten(1) == 0).all(dim=1)
     border = getattr(layer, "border_weight", None)
     if border is not None:
@@ -321,7 +323,16 @@ def plan_compaction(model: nn.Module, prune_output_channels: bool = False) -> Co
         keep = torch.nonzero(~gone).flatten()
         removed_positions = torch.nonzero(gone).flatten()
         constant = constants.at(consumer.node.args[0], len(consumer.ids))[removed_positions].to(weights.device)
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, nn.ConvTranspose2d):
+            if bool((constant != 0).any()):
+                raise UnsupportedGraphError(
+                    f"cannot remove the dead channels that reach ConvTranspose2d '{name}': they carry non-zero "
+                    "constants (a BatchNorm after a masked conv), which a transposed conv spreads into a "
+                    "position-dependent pattern no bias can hold; mask the BatchNorm too (the channel methods "
+                    "do) so that they are 0"
+                )
+            plan.keep_in[name] = keep.to(weights.device)
+        elif isinstance(layer, nn.Conv2d):
             plan.keep_in[name] = keep.to(weights.device)
             if layer.groups == 1:
                 fold = torch.einsum("okhw,k->ohw", weights.index_select(1, removed_positions.to(weights.device)).double(), constant)

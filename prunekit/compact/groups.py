@@ -160,7 +160,8 @@ def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dic
     masks = {}
     for name in group.members:
         layer = model.get_submodule(name)
-        masks[name] = torch.ones(layer.weight.shape[0], dtype=torch.bool, device=layer.weight.device)
+        channels = layer.out_channels if isinstance(layer, nn.ConvTranspose2d) else layer.weight.shape[0]
+        masks[name] = torch.ones(channels, dtype=torch.bool, device=layer.weight.device)
     for k in removed:
         unit = group.units[k]
         if unit.fixed:

@@ -18,6 +18,7 @@ __all__ = [
     "has_zero_padding",
     "resize_batchnorm",
     "resize_conv",
+    "resize_conv_transpose",
     "resize_linear",
     "resize_prelu",
 ]
@@ -215,6 +216,24 @@ def _kept_groups(conv: nn.Conv2d, keep_in: Optional[Tensor], keep_out: Optional[
             f"{keep_in.tolist()[:8]}... and outputs {keep_out.tolist()[:8]}... do not name the same groups"
         )
     return len(groups_out)
+
+
+def resize_conv_transpose(conv: nn.ConvTranspose2d, keep_in: Optional[Tensor], keep_out: Optional[Tensor]) -> nn.ConvTranspose2d:
+    """A copy of a transposed ``conv`` (``groups=1``) with only the input channels ``keep_in`` and outputs ``keep_out``."""
+    weight = conv.weight.detach()  # [in, out, kh, kw]
+    bias = conv.bias.detach() if conv.bias is not None else None
+    if keep_in is not None:
+        weight = weight.index_select(0, keep_in.to(weight.device))
+    if keep_out is not None:
+        weight = weight.index_select(1, keep_out.to(weight.device))
+        bias = bias.index_select(0, keep_out.to(weight.device)) if bias is not None else None
+    new = nn.ConvTranspose2d(
+        weight.shape[0], weight.shape[1], conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        output_padding=conv.output_padding, groups=1, bias=bias is not None, dilation=conv.dilation,
+        padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype,
+    )
+    _fill(new, weight, bias)
+    return _copy_training(new, conv)
 
 
 def resize_batchnorm(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:

@@ -33,7 +33,7 @@ from prunekit.sensitivity.result import SensitivityResult
 __all__ = ["FIT_FORMAT", "PLAN_FORMAT", "ScanFolder", "options_differ", "recorded_path"]
 
 PLAN_FORMAT = "prunekit.plan/1"
-FIT_FORMAT = "prunekit.fit/1"
+FIT_FORMAT = "prunekit.fit/2"  # 2: trials are the plans a bisecting fit measured
 
 
 def recorded_path(value: Optional[str], kind: str) -> Optional[str]:

@@ -2,9 +2,21 @@
 
 A scan measures one layer at a time; pruned together, the layers' losses add
 up (or worse), so the per-layer plan of :meth:`SensitivityResult.plan` can
-miss the tolerance by far. :func:`fit_plan` grows a plan one level at a time,
-cheapest step first, keeping a step only if the whole plan (measured with
-:func:`evaluate_plan`) stays within the tolerance.
+miss the tolerance by far. :func:`fit_plan` grows a plan cheapest step first
+(a step raises one layer to its next scanned level; the cheapest is the one
+whose single-layer drop is smallest), keeping a step only if the whole plan
+(measured with :func:`evaluate_plan`) stays within the tolerance; a layer whose
+step fails stays where it is.
+
+The greedy order is known from the scan before anything is measured, so the fit
+does not have to measure every step: it bisects the order. From the plan it has,
+it predicts how many of the next steps fit (the scan's single-layer drops, added
+up and scaled by how far the last measured plan was from its own prediction),
+measures that plan, then gallops up while plans hold and bisects down to the
+first step that breaks the tolerance. With a joint score that only worsens as
+steps are added, this gives exactly the plan the one-step-at-a-time greedy gives
+(``search="greedy"``, kept for comparison), with a logarithmic number of
+evaluations per layer that stops below its ceiling instead of one per step.
 """
 
 from __future__ import annotations
@@ -20,9 +32,12 @@ from prunekit.progress import progress_bar
 from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
 from prunekit.sensitivity.scanner import evaluate_plan
 
-__all__ = ["PlanFit", "Trial", "fit_plan"]
+__all__ = ["PlanFit", "SEARCHES", "Trial", "fit_plan"]
 
+#: One measured plan: ``(layer, sparsity, joint score, kept)``, the plan being the one the fit had
+#: plus every step of the greedy order up to ``layer`` at ``sparsity``.
 Trial = Tuple[str, float, float, bool]
+SEARCHES = ("bisect", "greedy")
 
 
 @dataclass(frozen=True)
@@ -32,12 +47,35 @@ class PlanFit:
     Attributes:
         plan: layer -> sparsity; its joint score is within the tolerance of the baseline.
         score: the model's score with the whole plan applied.
-        trials: every plan step tried, as ``(layer, sparsity, joint score, kept)``.
+        trials: every plan measured, as ``(layer, sparsity, joint score, kept)`` (see :data:`Trial`).
+        steps: how many steps the greedy order offered (the greedy search measures one plan per step
+            it reaches).
     """
 
     plan: Dict[str, float]
     score: float
     trials: List[Trial] = field(default_factory=list)
+    steps: int = 0
+
+
+Step = Tuple[str, int]  # (layer, index into the scan's levels)
+
+
+def _greedy_order(result: SensitivityResult, ceiling: Mapping[str, float], relative: bool) -> List[Step]:
+    """Every step the greedy fit can take, in the order it takes them when no step fails.
+
+    The greedy picks, among each layer's next level, the smallest single-layer drop (then scan
+    order): a merge of the layers' level sequences. A failed step only removes that layer's later
+    steps, so the order of the others never changes.
+    """
+    position = {layer: -1 for layer in result.layers}
+    order: List[Step] = []
+    while True:
+        step = _next_step(result, position, set(), ceiling, relative)
+        if step is None:
+            return order
+        order.append(step)
+        position[step[0]] = step[1]
 
 
 def fit_plan(
@@ -52,14 +90,16 @@ def fit_plan(
     resume_from: Optional[Sequence[Sequence[Any]]] = None,
     on_trial: Optional[Callable[[PlanFit], None]] = None,
     progress: bool = False,
+    search: str = "bisect",
 ) -> PlanFit:
     """Grow a plan from dense, cheapest step first, while the JOINT score stays within ``max_drop``.
 
-    Each step raises one layer to its next scanned sparsity, never above the
-    layer's own :meth:`SensitivityResult.plan` level; the step whose single-layer
-    drop is smallest is tried first. A step that breaks the tolerance is undone
-    and that layer stays where it is. At most one evaluation of the whole plan
-    per scanned point; the model is restored exactly after each.
+    Each step raises one layer to its next scanned sparsity, never above the layer's own
+    :meth:`SensitivityResult.plan` level; steps are taken in the order of their single-layer
+    drops. A step that breaks the tolerance is undone and that layer stays where it is. The
+    ``"bisect"`` search (default) measures a few plans along that order per failing layer
+    (see the module docstring); ``"greedy"`` measures the plan after every step. The model is
+    restored exactly after each measurement.
 
     Args:
         model: the dense model that was scanned.
@@ -67,15 +107,16 @@ def fit_plan(
         result: the finished scan.
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
-        resume_from: the ``trials`` of an interrupted fit of the same scan and tolerance; they are
-            replayed without evaluating (a fit is deterministic), then the fit goes on. The plan
-            they lead to is evaluated once at the end: trials that do not reproduce it (a
-            tampered or stale file) are dropped with a warning and the fit starts over.
+        resume_from: the ``trials`` of an interrupted fit of the same scan, tolerance and search; they
+            are replayed without evaluating (a fit is deterministic), then the fit goes on. The plan
+            they lead to is evaluated once at the end: trials that do not reproduce it (a tampered or
+            stale file) are dropped with a warning and the fit starts over.
         on_trial: called with the fit so far after every trial (e.g. to save ``trials``).
-        progress: show a progress bar (its length is the most trials the fit can take).
+        progress: show a progress bar (its length is the most plans the fit can measure).
+        search: ``"bisect"`` or ``"greedy"``.
 
     Raises:
-        ValueError: an incomplete scan, a bad tolerance, or ``resume_from`` trials that this
+        ValueError: an incomplete scan, a bad tolerance or search, or ``resume_from`` trials that this
             scan and tolerance would not have tried (another scan's fit).
 
     Example:
@@ -89,59 +130,153 @@ def fit_plan(
     """
     if not result.complete:
         raise ValueError("the scan is not complete; finish it (e.g. with --resume) before fitting a plan")
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r} is unknown; choose one of {', '.join(SEARCHES)}")
     ceiling = result.plan(max_drop, relative)  # also validates the tolerance
-    levels = result.sparsities
-    position = {layer: -1 for layer in result.layers}  # index into levels; -1 = dense
-    frozen = set()
-    plan = {layer: 0.0 for layer in result.layers}
-    score = float(result.baseline)
-    trials: List[Trial] = []
-    saved = [(str(t[0]), float(t[1]), float(t[2]), bool(t[3])) for t in (resume_from or [])]
-    most = sum(sum(1 for level in levels if level <= ceiling[layer] + 1e-12) for layer in result.layers)
-    with progress_bar(most, "fitting the plan", progress) as tick:
-        while True:
-            step = _next_step(result, position, frozen, ceiling, relative)
-            if step is None:
-                break
-            layer, following = step
-            trial = dict(plan, **{layer: float(levels[following])})
-            if len(trials) < len(saved):
-                done_layer, done_level, joint, _ = saved[len(trials)]
-                if done_layer != layer or abs(done_level - levels[following]) > 1e-9:
-                    raise ValueError(
-                        f"the saved fit tried {done_layer} at {done_level:g} where this scan and tolerance try "
-                        f"{layer} at {levels[following]:g}: it belongs to another scan; start the fit over"
-                    )
-            else:
-                joint = evaluate_plan(model, evaluate, trial, method=result.method, stats=stats, criterion=criterion)
-            kept = within_tolerance(joint, result.baseline, result.higher_is_better, relative, max_drop)
-            trials.append((layer, float(levels[following]), float(joint), kept))
-            if kept:
-                plan, score, position[layer] = trial, joint, following
-            else:
-                frozen.add(layer)
-            tick(layer)
-            if on_trial is not None:
-                on_trial(PlanFit(dict(plan), score, list(trials)))
-        if len(trials) < most:
+    order = _greedy_order(result, ceiling, relative)
+    fit = _Fit(model, evaluate, result, max_drop, relative, stats, criterion, resume_from, on_trial)
+    remaining = list(order)
+    with progress_bar(len(order), "fitting the plan", progress) as tick:
+        fit.tick = tick
+        while remaining:
+            fits, breaks = fit.steps_that_fit(remaining, one_at_a_time=search == "greedy")  # taken into fit.plan
+            if not breaks:
+                remaining = remaining[fits:]
+                continue
+            failed = remaining[fits][0]  # the first step that breaks the tolerance: its layer stays
+            remaining = [step for step in remaining[fits + 1 :] if step[0] != failed]
+        if len(fit.trials) < len(order):
             tick.finish()
-    if not any(plan.values()):
+    if not any(fit.plan.values()):
         warnings.warn(
             f"fit_plan: no layer stays within max_drop={max_drop:g} at the lowest scanned level, so the plan prunes "
             "nothing; raise max_drop, scan lower levels, or check the weights (random weights rarely tolerate any)",
             stacklevel=2,
         )
-    if saved:
+    if fit.saved:
         # Replayed trials are a file's word: one evaluation checks the plan they lead to.
-        check = evaluate_plan(model, evaluate, plan, method=result.method, stats=stats, criterion=criterion)
-        if not math.isclose(check, score, rel_tol=1e-6, abs_tol=1e-9):
+        check = evaluate_plan(model, evaluate, fit.plan, method=result.method, stats=stats, criterion=criterion)
+        if not math.isclose(check, fit.score, rel_tol=1e-6, abs_tol=1e-9):
             warnings.warn(
                 f"the saved fit's trials do not reproduce: the plan they lead to scores {check:.6g}, they "
-                f"recorded {score:.6g}; fitting again from the scan without them"
+                f"recorded {fit.score:.6g}; fitting again from the scan without them"
             )
             return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
-                            on_trial=on_trial, progress=progress)
-    return PlanFit(plan, score, trials)
+                            on_trial=on_trial, progress=progress, search=search)
+    return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(order))
+
+
+class _Fit:
+    """The plan so far, its score, and the measurements (replayed from a saved fit first)."""
+
+    def __init__(
+        self, model: nn.Module, evaluate: Callable[[nn.Module], float], result: SensitivityResult, max_drop: float,
+        relative: bool, stats: Optional[Mapping[str, Any]], criterion: str,
+        resume_from: Optional[Sequence[Sequence[Any]]], on_trial: Optional[Callable[[PlanFit], None]],
+    ) -> None:
+        self.model, self.evaluate, self.result = model, evaluate, result
+        self.max_drop, self.relative, self.stats, self.criterion = max_drop, relative, stats, criterion
+        self.on_trial = on_trial
+        self.saved = [(str(t[0]), float(t[1]), float(t[2]), bool(t[3])) for t in (resume_from or [])]
+        self.plan: Dict[str, float] = {layer: 0.0 for layer in result.layers}
+        self.score = float(result.baseline)
+        self.trials: List[Trial] = []
+        self.scale = 1.0  # measured joint drop / the scan's summed drops, for the last measured plan
+        self.tick: Any = lambda item=None: None
+
+    def _drop(self, score: float) -> float:
+        return score_drop(score, self.result.baseline, self.result.higher_is_better, self.relative)
+
+    def _summed_drop(self, plan: Mapping[str, float]) -> float:
+        """The scan's single-layer drops of ``plan``'s levels, added up (a first guess at its joint drop)."""
+        levels = self.result.sparsities
+        total = 0.0
+        for layer, level in plan.items():
+            if level > 0:
+                index = min(range(len(levels)), key=lambda i: abs(levels[i] - level))
+                total += max(0.0, self._drop(self.result.scores[layer][index]))
+        return total
+
+    def _with(self, steps: Sequence[Step]) -> Dict[str, float]:
+        plan = dict(self.plan)
+        for layer, index in steps:
+            plan[layer] = float(self.result.sparsities[index])
+        return plan
+
+    def _measure(self, steps: Sequence[Step]) -> Tuple[bool, float]:
+        """Does the plan so far plus ``steps`` hold? Measured, or replayed from the saved fit."""
+        layer, index = steps[-1]
+        level = float(self.result.sparsities[index])
+        plan = self._with(steps)
+        if len(self.trials) < len(self.saved):
+            done_layer, done_level, joint, _ = self.saved[len(self.trials)]
+            if done_layer != layer or abs(done_level - level) > 1e-9:
+                raise ValueError(
+                    f"the saved fit tried {done_layer} at {done_level:g} where this scan and tolerance try "
+                    f"{layer} at {level:g}: it belongs to another scan; start the fit over"
+                )
+        else:
+            joint = evaluate_plan(self.model, self.evaluate, plan, method=self.result.method, stats=self.stats,
+                                  criterion=self.criterion)
+        kept = within_tolerance(joint, self.result.baseline, self.result.higher_is_better, self.relative, self.max_drop)
+        self.trials.append((layer, level, float(joint), kept))
+        summed = self._summed_drop(plan)
+        if summed > 0:
+            self.scale = max(self._drop(joint), 0.0) / summed
+        self.tick(layer)
+        if self.on_trial is not None:
+            self.on_trial(PlanFit(dict(self.plan), self.score, list(self.trials)))
+        return kept, float(joint)
+
+    def _guess(self, remaining: Sequence[Step]) -> int:
+        """How many of the next steps the scan predicts will fit (at least one)."""
+        best = 1
+        for count in range(1, len(remaining) + 1):
+            if self.scale * self._summed_drop(self._with(remaining[:count])) <= self.max_drop:
+                best = count
+            else:
+                break
+        return best
+
+    def steps_that_fit(self, remaining: Sequence[Step], one_at_a_time: bool) -> Tuple[int, bool]:
+        """How many of ``remaining``'s first steps fit (taken into the plan), and whether the next one breaks it.
+
+        ``(n, True)``: the plan with the first ``n`` steps holds and the one with ``n + 1`` was measured to
+        break; ``(n, False)``: ``n`` steps hold and the next are not measured yet (one step at a time, or
+        none left). Assumes that adding steps never makes the joint score better; the plan kept is always
+        a measured one.
+        """
+        held, broke = 0, None  # most steps known to hold; fewest known to break
+        scores: Dict[int, float] = {}
+
+        def attempt(count: int) -> bool:
+            kept, joint = self._measure(remaining[:count])
+            scores[count] = joint
+            return kept
+
+        first = 1 if one_at_a_time else self._guess(remaining)
+        if attempt(first):
+            held = first
+            stride = first
+            while not one_at_a_time and held < len(remaining):  # gallop up while plans hold
+                upper = min(len(remaining), held + stride)
+                if attempt(upper):
+                    held, stride = upper, stride * 2
+                else:
+                    broke = upper
+                    break
+        else:
+            broke = first
+        while broke is not None and broke - held > 1:  # bisect down to the first breaking step
+            middle = (held + broke) // 2
+            if attempt(middle):
+                held = middle
+            else:
+                broke = middle
+        if held:
+            self.plan = self._with(remaining[:held])
+            self.score = scores[held]
+        return held, broke is not None
 
 
 def _next_step(
