@@ -396,3 +396,27 @@ def test_report_groups_lists_coupled_layers_and_what_is_fixed():
     assert "fc: 1 layer, 0/1000 units removable; fixed: reaches the model output" in result.output
     as_json = json.loads(CliRunner().invoke(cli, ["report", "resnet18", "--groups", "--json"]).output)
     assert as_json["groups"][0]["members"] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+
+
+class MeanPooled(nn.Module):
+    """timm-style heads: global average pooling written as x.mean(...), with and without keepdim."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x * torch.sigmoid(self.excite(torch.relu(self.squeeze(torch.mean(x, [2, 3], keepdim=True)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_global_average_pooling_written_as_a_mean_is_followed():
+    torch.manual_seed(0)
+    model = MeanPooled()
+    randomize_batchnorms(model)
+    assert group_of(channel_groups(model), "stem.0").members == ("stem.0", "excite")
+    small = assert_compacts_exactly(model, torch.randn(2, 3, 8, 8))
+    assert small.head.in_features == 4 and small.squeeze.in_channels == 4

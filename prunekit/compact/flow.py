@@ -243,6 +243,15 @@ def is_flatten(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
+def is_spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3))`` or ``torch.mean(x, [-2, -1], keepdim=True)``: global average pooling by hand."""
+    if not ((node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)):
+        return False
+    dims = arg(node, 1, "dim", None)
+    dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+    return sorted(d for d in dims if isinstance(d, int)) in ([2, 3], [-2, -1]) and len(dims) == 2
+
+
 def _is_shape_query(node: fx.Node) -> bool:
     """A node that reads only a shape (``x.size(0)``, ``x.shape``, ``x.dim()``)."""
     if node.op == "call_method" and node.target in ("size", "dim"):
@@ -461,15 +470,19 @@ class _Tracer:
             node.op == "call_method" and target in POINTWISE_METHODS
         ):
             self._pointwise(node)
-        elif node.op == "call_method" and target == "mean" and self._is_spatial_mean(node):
-            self._pass(node, layouts=(CONV,))
+        elif is_spatial_mean(node) and self._single_conv_source(node):
+            source = self.flow.values[node.args[0]]
+            keepdim = arg(node, 2, "keepdim", False) is True
+            # x.mean((2, 3), keepdim=True) keeps [N, C, 1, 1]; without keepdim, [N, C] feeds a Linear.
+            self.flow.values[node] = source if keepdim else Tracked(source.ids, FLAT)
         else:
             self._unsupported(node)
 
-    def _is_spatial_mean(self, node: fx.Node) -> bool:
-        dims = arg(node, 1, "dim", None)
-        dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
-        return arg(node, 2, "keepdim", False) is True and sorted(dims) in ([2, 3], [-2, -1])
+    def _single_conv_source(self, node: fx.Node) -> bool:
+        source = node.args[0] if node.args else None
+        tracked = self.flow.values.get(source) if isinstance(source, fx.Node) else None
+        others = [s for s in _tensor_args(node) if s is not source and s not in self.shapes]
+        return tracked is not None and tracked.layout == CONV and not others
 
     def _pass(self, node: fx.Node, layouts: Tuple[str, ...] = (CONV, FLAT, LAST)) -> None:
         """One tracked tensor in, the same channels out."""

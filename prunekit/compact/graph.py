@@ -30,6 +30,7 @@ from prunekit.compact.flow import (
     arg,
     describe_node,
     is_flatten,
+    is_spatial_mean,
     trace_channel_flow,
 )
 
@@ -184,7 +185,7 @@ class _Constants:
             (module is not None and (isinstance(module, CONSTANT_SPATIAL_MODULES + DROPOUT_MODULES) or type(module).__name__ == "StochasticDepth"))
             or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS | CONSTANT_SPATIAL_FUNCTIONS)
             or is_flatten(node, modules)
-            or (node.op == "call_method" and node.target == "mean")
+            or is_spatial_mean(node)
         )
         if passes:
             return incoming
