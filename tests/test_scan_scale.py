@@ -288,3 +288,24 @@ def test_torchrun_resume_reads_the_partial_scan_on_rank_0(tmp_path):
                            *args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "r" / "scan.json").read_text())["scores"] == full["scores"]
+
+
+@pytest.mark.slow
+def test_torchrun_settling_scan_stops_every_rank_together_with_one_process_verdicts(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "prunekit", "scan", "--sparsities", "0.4,0.9", "--metric", "distortion", "--batch-size", "8",
+            "--confidence", "0.99", "--quiet", "--json", "--per-layer"]
+    one = subprocess.run([sys.executable, *args, "--out", "one"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    single, double = json.loads(one.stdout)["scan"], json.loads(two.stdout)["scan"]
+    assert single["estimates"] and any(p for values in single["estimates"].values() for p in values)
+    for layer, values in single["estimates"].items():  # the same batches seen, the same verdicts
+        for mine, theirs in zip(values, double["estimates"][layer]):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert (mine["batches"], mine["within"]) == (theirs["batches"], theirs["within"])
+                assert theirs["score"] == pytest.approx(mine["score"], rel=1e-9)
+        assert double["scores"][layer] == pytest.approx(single["scores"][layer], rel=1e-9, abs=1e-12)

@@ -76,6 +76,10 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Tolerance for the suggested plan: the largest acceptable score loss vs. the dense "
               "model (default: 0.01 for accuracy, 0.05 for distortion).")
 @click.option("--relative", is_flag=True, help="--max-drop is a fraction of the dense score.")
+@click.option("--confidence", type=float, default=None, metavar="P",
+              help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
+              "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
+              "the table marks such points ~). Default: every point uses every batch.")
 @click.option("--joint/--per-layer", "joint", default=True, show_default=True,
               help="--joint: grow the plan while the score with ALL its layers pruned stays within "
               "--max-drop (a few extra evaluations); --per-layer: each layer's own level, whose "
@@ -109,6 +113,7 @@ def scan_command(
     layers: Optional[str],
     max_drop: Optional[float],
     relative: bool,
+    confidence: Optional[float],
     joint: bool,
     out: str,
     resume: bool,
@@ -140,6 +145,8 @@ def scan_command(
     names = parse_layers(layers)
     if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
         raise ValueError(f"--max-drop {max_drop}: pass a number >= 0 (e.g. 0.01 = one accuracy point)")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise ValueError(f"--confidence {confidence}: pass a probability in [0.5, 1), e.g. 0.99")
     out_dir = check_output_folder("--out", out)
     if data.strip().lower() not in ("builtin", "photos"):
         folder, results = Path(data).resolve(), out_dir.resolve()
@@ -178,11 +185,15 @@ def scan_command(
             "--relative divides by the dense score, and the dense model's distortion is 0: drop --relative "
             "(--max-drop is then an absolute distortion, e.g. 0.05)"
         )
+    if confidence is not None:
+        import random
+
+        random.Random(seed).shuffle(batches)  # settling reads the first batches as a random sample
     evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(batch_inputs(batches))
     options = {
         "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
         "metric": metric_name, "method": method, "criterion": criterion if uses_statistics else None,
-        "sparsities": list(levels), "layers": list(convs), "seed": seed,
+        "sparsities": list(levels), "layers": list(convs), "seed": seed, "confidence": confidence,
         # What the points were measured on: a resume with other weights or data starts over.
         "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
     }
@@ -210,6 +221,8 @@ def scan_command(
         result = scan(
             model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
             progress=not quiet, criterion=criterion, resume_from=previous, on_point=folder.save_scan,
+            confidence=confidence, max_drop=max_drop if max_drop is not None else DEFAULT_MAX_DROP[metric_name],
+            relative=relative,
             meta={"options": options, "prunekit": __version__, "data": description},
         )
     except KeyboardInterrupt:
@@ -228,6 +241,7 @@ def scan_command(
             fitted = folder.fit_plan(
                 model, evaluate, result, tolerance, key={"options": options, "max_drop": tolerance, "relative": relative},
                 relative=relative, stats=stats, criterion=criterion, resume=resume, progress=not quiet,
+                confidence=confidence,
                 on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),
             )
             plan, combined = fitted.plan, fitted.score

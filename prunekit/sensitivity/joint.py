@@ -31,6 +31,7 @@ from torch import nn
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
 from prunekit.sensitivity.scanner import evaluate_plan
+from prunekit.sensitivity.settle import Estimate, Settler
 
 __all__ = ["PlanFit", "SEARCHES", "Trial", "fit_plan"]
 
@@ -91,6 +92,7 @@ def fit_plan(
     on_trial: Optional[Callable[[PlanFit], None]] = None,
     progress: bool = False,
     search: str = "bisect",
+    confidence: Optional[float] = None,
 ) -> PlanFit:
     """Grow a plan from dense, cheapest step first, while the JOINT score stays within ``max_drop``.
 
@@ -114,6 +116,10 @@ def fit_plan(
         on_trial: called with the fit so far after every trial (e.g. to save ``trials``).
         progress: show a progress bar (its length is the most plans the fit can measure).
         search: ``"bisect"`` or ``"greedy"``.
+        confidence: measure each trial only until its verdict against ``max_drop`` is settled at
+            this confidence (a ``ForwardMetric`` whose batches can be counted; see
+            :mod:`prunekit.sensitivity.settle`); the plan found is then measured once in full, and
+            fitted again exactly in the rare case it does not hold.
 
     Raises:
         ValueError: an incomplete scan, a bad tolerance or search, or ``resume_from`` trials that this
@@ -135,6 +141,12 @@ def fit_plan(
     ceiling = result.plan(max_drop, relative)  # also validates the tolerance
     order = _greedy_order(result, ceiling, relative)
     fit = _Fit(model, evaluate, result, max_drop, relative, stats, criterion, resume_from, on_trial)
+    if confidence is not None:
+        total = evaluate.num_batches() if hasattr(evaluate, "num_batches") else None
+        if total is None:
+            raise ValueError("confidence needs a ForwardMetric whose batches can be counted (a list or a DataLoader)")
+        fit.settler = Settler(evaluate, float(result.baseline), result.higher_is_better, max_drop, confidence,
+                              total, relative=relative)
     remaining = list(order)
     with progress_bar(len(order), "fitting the plan", progress) as tick:
         fit.tick = tick
@@ -153,6 +165,17 @@ def fit_plan(
             "nothing; raise max_drop, scan lower levels, or check the weights (random weights rarely tolerate any)",
             stacklevel=2,
         )
+    if fit.settler is not None and any(fit.plan.values()):
+        # Settled trials are right with the confidence asked for: the plan kept is measured in full.
+        exact = evaluate_plan(model, evaluate, fit.plan, method=result.method, stats=stats, criterion=criterion)
+        if not within_tolerance(exact, result.baseline, result.higher_is_better, relative, max_drop):
+            warnings.warn(
+                f"the plan the settling fit found scores {exact:.6g} on every batch, beyond max_drop={max_drop:g}; "
+                "fitting again with exact trials"
+            )
+            return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
+                            on_trial=on_trial, progress=progress, search=search)
+        fit.score = float(exact)
     if fit.saved:
         # Replayed trials are a file's word: one evaluation checks the plan they lead to.
         check = evaluate_plan(model, evaluate, fit.plan, method=result.method, stats=stats, criterion=criterion)
@@ -183,6 +206,7 @@ class _Fit:
         self.trials: List[Trial] = []
         self.scale = 1.0  # measured joint drop / the scan's summed drops, for the last measured plan
         self.tick: Any = lambda item=None: None
+        self.settler: Optional[Settler] = None
 
     def _drop(self, score: float) -> float:
         return score_drop(score, self.result.baseline, self.result.higher_is_better, self.relative)
@@ -217,7 +241,9 @@ class _Fit:
                 )
         else:
             joint = evaluate_plan(self.model, self.evaluate, plan, method=self.result.method, stats=self.stats,
-                                  criterion=self.criterion)
+                                  criterion=self.criterion, settler=self.settler)
+            if isinstance(joint, Estimate):
+                joint = joint.score  # inside an interval wholly on the side of the tolerance it settled on
         kept = within_tolerance(joint, self.result.baseline, self.result.higher_is_better, self.relative, self.max_drop)
         self.trials.append((layer, level, float(joint), kept))
         summed = self._summed_drop(plan)

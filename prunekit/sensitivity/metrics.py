@@ -59,6 +59,10 @@ class ForwardMetric(abc.ABC):
     def prepare(self, model: nn.Module) -> None:
         """Called by ``scan`` on the dense model before any pruning (e.g. to record references)."""
 
+    def num_batches(self) -> Optional[int]:
+        """How many batches :meth:`batches` yields, when known without running them (a settling scan needs it)."""
+        return None
+
     @abc.abstractmethod
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
         """Yield ``(model input on device, target)``: the same batches, in the same order, every time."""
@@ -83,22 +87,31 @@ class ForwardMetric(abc.ABC):
             shard: ``(index, count)``: batch ``b`` is used when ``b % count == index``
                 (``(rank, world_size)`` under torch.distributed; ``(0, 1)``: every batch).
         """
+        totals: Optional[Tensor] = None
+        for _, stats in self.each_batch(model, shard):
+            if stats is not None:
+                totals = stats if totals is None else totals + stats
+        return totals
+
+    def each_batch(self, model: nn.Module, shard: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Optional[Tensor]]]:
+        """``(batch number, its statistics)`` for every batch, from full forwards; ``None`` for another shard's batch.
+
+        The model runs in eval mode (BatchNorm must not update its statistics, dropout must not
+        drop) without gradients; its flags are restored when the iteration ends or is abandoned.
+        """
         index, count = shard
         device = model_device(model)
-        totals: Optional[Tensor] = None
-        # eval mode (BatchNorm must not update its statistics, dropout must not drop), flags restored after.
         with torch.no_grad(), eval_mode(model), _captured(model, self.capture) as captured:
             for number, (inputs, target) in enumerate(self.batches(device)):
                 if number % count != index:
+                    yield number, None
                     continue
                 captured.clear()
                 output = model(inputs)
                 outputs = dict(captured)
                 if MODEL_OUTPUT in self.capture:
                     outputs[MODEL_OUTPUT] = output
-                stats = self.batch_statistics(outputs, target)
-                totals = stats if totals is None else totals + stats
-        return totals
+                yield number, self.batch_statistics(outputs, target)
 
     def __call__(self, model: nn.Module) -> float:
         """Score ``model`` with full forwards (under ``torch.no_grad()``)."""
@@ -265,6 +278,9 @@ class OutputDistortion(ForwardMetric):
                     stacklevel=3,
                 )
 
+    def num_batches(self) -> Optional[int]:
+        return len(self.inputs)
+
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
         if self._reference is None:
             raise RuntimeError(
@@ -292,6 +308,13 @@ class OutputDistortion(ForwardMetric):
         ]
         return float(sum(distances) / len(distances))
 
+    def reduce_many(self, totals: Tensor) -> Tensor:
+        """:meth:`reduce` of each row of ``totals`` [R, 2 * captures] at once (a settling scan's bootstrap)."""
+        error, norm = totals[:, 0::2].double(), totals[:, 1::2].double()
+        distance = torch.where(norm > 0, (error / norm.clamp_min(1e-300)).sqrt(),
+                               torch.where(error == 0, torch.zeros_like(error), torch.full_like(error, math.inf)))
+        return distance.mean(dim=1)
+
 
 class Accuracy(ForwardMetric):
     """Top-1 accuracy (fraction in [0, 1]) of a classifier on labelled batches; higher is better.
@@ -314,6 +337,12 @@ class Accuracy(ForwardMetric):
         if not isinstance(loader, Iterable):
             raise TypeError(f"loader must be an iterable of (inputs, labels), got {type(loader).__name__}")
         self.loader = loader
+
+    def num_batches(self) -> Optional[int]:
+        try:
+            return len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            return None
 
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
         for index, batch in enumerate(self.loader):
@@ -341,4 +370,12 @@ class Accuracy(ForwardMetric):
     def reduce(self, totals: Tensor) -> float:
         correct, count = totals.tolist()
         return correct / count if count else math.nan
+
+    def reduce_many(self, totals: Tensor) -> Tensor:
+        """:meth:`reduce` of each row of ``totals`` [R, 2] at once (a settling scan's bootstrap)."""
+        return totals[:, 0] / totals[:, 1]
+
+    def counts(self, totals: Tensor) -> Tuple[float, float]:
+        """(correct, samples) of summed statistics: the score is a rate of counts (see :mod:`~prunekit.sensitivity.settle`)."""
+        return float(totals[0]), float(totals[1])
 

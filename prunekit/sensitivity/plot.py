@@ -32,7 +32,8 @@ def plot_sensitivity(
     Each chart shows the score at 0 % (the dense baseline) and at every scanned
     sparsity, the baseline as a dashed line, and with ``max_drop`` the band of
     acceptable scores, red crosses on the points beyond it, and each layer's own
-    planned sparsity (dotted red). With ``plan`` (e.g. a joint plan from
+    planned sparsity (dotted red). The points a settling scan stopped early carry
+    their confidence intervals as error bars. With ``plan`` (e.g. a joint plan from
     :func:`prunekit.sensitivity.fit_plan`), its sparsities are drawn as solid red
     lines. A planned sparsity of 0 (the layer stays dense) is drawn at 0 %. All
     charts share the y axis so layers can be compared at a glance.
@@ -72,6 +73,11 @@ def plot_sensitivity(
         scores = result.scores[layer]
         points = [(x, y) for x, y in zip(xs, [baseline] + scores) if y is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color="tab:blue")
+        settled = [(xs[i + 1], result.estimate(layer, i)) for i in range(len(scores)) if result.estimate(layer, i)]
+        if settled:  # a settling scan's early-stopped points: their confidence intervals
+            ax.errorbar([x for x, _ in settled], [e["score"] for _, e in settled],
+                        yerr=[[e["score"] - e["low"] for _, e in settled], [e["high"] - e["score"] for _, e in settled]],
+                        linestyle="none", color="tab:blue", alpha=0.6, capsize=2, gid="estimated")
         ax.axhline(baseline, linestyle="--", linewidth=1, color="gray", label="dense")
         if allowed is not None:
             low, high = sorted((baseline, allowed))
@@ -109,6 +115,8 @@ def plot_sensitivity(
         heading += "\nband: tolerance, x: beyond it, red line: planned sparsity"
     elif plan is not None:
         heading += "\nred line: planned sparsity"
+    if result.num_estimated:
+        heading += f"; bars: intervals of the {result.num_estimated} points stopped early"
     figure.suptitle(heading, fontsize=10)
     save_png(figure, path)
     return figure

@@ -182,6 +182,22 @@ def _decode(value: Any, where: str) -> Optional[float]:
     return float(value)
 
 
+def _decode_estimates(data: Any, source: str) -> Dict[str, List[Optional[Dict[str, Any]]]]:
+    """A file's ``estimates`` checked field by field (see :class:`~prunekit.sensitivity.settle.Estimate`)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError("'estimates' must map layer names to lists")
+    from prunekit.sensitivity.settle import Estimate
+
+    decoded: Dict[str, List[Optional[Dict[str, Any]]]] = {}
+    for layer, values in data.items():
+        if not isinstance(values, list):
+            raise ValueError(f"estimates of layer {layer!r} must be a list")
+        decoded[str(layer)] = [None if value is None else Estimate.from_dict(value).to_dict() for value in values]
+    return decoded
+
+
 def _format_score(value: Optional[float]) -> str:
     if value is None:
         return "-"
@@ -204,6 +220,9 @@ class SensitivityResult:
         scores: layer name -> one score per sparsity (``None``: not measured yet).
         method: ``"fine-grained"`` or ``"channel"`` (what a sparsity means).
         meta: free-form information about the run (model, data, options).
+        estimates: for a settling scan (``scan(..., confidence=...)``), layer -> per sparsity the
+            :class:`~prunekit.sensitivity.settle.Estimate` as a dict (score, interval, batches used,
+            verdict) where the point stopped early, else ``None`` (the score is exact).
 
     Example:
         >>> result = SensitivityResult("accuracy", True, 0.9, (0.5, 0.9), {"conv1": [0.89, 0.6]})
@@ -218,10 +237,15 @@ class SensitivityResult:
     scores: Dict[str, List[Optional[float]]]
     method: str = "fine-grained"
     meta: Dict[str, Any] = field(default_factory=dict)
+    estimates: Dict[str, List[Optional[Dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sparsities = check_sparsities(self.sparsities)
         self.scores = {layer: list(values) for layer, values in self.scores.items()}
+        self.estimates = {layer: list(values) for layer, values in self.estimates.items()}
+        for layer, values in self.estimates.items():
+            if layer not in self.scores or len(values) != len(self.sparsities):
+                raise ValueError(f"estimates for layer {layer!r} do not match the scanned layers and sparsities")
         for layer, values in self.scores.items():
             if len(values) != len(self.sparsities):
                 raise ValueError(
@@ -256,6 +280,16 @@ class SensitivityResult:
             f"sparsity {sparsity:g} was not scanned; scanned levels: "
             f"{', '.join(f'{s:g}' for s in self.sparsities)}"
         )
+
+    def estimate(self, layer: str, index: int) -> Optional[Dict[str, Any]]:
+        """The early-stopped estimate of point (``layer``, ``sparsities[index]``), or None when its score is exact."""
+        values = self.estimates.get(layer)
+        return None if values is None else values[index]
+
+    @property
+    def num_estimated(self) -> int:
+        """Number of points a settling scan stopped early."""
+        return sum(value is not None for values in self.estimates.values() for value in values)
 
     def plan(self, max_drop: float, relative: bool = False) -> Dict[str, float]:
         """Per-layer sparsity plan for :func:`prunekit.apply_plan`: see :func:`select_sparsity`.
@@ -316,8 +350,8 @@ class SensitivityResult:
         starred = False
         for layer, values in self.scores.items():
             cells = [layer]
-            for value in values:
-                cell = _format_score(value)
+            for index, value in enumerate(values):
+                cell = _format_score(value) + ("~" if self.estimate(layer, index) is not None else "")
                 if plan is not None and value is not None and self.baseline is not None:
                     bad = not within_tolerance(value, self.baseline, self.higher_is_better, relative,
                                                max_drop)  # type: ignore[arg-type]
@@ -340,6 +374,9 @@ class SensitivityResult:
                 else "plan = highest sparsity with it and every lower level within tolerance"
             )
             lines.append(f"{star}max {word} {kind}; {meaning}")
+        if self.num_estimated:
+            lines.append(f"~ estimated: {self.num_estimated} points stopped once their verdict was settled "
+                         f"(confidence {self.meta.get('settle', {}).get('confidence', '?')}); the others used every batch")
         if not self.complete:
             lines.append(f"partial scan: {self.num_done} of {len(self.scores) * len(self.sparsities)} points measured")
         return "\n".join(lines)
@@ -361,6 +398,7 @@ class SensitivityResult:
             "sparsities": list(self.sparsities),
             "scores": {layer: [_encode(v) for v in values] for layer, values in self.scores.items()},
             "meta": self.meta,
+            **({"estimates": self.estimates} if self.estimates else {}),
         }
 
     @classmethod
@@ -383,6 +421,7 @@ class SensitivityResult:
                 },
                 method=str(data.get("method", "fine-grained")),
                 meta=dict(data.get("meta") or {}),
+                estimates=_decode_estimates(data.get("estimates"), source),
             )
         except KeyError as err:
             raise ValueError(f"{source} misses the field {err.args[0]!r}; regenerate it") from None

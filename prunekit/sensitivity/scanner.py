@@ -14,7 +14,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError
 from prunekit.layers import model_device
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
+from prunekit.sensitivity.settle import Estimate, Settler
 
 __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_plan", "scan"]
 
@@ -137,7 +138,8 @@ def _check_fingerprint(previous: Optional[Mapping[str, Any]], current: Mapping[s
 
     what = {"method": "the method", "criterion": "the channel criterion",
             "dense_statistics": "the data or the weights (the dense outputs differ)",
-            "channel_scores": "the channel statistics"}
+            "channel_scores": "the channel statistics",
+            "settle": "settling (confidence or tolerance)"}
     # A plain callable has no statistics to compare: only what both scans recorded counts.
     changed = [
         what[key] for key in what
@@ -387,6 +389,25 @@ def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
     return metric.reduce(_forward_statistics(metric, model))
 
 
+def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Settler, seed: int) -> Union[float, Estimate]:
+    """Full forwards batch by batch that stop once ``settler`` settles the verdict (its Estimate), else the exact score."""
+    rows: List[Tuple[int, Tensor]] = []
+    totals: Optional[Tensor] = None
+    batches = metric.each_batch(model, rank_and_world())
+    try:
+        for number, stats in batches:
+            if stats is not None:
+                totals = stats if totals is None else totals + stats
+                rows.append((number, stats.detach().double().reshape(-1).cpu()))
+            if settler.is_look(number + 1):
+                estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
+                if estimate is not None:
+                    return estimate
+    finally:
+        batches.close()  # restores the model's flags and hooks when stopped early
+    return metric.reduce(_summed(metric, totals))
+
+
 # ---------------------------------------------------------------------------
 # Progress
 
@@ -411,6 +432,9 @@ def scan(
     on_point: Optional[Callable[[SensitivityResult], None]] = None,
     meta: Optional[Mapping[str, Any]] = None,
     cache_limit: int = DEFAULT_CACHE_LIMIT,
+    confidence: Optional[float] = None,
+    max_drop: Optional[float] = None,
+    relative: bool = False,
 ) -> SensitivityResult:
     """Prune each layer (or channel group) alone at each sparsity, score the model, and restore it.
 
@@ -472,6 +496,15 @@ def scan(
         meta: free-form information stored in ``result.meta``.
         cache_limit: bytes of dense prefix states kept from one layer to the next
             (a speed knob: beyond it, batches recompute their prefix; 0 streams fully).
+        confidence: settle points early (e.g. 0.99; default None: every point uses every batch).
+            A streamed point stops at a look (after 8 batches, then each time the count doubles)
+            once a confidence interval on its full-data score lies wholly on one side of
+            ``max_drop`` (see :mod:`prunekit.sensitivity.settle` for the interval and why it holds,
+            assuming batches in random order). Its estimate, interval and batches used are kept in
+            ``result.estimates``; the table marks it with ``~``. Needs a ``ForwardMetric`` whose
+            batches can be counted (a list or a DataLoader).
+        max_drop, relative: the tolerance the settled verdicts are about (as for
+            :meth:`SensitivityResult.plan`); required with ``confidence``.
 
     Returns:
         A :class:`SensitivityResult`.
@@ -507,6 +540,7 @@ def scan(
     scores = pruning.scores(model, blocks, stats, criterion)  # from the dense model, before any point
     targets = {key: _targets(block, key, pruning) for key, block in blocks.items()}
     name, direction = _metric_identity(evaluate, higher_is_better)
+    total_batches = _check_settling(evaluate, confidence, max_drop)
     result = SensitivityResult(
         metric=name,
         higher_is_better=direction,
@@ -519,6 +553,7 @@ def scan(
     if resume_from is not None:
         _check_resume(resume_from, result)
         result.scores = {layer: list(values) for layer, values in resume_from.scores.items()}
+        result.estimates = {layer: list(values) for layer, values in resume_from.estimates.items()}
     masker = _Masker(blocks, pruning, scores)
 
     main = rank_and_world()[0] == 0
@@ -529,6 +564,8 @@ def scan(
         baseline, statistics = _dense_baseline(evaluate, model)
         guard.reset_point()
         fingerprint = _fingerprint(method, criterion, statistics, scores)
+        fingerprint["settle"] = None if confidence is None else {
+            "confidence": float(confidence), "max_drop": float(max_drop), "relative": bool(relative)}  # type: ignore[arg-type]
         if resume_from is not None:
             _check_resumed_baseline(resume_from, baseline, fingerprint)
         result.meta["fingerprint"] = fingerprint
@@ -536,6 +573,10 @@ def scan(
         if report is not None:
             report(result)
         points = _Points(model, evaluate, result, targets, masker, guard, report)
+        if confidence is not None:
+            result.meta["settle"] = fingerprint["settle"]
+            points.settler = Settler(evaluate, baseline, direction, float(max_drop), float(confidence),  # type: ignore[arg-type]
+                                     total_batches, relative=relative)
         cuts = {key: pruning.block_layers(block) for key, block in blocks.items()}
         traced, positions, capture = _suffix_graph(model, evaluate, cuts)
         order = sorted(blocks, key=lambda key: positions.get(key, math.inf))
@@ -548,6 +589,24 @@ def scan(
         masker.release()
         guard.restore()
     return result
+
+
+def _check_settling(evaluate: Any, confidence: Optional[float], max_drop: Optional[float]) -> int:
+    """The number of batches a settling scan looks at (0 without settling); errors before any work."""
+    if confidence is None:
+        return 0
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence={confidence!r} must be in [0.5, 1), e.g. 0.99 (None: exact scores)")
+    if max_drop is None:
+        raise ValueError("confidence needs max_drop: the tolerance whose verdicts settle (e.g. max_drop=0.01)")
+    if not isinstance(evaluate, ForwardMetric):
+        raise ValueError("confidence needs a ForwardMetric (OutputDistortion, Accuracy): a plain callable gives "
+                         "one number per point, nothing to stop early")
+    total = evaluate.num_batches()
+    if total is None:
+        raise ValueError(f"confidence needs to know how many batches {type(evaluate).__name__} has: pass a list "
+                         "of batches or a DataLoader")
+    return int(total)
 
 
 def _dense_baseline(evaluate: Any, model: nn.Module) -> Tuple[float, Optional[Tensor]]:
@@ -587,6 +646,7 @@ class _Points:
         self.model, self.evaluate, self.result, self.targets = model, evaluate, result, targets
         self.masker, self.guard, self.report = masker, guard, report
         self.levels = result.sparsities
+        self.settler: Optional[Settler] = None
 
     def todo(self, layer: str) -> List[int]:
         return [i for i, value in enumerate(self.result.scores[layer]) if value is None]
@@ -597,8 +657,13 @@ class _Points:
     def masked(self, layer: str, i: int) -> List[Tensor]:
         return self.masker.masked(layer, self.targets[layer], self.levels[i])
 
-    def record(self, layer: str, values: Mapping[int, float], tick: Callable[..., None]) -> None:
+    def record(self, layer: str, values: Mapping[int, Union[float, Estimate]], tick: Callable[..., None]) -> None:
         for i, value in values.items():
+            if isinstance(value, Estimate):
+                self.result.estimates.setdefault(layer, [None] * len(self.levels))[i] = value.to_dict()
+                value = value.score
+            elif layer in self.result.estimates:
+                self.result.estimates[layer][i] = None
             self.result.scores[layer][i] = _not_nan(value, layer, self.levels[i])
             tick(f"{layer} @ {self.levels[i]:.0%}")
 
@@ -615,7 +680,7 @@ class _Points:
             if cache is not None and layer in positions:
                 values = _stream_layer(
                     self.evaluate, self.model, cache, positions[layer], capture, self.guard, self.targets[layer],
-                    {i: self.masked(layer, i) for i in todo},
+                    {i: self.masked(layer, i) for i in todo}, self.settler, seed=order.index(layer) * 1009,
                 )
             else:
                 values = {}
@@ -658,25 +723,62 @@ def _stream_layer(
     guard: "_Guard",
     targets: Sequence[Target],
     masked: Mapping[int, List[Tensor]],
-) -> Dict[int, float]:
-    """Score every level of one layer in one pass over this rank's batches: prefix once per batch, suffix per level."""
+    settler: Optional[Settler] = None,
+    seed: int = 0,
+) -> Dict[int, Union[float, Estimate]]:
+    """Score every level of one layer in one pass over this rank's batches: prefix once per batch, suffix per level.
+
+    With a ``settler``, a level whose verdict against the tolerance is settled at a look stops
+    there (its :class:`Estimate` is returned instead of a score); every rank decides alike from
+    the all-reduced per-batch statistics, so all stop together.
+    """
     rank, world = rank_and_world()
     after = {name: at for name, at in capture.items() if at >= position}
     totals: Dict[int, Optional[Tensor]] = {i: None for i in masked}
+    rows: Dict[int, List[Tuple[int, Tensor]]] = {i: [] for i in masked}
+    active = dict(masked)
+    settled: Dict[int, Estimate] = {}
     with torch.no_grad():
         for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
-            if number % world != rank:
-                continue
-            state = cache.state_at(number, inputs, position)
-            for i, data in masked.items():
-                with guard.swap(targets, data):
-                    output, outputs = cache.runner.finish(state, position, after)
-                if MODEL_OUTPUT in metric.capture:
-                    outputs[MODEL_OUTPUT] = output
-                stats = metric.batch_statistics(outputs, target)
-                totals[i] = stats if totals[i] is None else totals[i] + stats  # type: ignore[operator]
-            del state
-    return {i: metric.reduce(_summed(metric, local)) for i, local in totals.items()}
+            if number % world == rank:
+                state = cache.state_at(number, inputs, position)
+                for i, data in active.items():
+                    with guard.swap(targets, data):
+                        output, outputs = cache.runner.finish(state, position, after)
+                    if MODEL_OUTPUT in metric.capture:
+                        outputs[MODEL_OUTPUT] = output
+                    stats = metric.batch_statistics(outputs, target)
+                    totals[i] = stats if totals[i] is None else totals[i] + stats  # type: ignore[operator]
+                    if settler is not None:
+                        rows[i].append((number, stats.detach().double().reshape(-1).cpu()))
+                del state
+            if settler is not None and settler.is_look(number + 1):
+                for i in list(active):
+                    estimate = settler.verdict(_gathered(rows[i], number + 1), seed=seed + 7919 * i + number)
+                    if estimate is not None:
+                        settled[i] = estimate
+                        del active[i]
+                if not active:
+                    break
+    results: Dict[int, Union[float, Estimate]] = dict(settled)
+    for i in masked:
+        if i not in settled:
+            results[i] = metric.reduce(_summed(metric, totals[i]))
+    return results
+
+
+def _gathered(rows: Sequence[Tuple[int, Tensor]], seen: int) -> Tensor:
+    """Every rank's per-batch statistics of the first ``seen`` batches, as one [seen, k] table (all ranks alike)."""
+    local = None
+    if rows:
+        width = rows[0][1].numel()
+        local = torch.zeros(seen, width, dtype=torch.float64)
+        for number, stats in rows:
+            if number < seen:
+                local[number] = stats
+    total = all_reduce_sum(local)
+    assert total is not None, "a look comes after at least one batch"
+    return total.reshape(seen, -1)
 
 
 def evaluate_plan(
@@ -687,7 +789,8 @@ def evaluate_plan(
     stats: Optional[Mapping[str, Any]] = None,
     *,
     criterion: str = "l2",
-) -> float:
+    settler: Optional[Settler] = None,
+) -> Any:
     """Score ``model`` with a whole plan applied at once, then restore it exactly.
 
     The masks are those :func:`prunekit.apply_plan` would apply; the model comes
@@ -700,6 +803,9 @@ def evaluate_plan(
         evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
         plan: conv layer name -> final sparsity in [0, 1], as for :func:`prunekit.apply_plan`.
         method, stats, criterion: as for :func:`scan`.
+        settler: stop once the plan's verdict against a tolerance is settled (a
+            :class:`~prunekit.sensitivity.settle.Settler`; ``ForwardMetric`` only): the
+            :class:`~prunekit.sensitivity.settle.Estimate` is returned instead of a score then.
 
     Example:
         >>> from prunekit.sensitivity import OutputDistortion
@@ -726,7 +832,12 @@ def evaluate_plan(
         if isinstance(evaluate, ForwardMetric):
             evaluate.prepare(model)
         with guard.swap(targets, masked):
-            if isinstance(evaluate, ForwardMetric):
+            if isinstance(evaluate, ForwardMetric) and settler is not None:
+                settled = _settled_forward_score(evaluate, model, settler, seed=len(targets))
+                if isinstance(settled, Estimate):
+                    return settled
+                score = settled
+            elif isinstance(evaluate, ForwardMetric):
                 score = _forward_score(evaluate, model)  # sharded over the ranks of a process group
             else:
                 score = _score(evaluate(model))

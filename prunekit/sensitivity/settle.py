@@ -1,0 +1,227 @@
+"""Points that stop once their verdict is settled: confidence intervals on a score from part of the data.
+
+A scan point asks one question: is the model, with this layer pruned at this level, within
+the tolerance of the dense model? On a large evaluation set the answer is often clear long
+before the last batch (a 90 % level that halves the accuracy; a 40 % level that changes
+nothing). :class:`Settler` looks at a point's per-batch statistics at a few moments (after
+``min_batches``, then each time the count doubles, and at the end) and stops the point as
+soon as a confidence interval on its *final* score (over all batches) lies wholly on one
+side of the tolerance.
+
+The interval, argued:
+
+* **Batches are the samples.** A metric's score is a function of statistics summed over
+  batches (a ratio of sums for a distortion, counts for an accuracy), so the batches seen so
+  far are a sample of the batches there are, if their order is random. (:func:`prunekit.sensitivity.scan`
+  keeps the data's order: shuffle a sorted evaluation set once, with a fixed seed, before a
+  settling scan; the CLI does.)
+* **A bootstrap over batches** gives the interval of the score of that sum: resampling whole
+  batches keeps whatever correlates inside a batch, and works for any ``reduce`` (a ratio, a
+  square root, a mean over layers). From few batches a percentile bootstrap is too narrow (it
+  behaves like a normal interval with a known spread); its half-widths are widened by
+  ``t(n-1) / z``, the ratio of Student's and the normal quantile, as a studentised interval
+  would be (measured: without it, 98.3 % of digits-vgg's intervals held the exact score at a
+  nominal 99.7 %; with it, see the tests). Sampling without replacement from a finite set varies
+  less than the bootstrap assumes, which errs on the safe side.
+* **Small counts.** With few errors a bootstrap is degenerate (no error seen: an interval of
+  width 0). For metrics made of counts (:class:`~prunekit.sensitivity.Accuracy`), the interval is
+  widened to at least an empirical Bernstein bound on the pooled per-sample rate (Audibert,
+  Munos and Szepesvari 2009: ``sqrt(2 V ln(3/d) / n) + 3 ln(3/d) / n`` for values in [0, 1]),
+  which holds with no error seen and shrinks as ``1/n`` when the rate is near 0 or 1.
+* **Several looks.** Looking after every batch and stopping at the first settled look would
+  spend the error budget many times over. Looks are spaced geometrically (``min_batches``,
+  twice that, ...), and each gets an equal share of ``1 - confidence`` (a union bound), so the
+  chance that a point's settled verdict differs from its exact one is at most ``1 - confidence``
+  under the sampling assumption above.
+
+Example:
+    >>> import torch
+    >>> from prunekit.sensitivity.metrics import Accuracy
+    >>> settler = Settler(Accuracy([]), baseline=0.95, higher_is_better=True, max_drop=0.02,
+    ...                   confidence=0.99, total_batches=64)
+    >>> settler.looks[:3]
+    [8, 16, 32]
+    >>> bad = torch.tensor([[10.0, 32.0]] * 8)  # a third of the accuracy gone, 8 batches in
+    >>> settler.verdict(bad).within
+    False
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from prunekit.sensitivity.result import score_drop
+
+__all__ = ["Estimate", "Settler", "score_interval"]
+
+#: Bootstrap resamples per interval: enough for the tail quantiles the union bound asks for.
+_MIN_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point's score from part of the data: the estimate, its interval, the batches used, the verdict.
+
+    Attributes:
+        score: the metric on the batches used.
+        low, high: the interval that holds the score over every batch (at the scan's confidence).
+        batches: how many batches were used (of ``total``).
+        total: how many batches there are.
+        within: the settled verdict: within the tolerance (True) or beyond it (False).
+    """
+
+    score: float
+    low: float
+    high: float
+    batches: int
+    total: int
+    within: bool
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "low": self.low, "high": self.high, "batches": self.batches,
+                "total": self.total, "within": self.within}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Estimate":
+        if not isinstance(data, dict):
+            raise ValueError(f"an estimated point must be a mapping, got {type(data).__name__}")
+        return cls(float(data["score"]), float(data["low"]), float(data["high"]), int(data["batches"]),
+                   int(data["total"]), bool(data["within"]))
+
+
+def _reduce_many(metric: Any, totals: Tensor) -> Tensor:
+    """``metric.reduce`` of each row of ``totals`` [R, k] (vectorised where the metric offers it)."""
+    many = getattr(metric, "reduce_many", None)
+    if many is not None:
+        return many(totals)
+    return torch.tensor([metric.reduce(row) for row in totals], dtype=torch.float64)
+
+
+def _normal_quantile(p: float) -> float:
+    return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
+
+
+def _student_over_normal(dof: int, delta: float) -> float:
+    """Student's t quantile over the normal one at ``1 - delta / 2`` (Cornish-Fisher to 1/dof^3); inf below 2 dof."""
+    if dof < 2:
+        return math.inf
+    z = _normal_quantile(1.0 - delta / 2.0)
+    t = (z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3))
+    return t / z
+
+
+def _bernstein(successes: float, count: float, delta: float) -> float:
+    """Half-width of the empirical Bernstein bound on a rate in [0, 1] from ``count`` samples."""
+    if count <= 1:
+        return math.inf
+    rate = successes / count
+    variance = rate * (1.0 - rate)
+    log_term = math.log(3.0 / delta)
+    return math.sqrt(2.0 * variance * log_term / count) + 3.0 * log_term / count
+
+
+def score_interval(metric: Any, per_batch: Tensor, delta: float, seed: int = 0) -> Tuple[float, float]:
+    """An interval that holds the metric's score over all batches with probability >= ``1 - delta``.
+
+    ``per_batch`` [n, k] holds the statistics of the n batches seen (``metric.batch_statistics``).
+    See the module docstring for the argument.
+
+    Example:
+        >>> from prunekit.sensitivity.metrics import Accuracy
+        >>> low, high = score_interval(Accuracy([]), torch.tensor([[32.0, 32.0]] * 16), delta=0.01)
+        >>> 0.9 < low < 1.0 == high
+        True
+    """
+    count = per_batch.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    resamples = max(_MIN_RESAMPLES, math.ceil(20.0 / delta))
+    picks = torch.randint(count, (resamples, count), generator=generator)
+    totals = per_batch.double()[picks].sum(dim=1)
+    scores = _reduce_many(metric, totals)
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() < scores.numel():
+        return -math.inf, math.inf
+    low = float(torch.quantile(scores, delta / 2))
+    high = float(torch.quantile(scores, 1 - delta / 2))
+    centre = float(metric.reduce(per_batch.double().sum(dim=0)))
+    widen = _student_over_normal(count - 1, delta)
+    low, high = centre - (centre - low) * widen, centre + (high - centre) * widen
+    counted = _count_interval(metric, per_batch, delta)
+    if counted is not None:  # small counts: never narrower than the Bernstein bound on the pooled rate
+        low, high = min(low, counted[0]), max(high, counted[1])
+    return low, high
+
+
+def _count_interval(metric: Any, per_batch: Tensor, delta: float) -> Optional[Tuple[float, float]]:
+    """The empirical Bernstein interval of a count metric's pooled rate; None for other metrics."""
+    counts = getattr(metric, "counts", None)
+    if counts is None:
+        return None
+    successes, samples = counts(per_batch.double().sum(dim=0))
+    rate, half = successes / samples, _bernstein(successes, samples, delta)
+    return max(0.0, rate - half), min(1.0, rate + half)
+
+
+class Settler:
+    """When a point's verdict against the tolerance is settled, from its per-batch statistics.
+
+    Args:
+        metric: the scan's :class:`~prunekit.sensitivity.ForwardMetric`.
+        baseline, higher_is_better: the dense score and the metric's direction.
+        max_drop, relative: the tolerance the verdicts are about (as for :meth:`SensitivityResult.plan`).
+        confidence: e.g. 0.99: the chance that a settled verdict is the exact one, per point.
+        total_batches: how many batches a point would use in full.
+        min_batches: the first look; fewer batches never settle.
+    """
+
+    def __init__(
+        self, metric: Any, baseline: float, higher_is_better: bool, max_drop: float, confidence: float,
+        total_batches: int, relative: bool = False, min_batches: int = 8,
+    ) -> None:
+        if not 0.5 <= confidence < 1.0:
+            raise ValueError(f"confidence={confidence!r} must be in [0.5, 1), e.g. 0.99")
+        if not (isinstance(max_drop, (int, float)) and max_drop >= 0):
+            raise ValueError(f"max_drop={max_drop!r} must be a number >= 0: the tolerance the verdicts are about")
+        self.metric, self.baseline, self.higher_is_better = metric, float(baseline), bool(higher_is_better)
+        self.max_drop, self.relative, self.confidence = float(max_drop), relative, float(confidence)
+        self.total = int(total_batches)
+        looks: List[int] = []
+        n = max(1, int(min_batches))
+        while n < self.total:
+            looks.append(n)
+            n *= 2
+        self.looks = looks  # the end of the data needs no look: the score is then exact
+        self.delta = (1.0 - self.confidence) / max(1, len(looks))
+
+    def is_look(self, batches: int) -> bool:
+        return batches in self.looks
+
+    def _drop(self, score: float) -> float:
+        return score_drop(score, self.baseline, self.higher_is_better, self.relative)
+
+    def _side(self, low: float, high: float) -> Optional[bool]:
+        """True: the whole interval is within the tolerance; False: wholly beyond; None: it straddles."""
+        drops = (self._drop(low), self._drop(high))
+        if max(drops) <= self.max_drop:
+            return True
+        if min(drops) > self.max_drop:
+            return False
+        return None
+
+    def verdict(self, per_batch: Tensor, seed: int = 0) -> Optional[Estimate]:
+        """The settled estimate from the batches so far (rows of ``per_batch``), or None while unsettled."""
+        counted = _count_interval(self.metric, per_batch, self.delta)
+        if counted is not None and self._side(*counted) is None:
+            return None  # the final interval holds this one: unsettled, no need to bootstrap
+        low, high = score_interval(self.metric, per_batch, self.delta, seed)
+        within = self._side(low, high)
+        if within is None:
+            return None
+        score = float(self.metric.reduce(per_batch.double().sum(dim=0)))
+        return Estimate(score, low, high, int(per_batch.shape[0]), self.total, within)

@@ -1,0 +1,142 @@
+"""Settling scans: points stop once their verdict is settled, and agree with the exact scan."""
+
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import prunekit
+from prunekit.cli import cli
+from prunekit.datasets import digits_test_set, make_loader
+from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, scan
+from prunekit.sensitivity.settle import Settler, score_interval
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.manual_seed(0)
+    model = prunekit.load_model("digits-vgg")
+    inputs = [batch[0] for batch in make_loader(digits_test_set(), 4)]  # 90 batches
+    random.Random(0).shuffle(inputs)
+    return model, inputs
+
+
+def test_looks_double_and_share_the_error_budget():
+    settler = Settler(Accuracy([]), 0.9, True, 0.01, confidence=0.99, total_batches=100)
+    assert settler.looks == [8, 16, 32, 64]
+    assert settler.delta == pytest.approx(0.01 / 4)
+    assert Settler(Accuracy([]), 0.9, True, 0.01, 0.99, total_batches=8).looks == []  # nothing to save
+    with pytest.raises(ValueError, match="confidence=1.0 must be in"):
+        Settler(Accuracy([]), 0.9, True, 0.01, confidence=1.0, total_batches=10)
+
+
+def test_no_error_seen_still_leaves_room_for_errors():
+    """A bootstrap of 16 perfect batches says [1, 1]; the Bernstein bound on 512 images does not."""
+    low, high = score_interval(Accuracy([]), torch.tensor([[32.0, 32.0]] * 16), delta=0.0025)
+    assert high == 1.0 and 0.95 < low < 0.99
+    verdict = Settler(Accuracy([]), 1.0, True, max_drop=0.01, confidence=0.99, total_batches=64).verdict(
+        torch.tensor([[32.0, 32.0]] * 16))
+    assert verdict is None  # a 1 % tolerance cannot be confirmed from 512 images
+
+
+def test_few_batches_widen_the_interval_like_students_t():
+    per_batch = torch.tensor([[1.0 + 0.1 * k, 10.0] for k in range(8)], dtype=torch.float64)
+    metric = OutputDistortion(torch.zeros(1, 1, 1, 1))
+    narrow_low, narrow_high = score_interval(metric, per_batch.repeat(8, 1), delta=0.01)
+    low, high = score_interval(metric, per_batch, delta=0.01)
+    assert high - low > 2 * (narrow_high - narrow_low)  # 8 batches: wider than the same spread over 64
+
+
+def test_settled_verdicts_agree_with_the_exact_scan_on_a_fraction_of_the_batches(digits):
+    model, inputs = digits
+    exact = scan(model, OutputDistortion(inputs), sparsities=(0.4, 0.6, 0.8), progress=False)
+    settled = scan(model, OutputDistortion(inputs), sparsities=(0.4, 0.6, 0.8), progress=False,
+                   confidence=0.99, max_drop=0.1)
+    assert settled.num_estimated >= len(settled.layers) * 2
+    used = 0
+    for layer in exact.layers:
+        for index in range(3):
+            estimate = settled.estimate(layer, index)
+            if estimate is None:
+                used += len(inputs)
+                assert settled.scores[layer][index] == exact.scores[layer][index]
+                continue
+            used += estimate["batches"]
+            assert estimate["within"] == (exact.scores[layer][index] <= 0.1)
+            assert estimate["low"] <= exact.scores[layer][index] <= estimate["high"]
+    assert used < 0.25 * len(inputs) * len(exact.layers) * 3
+    assert settled.plan(0.1) == exact.plan(0.1)
+    assert "~ estimated" in settled.table(max_drop=0.1) and "~*" in settled.table(max_drop=0.1)
+    again = SensitivityResult.from_json(settled.to_json())
+    assert again.estimates == settled.estimates and again.num_estimated == settled.num_estimated
+
+
+def test_settling_needs_a_tolerance_and_a_metric_with_batches(digits):
+    model, inputs = digits
+    with pytest.raises(ValueError, match="confidence needs max_drop"):
+        scan(model, OutputDistortion(inputs[:2]), progress=False, confidence=0.99)
+    with pytest.raises(ValueError, match="confidence needs a ForwardMetric"):
+        scan(model, lambda m: 0.0, progress=False, confidence=0.99, max_drop=0.1)
+    with pytest.raises(ValueError, match=r"confidence=1.5 must be in \[0.5, 1\)"):
+        scan(model, OutputDistortion(inputs[:2]), progress=False, confidence=1.5, max_drop=0.1)
+
+    class Stream(Accuracy):
+        def num_batches(self):
+            return None
+
+    with pytest.raises(ValueError, match="how many batches Stream has"):
+        scan(model, Stream([]), progress=False, confidence=0.99, max_drop=0.1)
+
+
+def test_a_settling_scan_does_not_resume_an_exact_one(digits):
+    model, inputs = digits
+    metric = OutputDistortion(inputs[:16])
+    partial = scan(model, metric, layers=["features.0", "features.2"], sparsities=(0.5,), progress=False)
+    partial.scores["features.2"][0] = None
+    with pytest.raises(ValueError, match="settling"):
+        scan(model, metric, layers=["features.0", "features.2"], sparsities=(0.5,), progress=False,
+             resume_from=partial, confidence=0.99, max_drop=0.1)
+
+
+def test_the_cli_settles_points_with_confidence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["scan", "--batch-size", "8", "--metric", "distortion", "--confidence", "0.99",
+                                      "--sparsities", "0.5,0.9", "--out", "s", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "~ estimated:" in result.output
+    document = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert document["meta"]["settle"] == {"confidence": 0.99, "max_drop": 0.05, "relative": False}
+    assert any(point for values in document["estimates"].values() for point in values)
+    bad = CliRunner().invoke(cli, ["scan", "--confidence", "1", "--out", "t"])
+    assert bad.exit_code != 0 and "--confidence 1.0: pass a probability in [0.5, 1)" in bad.output
+
+
+def test_a_settling_fit_keeps_a_plan_that_holds_on_every_batch(digits):
+    from prunekit.sensitivity import evaluate_plan, fit_plan
+
+    model, inputs = digits
+    metric = OutputDistortion(inputs)
+    result = scan(model, metric, sparsities=(0.4, 0.6), progress=False, confidence=0.99, max_drop=0.1)
+    fit = fit_plan(model, metric, result, max_drop=0.1, confidence=0.99)
+    assert any(fit.plan.values())
+    assert fit.score == pytest.approx(evaluate_plan(model, metric, fit.plan), rel=1e-12)  # measured in full
+    assert fit.score <= 0.1
+    with pytest.raises(ValueError, match="confidence needs a ForwardMetric whose batches can be counted"):
+        fit_plan(model, lambda m: 0.0, result, max_drop=0.1, confidence=0.99)
+
+
+def test_a_settled_plan_evaluation_stops_early_and_restores_the_model(digits):
+    from prunekit.sensitivity import evaluate_plan
+    from prunekit.sensitivity.settle import Estimate
+
+    model, inputs = digits
+    metric = OutputDistortion(inputs)
+    metric.prepare(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settler = Settler(metric, 0.0, False, max_drop=0.05, confidence=0.99, total_batches=len(inputs))
+    estimate = evaluate_plan(model, metric, {"features.0": 0.9}, settler=settler)
+    assert isinstance(estimate, Estimate) and not estimate.within and estimate.batches == 8
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training and not any(m._forward_hooks for m in model.modules())
