@@ -11,6 +11,9 @@ Cases:
           distortion at max drop 0.05 and 0.1, and accuracy at 0.01, over several seeds.
   hed:    HED (real weights), random 128 px crops of the built-in photos, batches of 4,
           distortion at max drop 0.05 (one seed: the exact scan is the long part).
+  vgg11:  the whole torchvision vgg11 (random weights; classifier included) at 64 px, one batch of
+          4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan,
+          and the scan with ``stack_levels=True`` (each weight after the cut read once for all levels).
 
 Run: ``python benchmarks/scan_settle.py [--cases digits,hed] [--crops 256] [--seeds 5] [--threads 2]``
 """
@@ -97,6 +100,38 @@ def hed_case(crops: int, confidence: float) -> None:
             f"HED 128 px, {crops} random crops of the 3 photos, max drop 0.05")
 
 
+def vgg11_case() -> None:
+    import torchvision
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11().eval()
+    convs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    levels = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    metric = OutputDistortion(torch.randn(4, 3, 64, 64))
+    metric.prepare(model)
+    start = time.process_time()
+    for name in convs:  # the naive loop: prune, score with a full forward, restore
+        conv = model.get_submodule(name)
+        saved = conv.weight.detach().clone()
+        for level in levels:
+            prune.l1_unstructured(conv, "weight", amount=level)
+            metric(model)
+            prune.remove(conv, "weight")
+            with torch.no_grad():
+                conv.weight.copy_(saved)
+    naive = time.process_time() - start
+    start = time.process_time()
+    plain = scan(model, metric, layers=convs, sparsities=levels, progress=False)
+    streamed = time.process_time() - start
+    start = time.process_time()
+    stacked = scan(model, metric, layers=convs, sparsities=levels, progress=False, stack_levels=True)
+    both = time.process_time() - start
+    print(f"vgg11 at 64 px, 4 images, 8 convs x 6 levels: naive {naive:.1f} s CPU, scan {streamed:.1f} s "
+          f"({naive / streamed:.2f}x), scan with stacked levels {both:.1f} s ({naive / both:.2f}x); stacked scores "
+          f"{'bitwise equal' if plain.scores == stacked.scores else 'differ'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="digits,hed")
@@ -109,7 +144,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), confidence {args.confidence}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     cases: Dict[str, Any] = {"digits": lambda: digits_case(args.seeds, args.confidence),
-                             "hed": lambda: hed_case(args.crops, args.confidence)}
+                             "hed": lambda: hed_case(args.crops, args.confidence), "vgg11": vgg11_case}
     for name in args.cases.split(","):
         cases[name]()
 

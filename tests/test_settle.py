@@ -140,3 +140,43 @@ def test_a_settled_plan_evaluation_stops_early_and_restores_the_model(digits):
     assert isinstance(estimate, Estimate) and not estimate.within and estimate.batches == 8
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not model.training and not any(m._forward_hooks for m in model.modules())
+
+
+class Skips(torch.nn.Module):
+    """A cut with a value crossing it (a skip), and optionally an op that mixes the batch at the end."""
+
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.mix = mix
+        self.a, self.b = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = torch.relu(self.b(y)) + y
+        pooled = torch.nn.functional.adaptive_avg_pool2d(z, 1).flatten(1)
+        out = self.head(pooled)
+        return out - out.mean(0, keepdim=True) if self.mix else out
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["stacked", "batch-mixing-falls-back"])
+def test_stacked_levels_score_like_levels_run_one_by_one(mix):
+    torch.manual_seed(0)
+    model = Skips(mix).eval()
+    metric = OutputDistortion([torch.randn(3, 3, 8, 8) for _ in range(3)])
+    one_by_one = scan(model, metric, sparsities=(0.3, 0.6, 0.9), progress=False)
+    stacked = scan(model, metric, sparsities=(0.3, 0.6, 0.9), progress=False, stack_levels=True)
+    for layer in one_by_one.layers:
+        assert stacked.scores[layer] == pytest.approx(one_by_one.scores[layer], rel=1e-5, abs=1e-7)
+    channel = scan(model, metric, sparsities=(0.5,), method="filter-norm", progress=False, stack_levels=True)
+    assert channel.scores == scan(model, metric, sparsities=(0.5,), method="filter-norm", progress=False).scores
+
+
+def test_stacking_runs_the_later_layers_once_for_all_levels():
+    torch.manual_seed(0)
+    model = Skips(False).eval()
+    calls = []
+    model.head.register_forward_hook(lambda *args: calls.append(args[1][0].shape[0]))
+    metric = OutputDistortion([torch.randn(3, 3, 8, 8)])
+    scan(model, metric, layers=["a"], sparsities=(0.3, 0.6, 0.9), progress=False, stack_levels=True)
+    assert 9 in calls  # one head call on the three levels' 3 images stacked

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -195,10 +195,83 @@ class GraphRunner(torch.fx.Interpreter):
                     del self.env[dead]
         return output, captured
 
+    def finish_stacked(
+        self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], levels: List[Any], batch: int,
+    ) -> Optional[List[Tuple[Any, Dict[str, Tensor]]]]:
+        """:meth:`finish` for several versions of the module called at ``start``, the rest run once on them stacked.
+
+        ``levels`` are context managers that each put one version of that module's parameters in
+        place. Its node runs once per level; its outputs are concatenated along the batch, the
+        other values crossing the cut repeated alike (tensors whose first dimension is ``batch``),
+        and the rest of the graph runs once: each later weight is read once for every level.
+        Returns one ``(output, captured)`` per level, or None when the outputs do not split back
+        (something after the cut mixed the batch): the caller then runs the levels one by one.
+        """
+        written = self._may_be_written(start)
+        base = {node: value.clone() if node in written and isinstance(value, Tensor) else value
+                for node, value in state.items()}
+        cut = self.traced.nodes[start]
+        outputs = []
+        for level in levels:
+            self.env = dict(base)
+            with level:
+                outputs.append(self.run_node(cut))
+        count = len(levels)
+
+        def stacked(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value.repeat(count, *([1] * (value.dim() - 1)))
+            return value
+
+        env: Dict[fx.Node, Any] = {node: stacked(value) for node, value in base.items() if node is not cut}
+        env[cut] = torch.cat(outputs)
+        self.env = env
+        wanted = {position: name for name, position in capture.items()}
+        captured: Dict[str, Tensor] = {}
+        if start in wanted:
+            captured[wanted[start]] = env[cut].detach().clone()
+        output: Any = None
+        for node in self.traced.nodes[start + 1 :]:
+            value = self.run_node(node)
+            if node.op == "output":
+                output = value
+                break
+            self.env[node] = value
+            name = wanted.get(self.traced.positions[node])
+            if name is not None:
+                captured[name] = value.detach().clone()
+            for dead in self.user_to_last_uses.get(node, ()):
+                if dead in self.env and self.traced.positions[dead] >= start:
+                    del self.env[dead]
+        parts = _split(output, count, batch)
+        pieces = {name: _split(value, count, batch) for name, value in captured.items()}
+        if parts is None or any(piece is None for piece in pieces.values()):
+            return None
+        return [(parts[i], {name: piece[i] for name, piece in pieces.items()}) for i in range(count)]  # type: ignore[index]
+
     @staticmethod
     def state_bytes(state: Mapping[fx.Node, Any]) -> int:
         """Bytes of the tensors a state holds."""
         return sum(_tensor_bytes(value) for value in state.values())
+
+
+def _split(value: Any, count: int, batch: int) -> Optional[List[Any]]:
+    """``value`` (a tensor, or a tuple, list or dict of them) cut back into ``count`` batches; None if it does not split."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 or value.shape[0] != count * batch:
+            return None
+        return list(value.split(batch))
+    if isinstance(value, (tuple, list)):
+        parts = [_split(item, count, batch) for item in value]
+        if any(part is None for part in parts):
+            return None
+        return [type(value)(part[i] for part in parts) for i in range(count)]  # type: ignore[index]
+    if isinstance(value, dict):
+        split = {key: _split(item, count, batch) for key, item in value.items()}
+        if any(part is None for part in split.values()):
+            return None
+        return [{key: part[i] for key, part in split.items()} for i in range(count)]  # type: ignore[index]
+    return None
 
 
 def _is_conv_call(traced: Traced, node: fx.Node) -> bool:

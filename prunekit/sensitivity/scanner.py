@@ -28,7 +28,7 @@ from prunekit.progress import progress_bar
 from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
 from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
 from prunekit.layers import model_device
-from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric
+from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_tensor, relative_error
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 from prunekit.sensitivity.settle import Estimate, Settler
 
@@ -435,6 +435,7 @@ def scan(
     confidence: Optional[float] = None,
     max_drop: Optional[float] = None,
     relative: bool = False,
+    stack_levels: bool = False,
 ) -> SensitivityResult:
     """Prune each layer (or channel group) alone at each sparsity, score the model, and restore it.
 
@@ -505,6 +506,11 @@ def scan(
             batches can be counted (a list or a DataLoader).
         max_drop, relative: the tolerance the settled verdicts are about (as for
             :meth:`SensitivityResult.plan`); required with ``confidence``.
+        stack_levels: run a layer's levels through the graph after it together, stacked along the
+            batch, so each later weight is read once for all levels (faster with small batches;
+            scores then equal the full forwards' to float rounding, not bitwise). Only where the
+            masked tensors all belong to the layer at the cut (fine-grained pruning), while the
+            stacked states fit in ``cache_limit``; elsewhere, and by default, levels run one by one.
 
     Returns:
         A :class:`SensitivityResult`.
@@ -573,6 +579,7 @@ def scan(
         if report is not None:
             report(result)
         points = _Points(model, evaluate, result, targets, masker, guard, report)
+        points.stack["ok"] = bool(stack_levels)
         if confidence is not None:
             result.meta["settle"] = fingerprint["settle"]
             points.settler = Settler(evaluate, baseline, direction, float(max_drop), float(confidence),  # type: ignore[arg-type]
@@ -647,6 +654,7 @@ class _Points:
         self.masker, self.guard, self.report = masker, guard, report
         self.levels = result.sparsities
         self.settler: Optional[Settler] = None
+        self.stack = {"ok": False, "verified": False}  # stacking levels: allowed, and checked once
 
     def todo(self, layer: str) -> List[int]:
         return [i for i, value in enumerate(self.result.scores[layer]) if value is None]
@@ -681,6 +689,8 @@ class _Points:
                 values = _stream_layer(
                     self.evaluate, self.model, cache, positions[layer], capture, self.guard, self.targets[layer],
                     {i: self.masked(layer, i) for i in todo}, self.settler, seed=order.index(layer) * 1009,
+                    stack=self.stack if self.stack["ok"] and _only_at_cut(traced, positions[layer], self.targets[layer]) else None,
+                    stack_limit=cache_limit,
                 )
             else:
                 values = {}
@@ -725,6 +735,8 @@ def _stream_layer(
     masked: Mapping[int, List[Tensor]],
     settler: Optional[Settler] = None,
     seed: int = 0,
+    stack: Optional[Dict[str, bool]] = None,
+    stack_limit: int = DEFAULT_CACHE_LIMIT,
 ) -> Dict[int, Union[float, Estimate]]:
     """Score every level of one layer in one pass over this rank's batches: prefix once per batch, suffix per level.
 
@@ -742,9 +754,25 @@ def _stream_layer(
         for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
             if number % world == rank:
                 state = cache.state_at(number, inputs, position)
-                for i, data in active.items():
-                    with guard.swap(targets, data):
-                        output, outputs = cache.runner.finish(state, position, after)
+                finished = None
+                if (stack is not None and stack["ok"] and len(active) > 1
+                        and len(active) * cache.runner.state_bytes(state) <= stack_limit):
+                    finished = cache.runner.finish_stacked(
+                        state, position, after, [guard.swap(targets, data) for data in active.values()],
+                        batch=inputs.shape[0],
+                    )
+                if finished is None or not stack["verified"]:  # type: ignore[index]
+                    one_by_one = []
+                    for data in active.values():
+                        with guard.swap(targets, data):
+                            one_by_one.append(cache.runner.finish(state, position, after))
+                    if finished is not None:
+                        # The scan's first stacked batch is checked against the levels run one by one: an
+                        # op after the cut that mixes the batch (x - x.mean(0)) turns stacking off. Later
+                        # layers' suffixes are parts of this one (layers go in forward order).
+                        stack["verified"], stack["ok"] = True, _same_results(finished, one_by_one)  # type: ignore[index]
+                    finished = one_by_one
+                for i, (output, outputs) in zip(list(active), finished):
                     if MODEL_OUTPUT in metric.capture:
                         outputs[MODEL_OUTPUT] = output
                     stats = metric.batch_statistics(outputs, target)
@@ -765,6 +793,27 @@ def _stream_layer(
         if i not in settled:
             results[i] = metric.reduce(_summed(metric, totals[i]))
     return results
+
+
+def _same_results(stacked: Sequence[Tuple[Any, Dict[str, Any]]], alone: Sequence[Tuple[Any, Dict[str, Any]]]) -> bool:
+    """Do the stacked levels' outputs equal the ones run alone (to float rounding)?"""
+    for (output, captured), (expected, wanted) in zip(stacked, alone):
+        pairs = [(output_tensor(output), output_tensor(expected))] + [(captured[k], wanted[k]) for k in wanted]
+        for got, want in pairs:
+            if got.shape != want.shape or not relative_error(got, want) <= 1e-4:
+                return False
+    return True
+
+
+def _only_at_cut(traced: Optional[Traced], position: int, targets: Sequence[Target]) -> bool:
+    """Do the masked tensors all belong to the module called at the cut (so the rest of the graph is shared)?"""
+    if traced is None:
+        return False
+    node = traced.nodes[position]
+    if node.op != "call_module":
+        return False
+    module = traced.graph_module.get_submodule(str(node.target))
+    return all(owner is module for owner, _ in targets)
 
 
 def _gathered(rows: Sequence[Tuple[int, Tensor]], seen: int) -> Tensor:
