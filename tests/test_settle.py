@@ -180,3 +180,24 @@ def test_stacking_runs_the_later_layers_once_for_all_levels():
     metric = OutputDistortion([torch.randn(3, 3, 8, 8)])
     scan(model, metric, layers=["a"], sparsities=(0.3, 0.6, 0.9), progress=False, stack_levels=True)
     assert 9 in calls  # one head call on the three levels' 3 images stacked
+
+
+def test_an_interrupted_settling_scan_resumes_to_the_same_estimates(digits):
+    model, inputs = digits
+    metric = OutputDistortion(inputs)
+    options = dict(layers=["features.0", "features.2"], sparsities=(0.4, 0.8), progress=False,
+                   confidence=0.99, max_drop=0.1)
+    full = scan(model, metric, **options)
+    saved = []
+
+    def stop_after_the_first_layer(result):
+        saved.append(SensitivityResult.from_json(result.to_json()))
+        if result.num_done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(model, metric, on_point=stop_after_the_first_layer, **options)
+    partial = saved[-1]
+    assert partial.num_done == 2 and partial.estimates["features.0"] == full.estimates["features.0"]
+    resumed = scan(model, metric, resume_from=partial, **options)
+    assert resumed.scores == full.scores and resumed.estimates == full.estimates
