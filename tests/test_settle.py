@@ -201,3 +201,15 @@ def test_an_interrupted_settling_scan_resumes_to_the_same_estimates(digits):
     assert partial.num_done == 2 and partial.estimates["features.0"] == full.estimates["features.0"]
     resumed = scan(model, metric, resume_from=partial, **options)
     assert resumed.scores == full.scores and resumed.estimates == full.estimates
+
+
+def test_the_cli_stacks_levels_on_request(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    plain = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "a", "--quiet", "--per-layer"])
+    stacked = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "b", "--quiet", "--per-layer",
+                                  "--stack-levels"])
+    assert plain.exit_code == 0 and stacked.exit_code == 0, stacked.output
+    first, second = (SensitivityResult.from_json(tmp_path / name / "scan.json") for name in ("a", "b"))
+    for layer in first.layers:
+        assert second.scores[layer] == pytest.approx(first.scores[layer], abs=1e-9)

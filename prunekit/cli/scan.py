@@ -80,6 +80,9 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
               "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
               "the table marks such points ~). Default: every point uses every batch.")
+@click.option("--stack-levels", is_flag=True,
+              help="Run a layer's levels through the rest of the model together, stacked along the batch "
+              "(faster with small batches; scores equal to float rounding instead of bitwise).")
 @click.option("--joint/--per-layer", "joint", default=True, show_default=True,
               help="--joint: grow the plan while the score with ALL its layers pruned stays within "
               "--max-drop (a few extra evaluations); --per-layer: each layer's own level, whose "
@@ -114,6 +117,7 @@ def scan_command(
     max_drop: Optional[float],
     relative: bool,
     confidence: Optional[float],
+    stack_levels: bool,
     joint: bool,
     out: str,
     resume: bool,
@@ -222,7 +226,7 @@ def scan_command(
             model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
             progress=not quiet, criterion=criterion, resume_from=previous, on_point=folder.save_scan,
             confidence=confidence, max_drop=max_drop if max_drop is not None else DEFAULT_MAX_DROP[metric_name],
-            relative=relative,
+            relative=relative, stack_levels=stack_levels,
             meta={"options": options, "prunekit": __version__, "data": description},
         )
     except KeyboardInterrupt:
