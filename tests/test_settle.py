@@ -213,3 +213,13 @@ def test_the_cli_stacks_levels_on_request(tmp_path, monkeypatch):
     first, second = (SensitivityResult.from_json(tmp_path / name / "scan.json") for name in ("a", "b"))
     for layer in first.layers:
         assert second.scores[layer] == pytest.approx(first.scores[layer], abs=1e-9)
+
+
+def test_students_t_over_normal_matches_scipy():
+    stats = pytest.importorskip("scipy.stats", reason="scipy (the examples' extra) checks the expansion")
+    from prunekit.sensitivity.settle import _student_over_normal
+
+    for dof in (7, 15, 31, 63):
+        for delta in (0.0025, 0.01, 0.05):
+            exact = stats.t.ppf(1 - delta / 2, dof) / stats.norm.ppf(1 - delta / 2)
+            assert _student_over_normal(dof, delta) == pytest.approx(exact, rel=5e-3)
