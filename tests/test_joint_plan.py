@@ -123,3 +123,21 @@ def test_evaluate_plan_accepts_what_apply_plan_accepts(scanned):
     assert evaluate_plan(model, metric, plan) == pytest.approx(metric(pruned))
     with pytest.raises(ValueError, match="outside"):
         evaluate_plan(model, metric, {"0": 1.5})
+
+
+def test_plan_scores_from_kept_dense_prefixes_equal_full_forwards():
+    from prunekit.methods.registry import get_method
+    from prunekit.sensitivity.scanner import PlanScorer
+
+    torch.manual_seed(0)
+    model = _model()
+    for metric in (OutputDistortion([torch.randn(2, 3, 12, 12), torch.randn(1, 3, 12, 12)]),
+                   OutputDistortion(torch.randn(2, 3, 12, 12), layers=["2"])):
+        metric.prepare(model)
+        scorer = PlanScorer(model, metric, get_method("fine-grained"), cache_limit=1 << 20)
+        # Cuts that move later, earlier and later again: kept states must never be reused past their cut.
+        for plan in ({"4": 0.5}, {"6": 0.7}, {"2": 0.5, "6": 0.5}, {"0": 0.3}, {"4": 0.9, "6": 0.2}):
+            full = evaluate_plan(model, metric, plan)
+            assert evaluate_plan(model, metric, plan, scorer=scorer) == full
+        scorer.release()
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())

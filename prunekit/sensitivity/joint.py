@@ -30,7 +30,9 @@ from torch import nn
 
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
-from prunekit.sensitivity.scanner import evaluate_plan
+from prunekit._rollback import eval_mode
+from prunekit.methods.registry import get_method
+from prunekit.sensitivity.scanner import PlanScorer, evaluate_plan
 from prunekit.sensitivity.settle import Estimate, Settler
 
 __all__ = ["PlanFit", "SEARCHES", "Trial", "fit_plan"]
@@ -159,6 +161,8 @@ def fit_plan(
             remaining = [step for step in remaining[fits + 1 :] if step[0] != failed]
         if len(fit.trials) < len(order):
             tick.finish()
+    if fit.scorer is not None:
+        fit.scorer.release()
     if not any(fit.plan.values()):
         warnings.warn(
             f"fit_plan: no layer stays within max_drop={max_drop:g} at the lowest scanned level, so the plan prunes "
@@ -207,6 +211,10 @@ class _Fit:
         self.scale = 1.0  # measured joint drop / the scan's summed drops, for the last measured plan
         self.tick: Any = lambda item=None: None
         self.settler: Optional[Settler] = None
+        self.scorer = PlanScorer(model, evaluate, get_method(result.method)) if model is not None else None
+        if self.scorer is not None and hasattr(evaluate, "prepare"):
+            with eval_mode(model):
+                evaluate.prepare(model)  # once: every trial compares with the same dense outputs
 
     def _drop(self, score: float) -> float:
         return score_drop(score, self.result.baseline, self.result.higher_is_better, self.relative)
@@ -241,7 +249,7 @@ class _Fit:
                 )
         else:
             joint = evaluate_plan(self.model, self.evaluate, plan, method=self.result.method, stats=self.stats,
-                                  criterion=self.criterion, settler=self.settler)
+                                  criterion=self.criterion, settler=self.settler, scorer=self.scorer)
             if isinstance(joint, Estimate):
                 joint = joint.score  # inside an interval wholly on the side of the tolerance it settled on
         kept = within_tolerance(joint, self.result.baseline, self.result.higher_is_better, self.relative, self.max_drop)

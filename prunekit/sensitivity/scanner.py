@@ -32,7 +32,7 @@ from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_ten
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 from prunekit.sensitivity.settle import Estimate, Settler
 
-__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "SuffixFallbackWarning", "evaluate_plan", "scan"]
+__all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "PlanScorer", "SuffixFallbackWarning", "evaluate_plan", "scan"]
 
 
 #: Bytes of dense prefix states kept between layers; batches beyond it recompute their prefix
@@ -315,9 +315,10 @@ class _PrefixCache:
     def state_at(self, batch: int, inputs: Tensor, position: int) -> Dict[Any, Any]:
         entry = self.entries.pop(batch, None)
         if entry is not None:
+            self.used -= GraphRunner.state_bytes(entry[1])
+        if entry is not None and entry[0] <= position:
             start, state = entry
-            self.used -= GraphRunner.state_bytes(state)
-        else:
+        else:  # nothing kept, or kept past this cut: from the input
             start, state = 0, self.runner.start(inputs)
         if position > start:
             state = self.runner.advance(state, start, position)
@@ -330,6 +331,62 @@ class _PrefixCache:
     def clear(self) -> None:
         self.entries.clear()
         self.used = 0
+
+
+class PlanScorer:
+    """Scores whole plans from dense prefixes kept across calls (a plan fit's trials).
+
+    The layers before a plan's first pruned layer are dense, and in a fitted plan the most
+    sensitive layers, often the first and most expensive ones, stay dense: each batch's dense
+    state at that cut is kept (within ``cache_limit``) and only the rest of the graph runs for
+    each plan. Scores are bitwise those of full forwards (the same nodes run on the same values).
+    A model ``torch.fx`` cannot trace, or a metric other than a ``ForwardMetric``, is scored with
+    full forwards.
+    """
+
+    def __init__(self, model: nn.Module, evaluate: Any, pruning: PruningMethod, cache_limit: int = DEFAULT_CACHE_LIMIT):
+        self.pruning = pruning
+        self.traced: Optional[Traced] = None
+        if isinstance(evaluate, ForwardMetric):
+            try:
+                self.traced = trace(model)
+                self.capture = capture_positions(self.traced, [n for n in evaluate.capture if n != MODEL_OUTPUT])
+            except (UntraceableError, KeyError):
+                self.traced = None
+        if self.traced is not None:
+            self.cache = _PrefixCache(GraphRunner(self.traced), cache_limit)
+
+    def cut(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[int]:
+        """Where the plan's first pruned layer (or the first captured output) is called; None: full forwards."""
+        if self.traced is None:
+            return None
+        try:
+            positions = [self.traced.position(layer) for key, level in levels.items() if level > 0
+                         for layer in self.pruning.block_layers(blocks[key])]
+        except KeyError:
+            return None
+        return min(positions + list(self.capture.values())) if positions else None
+
+    def score(self, metric: ForwardMetric, model: nn.Module, cut: int) -> float:
+        """The metric with the plan's masks in place (the caller swaps them in), from each batch's dense state at ``cut``."""
+        rank, world = rank_and_world()
+        runner = self.cache.runner
+        after = {name: at for name, at in self.capture.items() if at >= cut}
+        totals: Optional[Tensor] = None
+        with torch.no_grad():
+            for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
+                if number % world != rank:
+                    continue
+                output, outputs = runner.finish(self.cache.state_at(number, inputs, cut), cut, after)
+                if MODEL_OUTPUT in metric.capture:
+                    outputs[MODEL_OUTPUT] = output
+                stats = metric.batch_statistics(outputs, target)
+                totals = stats if totals is None else totals + stats
+        return metric.reduce(_summed(metric, totals))
+
+    def release(self) -> None:
+        if self.traced is not None:
+            self.cache.clear()
 
 
 def _suffix_graph(
@@ -839,6 +896,7 @@ def evaluate_plan(
     *,
     criterion: str = "l2",
     settler: Optional[Settler] = None,
+    scorer: Optional[PlanScorer] = None,
 ) -> Any:
     """Score ``model`` with a whole plan applied at once, then restore it exactly.
 
@@ -852,6 +910,8 @@ def evaluate_plan(
         evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
         plan: conv layer name -> final sparsity in [0, 1], as for :func:`prunekit.apply_plan`.
         method, stats, criterion: as for :func:`scan`.
+        scorer: a :class:`PlanScorer` kept across calls (dense prefixes reused; same scores); its
+            owner prepares the metric on the dense model once, before the first call.
         settler: stop once the plan's verdict against a tolerance is settled (a
             :class:`~prunekit.sensitivity.settle.Settler`; ``ForwardMetric`` only): the
             :class:`~prunekit.sensitivity.settle.Estimate` is returned instead of a score then.
@@ -878,14 +938,16 @@ def evaluate_plan(
     guard = _Guard(model)
     try:
         model.eval()
-        if isinstance(evaluate, ForwardMetric):
-            evaluate.prepare(model)
+        if isinstance(evaluate, ForwardMetric) and scorer is None:
+            evaluate.prepare(model)  # a scorer's owner prepared it once on the dense model
         with guard.swap(targets, masked):
             if isinstance(evaluate, ForwardMetric) and settler is not None:
                 settled = _settled_forward_score(evaluate, model, settler, seed=len(targets))
                 if isinstance(settled, Estimate):
                     return settled
                 score = settled
+            elif isinstance(evaluate, ForwardMetric) and scorer is not None and scorer.cut(blocks, levels) is not None:
+                score = scorer.score(evaluate, model, scorer.cut(blocks, levels))  # type: ignore[arg-type]
             elif isinstance(evaluate, ForwardMetric):
                 score = _forward_score(evaluate, model)  # sharded over the ranks of a process group
             else:
