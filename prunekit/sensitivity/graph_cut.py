@@ -177,14 +177,16 @@ class GraphRunner(torch.fx.Interpreter):
             for node, value in state.items()
         }
         self.env = env
-        wanted = {position: name for name, position in capture.items()}
         captured: Dict[str, Tensor] = {}
-        output: Any = None
-        for node in self.traced.nodes[start:]:
+        return self._run_to_end(start, start, capture, captured), captured
+
+    def _run_to_end(self, first: int, start: int, capture: Mapping[str, int], captured: Dict[str, Tensor]) -> Any:
+        """Run nodes ``first ..`` on ``self.env`` (cut at ``start``); fill ``captured``; return the model output."""
+        wanted = {position: name for name, position in capture.items()}
+        for node in self.traced.nodes[first:]:
             value = self.run_node(node)
             if node.op == "output":
-                output = value
-                break
+                return value
             self.env[node] = value
             name = wanted.get(self.traced.positions[node])
             if name is not None:
@@ -193,7 +195,7 @@ class GraphRunner(torch.fx.Interpreter):
             for dead in self.user_to_last_uses.get(node, ()):
                 if dead in self.env and self.traced.positions[dead] >= start:
                     del self.env[dead]
-        return output, captured
+        return None
 
     def finish_stacked(
         self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], levels: List[Any], batch: int,
@@ -226,23 +228,8 @@ class GraphRunner(torch.fx.Interpreter):
         env: Dict[fx.Node, Any] = {node: stacked(value) for node, value in base.items() if node is not cut}
         env[cut] = torch.cat(outputs)
         self.env = env
-        wanted = {position: name for name, position in capture.items()}
-        captured: Dict[str, Tensor] = {}
-        if start in wanted:
-            captured[wanted[start]] = env[cut].detach().clone()
-        output: Any = None
-        for node in self.traced.nodes[start + 1 :]:
-            value = self.run_node(node)
-            if node.op == "output":
-                output = value
-                break
-            self.env[node] = value
-            name = wanted.get(self.traced.positions[node])
-            if name is not None:
-                captured[name] = value.detach().clone()
-            for dead in self.user_to_last_uses.get(node, ()):
-                if dead in self.env and self.traced.positions[dead] >= start:
-                    del self.env[dead]
+        captured: Dict[str, Tensor] = {name: env[cut].detach().clone() for name, at in capture.items() if at == start}
+        output = self._run_to_end(start + 1, start, capture, captured)
         parts = _split(output, count, batch)
         pieces = {name: _split(value, count, batch) for name, value in captured.items()}
         if parts is None or any(piece is None for piece in pieces.values()):
