@@ -267,11 +267,8 @@ def small_unet() -> nn.Module:
         def __init__(self):
             super().__init__()
 
-            def block(cin, cout):
-                return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-            self.enc1, self.enc2, self.mid = block(3, 8), block(8, 16), block(16, 16)
-            self.dec2, self.dec1 = block(32, 8), block(16, 8)
+            self.enc1, self.enc2, self.mid = unet_block(3, 8), unet_block(8, 16), unet_block(16, 16)
+            self.dec2, self.dec1 = unet_block(32, 8), unet_block(16, 8)
             self.out = nn.Conv2d(8, 2, 1)
 
         def forward(self, x):
@@ -285,18 +282,20 @@ def small_unet() -> nn.Module:
     return UNet()
 
 
+def unet_block(cin: int, cout: int) -> nn.Sequential:
+    """A U-Net stage: 3x3 conv, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
 class TransposedUNet(nn.Module):
     """A U-Net that upsamples with ConvTranspose2d (its BatchNorms masked with the convs: see the test)."""
 
     def __init__(self):
         super().__init__()
 
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.enc1, self.enc2, self.mid = block(3, 8), block(8, 16), block(16, 16)
+        self.enc1, self.enc2, self.mid = unet_block(3, 8), unet_block(8, 16), unet_block(16, 16)
         self.up2, self.up1 = nn.ConvTranspose2d(16, 16, 2, stride=2), nn.ConvTranspose2d(8, 8, 2, stride=2)
-        self.dec2, self.dec1 = block(32, 8), block(16, 8)
+        self.dec2, self.dec1 = unet_block(32, 8), unet_block(16, 8)
         self.out = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
