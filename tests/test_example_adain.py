@@ -250,8 +250,8 @@ def test_hed_weights_imply_their_preprocessing_and_vgg16():
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image: pip install scikit-image")
 def test_real_data_never_holds_out_a_training_image(tmp_path):
-    written = write_real_data(str(tmp_path), 32)
-    assert written == {"content": 7, "style": 3, "heldout-content": 3, "heldout-style": 3}
+    written = write_real_data(str(tmp_path), 32, textures=5)
+    assert written == {"content": 13, "style": 8, "heldout-content": 3, "heldout-style": 3}
     names = {folder: {p.name for p in (tmp_path / folder).iterdir()} for folder in written}
     assert not (names["content"] | names["style"]) & (names["heldout-content"] | names["heldout-style"])
     images = load_heldout(str(tmp_path / "heldout-content"), 32)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from examples.style_transfer.adain import AdaINNet, encoder_last_conv
 from examples.style_transfer.adain_train import LossNetwork, list_images, load_crop, style_loss
-from examples.style_transfer.imaging import side_by_side
+from examples.style_transfer.imaging import side_by_side, stack_rows
 from examples.style_transfer.quality import SSIM_WINDOW, psnr, ssim
 from prunekit.compact import compact_chain
 from prunekit.io.files import PathLike, atomic_write, write_json
@@ -386,11 +386,6 @@ def save_sweep_grid(
             images.append(output[index : index + 1].clamp(0, 1))
             labels.append(f"N={count}")
         lines.append(side_by_side(images, labels))
-    width = max(line.width for line in lines)
-    canvas = Image.new("RGB", (width, sum(line.height for line in lines)), "white")
-    top = 0
-    for line in lines:
-        canvas.paste(line, (0, top))
-        top += line.height
+    canvas = stack_rows(lines)
     with atomic_write(path, "wb") as handle:
         canvas.save(handle, format="PNG")

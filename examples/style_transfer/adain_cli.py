@@ -122,6 +122,8 @@ def adain() -> None:
 @click.option("--probe", "probe_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Held-out images whose consistently inactive channels are logged.")
 @click.option("--probe-images", default=_DEFAULTS.probe_images, show_default=True, type=click.IntRange(1))
+@click.option("--augment", is_flag=True,
+              help="Jitter every crop: scale 0.7-1.4x, flips, colour (a full hue turn on styles).")
 @click.option("--workers", "num_workers", default=0, show_default=True, type=click.IntRange(0),
               help="Data loader worker processes.")
 @click.option("--device", default=None, help="Where to train: cpu (default), cuda, cuda:1, mps ...")
@@ -191,7 +193,9 @@ def analyze_command(
         python -m examples.style_transfer adain analyze --checkpoint baseline=runs/base/checkpoint.pt --checkpoint compact=runs/compact/checkpoint.pt --content heldout/content --style heldout/style --out analysis
     """
     images = torch.cat([load_heldout(content_dir, size, limit), load_heldout(style_dir, size, limit)])
-    nets = {label: load_checkpoint(path).net for label, path in _parse_checkpoints(checkpoints)}
+    from examples.style_transfer.adain_network import load_network
+
+    nets = {label: load_network(path).net for label, path in _parse_checkpoints(checkpoints)}
     summary = compare_runs(nets, images, out_dir)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -255,9 +259,132 @@ def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _multiple_of_8(image: torch.Tensor) -> torch.Tensor:
+    """Centre-crop ``[1, 3, H, W]`` to sides divisible by 8 (three poolings and three upsamplings)."""
+    height, width = image.shape[-2:]
+    if height < 8 or width < 8:
+        raise ValueError(f"an image of {height}x{width} px is too small to stylise; use --size 8 or more")
+    top, left = (height % 8) // 2, (width % 8) // 2
+    return image[..., top : top + height - height % 8, left : left + width - width % 8]
+
+
+def _ssim_text(image: torch.Tensor, reference: torch.Tensor) -> str:
+    from examples.style_transfer.quality import SSIM_WINDOW, ssim
+
+    if min(image.shape[-2:]) < SSIM_WINDOW:
+        return f"n/a (below {SSIM_WINDOW} px)"
+    return f"{ssim(image, reference):.4f}"
+
+
+@adain.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Network file to write (atomically).")
+@click.option("--float32", "full_precision", is_flag=True, help="Store float32 weights (default float16: half the bytes).")
+@_library_errors
+def export_command(checkpoint: str, out_path: str, full_precision: bool) -> None:
+    """Write a trained run's network as a small network file (what `adain stylize --checkpoint` reads).
+
+    The file holds the decoder, the encoder unless it is the unchanged starting
+    encoder (baseline), and the relu4_1 statistics on the run's training images
+    that rank channels for --prune.
+
+    \b
+    Example:
+        python -m examples.style_transfer adain export runs/compact/checkpoint.pt -o compact.pt
+    """
+    from examples.style_transfer.adain_network import export_network
+
+    click.echo(json.dumps(export_network(checkpoint, out_path, half=not full_precision)))
+
+
+@adain.command("stylize")
+@click.argument("content")
+@click.argument("style")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output image (PNG, JPEG, ... by suffix).")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(8),
+              help="Longer side of content and style in pixels (cropped to multiples of 8).")
+@click.option("--prune", default=0, show_default=True, type=click.IntRange(0),
+              help="Remove the N weakest relu4_1 channels first and print the difference from the unpruned output.")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A network file (adain export) or a training checkpoint.pt; default: the shipped compact network.")
+@click.option("--baseline", is_flag=True, help="Use the shipped baseline network (frozen HED encoder) instead.")
+@click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Style strength.")
+@click.option("--measure", is_flag=True,
+              help="Also print style (Gram) and content distances under the run's fixed loss network.")
+@threads_option
+@_library_errors
+def stylize_command(content: str, style: str, out_path: str, size: int, prune: int, checkpoint: Optional[str],
+                    baseline: bool, alpha: float, measure: bool) -> None:
+    """Stylise CONTENT with STYLE (files, or sample:NAME) with a trained AdaIN network.
+
+    \b
+    Examples:
+        python -m examples.style_transfer adain stylize sample:hopper sample:waves -o out.png --size 128
+        python -m examples.style_transfer adain stylize photo.jpg sample:mosaic -o out.png --prune 300
+    """
+    import torch.nn.functional as F
+
+    from examples.style_transfer.adain_network import (
+        SHIPPED_NETWORKS,
+        gram_distance,
+        load_network,
+        loss_network_for,
+        prune_weakest,
+    )
+    from examples.style_transfer.adain_analysis import encoder_stats
+    from examples.style_transfer.imaging import save_image
+    from examples.style_transfer.quality import psnr
+    from examples.style_transfer.samples import SAMPLE_PREFIX, load_image_or_sample
+
+    if checkpoint is not None and baseline:
+        raise click.UsageError("pass either --checkpoint PATH or --baseline, not both")
+    target = Path(out_path).resolve()
+    for spec in (content, style):
+        if not spec.startswith(SAMPLE_PREFIX) and Path(spec).resolve() == target:
+            raise click.UsageError(f"-o {out_path} is an input image; choose another output path")
+    path = Path(checkpoint) if checkpoint else SHIPPED_NETWORKS["baseline" if baseline else "compact"]
+    network = load_network(path)
+    content_image = _multiple_of_8(load_image_or_sample(content, size))
+    style_image = _multiple_of_8(load_image_or_sample(style, size))
+    net = network.net
+    with torch.no_grad():
+        output = net(content_image, style_image, alpha)
+        result = output
+        if prune:
+            stats = network.stats
+            if stats is None:  # a training checkpoint: rank on the two images at hand
+                stats = encoder_stats(net, torch.cat([content_image, F.interpolate(style_image, content_image.shape[-2:])]))
+                click.echo("note: a training checkpoint holds no channel ranking; ranked on these two images", err=True)
+            pruned = prune_weakest(net, stats, prune)
+            result = pruned(content_image, style_image, alpha)
+            dense_params, pruned_params = net.parameter_counts()["total"], pruned.parameter_counts()["total"]
+            never = int((stats.l0[torch.argsort(stats.score("l2"), stable=True)[:prune]] == 0).sum())
+            difference = (result.clamp(0, 1) - output.clamp(0, 1)).abs().max().item()
+            click.echo(
+                f"pruned {prune} of {stats.num_channels} relu4_1 channels ({never} of them never fired on the "
+                f"{stats.num_images} ranking images): parameters {dense_params:,} -> {pruned_params:,} "
+                f"({1 - pruned_params / dense_params:.1%} fewer); against the unpruned output: "
+                f"PSNR {psnr(result, output):.1f} dB, SSIM {_ssim_text(result, output)}, largest pixel difference "
+                f"{difference * 255:.2f} / 255"
+            )
+    save_image(result.clamp(0, 1), out_path)
+    click.echo(f"wrote {out_path} ({result.shape[-1]}x{result.shape[-2]} px; network {path}, step {network.step})")
+    if measure:
+        loss_network = loss_network_for(network.config)
+        with torch.no_grad():
+            content_distance = F.mse_loss(loss_network(result)["relu4_1"], loss_network(content_image)["relu4_1"]).item()
+        click.echo(json.dumps({
+            "gram_distance_content_to_style": gram_distance(loss_network, content_image, style_image),
+            "gram_distance_output_to_style": gram_distance(loss_network, result, style_image),
+            "relu4_1_mse_output_to_content": content_distance,
+        }))
+
+
 @adain.command("sweep")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="checkpoint.pt of a trained run.")
+              help="checkpoint.pt of a trained run, or a network file (adain export; channels ranked by its statistics).")
 @_heldout_options
 @click.option("--counts", default=None,
               help="Comma-separated channel counts to prune; default: 0,100,200,300,400,470,490,500 "
@@ -280,20 +407,28 @@ def sweep_command(
     Example:
         python -m examples.style_transfer adain sweep --checkpoint runs/compact/checkpoint.pt --content heldout/content --style heldout/style --out sweep
     """
-    trained = load_checkpoint(checkpoint)
+    from examples.style_transfer.adain_network import load_network, loss_network_for
+
+    network = load_network(checkpoint)
     content = load_heldout(content_dir, size, limit)
     style = load_heldout(style_dir, size, limit)
     pairs = min(content.shape[0], style.shape[0])
     content, style = content[:pairs], style[:pairs]
-    stats = encoder_stats(trained.net, torch.cat([content, style]))
-    rows, outputs = prune_sweep(trained.net, trained.loss_network, stats, content, style,
+    stats = encoder_stats(network.net, torch.cat([content, style]))
+    if network.stats is None:  # a training checkpoint: it holds its loss network; rank on the held-out images
+        loss_network, ranking, ranked_on = load_checkpoint(checkpoint).loss_network, stats, "held-out images"
+    else:  # a network file: rank by its own statistics, as `adain stylize --prune` does
+        loss_network, ranking = loss_network_for(network.config), network.stats
+        ranked_on = f"the network file's {network.stats.num_images} training images"
+    rows, outputs = prune_sweep(network.net, loss_network, ranking, content, style,
                                 _parse_counts(counts), repeats, alpha, progress=not quiet)
     out = Path(out_dir)
-    save_channel_stats({encoder_last_conv(trained.net.encoder): stats}, out / "stats.json")
+    save_channel_stats({encoder_last_conv(network.net.encoder): stats}, out / "stats.json")
     report = {
         "checkpoint": str(checkpoint),
-        "step": trained.step,
-        "config": trained.config.to_dict(),
+        "step": network.step,
+        "config": network.config.to_dict(),
+        "ranked_on": ranked_on,
         "heldout": {"pairs": pairs, "size": size, "content": content_dir, "style": style_dir},
         "consistently_inactive": consistently_inactive(stats),
         "channels": stats.num_channels,
@@ -335,31 +470,45 @@ def write_demo_data(out_dir: str, count: int, size: int, seed: int) -> Dict[str,
 
 # Real photographs shipped inside packages (no one here made them), split so that no held-out image is trained on.
 _REAL_DATA = {
-    "content": [("skimage", name) for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
-                                                 "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg")],
+    "content": [("skimage", name) for name in (
+        "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+        "retina.jpg", "camera.png", "coins.png", "moon.png", "ihc.png", "page.png", "cell.png")],
     "style": [("skimage", "brick.png"), ("skimage", "grass.png"), ("drawn", "mosaic")],
     "heldout-content": [("prunekit", "grace_hopper"), ("prunekit", "china"), ("prunekit", "flower")],
     "heldout-style": [("skimage", "gravel.png"), ("drawn", "waves"), ("drawn", "landscape")],
 }
 
 
-def write_real_data(out_dir: str, size: int) -> Dict[str, int]:
+def write_real_data(out_dir: str, size: int, textures: int = 0) -> Dict[str, int]:
     """Real photos from installed packages as AdaIN training and held-out folders, shorter side ``size``.
 
-    Content: scikit-image's photos (astronaut, chelsea, coffee, rocket, motorcycle,
-    Hubble deep field, retina); style: its brick and grass textures and the drawn
-    mosaic; held out: matplotlib's Grace Hopper and scikit-learn's china and flower
+    Content: scikit-image's thirteen photos (astronaut, chelsea, coffee, rocket,
+    motorcycle, Hubble deep field, retina, camera, coins, moon, IHC, page, cell);
+    style: its brick and grass textures, the drawn mosaic and ``textures``
+    generated textures (:mod:`examples.style_transfer.textures`, seeds 0..textures-1);
+    held out: matplotlib's Grace Hopper and scikit-learn's china and flower
     (content), scikit-image's gravel and the drawn waves and landscape (style).
     Needs scikit-image, matplotlib and scikit-learn (``pip install scikit-image``).
     """
     from examples.style_transfer.samples import draw_sample
+    from examples.style_transfer.textures import generate_texture
     from prunekit.datasets import photo_files
 
+    if textures < 0:
+        raise ValueError(f"textures={textures} must be >= 0")
     skimage = package_folder("skimage")
     if skimage is None:
         raise ImportError("adain real-data takes photos from scikit-image: pip install scikit-image")
     skimage_data = skimage / "data"
     written: Dict[str, int] = {}
+
+    def save(image: Image.Image, path: Path) -> None:
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.BICUBIC)
+        with atomic_write(path, "wb") as handle:
+            image.save(handle, format="PNG")
+
     for folder, items in _REAL_DATA.items():
         target = Path(out_dir) / folder
         for source, name in items:
@@ -369,28 +518,28 @@ def write_real_data(out_dir: str, size: int) -> Dict[str, int]:
                 path = skimage_data / name if source == "skimage" else photo_files([name])[0]
                 with Image.open(path) as opened:
                     image = opened.convert("RGB")
-            scale = size / min(image.size)
-            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                                 Image.BICUBIC)
-            stem = Path(name).stem
-            with atomic_write(target / f"{source}_{stem}.png", "wb") as handle:
-                image.save(handle, format="PNG")
+            save(image, target / f"{source}_{Path(name).stem}.png")
         written[folder] = len(items)
+    for seed in range(textures):
+        save(generate_texture(seed, 2 * size), Path(out_dir) / "style" / f"texture_{seed:03d}.png")
+    written["style"] += textures
     return written
 
 
 @adain.command("real-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--size", default=128, show_default=True, type=click.IntRange(16), help="Shorter side in pixels.")
+@click.option("--textures", default=0, show_default=True, type=click.IntRange(0),
+              help="Generated style textures to add to style/ (the shipped network used 60).")
 @_library_errors
-def real_data_command(out_dir: str, size: int) -> None:
+def real_data_command(out_dir: str, size: int, textures: int) -> None:
     """Write real photos shipped with scikit-image, matplotlib and scikit-learn as train / held-out folders.
 
     \b
     Example:
         python -m examples.style_transfer adain real-data real/
     """
-    written = write_real_data(out_dir, size)
+    written = write_real_data(out_dir, size, textures)
     click.echo(", ".join(f"{name}: {n}" for name, n in written.items()))
 
 

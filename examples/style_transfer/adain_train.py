@@ -68,6 +68,7 @@ __all__ = [
     "PairedCropBatches",
     "TrainConfig",
     "TrainedModel",
+    "augment_crop",
     "count_inactive",
     "list_images",
     "load_checkpoint",
@@ -108,6 +109,8 @@ class TrainConfig:
         probe_dir: held-out images whose consistently inactive channels are logged;
             ``None`` uses centre crops of the first ``probe_images`` training images.
         lr_decay: AdaIN's schedule ``lr / (1 + lr_decay * step)``.
+        augment: jitter every crop (:func:`augment_crop`; scale 0.7-1.4x ``load_size``,
+            flips, colour; a full hue turn on styles).
     """
 
     content_dir: str
@@ -137,6 +140,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     probe_dir: Optional[str] = None
     probe_images: int = 16
+    augment: bool = False
     num_workers: int = 0
     threads: Optional[int] = None
 
@@ -244,11 +248,42 @@ def load_crop(
     return data.view(crop, crop, 3).permute(2, 0, 1).float().div(255.0)
 
 
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def augment_crop(image: Tensor, generator: torch.Generator, hue_turn: float = 0.05) -> Tensor:
+    """Random horizontal flip and colour jitter of one ``[3, H, W]`` image in [0, 1].
+
+    Brightness and contrast 0.8-1.2x, saturation 0.7-1.3x, hue rotated by up to
+    ``hue_turn`` of a full turn either way (in YIQ space). A pure function of the
+    generator's state.
+
+    Example:
+        >>> out = augment_crop(torch.rand(3, 8, 8), torch.Generator().manual_seed(0))
+        >>> out.shape, bool(out.min() >= 0 and out.max() <= 1)
+        (torch.Size([3, 8, 8]), True)
+    """
+    draws = torch.rand(5, generator=generator).tolist()
+    if draws[0] < 0.5:
+        image = image.flip(-1)
+    brightness, contrast, saturation = 0.8 + 0.4 * draws[1], 0.8 + 0.4 * draws[2], 0.7 + 0.6 * draws[3]
+    angle = (2 * draws[4] - 1) * hue_turn * 2 * math.pi
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos * saturation, -sin * saturation],
+                           [0.0, sin * saturation, cos * saturation]])
+    transform = torch.linalg.inv(_YIQ) @ rotate @ _YIQ
+    image = torch.einsum("ij,jhw->ihw", transform, image) * brightness
+    mean = image.mean()
+    return ((image - mean) * contrast + mean).clamp(0.0, 1.0)
+
+
 class PairedCropBatches(Dataset):
     """Item ``step`` is a (content, style) batch of random crops, a pure function of ``(seed, step)``.
 
     Images are drawn with replacement, so a resumed run sees exactly the batches
-    the uninterrupted run would have, with or without loader workers.
+    the uninterrupted run would have, with or without loader workers. With
+    ``augment``, every crop is cut at a random scale (0.7-1.4x ``load_size``) and
+    jittered by :func:`augment_crop` (styles by up to a full hue turn).
     """
 
     def __init__(
@@ -260,7 +295,9 @@ class PairedCropBatches(Dataset):
         load_size: Optional[int],
         seed: int,
         steps: int,
+        augment: bool = False,
     ) -> None:
+        self.augment = augment
         self.content_files = list(content_files)
         self.style_files = list(style_files)
         self.batch_size = batch_size
@@ -272,13 +309,21 @@ class PairedCropBatches(Dataset):
     def __len__(self) -> int:
         return self.steps
 
-    def _draw(self, files: Sequence[Path], generator: torch.Generator) -> Tensor:
+    def _draw(self, files: Sequence[Path], generator: torch.Generator, hue_turn: float) -> Tensor:
         picks = torch.randint(0, len(files), (self.batch_size,), generator=generator).tolist()
-        return torch.stack([load_crop(files[i], self.crop, self.load_size, generator) for i in picks])
+        crops = []
+        for index in picks:
+            load_size = self.load_size
+            if self.augment:
+                scale = 0.7 + 0.7 * float(torch.rand(1, generator=generator))
+                load_size = max(self.crop, round(scale * (self.load_size or self.crop)))
+            crop = load_crop(files[index], self.crop, load_size, generator)
+            crops.append(augment_crop(crop, generator, hue_turn) if self.augment else crop)
+        return torch.stack(crops)
 
     def __getitem__(self, step: int) -> Tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return self._draw(self.content_files, generator), self._draw(self.style_files, generator)
+        return self._draw(self.content_files, generator, 0.05), self._draw(self.style_files, generator, 0.5)
 
 
 def _probe_images(config: TrainConfig, content: Sequence[Path], style: Sequence[Path]) -> Tensor:
@@ -638,7 +683,8 @@ def train(
 
     probe = _probe_images(config, content_files, style_files).to(device)
     batches = PairedCropBatches(
-        content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps
+        content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps,
+        augment=config.augment,
     )
     loader = DataLoader(
         batches, batch_size=None, sampler=range(start, config.steps), num_workers=config.num_workers

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from prunekit.io.files import PathLike, atomic_write
 
-__all__ = ["image_format", "load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "to_pil"]
+__all__ = ["image_format", "load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "stack_rows",
+           "to_pil"]
 
 
 def _as_batch(img: Tensor) -> Tensor:
@@ -167,4 +168,19 @@ def side_by_side(
         if labels is not None:
             draw.text((x + (column - text_widths[index]) // 2, row_height + 2 * gap), labels[index], fill="black", font=font)
         x += column + gap
+    return canvas
+
+
+def stack_rows(rows: Sequence[Image.Image]) -> Image.Image:
+    """Stack images top to bottom on a white canvas as wide as the widest, left-aligned.
+
+    Example:
+        >>> stack_rows([Image.new("RGB", (4, 2)), Image.new("RGB", (3, 5))]).size
+        (4, 7)
+    """
+    canvas = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
+    top = 0
+    for row in rows:
+        canvas.paste(row, (0, top))
+        top += row.height
     return canvas
