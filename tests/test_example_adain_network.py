@@ -209,3 +209,12 @@ def test_analyze_reads_network_files_and_sweep_needs_a_reproducible_loss_network
                                        "--repeats", "1", "--quiet", "--out", str(tmp_path / "sweep")])
     assert result.exit_code == 1 and "checkpoint.pt" in result.output and "Traceback" not in result.output
 
+
+
+def test_stylize_without_a_shipped_network_says_how_to_get_one(tmp_path, monkeypatch):
+    from examples.style_transfer import adain_network
+
+    monkeypatch.setitem(adain_network.SHIPPED_NETWORKS, "compact", tmp_path / "absent.pt")
+    result = CliRunner().invoke(adain_cli, ["stylize", "sample:hopper", "sample:waves", "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 1 and "--checkpoint PATH" in result.output and "absent.pt" in result.output
+    assert not (tmp_path / "o.png").exists()

@@ -308,7 +308,8 @@ def export_command(checkpoint: str, out_path: str, full_precision: bool) -> None
 @click.option("--prune", default=0, show_default=True, type=click.IntRange(0),
               help="Remove the N weakest relu4_1 channels first and print the difference from the unpruned output.")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="A network file (adain export) or a training checkpoint.pt; default: the shipped compact network.")
+              help="A network file (adain export) or a training checkpoint.pt; default: the shipped compact network "
+                   "(examples/style_transfer/weights/, once one ships).")
 @click.option("--baseline", is_flag=True, help="Use the shipped baseline network (frozen HED encoder) instead.")
 @click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(0, 1), help="Style strength.")
 @click.option("--measure", is_flag=True,
@@ -345,6 +346,12 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
         if not spec.startswith(SAMPLE_PREFIX) and Path(spec).resolve() == target:
             raise click.UsageError(f"-o {out_path} is an input image; choose another output path")
     path = Path(checkpoint) if checkpoint else SHIPPED_NETWORKS["baseline" if baseline else "compact"]
+    if checkpoint is None and not path.is_file():
+        raise click.ClickException(
+            f"no trained network ships with the example yet ({path.name} is not in {path.parent}: CPU training "
+            "here did not reach a stylisation, see ADAIN.md); train one (scripts/train_adain_networks.sh, or "
+            "adain train) and pass --checkpoint PATH (a checkpoint.pt or an adain export file)"
+        )
     network = load_network(path)
     content_image = _multiple_of_8(load_image_or_sample(content, size))
     style_image = _multiple_of_8(load_image_or_sample(style, size))

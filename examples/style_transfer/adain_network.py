@@ -8,14 +8,17 @@ channel statistics that rank channels for ``--prune`` (measured at export on
 the run's own training images, never on held-out ones). Weights are stored in
 float16 by default and computed in float32.
 
-The example ships two of them (:data:`SHIPPED_NETWORKS`), trained here by
-``scripts/train_adain_networks.sh``: HED's VGG-16 encoder up to relu4_1 with a
-decoder trained from the same start on the same batches, ``baseline`` (frozen
-encoder) and ``compact`` (channel + xor losses).
+:data:`SHIPPED_NETWORKS` names where the example's two trained networks go
+(``examples/style_transfer/weights/``; ``scripts/train_adain_networks.sh``
+trains and exports them): HED's VGG-16 encoder up to relu4_1 with a decoder
+trained from the same start on the same batches, ``baseline`` (frozen encoder)
+and ``compact`` (channel + xor losses). None ships yet: on this project's 2-core
+CPU, 3,500 steps did not train a decoder that stylises (ADAIN.md has the curves);
+``adain stylize`` says so and asks for ``--checkpoint``.
 
 Example:
-    >>> network = load_network(SHIPPED_NETWORKS["compact"])  # doctest: +SKIP
-    >>> pruned = prune_weakest(network, 300)  # doctest: +SKIP
+    >>> network = load_network("runs/compact.pt")  # doctest: +SKIP
+    >>> pruned = prune_weakest(network.net, network.stats, 300)  # doctest: +SKIP
     >>> output = pruned(content, style)  # doctest: +SKIP
 """
 
@@ -62,7 +65,7 @@ SHIPPED_NETWORKS: Dict[str, Path] = {
     "compact": _WEIGHTS / "adain_hed_compact.pt",
     "baseline": _WEIGHTS / "adain_hed_baseline.pt",
 }
-"""The networks shipped with the example, by training mode."""
+"""Where the example's trained networks go, by training mode (none ships yet: see the module docstring)."""
 _REBUILDABLE = ("hed", "imagenet")
 
 
