@@ -123,6 +123,17 @@ def test_a_float16_network_file_is_smaller_and_stylises_within_half_precision(tr
     assert not torch.equal(output, reference)
 
 
+def test_a_frozen_encoder_with_named_weights_is_left_out_of_the_network_file(trained_runs, tmp_path):
+    state = torch.load(trained_runs["baseline"], weights_only=True)
+    state["config"]["weights"] = "imagenet"  # as if the frozen encoder were ImageNet's VGG: rebuilt on load
+    torch.save(state, tmp_path / "checkpoint.pt")
+    info = export_network(tmp_path / "checkpoint.pt", tmp_path / "net.pt", images=_images(9, 4, 32))
+    assert not info["encoder_stored"] and info["ranking_images"] == 4
+    assert torch.load(tmp_path / "net.pt", weights_only=True)["encoder"] is None
+    compact = export_network(trained_runs["compact"], tmp_path / "compact.pt", images=_images(9, 4, 32))
+    assert compact["encoder_stored"] and compact["bytes"] > info["bytes"]
+
+
 def test_export_refuses_to_write_over_its_checkpoint_and_load_names_a_foreign_file(trained_runs, tmp_path):
     checkpoint = trained_runs["compact"]
     before = checkpoint.read_bytes()
@@ -193,6 +204,13 @@ def test_stylize_cli_prunes_reports_the_difference_and_never_writes_over_an_inpu
     result = runner.invoke(adain_cli, ["stylize", "sample:hopper", "sample:nope", "-o", str(out),
                                        "--checkpoint", str(network)])
     assert result.exit_code == 1 and "nope" in result.output
+    # --measure: a training checkpoint keeps its loss network; the style itself as content is at distance 0
+    result = runner.invoke(adain_cli, ["stylize", "sample:waves", "sample:waves", "-o", str(out), "--size", "32",
+                                       "--checkpoint", str(trained_runs["compact"]), "--measure"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output.strip().splitlines()[-1])
+    assert measured["gram_distance_content_to_style"] == 0 and measured["gram_distance_output_to_style"] > 0
+    assert measured["relu4_1_mse_output_to_content"] > 0
 
 
 def test_analyze_reads_network_files_and_sweep_needs_a_reproducible_loss_network(trained_runs, tmp_path):

@@ -31,7 +31,6 @@ from examples.style_transfer.adain_train import (
     CONTENT_TARGETS,
     MODES,
     TrainConfig,
-    load_checkpoint,
     train,
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
@@ -331,7 +330,6 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
         SHIPPED_NETWORKS,
         gram_distance,
         load_network,
-        loss_network_for,
         prune_weakest,
     )
     from examples.style_transfer.adain_analysis import encoder_stats
@@ -379,7 +377,7 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
     save_image(result.clamp(0, 1), out_path)
     click.echo(f"wrote {out_path} ({result.shape[-1]}x{result.shape[-2]} px; network {path}, step {network.step})")
     if measure:
-        loss_network = loss_network_for(network.config)
+        loss_network = network.loss_network()
         with torch.no_grad():
             content_distance = F.mse_loss(loss_network(result)["relu4_1"], loss_network(content_image)["relu4_1"]).item()
         click.echo(json.dumps({
@@ -414,7 +412,7 @@ def sweep_command(
     Example:
         python -m examples.style_transfer adain sweep --checkpoint runs/compact/checkpoint.pt --content heldout/content --style heldout/style --out sweep
     """
-    from examples.style_transfer.adain_network import load_network, loss_network_for
+    from examples.style_transfer.adain_network import load_network
 
     network = load_network(checkpoint)
     content = load_heldout(content_dir, size, limit)
@@ -422,12 +420,11 @@ def sweep_command(
     pairs = min(content.shape[0], style.shape[0])
     content, style = content[:pairs], style[:pairs]
     stats = encoder_stats(network.net, torch.cat([content, style]))
-    if network.stats is None:  # a training checkpoint: it holds its loss network; rank on the held-out images
-        loss_network, ranking, ranked_on = load_checkpoint(checkpoint).loss_network, stats, "held-out images"
+    if network.stats is None:  # a training checkpoint: rank on the held-out images
+        ranking, ranked_on = stats, "held-out images"
     else:  # a network file: rank by its own statistics, as `adain stylize --prune` does
-        loss_network, ranking = loss_network_for(network.config), network.stats
-        ranked_on = f"the network file's {network.stats.num_images} training images"
-    rows, outputs = prune_sweep(network.net, loss_network, ranking, content, style,
+        ranking, ranked_on = network.stats, f"the network file's {network.stats.num_images} training images"
+    rows, outputs = prune_sweep(network.net, network.loss_network(), ranking, content, style,
                                 _parse_counts(counts), repeats, alpha, progress=not quiet)
     out = Path(out_dir)
     save_channel_stats({encoder_last_conv(network.net.encoder): stats}, out / "stats.json")

@@ -79,12 +79,19 @@ class LoadedNetwork:
         step: training steps it had.
         stats: relu4_1 statistics on the ranking images, or ``None`` (a training
             checkpoint: rank on the images being stylised).
+        kept_loss_network: the run's fixed loss network when the file keeps it (a training
+            checkpoint); see :meth:`loss_network`.
     """
 
     net: AdaINNet
     config: TrainConfig
     step: int
     stats: Optional[ChannelStats]
+    kept_loss_network: Optional[LossNetwork] = None
+
+    def loss_network(self) -> LossNetwork:
+        """The run's fixed loss network: the one a checkpoint keeps, else rebuilt by :func:`loss_network_for`."""
+        return self.kept_loss_network if self.kept_loss_network is not None else loss_network_for(self.config)
 
 
 def ranking_images(config: TrainConfig, size: int = 128) -> Tensor:
@@ -173,7 +180,7 @@ def load_network(path: PathLike) -> LoadedNetwork:
         raise ValueError(f"cannot read {str(target)!r} ({err.__class__.__name__}: {err})") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         trained = load_checkpoint(target)
-        return LoadedNetwork(trained.net, trained.config, trained.step, None)
+        return LoadedNetwork(trained.net, trained.config, trained.step, None, trained.loss_network)
     if not isinstance(state, dict) or state.get("format") != NETWORK_FORMAT:
         raise ValueError(
             f"{str(target)!r} is neither an AdaIN network file ({NETWORK_FORMAT}) nor a training checkpoint; "
