@@ -17,14 +17,9 @@ import torch
 from PIL import Image
 
 from examples.style_transfer.adain_network import load_network
-from examples.style_transfer.imaging import side_by_side, stack_rows
+from examples.style_transfer.imaging import crop_to_multiple, side_by_side, stack_rows
 from examples.style_transfer.samples import load_image_or_sample
 from prunekit.io.files import atomic_write
-
-
-def _crop8(image: torch.Tensor) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    return image[..., : height - height % 8, : width - width % 8]
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pairs = [[_crop8(load_image_or_sample(spec, args.size)) for spec in pair.split(",")] for pair in args.pair]
+    pairs = [[crop_to_multiple(load_image_or_sample(spec, args.size)) for spec in pair.split(",")] for pair in args.pair]
     lines: List[Image.Image] = []
     for path in args.checkpoints:
         network = load_network(path)

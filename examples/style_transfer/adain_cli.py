@@ -258,15 +258,6 @@ def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _multiple_of_8(image: torch.Tensor) -> torch.Tensor:
-    """Centre-crop ``[1, 3, H, W]`` to sides divisible by 8 (three poolings and three upsamplings)."""
-    height, width = image.shape[-2:]
-    if height < 8 or width < 8:
-        raise ValueError(f"an image of {height}x{width} px is too small to stylise; use --size 8 or more")
-    top, left = (height % 8) // 2, (width % 8) // 2
-    return image[..., top : top + height - height % 8, left : left + width - width % 8]
-
-
 def _ssim_text(image: torch.Tensor, reference: torch.Tensor) -> str:
     from examples.style_transfer.quality import SSIM_WINDOW, ssim
 
@@ -333,7 +324,7 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
         prune_weakest,
     )
     from examples.style_transfer.adain_analysis import encoder_stats
-    from examples.style_transfer.imaging import save_image
+    from examples.style_transfer.imaging import crop_to_multiple, save_image
     from examples.style_transfer.quality import psnr
     from examples.style_transfer.samples import SAMPLE_PREFIX, load_image_or_sample
 
@@ -351,8 +342,8 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
             "adain train) and pass --checkpoint PATH (a checkpoint.pt or an adain export file)"
         )
     network = load_network(path)
-    content_image = _multiple_of_8(load_image_or_sample(content, size))
-    style_image = _multiple_of_8(load_image_or_sample(style, size))
+    content_image = crop_to_multiple(load_image_or_sample(content, size))
+    style_image = crop_to_multiple(load_image_or_sample(style, size))
     net = network.net
     with torch.no_grad():
         output = net(content_image, style_image, alpha)

@@ -41,6 +41,8 @@ from examples.style_transfer.adain_train import (
     list_images,
     load_checkpoint,
     load_crop,
+    model_from_checkpoint,
+    read_tensor_file,
 )
 from examples.style_transfer.gatys import gram_matrix
 from examples.style_transfer.vgg import default_preprocess
@@ -171,19 +173,13 @@ def load_network(path: PathLike) -> LoadedNetwork:
         FileNotFoundError: no such file.
         ValueError: the file is neither a network file nor an AdaIN checkpoint.
     """
-    target = Path(path)
-    if not target.is_file():
-        raise FileNotFoundError(f"network file {str(target)!r} does not exist; pass a network file or checkpoint.pt")
-    try:
-        state = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise ValueError(f"cannot read {str(target)!r} ({err.__class__.__name__}: {err})") from None
+    state = read_tensor_file(path, "network file", "pass a network file (adain export) or a checkpoint.pt")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        trained = load_checkpoint(target)
+        trained = model_from_checkpoint(state)
         return LoadedNetwork(trained.net, trained.config, trained.step, None, trained.loss_network)
     if not isinstance(state, dict) or state.get("format") != NETWORK_FORMAT:
         raise ValueError(
-            f"{str(target)!r} is neither an AdaIN network file ({NETWORK_FORMAT}) nor a training checkpoint; "
+            f"{str(path)!r} is neither an AdaIN network file ({NETWORK_FORMAT}) nor a training checkpoint; "
             "write one with: python -m examples.style_transfer adain export"
         )
     config = TrainConfig.from_dict(state["config"])

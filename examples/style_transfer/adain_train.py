@@ -73,8 +73,10 @@ __all__ = [
     "list_images",
     "load_checkpoint",
     "load_crop",
+    "model_from_checkpoint",
     "plot_training_log",
     "read_log",
+    "read_tensor_file",
     "style_loss",
     "train",
 ]
@@ -419,16 +421,26 @@ def _checkpoint_state(
     }
 
 
-def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
+def read_tensor_file(path: PathLike, kind: str, hint: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``kind`` and ends with ``hint``).
+        ValueError: the file cannot be read as a tensors-only torch file.
+    """
     target = Path(path)
     if not target.is_file():
-        raise FileNotFoundError(f"checkpoint {str(target)!r} does not exist; train first (adain train)")
+        raise FileNotFoundError(f"{kind} {str(target)!r} does not exist; {hint}")
     try:
-        state = torch.load(target, map_location="cpu", weights_only=True)
+        return torch.load(target, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
-        raise ValueError(f"cannot read checkpoint {str(target)!r} ({err.__class__.__name__}: {err})") from None
+        raise ValueError(f"cannot read {kind} {str(target)!r} ({err.__class__.__name__}: {err})") from None
+
+
+def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    state = read_tensor_file(path, "checkpoint", "train first (adain train)")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(target)!r} is not an AdaIN checkpoint written by adain_train.train")
+        raise ValueError(f"{str(path)!r} is not an AdaIN checkpoint written by adain_train.train")
     return state
 
 
@@ -450,7 +462,11 @@ def load_checkpoint(path: PathLike) -> TrainedModel:
         FileNotFoundError: no such file.
         ValueError: the file is not an AdaIN checkpoint.
     """
-    state = _read_checkpoint(path)
+    return model_from_checkpoint(_read_checkpoint(path))
+
+
+def model_from_checkpoint(state: Dict[str, Any]) -> TrainedModel:
+    """The network of a checkpoint already read (:func:`load_checkpoint` reads and calls this)."""
     config = TrainConfig.from_dict(state["config"])
     net, loss_network = _build(_structure_config(config))
     net.encoder.load_state_dict(state["encoder"])

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from prunekit.io.files import PathLike, atomic_write
 
-__all__ = ["image_format", "load_image", "match_size", "resize_longer_side", "save_image", "side_by_side", "stack_rows",
-           "to_pil"]
+__all__ = ["crop_to_multiple", "image_format", "load_image", "match_size", "resize_longer_side", "save_image",
+           "side_by_side", "stack_rows", "to_pil"]
 
 
 def _as_batch(img: Tensor) -> Tensor:
@@ -184,3 +184,20 @@ def stack_rows(rows: Sequence[Image.Image]) -> Image.Image:
         canvas.paste(row, (0, top))
         top += row.height
     return canvas
+
+
+def crop_to_multiple(image: Tensor, multiple: int = 8) -> Tensor:
+    """Centre-crop ``[..., H, W]`` so both sides are multiples of ``multiple`` (AdaIN: three poolings).
+
+    Raises:
+        ValueError: a side is shorter than ``multiple``.
+
+    Example:
+        >>> crop_to_multiple(torch.zeros(1, 3, 37, 20)).shape
+        torch.Size([1, 3, 32, 16])
+    """
+    height, width = image.shape[-2:]
+    if height < multiple or width < multiple:
+        raise ValueError(f"an image of {height}x{width} px is too small; use --size {multiple} or more")
+    top, left = (height % multiple) // 2, (width % multiple) // 2
+    return image[..., top : top + height - height % multiple, left : left + width - width % multiple]
