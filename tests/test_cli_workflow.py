@@ -303,7 +303,8 @@ def test_a_forged_fit_is_checked_and_refitted(runner, monkeypatch):
     scan = SensitivityResult.from_json("fit/scan.json")
     with monkeypatch.context() as patched:
         patched.setattr(joint, "evaluate_plan", lambda *args, **kwargs: honest["baseline"])
-        forged = joint.fit_plan(None, None, scan, max_drop=honest["max_drop"]).trials
+        # The model gives the order its layers' sizes (the CLI's fit orders steps by weights removed).
+        forged = joint.fit_plan(prunekit.load_model("digits-vgg"), None, scan, max_drop=honest["max_drop"]).trials
     assert all(kept for *_, kept in forged)
     fit["trials"] = [list(trial) for trial in forged]
     Path("fit/fit.json").write_text(json.dumps(fit))

@@ -54,9 +54,10 @@ def test_joint_plan_repairs_a_per_layer_plan_that_fails_together():
     assert result.plan(tolerance) == {layer: 0.9 for layer in result.layers}  # each layer alone: 0.18
     together = evaluate_plan(model, metric, result.plan(tolerance))
     assert together == pytest.approx(0.72, abs=0.01) and together > tolerance  # the losses add up
-    fit = fit_plan(model, metric, result, max_drop=tolerance)
+    assert fit_plan(model, metric, result, max_drop=tolerance).score <= tolerance < together
+    fit = fit_plan(model, metric, result, max_drop=tolerance, order="drop")
     assert fit.score <= tolerance < together
-    greedy = fit_plan(model, metric, result, max_drop=tolerance, search="greedy")
+    greedy = fit_plan(model, metric, result, max_drop=tolerance, search="greedy", order="drop")
     kept = [trial for trial in greedy.trials if trial[3]]  # the greedy measures one plan per step
     assert len(kept) == sum(result.sparsities.index(level) + 1 for level in greedy.plan.values() if level > 0)
     assert fit.plan == greedy.plan and len(fit.trials) <= len(greedy.trials)
@@ -86,20 +87,70 @@ def test_the_bisecting_fit_finds_the_greedy_plan_with_fewer_measurements():
     joint.evaluate_plan = fake_evaluate_plan
     try:
         for tolerance in (0.02, 0.05, 0.1):
-            greedy = fit_plan(None, None, result, max_drop=tolerance, search="greedy")
-            count = len(measured)
-            fit = fit_plan(None, None, result, max_drop=tolerance)
-            assert fit.plan == greedy.plan and fit.score == pytest.approx(greedy.score)
-            assert len(measured) - count < count / 2 and fit.score <= tolerance
-            measured.clear()
+            for order in ("weights", "drop"):
+                greedy = fit_plan(None, None, result, max_drop=tolerance, search="greedy", order=order, min_gain=0)
+                count = len(measured)
+                fit = fit_plan(None, None, result, max_drop=tolerance, order=order, min_gain=0)
+                assert fit.plan == greedy.plan and fit.score == pytest.approx(greedy.score)
+                assert len(measured) - count < count / 2 and fit.score <= tolerance
+                measured.clear()
     finally:
         joint.evaluate_plan = original
 
 
-def test_an_unknown_search_is_refused():
+def test_an_unknown_search_order_or_gain_is_refused():
     result = SensitivityResult("accuracy", True, 0.9, (0.5,), {"0": [0.9]})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="search='binary' is unknown; choose one of bisect, greedy"):
-        fit_plan(nn.Sequential(nn.Conv2d(3, 4, 3)), lambda m: 0.0, result, max_drop=0.1, search="binary")
+        fit_plan(model, lambda m: 0.0, result, max_drop=0.1, search="binary")
+    with pytest.raises(ValueError, match="order='size' is unknown; choose one of weights, drop"):
+        fit_plan(model, lambda m: 0.0, result, max_drop=0.1, order="size")
+    with pytest.raises(ValueError, match=r"min_gain=1.5 is outside \[0, 1\)"):
+        fit_plan(model, lambda m: 0.0, result, max_drop=0.1, min_gain=1.5)
+
+
+def _additive_fit(monkeypatch, cost, levels=(0.2, 0.4, 0.6, 0.8)):
+    """A result whose joint loss is the sum of its layers' (cost x level); fit_plan measures it exactly."""
+    import prunekit.sensitivity.joint as joint
+
+    scores = {layer: [cost[layer] * level for level in levels] for layer in cost}
+    result = SensitivityResult("loss", False, 0.0, levels, scores)
+    measured = []
+
+    def fake_evaluate_plan(model, evaluate, plan, **kwargs):
+        measured.append(dict(plan))
+        return sum(cost[layer] * level for layer, level in plan.items())
+
+    monkeypatch.setattr(joint, "evaluate_plan", fake_evaluate_plan)
+    return result, measured
+
+
+def test_the_weights_order_spends_the_tolerance_on_large_layers(monkeypatch):
+    """A large layer that costs a little more per level than a small one: ordering by drop alone prunes
+    the small layer first and runs out of tolerance; ordering by weights per drop prunes the large one."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 2, 1))
+    result, _ = _additive_fit(monkeypatch, {"0": 0.05, "2": 0.06, "4": 0.05})
+    by_drop = fit_plan(model, None, result, max_drop=0.06, order="drop", min_gain=0)
+    by_weights = fit_plan(model, None, result, max_drop=0.06)
+    assert by_drop.plan["2"] < by_weights.plan["2"] == 0.8  # conv 2 holds 36,864 of the 38,720 weights
+    assert by_weights.score <= 0.06 and by_drop.score <= 0.06
+    assert by_weights.sparsity > by_drop.sparsity + 0.3
+    removed = sum(level * model.get_submodule(layer).weight.numel() for layer, level in by_weights.plan.items())
+    assert by_weights.sparsity == pytest.approx(removed / sum(p.numel() for n, p in model.named_parameters() if "weight" in n))
+
+
+def test_the_fit_stops_once_the_steps_left_could_remove_few_weights(monkeypatch):
+    """min_gain: after a break, steps that could add less than min_gain of the weights are not tried."""
+    model = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(6)])
+    cost = {str(i): 0.01 * (i + 1) for i in range(6)}  # equal sizes: cheapest layers first
+    result, measured = _additive_fit(monkeypatch, cost)
+    everything = fit_plan(model, None, result, max_drop=0.1, min_gain=0)
+    tried_all = len(measured)
+    measured.clear()
+    early = fit_plan(model, None, result, max_drop=0.1, min_gain=0.2)
+    assert everything.left == 0 and 0 < early.left < 0.2
+    assert len(measured) < tried_all and early.score <= 0.1
+    assert everything.sparsity >= early.sparsity >= everything.sparsity - early.left - 1e-9
 
 
 def test_zero_tolerance_on_sensitive_model_gives_dense_plan():
@@ -141,3 +192,52 @@ def test_plan_scores_from_kept_dense_prefixes_equal_full_forwards():
             assert evaluate_plan(model, metric, plan, scorer=scorer) == full
         scorer.release()
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+class _Residual(nn.Module):
+    """In-place ReLUs and a skip connection: a kept state must not be written by the runs that start from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.b(x)
+        x = self.relu(x)  # writes a's output, which the state kept before b holds
+        y = self.relu(self.c(y)) + x
+        return self.d(y)
+
+
+def test_plan_scores_from_a_kept_base_equal_full_forwards_and_skip_its_prefix():
+    """After rebase(plan), trials that add to the plan start from its states before the first layer they change."""
+    from prunekit.methods.registry import get_method
+    from prunekit.sensitivity.scanner import PlanScorer
+
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    metric = OutputDistortion([torch.randn(2, 4, 8, 8), torch.randn(3, 4, 8, 8)])
+    metric.prepare(model)
+    calls = {name: 0 for name in "abcd"}
+    for name in calls:
+        model.get_submodule(name).register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    scorer = PlanScorer(model, metric, get_method("fine-grained"))
+    rounds = [({}, [{"c": 0.5}, {"b": 0.5, "c": 0.5}]),
+              ({"a": 0.4}, [{"a": 0.4, "d": 0.5}, {"a": 0.4, "c": 0.6}, {"a": 0.4, "d": 0.7}, {"a": 0.4, "b": 0.3}]),
+              ({"a": 0.4, "b": 0.3}, [{"a": 0.4, "b": 0.3, "d": 0.2}, {"a": 0.4, "b": 0.3, "d": 0.4}, {"a": 0.6, "b": 0.3}])]
+    for base, trials in rounds:
+        scorer.rebase(base)
+        for plan in trials:
+            full = evaluate_plan(model, metric, plan)  # full forwards: every conv runs on both batches
+            before = dict(calls)
+            assert evaluate_plan(model, metric, plan, scorer=scorer) == full  # bitwise
+            ran = {name: calls[name] - before[name] for name in calls}
+            if plan == {"a": 0.4, "d": 0.7}:  # the base's state before d was kept by the trial before
+                assert ran == {"a": 0, "b": 0, "c": 0, "d": 2}
+            if plan == {"a": 0.4, "b": 0.3, "d": 0.2}:  # the new base's state before b is the old base's
+                assert ran == {"a": 0, "b": 2, "c": 2, "d": 2}
+            if plan == {"a": 0.4, "b": 0.3, "d": 0.4}:
+                assert ran == {"a": 0, "b": 0, "c": 0, "d": 2}
+    scorer.release()
+    assert scorer.used == 0 and not any(hasattr(m, "weight_mask") for m in model.modules())

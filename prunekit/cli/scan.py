@@ -237,18 +237,28 @@ def scan_command(
 
     tolerance = max_drop if max_drop is not None else DEFAULT_MAX_DROP[result.metric]
     per_layer = result.plan(tolerance, relative=relative)
+    fit_summary, fit_details = "", None
     try:
         # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
         per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
         if joint:
+            from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN
+
             status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
             fitted = folder.fit_plan(
-                model, evaluate, result, tolerance, key={"options": options, "max_drop": tolerance, "relative": relative},
+                model, evaluate, result, tolerance,
+                # What the fit searches with is part of the key: trials of another search are not replayed.
+                key={"options": options, "max_drop": tolerance, "relative": relative,
+                     "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN}},
                 relative=relative, stats=stats, criterion=criterion, resume=resume, progress=not quiet,
                 confidence=confidence,
                 on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),
             )
             plan, combined = fitted.plan, fitted.score
+            fit_details = {"trials": len(fitted.trials), "steps": fitted.steps, "sparsity": fitted.sparsity,
+                           "left": fitted.left}
+            fit_summary = (f"the fit measured {len(fitted.trials)} plans of the {fitted.steps} steps it could take; "
+                           f"the plan removes {fitted.sparsity:.1%} of the scanned layers' weights")
         else:
             plan, combined = per_layer, per_layer_score
     except KeyboardInterrupt:
@@ -285,11 +295,13 @@ def scan_command(
             "scan": result.to_dict(), "plan": plan, "max_drop": tolerance, "relative": relative,
             "score_with_plan": combined, "joint": joint, "per_layer_plan": per_layer,
             "score_with_per_layer_plan": per_layer_score, "files": files, "next": hint,
-            "compact_problem": problem,
+            "compact_problem": problem, "fit": fit_details,
         })
         return
     click.echo(result.table(max_drop=tolerance, relative=relative, plan=plan))
     _print_plan(result, plan, per_layer, combined, per_layer_score, tolerance, relative, joint)
+    if joint and fit_summary:
+        click.echo(fit_summary)
     status(quiet, f"\nwrote {', '.join(files.values())}")
     if problem is not None:
         click.echo(f"warning: compact will not shrink a model pruned by this plan: {problem}", err=True)

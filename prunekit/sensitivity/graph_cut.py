@@ -153,6 +153,12 @@ class GraphRunner(torch.fx.Interpreter):
             state[node] = self.run_node(node)
         return state
 
+    def fork(self, state: Mapping[fx.Node, Any], position: int) -> Dict[fx.Node, Any]:
+        """``state`` (at ``position``) with copies of the values a later node may write in place, so it stays as kept."""
+        written = self._may_be_written(position)
+        return {node: value.clone() if node in written and isinstance(value, Tensor) else value
+                for node, value in state.items()}
+
     def advance(self, state: Mapping[fx.Node, Any], start: int, stop: int) -> Dict[fx.Node, Any]:
         """The state at ``stop`` from the state at ``start`` (runs nodes ``start .. stop - 1``)."""
         self.env = dict(state)
@@ -171,12 +177,7 @@ class GraphRunner(torch.fx.Interpreter):
             capture: module name -> position of its call node (at or after ``start``).
             copy_inputs: copy the state values a node other than a conv consumes (it might write them).
         """
-        written = self._may_be_written(start) if copy_inputs else frozenset()
-        env: Dict[fx.Node, Any] = {
-            node: value.clone() if node in written and isinstance(value, Tensor) else value
-            for node, value in state.items()
-        }
-        self.env = env
+        self.env = self.fork(state, start) if copy_inputs else dict(state)
         captured: Dict[str, Tensor] = {}
         return self._run_to_end(start, start, capture, captured), captured
 
@@ -209,9 +210,7 @@ class GraphRunner(torch.fx.Interpreter):
         Returns one ``(output, captured)`` per level, or None when the outputs do not split back
         (something after the cut mixed the batch): the caller then runs the levels one by one.
         """
-        written = self._may_be_written(start)
-        base = {node: value.clone() if node in written and isinstance(value, Tensor) else value
-                for node, value in state.items()}
+        base = self.fork(state, start)
         cut = self.traced.nodes[start]
         outputs = []
         for level in levels:

@@ -2,21 +2,30 @@
 
 A scan measures one layer at a time; pruned together, the layers' losses add
 up (or worse), so the per-layer plan of :meth:`SensitivityResult.plan` can
-miss the tolerance by far. :func:`fit_plan` grows a plan cheapest step first
-(a step raises one layer to its next scanned level; the cheapest is the one
-whose single-layer drop is smallest), keeping a step only if the whole plan
-(measured with :func:`evaluate_plan`) stays within the tolerance; a layer whose
-step fails stays where it is.
+miss the tolerance by far. :func:`fit_plan` grows a plan step by step (a step
+raises one layer to a higher scanned level), keeping a step only if the whole
+plan (measured with :func:`evaluate_plan`) stays within the tolerance; a layer
+whose step fails stays where it is.
 
-The greedy order is known from the scan before anything is measured, so the fit
-does not have to measure every step: it bisects the order. From the plan it has,
-it predicts how many of the next steps fit (the scan's single-layer drops, added
-up and scaled by how far the last measured plan was from its own prediction),
-measures that plan, then gallops up while plans hold and bisects down to the
-first step that breaks the tolerance. With a joint score that only worsens as
-steps are added, this gives exactly the plan the one-step-at-a-time greedy gives
-(``search="greedy"``, kept for comparison), with a logarithmic number of
-evaluations per layer that stops below its ceiling instead of one per step.
+The order of the steps is known from the scan before anything is measured: by
+default, the weights a step removes per unit of its single-layer drop (most
+first), so the tolerance goes to the layers where it buys the most weights; or
+the smallest single-layer drop first (``order="drop"``, the fit of earlier
+versions). The fit does not measure every step: it bisects the order. From the
+plan it has, it predicts how many of the next steps fit (the scan's
+single-layer drops, added up and scaled by how far the last measured plan was
+from its own prediction), measures that plan, then gallops up while plans hold
+and bisects down to the first step that breaks the tolerance. With a joint
+score that only worsens as steps are added, this gives exactly the plan the
+one-step-at-a-time search gives (``search="greedy"``, kept for comparison), with
+a logarithmic number of evaluations per layer that stops below its ceiling. The
+fit stops once the steps left could remove only a sliver of the weights
+(``min_gain``): past that, each trial would still cost an evaluation.
+
+A trial costs less than a full evaluation: before the first layer it changes,
+it computes what the plan kept so far computes, and :class:`PlanScorer` keeps
+those states, so a trial that raises a late layer costs about what one scan
+point on that layer costs.
 """
 
 from __future__ import annotations
@@ -35,12 +44,17 @@ from prunekit.methods.registry import get_method
 from prunekit.sensitivity.scanner import PlanScorer, evaluate_plan
 from prunekit.sensitivity.settle import Estimate, Settler
 
-__all__ = ["PlanFit", "SEARCHES", "Trial", "fit_plan"]
+__all__ = ["ORDERS", "PlanFit", "SEARCHES", "Trial", "fit_plan"]
 
 #: One measured plan: ``(layer, sparsity, joint score, kept)``, the plan being the one the fit had
-#: plus every step of the greedy order up to ``layer`` at ``sparsity``.
+#: plus every step of the order up to ``layer`` at ``sparsity``.
 Trial = Tuple[str, float, float, bool]
 SEARCHES = ("bisect", "greedy")
+ORDERS = ("weights", "drop")
+#: The default ``min_gain``: stop once the steps left could remove less than 0.5 % of the scanned weights.
+DEFAULT_MIN_GAIN = 0.005
+#: In the weights order, a rise in single-layer drop counts at least this share of the tolerance.
+ZERO_DROP_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -51,14 +65,19 @@ class PlanFit:
         plan: layer -> sparsity; its joint score is within the tolerance of the baseline.
         score: the model's score with the whole plan applied.
         trials: every plan measured, as ``(layer, sparsity, joint score, kept)`` (see :data:`Trial`).
-        steps: how many steps the greedy order offered (the greedy search measures one plan per step
+        steps: how many steps the order offered (the step-by-step search measures one plan per step
             it reaches).
+        sparsity: the fraction of the scanned layers' weights the plan removes (a channel group counts
+            the weights of its layers).
+        left: the most the steps the fit did not try could have added to ``sparsity`` (``min_gain``).
     """
 
     plan: Dict[str, float]
     score: float
     trials: List[Trial] = field(default_factory=list)
     steps: int = 0
+    sparsity: float = 0.0
+    left: float = 0.0
 
 
 Step = Tuple[str, int]  # (layer, index into the scan's levels)
@@ -81,6 +100,64 @@ def _greedy_order(result: SensitivityResult, ceiling: Mapping[str, float], relat
         position[step[0]] = step[1]
 
 
+def _weights_order(
+    result: SensitivityResult, ceiling: Mapping[str, float], relative: bool, weights: Mapping[str, int], floor: float,
+) -> List[Step]:
+    """Steps in the order of the weights they remove per unit of single-layer drop, most first.
+
+    Each layer's levels (up to its ceiling) are points (drop, weights removed) from (0, 0); the
+    layer's segments walk the upper concave hull of those points, each removing the most weights per
+    unit of drop the layer offers from where it is, and every level of a segment is one step at the
+    segment's ratio. Merged over layers by that ratio, the steps trace the plans that remove the most
+    weights for a summed single-layer drop (the Lagrangian relaxation of that knapsack), each plan
+    pruning every layer at least as much as the one before. ``floor`` (a small share of the tolerance)
+    is added to every rise in drop: a step the scan saw cost nothing is not free once the others are
+    pruned too, and among such steps the one that removes more weights comes first.
+    """
+    steps: List[Tuple[float, int, int, str]] = []
+    levels = result.sparsities
+    for order, layer in enumerate(result.layers):
+        points = [(0.0, 0.0, -1)]
+        for index, level in enumerate(levels):
+            if level > ceiling[layer] + 1e-12:
+                break
+            drop = score_drop(result.scores[layer][index], result.baseline, result.higher_is_better, relative)
+            points.append((max(0.0, drop), level * weights[layer], index))
+        here = points[0]
+        while True:
+            best: Optional[Tuple[float, Tuple[float, float, int]]] = None
+            for point in points:
+                if point[2] <= here[2] or point[1] <= here[1]:
+                    continue
+                ratio = (point[1] - here[1]) / (max(0.0, point[0] - here[0]) + floor)
+                if best is None or ratio > best[0] or (ratio == best[0] and point[1] > best[1][1]):
+                    best = (ratio, point)
+            if best is None:
+                break
+            # The levels under the hull on the way come first, at the segment's ratio: a failing jump then
+            # leaves the layer at the highest level that held, as a step of one level would.
+            steps += [(-best[0], order, index, layer) for index in range(here[2] + 1, best[1][2] + 1)]
+            here = best[1]
+    steps.sort(key=lambda step: step[:3])  # along one layer's hull the ratio falls, so its steps stay in order
+    return [(layer, index) for _, _, index, layer in steps]
+
+
+def _scanned_weights(model: Optional[nn.Module], result: SensitivityResult) -> Dict[str, int]:
+    """Weights per scanned layer (a channel group: its layers' weights); 1 each without a model."""
+    if model is None:
+        return {layer: 1 for layer in result.layers}
+    pruning = get_method(result.method)
+    try:
+        blocks = pruning.blocks(model, result.layers)
+    except (KeyError, ValueError):
+        blocks = {}
+    weights = {}
+    for layer in result.layers:
+        members = pruning.block_layers(blocks[layer]) if layer in blocks else [layer]
+        weights[layer] = sum(int(model.get_submodule(name).weight.numel()) for name in members)
+    return weights
+
+
 def fit_plan(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
@@ -95,15 +172,21 @@ def fit_plan(
     progress: bool = False,
     search: str = "bisect",
     confidence: Optional[float] = None,
+    order: str = "weights",
+    min_gain: float = DEFAULT_MIN_GAIN,
 ) -> PlanFit:
-    """Grow a plan from dense, cheapest step first, while the JOINT score stays within ``max_drop``.
+    """Grow a plan from dense, step by step, while the JOINT score stays within ``max_drop``.
 
-    Each step raises one layer to its next scanned sparsity, never above the layer's own
-    :meth:`SensitivityResult.plan` level; steps are taken in the order of their single-layer
-    drops. A step that breaks the tolerance is undone and that layer stays where it is. The
-    ``"bisect"`` search (default) measures a few plans along that order per failing layer
-    (see the module docstring); ``"greedy"`` measures the plan after every step. The model is
-    restored exactly after each measurement.
+    Each step raises one layer to a higher scanned sparsity, never above the layer's own
+    :meth:`SensitivityResult.plan` level. With ``order="weights"`` (default) steps come in the order
+    of the weights they remove per unit of their single-layer drop (see :func:`_weights_order`), so
+    the plan spends the tolerance where it buys the most weights; ``order="drop"`` takes the smallest
+    single-layer drop first, whatever the layer's size. A step that breaks the tolerance is undone
+    and that layer stays where it is. The ``"bisect"`` search (default) measures a few plans along
+    the order per failing layer (see the module docstring); ``"greedy"`` measures the plan after every
+    step; both give the same plan when more pruning never scores better. Once the steps left could
+    remove less than ``min_gain`` of the scanned weights, the fit stops (``PlanFit.left`` says how
+    much they could have added at most). The model is restored exactly after each measurement.
 
     Args:
         model: the dense model that was scanned.
@@ -118,6 +201,9 @@ def fit_plan(
         on_trial: called with the fit so far after every trial (e.g. to save ``trials``).
         progress: show a progress bar (its length is the most plans the fit can measure).
         search: ``"bisect"`` or ``"greedy"``.
+        order: ``"weights"`` or ``"drop"`` (above).
+        min_gain: stop once the steps not tried could remove less than this fraction of the scanned
+            layers' weights; 0 tries every step.
         confidence: measure each trial only until its verdict against ``max_drop`` is settled at
             this confidence (a ``ForwardMetric`` whose batches can be counted; see
             :mod:`prunekit.sensitivity.settle`); the plan found is then measured once in full, and
@@ -140,8 +226,15 @@ def fit_plan(
         raise ValueError("the scan is not complete; finish it (e.g. with --resume) before fitting a plan")
     if search not in SEARCHES:
         raise ValueError(f"search={search!r} is unknown; choose one of {', '.join(SEARCHES)}")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is unknown; choose one of {', '.join(ORDERS)}")
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain={min_gain!r} is outside [0, 1); use a fraction of the weights such as 0.005")
     ceiling = result.plan(max_drop, relative)  # also validates the tolerance
-    order = _greedy_order(result, ceiling, relative)
+    weights = _scanned_weights(model, result)
+    steps = (_weights_order(result, ceiling, relative, weights, max_drop * ZERO_DROP_SHARE) if order == "weights"
+             else _greedy_order(result, ceiling, relative))
+    options = dict(search=search, order=order, min_gain=min_gain)
     fit = _Fit(model, evaluate, result, max_drop, relative, stats, criterion, resume_from, on_trial)
     if confidence is not None:
         total = evaluate.num_batches() if hasattr(evaluate, "num_batches") else None
@@ -149,8 +242,17 @@ def fit_plan(
             raise ValueError("confidence needs a ForwardMetric whose batches can be counted (a list or a DataLoader)")
         fit.settler = Settler(evaluate, float(result.baseline), result.higher_is_better, max_drop, confidence,
                               total, relative=relative)
-    remaining = list(order)
-    with progress_bar(len(order), "fitting the plan", progress) as tick:
+    total = sum(weights.values()) or 1
+
+    def gain(left: Sequence[Step]) -> float:
+        """The most the steps ``left`` could add to the plan's fraction of weights removed."""
+        top: Dict[str, float] = {}
+        for layer, index in left:
+            top[layer] = max(top.get(layer, 0.0), float(result.sparsities[index]))
+        return sum(max(0.0, level - fit.plan[layer]) * weights[layer] for layer, level in top.items()) / total
+
+    remaining = list(steps)
+    with progress_bar(len(steps), "fitting the plan", progress) as tick:
         fit.tick = tick
         while remaining:
             fits, breaks = fit.steps_that_fit(remaining, one_at_a_time=search == "greedy")  # taken into fit.plan
@@ -159,8 +261,9 @@ def fit_plan(
                 continue
             failed = remaining[fits][0]  # the first step that breaks the tolerance: its layer stays
             remaining = [step for step in remaining[fits + 1 :] if step[0] != failed]
-        if len(fit.trials) < len(order):
-            tick.finish()
+            if remaining and gain(remaining) < min_gain:
+                break
+        tick.finish()
     if fit.scorer is not None:
         fit.scorer.release()
     if not any(fit.plan.values()):
@@ -178,7 +281,7 @@ def fit_plan(
                 "fitting again with exact trials"
             )
             return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
-                            on_trial=on_trial, progress=progress, search=search)
+                            on_trial=on_trial, progress=progress, **options)
         fit.score = float(exact)
     if fit.saved:
         # Replayed trials are a file's word: one evaluation checks the plan they lead to.
@@ -189,8 +292,10 @@ def fit_plan(
                 f"recorded {fit.score:.6g}; fitting again from the scan without them"
             )
             return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
-                            on_trial=on_trial, progress=progress, search=search)
-    return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(order))
+                            on_trial=on_trial, progress=progress, **options)
+    sparsity = sum(level * weights[layer] for layer, level in fit.plan.items()) / total
+    return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(steps), sparsity,
+                   gain(remaining) if remaining else 0.0)
 
 
 class _Fit:
@@ -310,6 +415,8 @@ class _Fit:
         if held:
             self.plan = self._with(remaining[:held])
             self.score = scores[held]
+            if self.scorer is not None:
+                self.scorer.rebase(self.plan)  # later trials add to this plan: keep its states
         return held, broke is not None
 
 

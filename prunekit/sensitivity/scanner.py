@@ -334,19 +334,26 @@ class _PrefixCache:
 
 
 class PlanScorer:
-    """Scores whole plans from dense prefixes kept across calls (a plan fit's trials).
+    """Scores whole plans from states kept across calls (a plan fit's trials).
 
-    The layers before a plan's first pruned layer are dense, and in a fitted plan the most
-    sensitive layers, often the first and most expensive ones, stay dense: each batch's dense
-    state at that cut is kept (within ``cache_limit``) and only the rest of the graph runs for
-    each plan. Scores are bitwise those of full forwards (the same nodes run on the same values).
-    A model ``torch.fx`` cannot trace, or a metric other than a ``ForwardMetric``, is scored with
-    full forwards.
+    A fit measures plans that add a few steps to the plan it keeps (its *base*, see
+    :meth:`rebase`): before the first layer a trial changes, the trial computes exactly what the
+    base computes. Each batch's state there is kept (keyed by its position and the levels of the
+    layers before it; within ``cache_limit`` bytes) and only the rest of the graph runs for each
+    plan, so a trial that changes a late layer costs what a scan point on that layer costs. Until
+    a base is given the base is the dense model (the layers before a plan's first pruned layer).
+    Scores are bitwise those of full forwards (the same nodes run on the same values). A model
+    ``torch.fx`` cannot trace, or a metric other than a ``ForwardMetric``, is scored with full
+    forwards.
     """
 
     def __init__(self, model: nn.Module, evaluate: Any, pruning: PruningMethod, cache_limit: int = DEFAULT_CACHE_LIMIT):
         self.pruning = pruning
         self.traced: Optional[Traced] = None
+        self.base: Dict[str, float] = {}
+        self.limit, self.used = cache_limit, 0
+        # batch -> position -> (levels of the blocks before it, state there)
+        self.kept: Dict[int, Dict[int, Tuple[Tuple[Tuple[str, float], ...], Dict[Any, Any]]]] = {}
         if isinstance(evaluate, ForwardMetric):
             try:
                 self.traced = trace(model)
@@ -354,39 +361,107 @@ class PlanScorer:
             except (UntraceableError, KeyError):
                 self.traced = None
         if self.traced is not None:
-            self.cache = _PrefixCache(GraphRunner(self.traced), cache_limit)
+            self.runner = GraphRunner(self.traced)
+
+    def rebase(self, plan: Mapping[str, float]) -> None:
+        """Later plans add to ``plan`` (layer -> sparsity): keep its states, drop the others'."""
+        self.base = {layer: float(level) for layer, level in plan.items() if level > 0}
+
+    def _first_positions(self, blocks: Mapping[str, Any]) -> Optional[Dict[str, int]]:
+        assert self.traced is not None
+        try:
+            return {key: min(self.traced.position(layer) for layer in self.pruning.block_layers(block))
+                    for key, block in blocks.items()}
+        except (KeyError, ValueError):
+            return None
 
     def cut(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[int]:
-        """Where the plan's first pruned layer (or the first captured output) is called; None: full forwards."""
+        """Where the plan's run starts from a kept state: before the first block it changes from the base
+        (or the first captured output); None: full forwards (no trace, or nothing pruned)."""
         if self.traced is None:
             return None
-        try:
-            positions = [self.traced.position(layer) for key, level in levels.items() if level > 0
-                         for layer in self.pruning.block_layers(blocks[key])]
-        except KeyError:
+        first = self._first_positions(blocks)
+        if first is None or not any(level > 0 for level in levels.values()):
             return None
-        return min(positions + list(self.capture.values())) if positions else None
+        base = self._base_levels(blocks)
+        changed = [first[key] for key, level in levels.items() if level != base.get(key, 0.0)]
+        pruned = [first[key] for key, level in levels.items() if level > 0]
+        return min((changed or pruned) + list(self.capture.values()))
 
-    def score(self, metric: ForwardMetric, model: nn.Module, cut: int) -> float:
-        """The metric with the plan's masks in place (the caller swaps them in), from each batch's dense state at ``cut``."""
+    def _base_levels(self, blocks: Mapping[str, Any]) -> Dict[str, float]:
+        return {key: max((self.base.get(layer, 0.0) for layer in self.pruning.block_layers(block)), default=0.0)
+                for key, block in blocks.items()}
+
+    @staticmethod
+    def _signature(first: Mapping[str, int], levels: Mapping[str, float], position: int) -> Tuple[Tuple[str, float], ...]:
+        """The levels of the pruned blocks called before ``position``: what the state there depends on."""
+        return tuple(sorted((key, float(level)) for key, level in levels.items() if level > 0 and first[key] < position))
+
+    def _forget_stale(self, first: Mapping[str, int], base: Mapping[str, float]) -> None:
+        """Drop the states no plan that adds to the base can start from."""
+        for entries in self.kept.values():
+            for position in list(entries):
+                signature, state = entries[position]
+                if signature != self._signature(first, base, position):
+                    del entries[position]
+                    self.used -= GraphRunner.state_bytes(state)
+
+    def _state(self, number: int, inputs: Tensor, first: Mapping[str, int], levels: Mapping[str, float], cut: int,
+               ) -> Dict[Any, Any]:
+        """The plan's state at ``cut`` for this batch: from the latest kept state it shares, kept in turn."""
+        entries = self.kept.setdefault(number, {})
+        usable = [position for position, (signature, _) in entries.items()
+                  if position <= cut and signature == self._signature(first, levels, position)]
+        if usable:
+            start = max(usable)
+            state = entries[start][1]
+        else:
+            start, state = 0, self.runner.start(inputs)
+        if start == cut:
+            return state
+        state = self.runner.advance(self.runner.fork(state, start), start, cut)
+        size = GraphRunner.state_bytes(state)
+        if cut not in entries and self.used + size <= self.limit:  # checked before keeping it, never after
+            entries[cut] = (self._signature(first, levels, cut), state)
+            self.used += size
+        return state
+
+    def score(
+        self, metric: ForwardMetric, model: nn.Module, blocks: Mapping[str, Any], levels: Mapping[str, float],
+        settler: Optional[Settler] = None, seed: int = 0,
+    ) -> Union[float, Estimate]:
+        """The metric with the plan's masks in place (the caller swaps them in; :meth:`cut` is not None).
+
+        With a ``settler``, batches stop once the verdict is settled (its :class:`Estimate` is returned).
+        """
+        cut = self.cut(blocks, levels)
+        first = self._first_positions(blocks)
+        assert cut is not None and first is not None
+        self._forget_stale(first, self._base_levels(blocks))
         rank, world = rank_and_world()
-        runner = self.cache.runner
         after = {name: at for name, at in self.capture.items() if at >= cut}
         totals: Optional[Tensor] = None
+        rows: List[Tuple[int, Tensor]] = []
         with torch.no_grad():
             for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
-                if number % world != rank:
-                    continue
-                output, outputs = runner.finish(self.cache.state_at(number, inputs, cut), cut, after)
-                if MODEL_OUTPUT in metric.capture:
-                    outputs[MODEL_OUTPUT] = output
-                stats = metric.batch_statistics(outputs, target)
-                totals = stats if totals is None else totals + stats
+                if number % world == rank:
+                    output, outputs = self.runner.finish(self._state(number, inputs, first, levels, cut), cut, after)
+                    if MODEL_OUTPUT in metric.capture:
+                        outputs[MODEL_OUTPUT] = output
+                    stats = metric.batch_statistics(outputs, target)
+                    totals = stats if totals is None else totals + stats
+                    if settler is not None:
+                        rows.append((number, stats.detach().double().reshape(-1).cpu()))
+                if settler is not None and settler.is_look(number + 1):
+                    estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
+                    if estimate is not None:
+                        return estimate
         return metric.reduce(_summed(metric, totals))
 
     def release(self) -> None:
-        if self.traced is not None:
-            self.cache.clear()
+        """Free the kept states."""
+        self.kept.clear()
+        self.used = 0
 
 
 def _suffix_graph(
@@ -463,12 +538,6 @@ def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Set
     finally:
         batches.close()  # restores the model's flags and hooks when stopped early
     return metric.reduce(_summed(metric, totals))
-
-
-# ---------------------------------------------------------------------------
-# Progress
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -941,13 +1010,16 @@ def evaluate_plan(
         if isinstance(evaluate, ForwardMetric) and scorer is None:
             evaluate.prepare(model)  # a scorer's owner prepared it once on the dense model
         with guard.swap(targets, masked):
-            if isinstance(evaluate, ForwardMetric) and settler is not None:
+            if isinstance(evaluate, ForwardMetric) and scorer is not None and scorer.cut(blocks, levels) is not None:
+                settled = scorer.score(evaluate, model, blocks, levels, settler=settler, seed=len(targets))
+                if isinstance(settled, Estimate):
+                    return settled
+                score = settled
+            elif isinstance(evaluate, ForwardMetric) and settler is not None:
                 settled = _settled_forward_score(evaluate, model, settler, seed=len(targets))
                 if isinstance(settled, Estimate):
                     return settled
                 score = settled
-            elif isinstance(evaluate, ForwardMetric) and scorer is not None and scorer.cut(blocks, levels) is not None:
-                score = scorer.score(evaluate, model, scorer.cut(blocks, levels))  # type: ignore[arg-type]
             elif isinstance(evaluate, ForwardMetric):
                 score = _forward_score(evaluate, model)  # sharded over the ranks of a process group
             else:
