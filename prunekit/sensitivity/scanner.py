@@ -367,51 +367,52 @@ class PlanScorer:
         """Later plans add to ``plan`` (layer -> sparsity): keep its states, drop the others'."""
         self.base = {layer: float(level) for layer, level in plan.items() if level > 0}
 
-    def _first_positions(self, blocks: Mapping[str, Any]) -> Optional[Dict[str, int]]:
-        assert self.traced is not None
+    def _start(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[Tuple[Dict[str, int], int]]:
+        """Each block's first call position, and where the plan's run starts from a kept state: before the
+        first block it changes from the base (or the first captured output); None: full forwards."""
+        if self.traced is None or not any(level > 0 for level in levels.values()):
+            return None
         try:
-            return {key: min(self.traced.position(layer) for layer in self.pruning.block_layers(block))
-                    for key, block in blocks.items()}
+            first = {key: min(self.traced.position(layer) for layer in self.pruning.block_layers(block))
+                     for key, block in blocks.items()}
         except (KeyError, ValueError):
-            return None
-
-    def cut(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[int]:
-        """Where the plan's run starts from a kept state: before the first block it changes from the base
-        (or the first captured output); None: full forwards (no trace, or nothing pruned)."""
-        if self.traced is None:
-            return None
-        first = self._first_positions(blocks)
-        if first is None or not any(level > 0 for level in levels.values()):
             return None
         base = self._base_levels(blocks)
         changed = [first[key] for key, level in levels.items() if level != base.get(key, 0.0)]
         pruned = [first[key] for key, level in levels.items() if level > 0]
-        return min((changed or pruned) + list(self.capture.values()))
+        return first, min((changed or pruned) + list(self.capture.values()))
 
     def _base_levels(self, blocks: Mapping[str, Any]) -> Dict[str, float]:
         return {key: max((self.base.get(layer, 0.0) for layer in self.pruning.block_layers(block)), default=0.0)
                 for key, block in blocks.items()}
 
     @staticmethod
-    def _signature(first: Mapping[str, int], levels: Mapping[str, float], position: int) -> Tuple[Tuple[str, float], ...]:
-        """The levels of the pruned blocks called before ``position``: what the state there depends on."""
-        return tuple(sorted((key, float(level)) for key, level in levels.items() if level > 0 and first[key] < position))
+    def _signatures(first: Mapping[str, int], levels: Mapping[str, float]) -> Callable[[int], Tuple[Any, ...]]:
+        """position -> the levels of the pruned blocks called before it (what the state there depends on), memoised."""
+        known: Dict[int, Tuple[Any, ...]] = {}
 
-    def _forget_stale(self, first: Mapping[str, int], base: Mapping[str, float]) -> None:
+        def signature(position: int) -> Tuple[Any, ...]:
+            if position not in known:
+                known[position] = tuple(sorted((key, float(level)) for key, level in levels.items()
+                                               if level > 0 and first[key] < position))
+            return known[position]
+
+        return signature
+
+    def _forget_stale(self, base: Callable[[int], Tuple[Any, ...]]) -> None:
         """Drop the states no plan that adds to the base can start from."""
         for entries in self.kept.values():
             for position in list(entries):
                 signature, state = entries[position]
-                if signature != self._signature(first, base, position):
+                if signature != base(position):
                     del entries[position]
                     self.used -= GraphRunner.state_bytes(state)
 
-    def _state(self, number: int, inputs: Tensor, first: Mapping[str, int], levels: Mapping[str, float], cut: int,
+    def _state(self, number: int, inputs: Tensor, signature: Callable[[int], Tuple[Any, ...]], cut: int,
                ) -> Dict[Any, Any]:
         """The plan's state at ``cut`` for this batch: from the latest kept state it shares, kept in turn."""
         entries = self.kept.setdefault(number, {})
-        usable = [position for position, (signature, _) in entries.items()
-                  if position <= cut and signature == self._signature(first, levels, position)]
+        usable = [position for position, (kept, _) in entries.items() if position <= cut and kept == signature(position)]
         if usable:
             start = max(usable)
             state = entries[start][1]
@@ -422,22 +423,24 @@ class PlanScorer:
         state = self.runner.advance(self.runner.fork(state, start), start, cut)
         size = GraphRunner.state_bytes(state)
         if cut not in entries and self.used + size <= self.limit:  # checked before keeping it, never after
-            entries[cut] = (self._signature(first, levels, cut), state)
+            entries[cut] = (signature(cut), state)
             self.used += size
         return state
 
     def score(
         self, metric: ForwardMetric, model: nn.Module, blocks: Mapping[str, Any], levels: Mapping[str, float],
         settler: Optional[Settler] = None, seed: int = 0,
-    ) -> Union[float, Estimate]:
-        """The metric with the plan's masks in place (the caller swaps them in; :meth:`cut` is not None).
+    ) -> Union[None, float, Estimate]:
+        """The metric with the plan's masks in place (the caller swaps them in); None: score it with full forwards.
 
         With a ``settler``, batches stop once the verdict is settled (its :class:`Estimate` is returned).
         """
-        cut = self.cut(blocks, levels)
-        first = self._first_positions(blocks)
-        assert cut is not None and first is not None
-        self._forget_stale(first, self._base_levels(blocks))
+        start = self._start(blocks, levels)
+        if start is None:
+            return None
+        first, cut = start
+        self._forget_stale(self._signatures(first, self._base_levels(blocks)))
+        signature = self._signatures(first, levels)
         rank, world = rank_and_world()
         after = {name: at for name, at in self.capture.items() if at >= cut}
         totals: Optional[Tensor] = None
@@ -445,7 +448,7 @@ class PlanScorer:
         with torch.no_grad():
             for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
                 if number % world == rank:
-                    output, outputs = self.runner.finish(self._state(number, inputs, first, levels, cut), cut, after)
+                    output, outputs = self.runner.finish(self._state(number, inputs, signature, cut), cut, after)
                     if MODEL_OUTPUT in metric.capture:
                         outputs[MODEL_OUTPUT] = output
                     stats = metric.batch_statistics(outputs, target)
@@ -979,7 +982,7 @@ def evaluate_plan(
         evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
         plan: conv layer name -> final sparsity in [0, 1], as for :func:`prunekit.apply_plan`.
         method, stats, criterion: as for :func:`scan`.
-        scorer: a :class:`PlanScorer` kept across calls (dense prefixes reused; same scores); its
+        scorer: a :class:`PlanScorer` kept across calls (kept states reused; same scores); its
             owner prepares the metric on the dense model once, before the first call.
         settler: stop once the plan's verdict against a tolerance is settled (a
             :class:`~prunekit.sensitivity.settle.Settler`; ``ForwardMetric`` only): the
@@ -1010,11 +1013,12 @@ def evaluate_plan(
         if isinstance(evaluate, ForwardMetric) and scorer is None:
             evaluate.prepare(model)  # a scorer's owner prepared it once on the dense model
         with guard.swap(targets, masked):
-            if isinstance(evaluate, ForwardMetric) and scorer is not None and scorer.cut(blocks, levels) is not None:
-                settled = scorer.score(evaluate, model, blocks, levels, settler=settler, seed=len(targets))
-                if isinstance(settled, Estimate):
-                    return settled
-                score = settled
+            kept = (scorer.score(evaluate, model, blocks, levels, settler=settler, seed=len(targets))
+                    if isinstance(evaluate, ForwardMetric) and scorer is not None else None)
+            if isinstance(kept, Estimate):
+                return kept
+            if kept is not None:
+                score = kept
             elif isinstance(evaluate, ForwardMetric) and settler is not None:
                 settled = _settled_forward_score(evaluate, model, settler, seed=len(targets))
                 if isinstance(settled, Estimate):
