@@ -108,6 +108,18 @@ def test_scan_json_prints_one_document(runner, tiny):
     assert document["files"]["scan"].endswith("scan.json")
 
 
+def test_scan_json_says_what_the_plan_fit_measured(runner):
+    result = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "d", "--json", "--quiet"])  # digits-vgg
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    fit = document["fit"]  # its saved trials, and the weights its plan removes
+    assert fit["trials"] == len(json.loads(Path(document["files"]["fit"]).read_text())["trials"]) > 0
+    weights = {name: prunekit.load_model("digits-vgg").get_submodule(name).weight.numel() for name in document["plan"]}
+    removed = sum(level * weights[name] for name, level in document["plan"].items()) / sum(weights.values())
+    assert fit["sparsity"] == pytest.approx(removed) and removed > 0
+    assert 0 <= fit["left"] < 0.005  # the default min_gain
+
+
 def test_scan_skips_unreadable_files_with_a_warning(runner, tiny, images):
     (images / "notes.txt").write_text("not an image")
     (images / "broken.png").write_bytes(b"garbage")
