@@ -178,12 +178,24 @@ def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop:
     if settle:
         fits.append((f"weights order, trials settled at {confidence}", dict(confidence=confidence)))
     for name, options in fits:
+        metric = make_metric()
+        used = {"batches": 0}
+        statistics = metric.batch_statistics
+
+        def counted(outputs: Any, target: Any) -> torch.Tensor:
+            used["batches"] += 1
+            return statistics(outputs, target)
+
+        metric.batch_statistics = counted  # type: ignore[method-assign]
         start = time.process_time()
-        fitted = fit_plan(model, make_metric(), result, max_drop, **options)
+        fitted = fit_plan(model, metric, result, max_drop, **options)
         spent = time.process_time() - start
+        batches = metric.num_batches() or 1
         print(f"{label}: fit, {name}: {spent:.1f} s CPU = {spent / scan_time:.0%} of the scan's {scan_time:.1f} s; "
-              f"{len(fitted.trials)} trials, plan removes {fitted.sparsity:.3f} of the weights, joint score "
-              f"{fitted.score:.4g} (baseline {result.baseline:.4g}, max drop {max_drop})", flush=True)
+              f"{len(fitted.trials)} trials, {used['batches']} batch-forwards (the trials in full: "
+              f"{len(fitted.trials) * batches}); plan removes {fitted.sparsity:.3f} of the "
+              f"weights, joint score {fitted.score:.4g} (baseline {result.baseline:.4g}, max drop {max_drop})",
+              flush=True)
 
 
 def fit_case(crops: int, confidence: float) -> None:

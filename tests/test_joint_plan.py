@@ -241,3 +241,123 @@ def test_plan_scores_from_a_kept_base_equal_full_forwards_and_skip_its_prefix():
                 assert ran == {"a": 0, "b": 0, "c": 0, "d": 2}
     scorer.release()
     assert scorer.used == 0 and not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+class _Unbounded(OutputDistortion):
+    """OutputDistortion that cannot bound its final score: every trial runs on every batch."""
+
+    def best_final_score(self, partial):
+        return None
+
+
+def _counting(metric):
+    counted = {"batches": 0}
+    original = metric.batch_statistics
+
+    def batch_statistics(outputs, target):
+        counted["batches"] += 1
+        return original(outputs, target)
+
+    metric.batch_statistics = batch_statistics
+    return counted
+
+
+def test_trials_that_break_stop_once_certain_and_change_nothing_else():
+    """The fit stops a breaking trial at the first batch after which no batch left could bring it back."""
+    torch.manual_seed(0)
+    model = _model()
+    batches = [torch.randn(2, 3, 12, 12) for _ in range(8)]
+    result = scan(model, OutputDistortion(batches), progress=False)
+    stopping, unbounded = OutputDistortion(batches), _Unbounded(batches)
+    counted, every = _counting(stopping), _counting(unbounded)
+    fit = fit_plan(model, stopping, result, max_drop=0.3)
+    full = fit_plan(model, unbounded, result, max_drop=0.3)
+    assert fit.plan == full.plan and fit.score == full.score and any(fit.plan.values())
+    assert [t[3] for t in fit.trials] == [t[3] for t in full.trials] and not all(t[3] for t in fit.trials)
+    for mine, theirs in zip(fit.trials, full.trials):
+        if mine[3]:
+            assert mine[2] == theirs[2]  # a plan that holds is scored on every batch
+        else:
+            assert theirs[2] > 0.3  # the exact score breaks the tolerance too
+    assert counted["batches"] < every["batches"]
+
+
+def test_evaluate_plan_with_a_tolerance_stops_a_breaking_plan_and_scores_a_holding_one_exactly():
+    from prunekit.methods.registry import get_method
+    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.settle import Estimate, Tolerance
+
+    torch.manual_seed(0)
+    model = _model()
+    metric = OutputDistortion([torch.randn(2, 3, 12, 12) for _ in range(6)])
+    metric.prepare(model)
+    tolerance = Tolerance(baseline=0.0, higher_is_better=False, max_drop=0.2)
+    heavy, light = {"0": 0.9, "2": 0.9, "4": 0.9}, {"6": 0.1}
+    for scorer in (None, PlanScorer(model, metric, get_method("fine-grained"))):  # full forwards, kept states
+        exact = evaluate_plan(model, metric, heavy)
+        assert exact > 0.2
+        stopped = evaluate_plan(model, metric, heavy, tolerance=tolerance, scorer=scorer)
+        assert isinstance(stopped, Estimate) and not stopped.within
+        assert stopped.batches < 6 and stopped.total == 6
+        assert 0.2 < stopped.low <= exact and stopped.high == float("inf")
+        held = evaluate_plan(model, metric, light, tolerance=tolerance, scorer=scorer)
+        assert held == evaluate_plan(model, metric, light) <= 0.2  # bitwise the exact score
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+def test_best_final_scores_bound_every_prefix_and_meet_the_score_at_the_end():
+    from prunekit.sensitivity import Accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)).eval()
+    batches = [torch.randn(3, 3, 12, 12) for _ in range(5)]
+    labels = [torch.randint(0, 3, (3,)) for _ in range(5)]
+    distortion, accuracy = OutputDistortion(batches), Accuracy(list(zip(batches, labels)))
+    assert distortion.best_final_score(torch.zeros(2, dtype=torch.float64)) is None  # no reference yet
+    assert accuracy.best_final_score(torch.zeros(2, dtype=torch.float64)) is None  # no pass has counted the samples
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    distortion.prepare(model)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight))  # another model than the reference
+    for metric in (distortion, accuracy):
+        final = metric(model)
+        rows = [stats for _, stats in metric.each_batch(model)]
+        totals = torch.zeros_like(rows[0])
+        for count, stats in enumerate(rows, start=1):
+            totals = totals + stats
+            best = metric.best_final_score(totals)
+            assert (best >= final) if metric.higher_is_better else (best <= final)
+        assert best == final
+    model.load_state_dict(dense, strict=False)
+
+
+def test_the_fit_sorts_each_layers_magnitudes_once(monkeypatch, scanned):
+    import prunekit.methods.fine_grained as fine_grained
+
+    model, metric, result = scanned
+    sorted_weights = []
+    original = fine_grained.magnitude_order
+
+    def counting(tensor):
+        sorted_weights.append(tensor.data_ptr())
+        return original(tensor)
+
+    monkeypatch.setattr(fine_grained, "magnitude_order", counting)
+    fit = fit_plan(model, metric, result, max_drop=0.3)
+    assert len(fit.trials) > len(result.layers)  # layers are pruned in more trials than there are layers
+    assert len(sorted_weights) == len(set(sorted_weights)) <= len(result.layers)
+
+
+def test_a_scorer_keeps_mask_makers_only_for_the_same_statistics():
+    from prunekit.methods.registry import get_method
+    from prunekit.sensitivity.scanner import PlanScorer
+
+    model = _model()
+    pruning = get_method("fine-grained")
+    scorer = PlanScorer(model, OutputDistortion(torch.randn(1, 3, 12, 12)), pruning)
+    blocks = pruning.blocks(model, ["0"])
+    first = scorer.masker(pruning, blocks, None, ("l2", 1))
+    assert scorer.masker(pruning, pruning.blocks(model, ["2"]), None, ("l2", 1)) is first
+    assert scorer.masker(pruning, blocks, None, ("l0", 1)) is not first
+    scorer.release()
+    assert scorer.masker(pruning, blocks, None, ("l0", 1)) is not first

@@ -191,7 +191,7 @@ WORKER = textwrap.dedent(
     import torch
     from torch import nn
     import torch.distributed as dist
-    from prunekit.sensitivity import OutputDistortion, Accuracy, scan
+    from prunekit.sensitivity import OutputDistortion, Accuracy, fit_plan, scan
 
     out = sys.argv[1]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,6 +218,10 @@ WORKER = textwrap.dedent(
         result = scan(model, metric, sparsities=(0.3, 0.6, 0.9), progress=False,
                       on_point=lambda r, name=name: written.append(name))
         results[name] = {"baseline": result.baseline, "scores": result.scores}
+        if name == "distortion":  # a fit whose breaking trials stop early: every rank at the same batch
+            fit = fit_plan(model, metric, result, 0.15)
+            results["fit"] = {"plan": fit.plan, "kept": [t[3] for t in fit.trials],
+                              "scores": [t[2] for t in fit.trials if t[3]]}
     with open(f"{out}.rank{rank}.json", "w") as handle:
         json.dump({"results": results, "on_point_calls": len(written)}, handle)
     if world > 1:
@@ -257,6 +261,12 @@ def test_two_gloo_processes_give_the_one_process_result(tmp_path):
                 for layer, values in one["scores"].items():
                     assert two["scores"][layer] == pytest.approx(values, rel=1e-9, abs=1e-12)
     assert ranks[0]["on_point_calls"] > 0 and ranks[1]["on_point_calls"] == 0  # rank 0 alone reports
+    one = single["results"]["fit"]
+    assert not all(one["kept"]) and any(one["plan"].values())
+    for rank in ranks:
+        two = rank["results"]["fit"]
+        assert two["plan"] == one["plan"] and two["kept"] == one["kept"]
+        assert two["scores"] == pytest.approx(one["scores"], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.slow

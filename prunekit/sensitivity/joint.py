@@ -25,7 +25,11 @@ fit stops once the steps left could remove only a sliver of the weights
 A trial costs less than a full evaluation: before the first layer it changes,
 it computes what the plan kept so far computes, and :class:`PlanScorer` keeps
 those states, so a trial that raises a late layer costs about what one scan
-point on that layer costs.
+point on that layer costs; each layer's magnitudes are sorted once for all
+trials; and a trial that breaks the tolerance stops at the first batch after
+which no batch left could bring it back (a certain verdict, see
+:class:`~prunekit.sensitivity.settle.Tolerance`), while a trial that holds runs
+to the end, so the plan's score is exact.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ from prunekit.sensitivity.result import SensitivityResult, score_drop, within_to
 from prunekit._rollback import eval_mode
 from prunekit.methods.registry import get_method
 from prunekit.sensitivity.scanner import PlanScorer, evaluate_plan
-from prunekit.sensitivity.settle import Estimate, Settler
+from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
 
 __all__ = ["ORDERS", "PlanFit", "SEARCHES", "Trial", "fit_plan"]
 
 #: One measured plan: ``(layer, sparsity, joint score, kept)``, the plan being the one the fit had
-#: plus every step of the order up to ``layer`` at ``sparsity``.
+#: plus every step of the order up to ``layer`` at ``sparsity``. A trial that broke the tolerance
+#: stops once the break is certain (see :class:`~prunekit.sensitivity.settle.Tolerance`): its score
+#: is then that of the batches it used.
 Trial = Tuple[str, float, float, bool]
 SEARCHES = ("bisect", "greedy")
 ORDERS = ("weights", "drop")
@@ -316,6 +322,7 @@ class _Fit:
         self.scale = 1.0  # measured joint drop / the scan's summed drops, for the last measured plan
         self.tick: Any = lambda item=None: None
         self.settler: Optional[Settler] = None
+        self.tolerance = Tolerance(float(result.baseline), result.higher_is_better, max_drop, relative)
         self.scorer = PlanScorer(model, evaluate, get_method(result.method)) if model is not None else None
         if self.scorer is not None and hasattr(evaluate, "prepare"):
             with eval_mode(model):
@@ -354,7 +361,8 @@ class _Fit:
                 )
         else:
             joint = evaluate_plan(self.model, self.evaluate, plan, method=self.result.method, stats=self.stats,
-                                  criterion=self.criterion, settler=self.settler, scorer=self.scorer)
+                                  criterion=self.criterion, settler=self.settler, scorer=self.scorer,
+                                  tolerance=self.tolerance)
             if isinstance(joint, Estimate):
                 joint = joint.score  # inside an interval wholly on the side of the tolerance it settled on
         kept = within_tolerance(joint, self.result.baseline, self.result.higher_is_better, self.relative, self.max_drop)

@@ -80,6 +80,15 @@ class ForwardMetric(abc.ABC):
     def reduce(self, totals: Tensor) -> float:
         """Turn the summed statistics of all batches into the score."""
 
+    def best_final_score(self, partial: Tensor) -> Optional[float]:
+        """The best score all batches together can still give, from the summed statistics of those seen so far.
+
+        Not an estimate: a bound that holds whatever the batches left hold. A plan fit stops a
+        trial as soon as even this bound breaks the tolerance (the verdict is then certain).
+        ``None`` where the metric cannot bound it (the default).
+        """
+        return None
+
     def statistics(self, model: nn.Module, shard: Tuple[int, int] = (0, 1)) -> Optional[Tensor]:
         """Summed :meth:`batch_statistics` of full forwards over one shard of the batches (None: no batch).
 
@@ -247,6 +256,7 @@ class OutputDistortion(ForwardMetric):
                 raise ValueError(f"layers names a module twice: {names}; name each once")
             self.capture = tuple(names)
         self._reference: Optional[List[Dict[str, Tensor]]] = None
+        self._norms: Optional[Tensor] = None
 
     def prepare(self, model: nn.Module) -> None:
         """Record the outputs of ``model`` (the dense model) that later scores are compared to."""
@@ -267,6 +277,11 @@ class OutputDistortion(ForwardMetric):
                                          f"{len(reference)}")
                 reference.append(outputs)
         self._reference = reference
+        self._norms = None
+        for outputs in reference:  # the dense energy each capture's distances divide by, as the totals sum it
+            norms = torch.tensor([outputs[name].double().pow(2).sum().item() for name in self.capture],
+                                 dtype=torch.float64)
+            self._norms = norms if self._norms is None else self._norms + norms
         for name in self.capture:
             if reference and all(not bool(outputs[name].any()) for outputs in reference if name in outputs):
                 where = "the model's output" if name == MODEL_OUTPUT else f"the output of {name!r}"
@@ -308,6 +323,23 @@ class OutputDistortion(ForwardMetric):
         ]
         return float(sum(distances) / len(distances))
 
+    def best_final_score(self, partial: Tensor) -> Optional[float]:
+        """The distortion with no error past the batches seen: squared errors only add up, and the dense
+        energy they are divided by is known from :meth:`prepare`.
+
+        Example:
+            >>> metric = OutputDistortion(torch.ones(1, 1, 2, 2))
+            >>> metric.prepare(nn.Identity())  # dense energy 4
+            >>> metric.best_final_score(torch.tensor([1.0, 1.0], dtype=torch.float64))
+            0.5
+        """
+        if self._norms is None:
+            return None
+        errors = partial.double().reshape(-1)[0::2].tolist()
+        norms = self._norms.tolist()
+        distances = [relative_distance(error, norm) for error, norm in zip(errors, norms)]
+        return float(sum(distances) / len(distances))
+
     def reduce_many(self, totals: Tensor) -> Tensor:
         """:meth:`reduce` of each row of ``totals`` [R, 2 * captures] at once (a settling scan's bootstrap)."""
         error, norm = totals[:, 0::2].double(), totals[:, 1::2].double()
@@ -337,6 +369,7 @@ class Accuracy(ForwardMetric):
         if not isinstance(loader, Iterable):
             raise TypeError(f"loader must be an iterable of (inputs, labels), got {type(loader).__name__}")
         self.loader = loader
+        self._samples: Optional[int] = None  # labels in the last complete pass over the loader
 
     def num_batches(self) -> Optional[int]:
         try:
@@ -345,6 +378,7 @@ class Accuracy(ForwardMetric):
             return None
 
     def batches(self, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
+        samples = 0
         for index, batch in enumerate(self.loader):
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
                 raise TypeError(
@@ -355,7 +389,9 @@ class Accuracy(ForwardMetric):
             if not isinstance(labels, Tensor):
                 labels = torch.as_tensor(labels)
             _check_finite(inputs, f"input batch {index}")
+            samples += int(labels.shape[0]) if labels.dim() else 1
             yield inputs.to(device), labels
+        self._samples = samples
 
     def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
         logits = output_tensor(outputs[MODEL_OUTPUT])
@@ -374,6 +410,21 @@ class Accuracy(ForwardMetric):
     def reduce_many(self, totals: Tensor) -> Tensor:
         """:meth:`reduce` of each row of ``totals`` [R, 2] at once (a settling scan's bootstrap)."""
         return totals[:, 0] / totals[:, 1]
+
+    def best_final_score(self, partial: Tensor) -> Optional[float]:
+        """The accuracy if every sample not seen yet were right (known once a pass has counted the samples).
+
+        Example:
+            >>> metric = Accuracy([(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))] * 2)
+            >>> metric(nn.Identity())  # a full pass: 8 samples, the first class always picked
+            0.5
+            >>> metric.best_final_score(torch.tensor([1.0, 4.0], dtype=torch.float64))  # 1 of 4 right so far
+            0.625
+        """
+        if not self._samples:
+            return None
+        correct, seen = partial.double().reshape(-1).tolist()
+        return (correct + max(0.0, self._samples - seen)) / self._samples
 
     def counts(self, totals: Tensor) -> Tuple[float, float]:
         """(correct, samples) of summed statistics: the score is a rate of counts (see :mod:`~prunekit.sensitivity.settle`)."""

@@ -30,7 +30,7 @@ from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError
 from prunekit.layers import model_device
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_tensor, relative_error
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
-from prunekit.sensitivity.settle import Estimate, Settler
+from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
 
 __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "PlanScorer", "SuffixFallbackWarning", "evaluate_plan", "scan"]
 
@@ -38,6 +38,8 @@ __all__ = ["DEFAULT_CACHE_LIMIT", "METHODS", "PlanScorer", "SuffixFallbackWarnin
 #: Bytes of dense prefix states kept between layers; batches beyond it recompute their prefix
 #: (a tuning knob: the suffix speed-up holds at any value, 0 included).
 DEFAULT_CACHE_LIMIT = 1 << 30
+#: What a plan fit's mask makers may hold (about 8 bytes per weight of each layer kept).
+DEFAULT_MASK_LIMIT = 1 << 29
 
 # ---------------------------------------------------------------------------
 # Checks
@@ -179,28 +181,49 @@ class _Masker:
     """Masked copies of a layer's tensors at any level, from the method's own :meth:`~PruningMethod.mask_maker`.
 
     The masks are the method's, so a plan read off a scan behaves as scanned by
-    construction. One layer's mask maker is kept at a time (a fine-grained one holds
-    the layer's magnitude order, sorted once for all its levels).
+    construction. A mask maker does the work every level of a layer shares (a
+    fine-grained one sorts the layer's magnitudes once). A scan keeps one layer's
+    maker at a time (``keep_bytes=0``); a plan fit, whose trials prune the same
+    layers again and again, keeps makers for several layers, the least recently
+    used dropped first once their estimated size (8 bytes per weight: a sorted
+    index) passes ``keep_bytes``.
     """
 
     def __init__(
-        self, blocks: Mapping[str, Any], pruning: PruningMethod, scores: Optional[Mapping[str, Tensor]]
+        self, blocks: Mapping[str, Any], pruning: PruningMethod, scores: Optional[Mapping[str, Tensor]],
+        keep_bytes: int = 0,
     ) -> None:
-        self.blocks, self.pruning, self.scores = blocks, pruning, scores or {}
-        self._maker: Optional[Tuple[str, Callable[[float], List[Tensor]]]] = None
+        self.blocks, self.pruning, self.scores = dict(blocks), pruning, scores or {}
+        self.keep_bytes = keep_bytes
+        self._makers: Dict[str, Tuple[int, Callable[[float], List[Tensor]]]] = {}  # oldest use first
 
     def masked(self, layer: str, targets: Sequence[Target], sparsity: float) -> List[Tensor]:
-        if self._maker is None or self._maker[0] != layer:
-            self._maker = None  # free the previous layer's work before the next one's
-            self._maker = (layer, self.pruning.mask_maker(self.blocks[layer], self.scores.get(layer)))
+        maker = self._maker(layer, targets)
         with torch.no_grad():
-            masks = self._maker[1](sparsity)
+            masks = maker(sparsity)
             # The same product the pruning forward pre-hook computes (weight_orig * weight_mask).
             return [module._parameters[name].detach() * mask.to(dtype=module._parameters[name].dtype)
                     for (module, name), mask in zip(targets, masks)]
 
+    def _maker(self, layer: str, targets: Sequence[Target]) -> Callable[[float], List[Tensor]]:
+        if layer in self._makers:
+            self._makers[layer] = self._makers.pop(layer)  # most recently used last
+            return self._makers[layer][1]
+        size = 8 * sum(module._parameters[name].numel() for module, name in targets)
+        # Free what will not be kept before the next layer's work (one layer at a time: all of it).
+        while self._makers and sum(kept for kept, _ in self._makers.values()) + size > self.keep_bytes:
+            del self._makers[next(iter(self._makers))]
+        maker = self.pruning.mask_maker(self.blocks[layer], self.scores.get(layer))
+        self._makers[layer] = (size, maker)
+        return maker
+
+    def update(self, blocks: Mapping[str, Any], scores: Optional[Mapping[str, Tensor]]) -> None:
+        """Mask more blocks of the same model, weights and statistics (makers already made stay valid)."""
+        self.blocks.update(blocks)
+        self.scores = scores or {}
+
     def release(self) -> None:
-        self._maker = None
+        self._makers.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -347,13 +370,17 @@ class PlanScorer:
     forwards.
     """
 
-    def __init__(self, model: nn.Module, evaluate: Any, pruning: PruningMethod, cache_limit: int = DEFAULT_CACHE_LIMIT):
+    def __init__(self, model: nn.Module, evaluate: Any, pruning: PruningMethod, cache_limit: int = DEFAULT_CACHE_LIMIT,
+                 mask_limit: int = DEFAULT_MASK_LIMIT):
         self.pruning = pruning
         self.traced: Optional[Traced] = None
         self.base: Dict[str, float] = {}
         self.limit, self.used = cache_limit, 0
         # batch -> position -> (levels of the blocks before it, state there)
         self.kept: Dict[int, Dict[int, Tuple[Tuple[Tuple[str, float], ...], Dict[Any, Any]]]] = {}
+        self.mask_limit = mask_limit
+        self._masker: Optional[_Masker] = None
+        self._mask_context: Any = None
         if isinstance(evaluate, ForwardMetric):
             try:
                 self.traced = trace(model)
@@ -362,6 +389,17 @@ class PlanScorer:
                 self.traced = None
         if self.traced is not None:
             self.runner = GraphRunner(self.traced)
+
+    def masker(self, pruning: PruningMethod, blocks: Mapping[str, Any], scores: Optional[Mapping[str, Tensor]],
+               context: Any) -> _Masker:
+        """The masker kept across calls, for ``blocks``: its mask makers stay while ``context`` (what the
+        method's channel scores come from) and the method stay the same."""
+        if self._masker is None or self._mask_context != (pruning.name, context):
+            self._masker = _Masker(blocks, pruning, scores, keep_bytes=self.mask_limit)
+            self._mask_context = (pruning.name, context)
+        else:
+            self._masker.update(blocks, scores)
+        return self._masker
 
     def rebase(self, plan: Mapping[str, float]) -> None:
         """Later plans add to ``plan`` (layer -> sparsity): keep its states, drop the others'."""
@@ -429,11 +467,12 @@ class PlanScorer:
 
     def score(
         self, metric: ForwardMetric, model: nn.Module, blocks: Mapping[str, Any], levels: Mapping[str, float],
-        settler: Optional[Settler] = None, seed: int = 0,
+        settler: Optional[Settler] = None, seed: int = 0, tolerance: Optional[Tolerance] = None,
     ) -> Union[None, float, Estimate]:
         """The metric with the plan's masks in place (the caller swaps them in); None: score it with full forwards.
 
-        With a ``settler``, batches stop once the verdict is settled (its :class:`Estimate` is returned).
+        With a ``settler``, batches stop once the verdict is settled; with a ``tolerance``, once the plan
+        is certain to break it (the :class:`Estimate` is returned then).
         """
         start = self._start(blocks, levels)
         if start is None:
@@ -455,6 +494,9 @@ class PlanScorer:
                     totals = stats if totals is None else totals + stats
                     if settler is not None:
                         rows.append((number, stats.detach().double().reshape(-1).cpu()))
+                broken = _certain_break(metric, tolerance, totals, number, world)
+                if broken is not None:
+                    return broken
                 if settler is not None and settler.is_look(number + 1):
                     estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
                     if estimate is not None:
@@ -462,9 +504,10 @@ class PlanScorer:
         return metric.reduce(_summed(metric, totals))
 
     def release(self) -> None:
-        """Free the kept states."""
+        """Free the kept states and mask makers."""
         self.kept.clear()
         self.used = 0
+        self._masker = None
 
 
 def _suffix_graph(
@@ -524,17 +567,37 @@ def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
     return metric.reduce(_forward_statistics(metric, model))
 
 
-def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Settler, seed: int) -> Union[float, Estimate]:
-    """Full forwards batch by batch that stop once ``settler`` settles the verdict (its Estimate), else the exact score."""
+def _certain_break(metric: ForwardMetric, tolerance: Optional[Tolerance], totals: Optional[Tensor], number: int,
+                   world: int) -> Optional[Estimate]:
+    """After batch ``number``: the estimate of a plan certain to break ``tolerance`` (every rank alike), else None.
+
+    Under torch.distributed the ranks look together, once every rank has a batch more (a round).
+    """
+    if tolerance is None or (number + 1) % world:
+        return None
+    partial = all_reduce_sum(totals)
+    if partial is None:
+        return None
+    return tolerance.certainly_beyond(metric, partial, number + 1, metric.num_batches())
+
+
+def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Optional[Settler], seed: int,
+                           tolerance: Optional[Tolerance] = None) -> Union[float, Estimate]:
+    """Full forwards batch by batch that stop once ``settler`` settles the verdict or the plan is certain to
+    break ``tolerance`` (the Estimate then), else the exact score."""
     rows: List[Tuple[int, Tensor]] = []
     totals: Optional[Tensor] = None
+    world = rank_and_world()[1]
     batches = metric.each_batch(model, rank_and_world())
     try:
         for number, stats in batches:
             if stats is not None:
                 totals = stats if totals is None else totals + stats
                 rows.append((number, stats.detach().double().reshape(-1).cpu()))
-            if settler.is_look(number + 1):
+            broken = _certain_break(metric, tolerance, totals, number, world)
+            if broken is not None:
+                return broken
+            if settler is not None and settler.is_look(number + 1):
                 estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
                 if estimate is not None:
                     return estimate
@@ -969,6 +1032,7 @@ def evaluate_plan(
     criterion: str = "l2",
     settler: Optional[Settler] = None,
     scorer: Optional[PlanScorer] = None,
+    tolerance: Optional[Tolerance] = None,
 ) -> Any:
     """Score ``model`` with a whole plan applied at once, then restore it exactly.
 
@@ -982,11 +1046,16 @@ def evaluate_plan(
         evaluate: ``evaluate(model) -> float`` (a built-in metric is prepared on the dense model first).
         plan: conv layer name -> final sparsity in [0, 1], as for :func:`prunekit.apply_plan`.
         method, stats, criterion: as for :func:`scan`.
-        scorer: a :class:`PlanScorer` kept across calls (kept states reused; same scores); its
-            owner prepares the metric on the dense model once, before the first call.
+        scorer: a :class:`PlanScorer` kept across calls (kept states and mask makers reused; same
+            scores); its owner prepares the metric on the dense model once, before the first call,
+            and keeps the model's weights as they were.
         settler: stop once the plan's verdict against a tolerance is settled (a
             :class:`~prunekit.sensitivity.settle.Settler`; ``ForwardMetric`` only): the
             :class:`~prunekit.sensitivity.settle.Estimate` is returned instead of a score then.
+        tolerance: stop once the plan is certain to score beyond this
+            :class:`~prunekit.sensitivity.settle.Tolerance` whatever the batches left give (a
+            ``ForwardMetric`` that can bound its final score): the Estimate, ``within=False``, is
+            returned then. A plan within the tolerance is scored on every batch.
 
     Example:
         >>> from prunekit.sensitivity import OutputDistortion
@@ -999,28 +1068,31 @@ def evaluate_plan(
     plan = check_plan(model, plan, pruning.layer_types)  # also checks the layer names
     check_prunable(model, plan)
     blocks, levels = plan_blocks(model, plan, pruning)
-    masker = _Masker(blocks, pruning, pruning.scores(model, blocks, stats, criterion))
+    scores = pruning.scores(model, blocks, stats, criterion)
+    masker = (scorer.masker(pruning, blocks, scores, (criterion, id(stats))) if scorer is not None
+              else _Masker(blocks, pruning, scores))
     targets: List[Target] = []
     masked: List[Tensor] = []
     for key, sparsity in levels.items():
         block_targets = _targets(blocks[key], key, pruning)
         targets += block_targets
         masked += masker.masked(key, block_targets, sparsity)
-    masker.release()
+    if scorer is None:
+        masker.release()
     guard = _Guard(model)
     try:
         model.eval()
         if isinstance(evaluate, ForwardMetric) and scorer is None:
             evaluate.prepare(model)  # a scorer's owner prepared it once on the dense model
         with guard.swap(targets, masked):
-            kept = (scorer.score(evaluate, model, blocks, levels, settler=settler, seed=len(targets))
+            kept = (scorer.score(evaluate, model, blocks, levels, settler=settler, seed=len(targets), tolerance=tolerance)
                     if isinstance(evaluate, ForwardMetric) and scorer is not None else None)
             if isinstance(kept, Estimate):
                 return kept
             if kept is not None:
                 score = kept
-            elif isinstance(evaluate, ForwardMetric) and settler is not None:
-                settled = _settled_forward_score(evaluate, model, settler, seed=len(targets))
+            elif isinstance(evaluate, ForwardMetric) and (settler is not None or tolerance is not None):
+                settled = _settled_forward_score(evaluate, model, settler, seed=len(targets), tolerance=tolerance)
                 if isinstance(settled, Estimate):
                     return settled
                 score = settled

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from prunekit.sensitivity.result import score_drop
 
-__all__ = ["Estimate", "Settler", "score_interval"]
+__all__ = ["Estimate", "Settler", "Tolerance", "score_interval"]
 
 #: Bootstrap resamples per interval: enough for the tail quantiles the union bound asks for.
 _MIN_RESAMPLES = 2000
@@ -225,3 +225,46 @@ class Settler:
             return None
         score = float(self.metric.reduce(per_batch.double().sum(dim=0)))
         return Estimate(score, low, high, int(per_batch.shape[0]), self.total, within)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A plan's verdict that needs no confidence: beyond the tolerance whatever the batches left give.
+
+    A plan fit only needs to know whether a trial holds; a trial that breaks the tolerance can
+    stop as soon as the metric's :meth:`~prunekit.sensitivity.ForwardMetric.best_final_score`
+    (the best score every batch together can still give: the squared errors seen so far only add
+    up; the samples not seen yet could all be right) is beyond it. Unlike :class:`Settler`'s,
+    this verdict is certain, so it may be looked at after every batch. Trials that hold run to
+    the end: their score is exact.
+
+    Example:
+        >>> from prunekit.sensitivity.metrics import Accuracy
+        >>> metric = Accuracy([(torch.zeros(4, 2), torch.tensor([0, 0, 0, 1]))] * 4)
+        >>> metric(torch.nn.Identity())  # one full pass counts the 16 samples
+        0.75
+        >>> tolerance = Tolerance(baseline=0.75, higher_is_better=True, max_drop=0.1)
+        >>> tolerance.certainly_beyond(metric, torch.tensor([0.0, 8.0], dtype=torch.float64), 2, 4).within
+        False
+        >>> tolerance.certainly_beyond(metric, torch.tensor([3.0, 4.0], dtype=torch.float64), 1, 4) is None
+        True
+    """
+
+    baseline: float
+    higher_is_better: bool
+    max_drop: float
+    relative: bool = False
+
+    def certainly_beyond(self, metric: Any, partial: Tensor, batches: int, total: Optional[int]) -> Optional[Estimate]:
+        """An estimate with ``within=False`` when ``partial`` (the summed statistics of the first ``batches``)
+        already puts the final score beyond the tolerance; None otherwise."""
+        best = metric.best_final_score(partial)
+        if best is None or math.isnan(best):
+            return None
+        drop = score_drop(best, self.baseline, self.higher_is_better, self.relative)
+        # Well past the tolerance, not at float rounding: ranks may sum the totals in another order.
+        if not drop > self.max_drop + 1e-12 + 1e-9 * max(1.0, abs(best)):
+            return None
+        low, high = (-math.inf, best) if self.higher_is_better else (best, math.inf)
+        score = float(metric.reduce(partial.double()))
+        return Estimate(score, low, high, int(batches), int(total) if total else int(batches), False)
