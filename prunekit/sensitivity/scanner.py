@@ -494,13 +494,9 @@ class PlanScorer:
                     totals = stats if totals is None else totals + stats
                     if settler is not None:
                         rows.append((number, stats.detach().double().reshape(-1).cpu()))
-                broken = _certain_break(metric, tolerance, totals, number, world)
-                if broken is not None:
-                    return broken
-                if settler is not None and settler.is_look(number + 1):
-                    estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
-                    if estimate is not None:
-                        return estimate
+                stopped = _stop_early(metric, tolerance, settler, totals, rows, number, world, seed)
+                if stopped is not None:
+                    return stopped
         return metric.reduce(_summed(metric, totals))
 
     def release(self) -> None:
@@ -567,18 +563,22 @@ def _forward_score(metric: ForwardMetric, model: nn.Module) -> float:
     return metric.reduce(_forward_statistics(metric, model))
 
 
-def _certain_break(metric: ForwardMetric, tolerance: Optional[Tolerance], totals: Optional[Tensor], number: int,
-                   world: int) -> Optional[Estimate]:
-    """After batch ``number``: the estimate of a plan certain to break ``tolerance`` (every rank alike), else None.
-
-    Under torch.distributed the ranks look together, once every rank has a batch more (a round).
+def _stop_early(metric: ForwardMetric, tolerance: Optional[Tolerance], settler: Optional[Settler],
+                totals: Optional[Tensor], rows: Sequence[Tuple[int, Tensor]], number: int, world: int, seed: int,
+                ) -> Optional[Estimate]:
+    """After batch ``number``: the estimate of a plan certain to break ``tolerance``, or whose verdict ``settler``
+    settles at this look; None to go on. Every rank decides alike from all-reduced statistics: the certain
+    check once every rank has a batch more (a round), the settler at its looks.
     """
-    if tolerance is None or (number + 1) % world:
-        return None
-    partial = all_reduce_sum(totals)
-    if partial is None:
-        return None
-    return tolerance.certainly_beyond(metric, partial, number + 1, metric.num_batches())
+    if tolerance is not None and (number + 1) % world == 0:
+        partial = all_reduce_sum(totals)
+        if partial is not None:
+            broken = tolerance.certainly_beyond(metric, partial, number + 1, metric.num_batches())
+            if broken is not None:
+                return broken
+    if settler is not None and settler.is_look(number + 1):
+        return settler.verdict(_gathered(rows, number + 1), seed=seed + number)
+    return None
 
 
 def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Optional[Settler], seed: int,
@@ -594,13 +594,9 @@ def _settled_forward_score(metric: ForwardMetric, model: nn.Module, settler: Opt
             if stats is not None:
                 totals = stats if totals is None else totals + stats
                 rows.append((number, stats.detach().double().reshape(-1).cpu()))
-            broken = _certain_break(metric, tolerance, totals, number, world)
-            if broken is not None:
-                return broken
-            if settler is not None and settler.is_look(number + 1):
-                estimate = settler.verdict(_gathered(rows, number + 1), seed=seed + number)
-                if estimate is not None:
-                    return estimate
+            stopped = _stop_early(metric, tolerance, settler, totals, rows, number, world, seed)
+            if stopped is not None:
+                return stopped
     finally:
         batches.close()  # restores the model's flags and hooks when stopped early
     return metric.reduce(_summed(metric, totals))
