@@ -321,3 +321,21 @@ def test_help_and_argument_errors_answer_before_torch_is_imported(tmp_path, argv
     done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "no torch", (done.stdout, done.stderr)
+
+
+def test_a_rank_other_than_0_waits_for_rank_0_then_says_its_own_error(runner, monkeypatch):
+    """torchrun stops every rank once one exits: a rank > 0 that exited at once could stop rank 0 before it
+    printed why (seen under load); it waits, and if still running (rank 0 did not fail) it speaks itself."""
+    import prunekit.cli.errors as errors
+
+    waits = []
+    monkeypatch.setattr(errors.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")
+    done = runner.invoke(cli, ["scan", "--data", "missing-folder", "--out", "s"])
+    assert done.exit_code == 1
+    assert waits == [errors.RANK_GRACE_SECONDS] and errors.RANK_GRACE_SECONDS >= 5
+    assert done.output.strip().splitlines()[-1].startswith("Error: rank 1: ") and "missing-folder" in done.output
+    monkeypatch.setenv("RANK", "0")
+    waits.clear()
+    done = runner.invoke(cli, ["scan", "--data", "missing-folder", "--out", "s"])
+    assert done.exit_code == 1 and waits == [] and "Error: rank" not in done.output

@@ -1,8 +1,10 @@
 """How every command fails and stops: one line on stderr, the right exit code, pure JSON on stdout.
 
 Library errors become one ``error: ...`` line and exit 1 (no traceback; set
-``PRUNEKIT_DEBUG=1`` to see it; under ``torchrun`` rank 0 alone prints it, the
-other ranks exit 1 quietly); warnings become ``warning: ...`` lines; Ctrl-C
+``PRUNEKIT_DEBUG=1`` to see it; under ``torchrun`` rank 0 prints it, and the
+other ranks wait :data:`RANK_GRACE_SECONDS` first, so that torchrun stops them
+once rank 0 has failed and said why; a rank still running then failed alone and
+prints its own, with its rank); warnings become ``warning: ...`` lines; Ctrl-C
 exits 130. With ``--json`` everything but the JSON document (status lines,
 torchvision's download messages) goes to stderr, so stdout parses.
 """
@@ -15,6 +17,7 @@ import functools
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Any, Callable, Iterator, List
 
@@ -24,6 +27,8 @@ __all__ = ["emit_json", "library_errors", "one_line"]
 
 # Errors the library raises on bad input; anything else is a bug and keeps its traceback.
 _LIBRARY_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError)
+#: Under torchrun, how long a rank other than 0 waits before it reports an error (rank 0 says it first).
+RANK_GRACE_SECONDS = 20.0
 _JSON_STDOUT: List[Any] = []  # the real stdout while a --json command runs
 
 
@@ -82,11 +87,15 @@ def library_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except _LIBRARY_ERRORS as err:
             if os.environ.get("PRUNEKIT_DEBUG"):
                 raise
-            if os.environ.get("RANK", "0") not in ("", "0"):
-                raise click.exceptions.Exit(1) from None  # under torchrun every rank fails alike: rank 0 says why
             message = one_line(err)
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 message += "; free some space and run the same command again (a scan continues with --resume)"
+            rank = os.environ.get("RANK", "0")
+            if rank not in ("", "0"):
+                # Under torchrun every rank usually fails alike and rank 0 says why; a rank that exited at once
+                # would make torchrun stop rank 0 before it could. Wait for it, and speak if it did not fail.
+                time.sleep(RANK_GRACE_SECONDS)
+                message = f"rank {rank}: {message}"
             raise click.ClickException(message) from None
 
     return wrapper
