@@ -19,12 +19,14 @@ Cases:
           and trials each fit used.
   fit-cli: the same on HED with the CLI's default data (3 photos, 224 px, one batch), and the fit
           with each layer's magnitudes sorted again for every trial (as before they were kept).
-  stack:  levels stacked along the batch (``stack_levels=True``) against one by one, where batches
-          are large too (digits-vgg on one batch of 360, HED at 224 px) and on vgg11 at 64 px:
-          median CPU time of interleaved runs, and whether the scores are bitwise equal.
+  stack:  levels one by one (``stack_levels=False``, bitwise), stacked where it pays (``"auto"``, the
+          default) and stacked everywhere (``True``), where batches are large too (digits-vgg on one
+          batch of 360, HED at 224 px) and on vgg11 at 64 px (classifier scanned too): median CPU
+          time of interleaved runs, and how far the scores are from the bitwise ones.
   vgg11:  the whole torchvision vgg11 (random weights; classifier included) at 64 px, one batch of
-          4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan,
-          and the scan with ``stack_levels=True`` (each weight after the cut read once for all levels).
+          4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan
+          bitwise (``stack_levels=False``) and by default (``"auto"``: here every layer's levels
+          stacked, so each weight after the cut is read once for all levels).
 
 Run: ``python benchmarks/scan_settle.py [--cases digits,hed] [--crops 256] [--seeds 5] [--threads 2]``
 """
@@ -139,7 +141,9 @@ def hed_case(crops: int, confidence: float, seeds: int = 1) -> None:
           f"{totals[2]}/{totals[3]}, same plan in {totals[4]} of {seeds}", flush=True)
 
 
-def vgg11_case() -> None:
+def vgg11_case(repeats: int = 3) -> None:
+    """The naive loop, the bitwise scan and the default scan, interleaved ``repeats`` times: medians and spread."""
+    import statistics
     import torchvision
     from torch.nn.utils import prune
 
@@ -149,26 +153,43 @@ def vgg11_case() -> None:
     levels = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     metric = OutputDistortion(torch.randn(4, 3, 64, 64))
     metric.prepare(model)
-    start = time.process_time()
-    for name in convs:  # the naive loop: prune, score with a full forward, restore
-        conv = model.get_submodule(name)
-        saved = conv.weight.detach().clone()
-        for level in levels:
-            prune.l1_unstructured(conv, "weight", amount=level)
-            metric(model)
-            prune.remove(conv, "weight")
-            with torch.no_grad():
-                conv.weight.copy_(saved)
-    naive = time.process_time() - start
-    start = time.process_time()
-    plain = scan(model, metric, layers=convs, sparsities=levels, progress=False)
-    streamed = time.process_time() - start
-    start = time.process_time()
-    stacked = scan(model, metric, layers=convs, sparsities=levels, progress=False, stack_levels=True)
-    both = time.process_time() - start
-    print(f"vgg11 at 64 px, 4 images, 8 convs x 6 levels: naive {naive:.1f} s CPU, scan {streamed:.1f} s "
-          f"({naive / streamed:.2f}x), scan with stacked levels {both:.1f} s ({naive / both:.2f}x); stacked scores "
-          f"{'bitwise equal' if plain.scores == stacked.scores else 'differ'}", flush=True)
+
+    def naive() -> None:  # prune, score with a full forward, restore
+        for name in convs:
+            conv = model.get_submodule(name)
+            saved = conv.weight.detach().clone()
+            for level in levels:
+                prune.l1_unstructured(conv, "weight", amount=level)
+                metric(model)
+                prune.remove(conv, "weight")
+                with torch.no_grad():
+                    conv.weight.copy_(saved)
+
+    results: Dict[str, SensitivityResult] = {}
+    runs = {"naive": naive,
+            "bitwise": lambda: results.__setitem__("bitwise", scan(model, metric, layers=convs, sparsities=levels,
+                                                                   progress=False, stack_levels=False)),
+            "default": lambda: results.__setitem__("default", scan(model, metric, layers=convs, sparsities=levels,
+                                                                   progress=False))}
+    times: Dict[str, list] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.process_time()
+            run()
+            times[name].append(time.process_time() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratios = [n / d for n, d in zip(times["naive"], times["default"])]
+    print(f"vgg11 at 64 px, 4 images, 8 convs x 6 levels ({repeats} interleaved runs, medians): naive "
+          f"{median['naive']:.1f} s CPU, scan bitwise (stack_levels=False) {median['bitwise']:.1f} s "
+          f"({median['naive'] / median['bitwise']:.2f}x), scan by default (stack_levels='auto') {median['default']:.1f} s "
+          f"({median['naive'] / median['default']:.2f}x; each run {min(ratios):.2f}x to {max(ratios):.2f}x); the "
+          f"default's scores {'bitwise equal' if results['bitwise'].scores == results['default'].scores else 'differ'} "
+          f"(largest relative difference {_largest_difference(results['bitwise'], results['default']):.1e})", flush=True)
+
+
+def _largest_difference(first: SensitivityResult, second: SensitivityResult) -> float:
+    return max(abs(a - b) / max(abs(a), 1e-30) for layer in first.layers
+               for a, b in zip(first.scores[layer], second.scores[layer]))
 
 
 def stack_case() -> None:
@@ -192,57 +213,74 @@ def stack_case() -> None:
     for label, model, make_metric, repeats in cases:
         torch.manual_seed(1)
         metric = make_metric()
-        times: Dict[bool, list] = {False: [], True: []}
-        scores: Dict[bool, Any] = {}
+        modes: Tuple[Any, ...] = (False, "auto", True)
+        times: Dict[Any, list] = {mode: [] for mode in modes}
+        scores: Dict[Any, Any] = {}
         for _ in range(repeats):
-            for stacked in (False, True):
+            for mode in modes:
                 start = time.process_time()
-                result = scan(model, metric, progress=False, stack_levels=stacked)
-                times[stacked].append(time.process_time() - start)
-                scores[stacked] = result.scores
-        one, both = statistics.median(times[False]), statistics.median(times[True])
+                result = scan(model, metric, progress=False, stack_levels=mode)
+                times[mode].append(time.process_time() - start)
+                scores[mode] = result
+        one, auto, both = (statistics.median(times[mode]) for mode in modes)
         spread = max(max(t) - min(t) for t in times.values())
-        print(f"{label}: levels one by one {one:.2f} s CPU, stacked {both:.2f} s ({one / both:.2f}x; {repeats} "
-              f"interleaved runs, spread {spread:.2f} s); scores {'bitwise equal' if scores[False] == scores[True] else 'differ'}",
-              flush=True)
+        same = {mode: "bitwise equal" if scores[mode].scores == scores[False].scores else
+                f"differ by {_largest_difference(scores[False], scores[mode]):.1e} at most" for mode in modes[1:]}
+        print(f"{label}: levels one by one {one:.2f} s CPU, auto (the default) {auto:.2f} s ({one / auto:.2f}x, scores "
+              f"{same['auto']}), stacked everywhere {both:.2f} s ({one / both:.2f}x, scores {same[True]}); {repeats} "
+              f"interleaved runs, spread {spread:.2f} s", flush=True)
 
 
 def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop: float, confidence: float,
-                 settle: bool = True, unkept_masks: bool = False) -> None:
+                 settle: bool = True, unkept_masks: bool = False, repeats: int = 1) -> None:
     """Scan, then fit three ways: fit time as a fraction of scan time, trials, and the weights each plan removes.
 
     The earlier default (smallest single-layer drop first, every step tried) runs side by side with
     today's (most weights per unit of drop first, stopping once the steps left could remove under
-    0.5 % of the weights), and today's with settled trials.
+    0.5 % of the weights), and today's with settled trials. With ``repeats``, scan and fits run that
+    many times, interleaved, and the medians are compared (with the spread of the fractions).
     """
-    start = time.process_time()
-    result = scan(model, make_metric(), progress=False)
-    scan_time = time.process_time() - start
+    import statistics as stats
+
     fits = [("drop order, every step (earlier default)", dict(order="drop", min_gain=0.0)),
             ("weights order (default)", {})]
     if settle:
         fits.append((f"weights order, trials settled at {confidence}", dict(confidence=confidence)))
     if unkept_masks:
-        fits.append(("weights order, each layer's magnitudes sorted again for every trial (before)", dict(_unkept=True)))
-    for name, options in fits:
-        options = dict(options)
-        joint.PlanScorer = (functools.partial(PlanScorer, mask_limit=0) if options.pop("_unkept", False)
-                            else PlanScorer)
-        metric = make_metric()
-        used = {"batches": 0}
-        statistics = metric.batch_statistics
-
-        def counted(outputs: Any, target: Any) -> torch.Tensor:
-            used["batches"] += 1
-            return statistics(outputs, target)
-
-        metric.batch_statistics = counted  # type: ignore[method-assign]
+        fits.append(("weights order, each layer's mask maker made again for every trial (none kept)", dict(_unkept=True)))
+    scan_times: list = []
+    spent: Dict[str, list] = {name: [] for name, _ in fits}
+    last: Dict[str, Any] = {}
+    for _ in range(repeats):
         start = time.process_time()
-        fitted = fit_plan(model, metric, result, max_drop, **options)
-        spent = time.process_time() - start
-        batches = metric.num_batches() or 1
-        print(f"{label}: fit, {name}: {spent:.1f} s CPU = {spent / scan_time:.0%} of the scan's {scan_time:.1f} s; "
-              f"{len(fitted.trials)} trials, {used['batches']} batch-forwards (the trials in full: "
+        result = scan(model, make_metric(), progress=False)
+        scan_times.append(time.process_time() - start)
+        for name, options in fits:
+            options = dict(options)
+            joint.PlanScorer = (functools.partial(PlanScorer, mask_limit=0) if options.pop("_unkept", False)
+                                else PlanScorer)
+            metric = make_metric()
+            used = {"batches": 0}
+            batch_statistics = metric.batch_statistics
+
+            def counted(outputs: Any, target: Any, used: Dict[str, int] = used, inner: Any = batch_statistics) -> torch.Tensor:
+                used["batches"] += 1
+                return inner(outputs, target)
+
+            metric.batch_statistics = counted  # type: ignore[method-assign]
+            start = time.process_time()
+            fitted = fit_plan(model, metric, result, max_drop, **options)
+            spent[name].append(time.process_time() - start)
+            last[name] = (fitted, used["batches"], metric.num_batches() or 1)
+        joint.PlanScorer = PlanScorer
+    scan_time = stats.median(scan_times)
+    for name, _ in fits:
+        fitted, used_batches, batches = last[name]
+        fit_time = stats.median(spent[name])
+        fractions = [fit / scanned for fit, scanned in zip(spent[name], scan_times)]
+        spread = f" (each run: {min(fractions):.0%} to {max(fractions):.0%}, {repeats} runs)" if repeats > 1 else ""
+        print(f"{label}: fit, {name}: {fit_time:.2f} s CPU = {fit_time / scan_time:.0%} of the scan's {scan_time:.2f} s"
+              f"{spread}; {len(fitted.trials)} trials, {used_batches} batch-forwards (the trials in full: "
               f"{len(fitted.trials) * batches}); plan removes {fitted.sparsity:.3f} of the "
               f"weights, joint score {fitted.score:.4g} (baseline {result.baseline:.4g}, max drop {max_drop})",
               flush=True)
@@ -253,7 +291,7 @@ def fit_case(crops: int, confidence: float) -> None:
     digits = digits_test_set()
     whole = list(make_loader(digits, len(digits)))
     fit_case_for("digits-vgg, CLI default (accuracy, one batch of 360)", model, lambda: Accuracy(whole), 0.01,
-                 confidence, settle=False)
+                 confidence, settle=False, repeats=5)
     loader = list(make_loader(digits, 4))
     fit_case_for("digits-vgg, 90 batches of 4, distortion", model,
                  lambda: OutputDistortion([batch[0] for batch in loader]), 0.05, confidence)

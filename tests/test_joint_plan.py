@@ -149,8 +149,23 @@ def test_the_fit_stops_once_the_steps_left_could_remove_few_weights(monkeypatch)
     measured.clear()
     early = fit_plan(model, None, result, max_drop=0.1, min_gain=0.2)
     assert everything.left == 0 and 0 < early.left < 0.2
-    assert len(measured) < tried_all and early.score <= 0.1
+    assert len(measured) <= tried_all and early.score <= 0.1
     assert everything.sparsity >= early.sparsity >= everything.sparsity - early.left - 1e-9
+
+
+def test_the_fit_never_tries_layers_too_small_to_matter(monkeypatch):
+    """Layers whose weights add up to less than min_gain are left out before the search: a small first
+    conv costs a whole evaluation per trial and can buy almost nothing."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    result, measured = _additive_fit(monkeypatch, {"0": 0.001, "2": 0.02, "4": 0.03})
+    small = 36 / (36 + 2304 + 36864)  # conv 0's share of the weights: 0.09 %
+    fit = fit_plan(model, None, result, max_drop=0.05)
+    assert all(plan["0"] == 0.0 for plan in measured) and fit.plan["0"] == 0.0
+    assert fit.left == pytest.approx(0.8 * small) and fit.score <= 0.05
+    measured.clear()
+    every = fit_plan(model, None, result, max_drop=0.05, min_gain=0)
+    assert any(plan["0"] > 0 for plan in measured) and every.plan["0"] > 0 and every.left == 0
+    assert fit.sparsity >= every.sparsity - fit.left - 1e-9
 
 
 def test_zero_tolerance_on_sensitive_model_gives_dense_plan():
@@ -210,8 +225,9 @@ class _Residual(nn.Module):
         return self.d(y)
 
 
-def test_plan_scores_from_a_kept_base_equal_full_forwards_and_skip_its_prefix():
-    """After rebase(plan), trials that add to the plan start from its states before the first layer they change."""
+def test_plan_scores_from_kept_states_equal_full_forwards_and_skip_what_an_earlier_run_computed():
+    """Trials start from the latest state an earlier run kept for the same levels before it: the base's
+    (after rebase(plan)), or another trial's, which shares its first layers (a bisection's trials)."""
     from prunekit.methods.registry import get_method
     from prunekit.sensitivity.scanner import PlanScorer
 
@@ -223,24 +239,66 @@ def test_plan_scores_from_a_kept_base_equal_full_forwards_and_skip_its_prefix():
     for name in calls:
         model.get_submodule(name).register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
     scorer = PlanScorer(model, metric, get_method("fine-grained"))
-    rounds = [({}, [{"c": 0.5}, {"b": 0.5, "c": 0.5}]),
-              ({"a": 0.4}, [{"a": 0.4, "d": 0.5}, {"a": 0.4, "c": 0.6}, {"a": 0.4, "d": 0.7}, {"a": 0.4, "b": 0.3}]),
-              ({"a": 0.4, "b": 0.3}, [{"a": 0.4, "b": 0.3, "d": 0.2}, {"a": 0.4, "b": 0.3, "d": 0.4}, {"a": 0.6, "b": 0.3}])]
+    # plan -> the convs it runs (on both batches) when scored after the plans before it
+    rounds = [({}, {(("c", 0.5),): "abcd", (("b", 0.5), ("c", 0.5)): "bcd",
+                    (("b", 0.5), ("d", 0.3)): "cd"}),  # the state before c with b at 0.5: the trial before's
+              ({"a": 0.4}, {(("a", 0.4), ("d", 0.5)): "abcd", (("a", 0.4), ("c", 0.6)): "c" + "d",
+                            (("a", 0.4), ("d", 0.7)): "d", (("a", 0.4), ("b", 0.3)): "bcd"}),
+              ({"a": 0.4, "b": 0.3}, {(("a", 0.4), ("b", 0.3), ("d", 0.2)): "d",  # kept by that trial: the new base
+                                      (("a", 0.4), ("b", 0.3), ("d", 0.4)): "d",
+                                      (("a", 0.6), ("b", 0.3)): "abcd"})]
     for base, trials in rounds:
         scorer.rebase(base)
-        for plan in trials:
+        for plan, convs in trials.items():
+            plan = dict(plan)
             full = evaluate_plan(model, metric, plan)  # full forwards: every conv runs on both batches
             before = dict(calls)
             assert evaluate_plan(model, metric, plan, scorer=scorer) == full  # bitwise
-            ran = {name: calls[name] - before[name] for name in calls}
-            if plan == {"a": 0.4, "d": 0.7}:  # the base's state before d was kept by the trial before
-                assert ran == {"a": 0, "b": 0, "c": 0, "d": 2}
-            if plan == {"a": 0.4, "b": 0.3, "d": 0.2}:  # the new base's state before b is the old base's
-                assert ran == {"a": 0, "b": 2, "c": 2, "d": 2}
-            if plan == {"a": 0.4, "b": 0.3, "d": 0.4}:
-                assert ran == {"a": 0, "b": 0, "c": 0, "d": 2}
+            assert {name: calls[name] - before[name] for name in calls} == {name: 2 * (name in convs) for name in calls}, plan
+    assert scorer.used > 0
     scorer.release()
     assert scorer.used == 0 and not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+def test_kept_states_count_shared_tensors_once_and_keep_the_precious_ones():
+    from prunekit.sensitivity.scanner import _KeptStates
+
+    skip, a, b, c = (torch.zeros(256) for _ in range(4))  # 1 KiB each
+    kept = _KeptStates(limit=3 * 1024)
+    kept.put((0, 1, ()), {"skip": skip, "x": a}, precious=True)
+    kept.put((0, 2, ()), {"skip": skip, "x": b}, precious=False)  # the skip tensor is counted once
+    assert kept.used == 3 * 1024 and len(kept.entries) == 2
+    kept.put((0, 3, ()), {"x": c}, precious=False)  # room made from the other non-precious state only
+    assert set(kept.entries) == {(0, 1, ()), (0, 3, ())} and kept.used == 3 * 1024
+    kept.put((0, 4, ()), {"y": torch.zeros(512)}, precious=False)  # would need the precious state's room
+    assert (0, 4, ()) not in kept.entries and kept.used <= kept.limit
+    kept.put((0, 5, ()), {"y": torch.zeros(512)}, precious=True)  # drops the least recently used first
+    assert set(kept.entries) == {(0, 5, ())} and kept.used == 2 * 1024
+    assert kept.get((0, 5, ())) is not None and kept.get((0, 1, ())) is None
+    kept.clear()
+    assert kept.used == 0 and not kept.entries
+
+
+def test_kept_states_stay_within_their_budget_the_bases_kept_first():
+    from prunekit.methods.registry import get_method
+    from prunekit.sensitivity.scanner import PlanScorer
+
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    metric = OutputDistortion([torch.randn(2, 4, 8, 8), torch.randn(3, 4, 8, 8)])
+    metric.prepare(model)
+    state = 2 * 4 * 8 * 8 * 4  # bytes of one activation of the first batch
+    scorer = PlanScorer(model, metric, get_method("fine-grained"), cache_limit=12 * state)
+    scorer.rebase({"a": 0.4})
+    for plan in ({"a": 0.4, "d": 0.5}, {"a": 0.4, "b": 0.5}, {"a": 0.4, "b": 0.6}, {"a": 0.4, "b": 0.7, "c": 0.2}):
+        assert evaluate_plan(model, metric, plan, scorer=scorer) == evaluate_plan(model, metric, plan)
+        assert scorer.used <= 12 * state
+        base = [key for key, (precious, _) in scorer.kept.entries.items() if precious]
+        assert base and all(dict(key[2]).get("a") == 0.4 for key in base if key[1] > 1)
+    # The base's states are kept while other trials' fill what is left: the base's state before d is there.
+    before_d = scorer.traced.position("d")
+    assert any(key[1] == before_d and key[2] == (("a", 0.4),) for key in scorer.kept.entries)
+    scorer.release()
 
 
 class _Unbounded(OutputDistortion):
@@ -331,21 +389,35 @@ def test_best_final_scores_bound_every_prefix_and_meet_the_score_at_the_end():
     model.load_state_dict(dense, strict=False)
 
 
-def test_the_fit_sorts_each_layers_magnitudes_once(monkeypatch, scanned):
+def test_the_fit_selects_each_layers_magnitudes_once_per_level(monkeypatch, scanned):
+    import functools
+
     import prunekit.methods.fine_grained as fine_grained
+    import prunekit.sensitivity.joint as joint
+    from prunekit.sensitivity.scanner import PlanScorer
 
     model, metric, result = scanned
-    sorted_weights = []
-    original = fine_grained.magnitude_order
+    made, selected = [], []
 
-    def counting(tensor):
-        sorted_weights.append(tensor.data_ptr())
-        return original(tensor)
+    class Counting(fine_grained.MagnitudeSelector):
+        def __init__(self, tensor):
+            made.append(tensor.data_ptr())
+            super().__init__(tensor)
 
-    monkeypatch.setattr(fine_grained, "magnitude_order", counting)
+        def smallest(self, count):
+            if count and count not in self._cuts:  # a selection (count 0 selects nothing)
+                selected.append((id(self), count))
+            return super().smallest(count)
+
+    monkeypatch.setattr(fine_grained, "MagnitudeSelector", Counting)
     fit = fit_plan(model, metric, result, max_drop=0.3)
     assert len(fit.trials) > len(result.layers)  # layers are pruned in more trials than there are layers
-    assert len(sorted_weights) == len(set(sorted_weights)) <= len(result.layers)
+    assert len(made) == len(set(made)) <= len(result.layers)  # one selector per layer for the whole fit
+    assert len(selected) == len(set(selected))  # each level of each layer selected once
+    made.clear()
+    monkeypatch.setattr(joint, "PlanScorer", functools.partial(PlanScorer, mask_limit=0))  # nothing kept
+    assert fit_plan(model, metric, result, max_drop=0.3).plan == fit.plan
+    assert len(made) > len(set(made))
 
 
 def test_a_scorer_keeps_mask_makers_only_for_the_same_statistics():

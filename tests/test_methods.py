@@ -319,3 +319,46 @@ def test_channel_activation_after_torch_ln_structured():
 def test_importance_scores_shape_is_checked():
     with pytest.raises(AssertionError, match="importance_scores"):
         fine_grained_l1(nn.Linear(5, 7), amount=1, importance_scores=torch.ones(3))
+
+
+# --- the smallest magnitudes without a sort --------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from prunekit.methods.fine_grained import MagnitudeSelector, magnitude_order  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    values=st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0, float("nan"), 1e-8]),
+                    min_size=1, max_size=40),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    fractions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4),
+)
+def test_the_selector_takes_the_entries_a_stable_sort_takes_ties_by_position(values, dtype, fractions):
+    tensor = torch.tensor(values, dtype=dtype)
+    selector = MagnitudeSelector(tensor)
+    order = magnitude_order(tensor)
+    for fraction in fractions + fractions:  # asked again: from the kept threshold
+        count = round(fraction * tensor.numel())
+        want = torch.zeros(tensor.numel(), dtype=torch.bool)
+        want[order[:count]] = True
+        got = selector.smallest(count)
+        assert torch.equal(got, want), (values, dtype, count)
+        assert int(got.sum()) == count
+
+
+def test_the_selector_matches_the_sort_on_a_conv_weight_of_a_real_size_and_rejects_a_bad_count():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32, 3, 3).permute(0, 2, 3, 1)  # not contiguous, as channels-last weights are
+    weight[:4] = -0.5  # 1152 ties: the count below takes the first 100 of them, by position
+    straddling = int((weight.abs() < 0.5).sum()) + 100
+    selector = MagnitudeSelector(weight)
+    order = magnitude_order(weight)
+    for count in (0, 1, 4608, straddling, 9000, weight.numel()):
+        want = torch.zeros(weight.numel(), dtype=torch.bool)
+        want[order[:count]] = True
+        assert torch.equal(selector.smallest(count), want)
+    with pytest.raises(ValueError, match=r"count=18433 is outside \[0, 18432\]"):
+        selector.smallest(weight.numel() + 1)

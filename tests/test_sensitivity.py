@@ -216,7 +216,7 @@ def test_prefix_cache_scores_equal_full_forwards(build, which):
     def full(m):  # the same metric, but opaque to the scanner: full forwards only
         return metric(m)
 
-    cached = scan(model, metric, sparsities=LEVELS, progress=False)
+    cached = scan(model, metric, sparsities=LEVELS, progress=False, stack_levels=False)  # bitwise mode
     naive = scan(model, full, sparsities=LEVELS, progress=False)
     assert cached.baseline == naive.baseline
     assert cached.scores == naive.scores
@@ -228,7 +228,8 @@ def test_prefix_cache_runs_fewer_layers():
     for name, conv in prunekit.conv_layers(model).items():
         conv.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
     # A hook on a leaf keeps the chain usable (the step still runs through __call__).
-    scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), layers=list(calls), sparsities=LEVELS, progress=False)
+    scan(model, OutputDistortion(torch.randn(2, 3, 8, 8)), layers=list(calls), sparsities=LEVELS, progress=False,
+         stack_levels=False)  # levels one by one: each runs the suffix once
     # prepare + baseline run everything; a conv then runs for the points of its own and earlier
     # layers, plus once to advance the cached input past it. A naive scan: 2 + 9 each.
     assert calls["0.0"] == 2 + len(LEVELS) + 1
@@ -239,8 +240,9 @@ def test_prefix_cache_runs_fewer_layers():
 def test_streaming_without_a_cache_scores_like_the_cache():
     model = small_vgg()
     metric = OutputDistortion(torch.randn(2, 3, 8, 8))
-    cached = scan(model, metric, sparsities=LEVELS, progress=False)
-    limited = scan(model, metric, sparsities=LEVELS, progress=False, cache_limit=0)
+    # Bitwise mode: stacked levels (the default where it pays) also need room in cache_limit.
+    cached = scan(model, metric, sparsities=LEVELS, progress=False, stack_levels=False)
+    limited = scan(model, metric, sparsities=LEVELS, progress=False, cache_limit=0, stack_levels=False)
     assert cached.scores == limited.scores
 
 
@@ -251,7 +253,8 @@ def test_streaming_without_a_cache_scores_like_the_cache():
 def test_resume_skips_finished_points_and_matches_a_full_scan():
     model = small_vgg()
     metric = OutputDistortion(torch.randn(2, 3, 8, 8))
-    full = scan(model, metric, sparsities=LEVELS, progress=False)
+    # Bitwise mode: a plain callable (full forwards) resumes it to the very same scores.
+    full = scan(model, metric, sparsities=LEVELS, progress=False, stack_levels=False)
 
     saved = []
 
@@ -261,7 +264,7 @@ def test_resume_skips_finished_points_and_matches_a_full_scan():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_the_first_layer)
+        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_the_first_layer, stack_levels=False)
     partial = saved[-1]
     assert not partial.complete and partial.num_done == len(LEVELS)
 
@@ -277,8 +280,55 @@ def test_resume_skips_finished_points_and_matches_a_full_scan():
     resumed = scan(model, counting, sparsities=LEVELS, progress=False, resume_from=partial)
     assert len(calls) == 1 + (len(full.layers) * len(LEVELS) - len(LEVELS) - 1)  # baseline check + the missing points only
     assert resumed.complete and resumed.scores == full.scores
-    streamed = scan(model, metric, sparsities=LEVELS, progress=False, resume_from=partial)
+    streamed = scan(model, metric, sparsities=LEVELS, progress=False, resume_from=partial, stack_levels=False)
     assert streamed.scores == full.scores
+
+
+def test_a_resumed_scan_with_stacked_levels_scores_as_an_unbroken_one(monkeypatch):
+    """Which layers stack depends on the batch's shapes alone, and a stacked batch always scores as stacked
+    (the check against one-by-one levels only turns stacking off), so a resume changes no score."""
+    from prunekit.sensitivity.graph_cut import GraphRunner
+
+    stacked = GraphRunner.finish_stacked
+
+    def rounded_otherwise(self, *args, **kwargs):  # stacking changes scores at float rounding: make sure it does
+        results = stacked(self, *args, **kwargs)
+        return None if results is None else [(output * (1 + 1e-6), {k: v * (1 + 1e-6) for k, v in captured.items()})
+                                             for output, captured in results]
+
+    monkeypatch.setattr(GraphRunner, "finish_stacked", rounded_otherwise)
+    model = BigHeadVgg().eval()
+    metric = OutputDistortion([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)])
+    rows = []
+    handle = model.head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    unbroken = scan(model, metric, sparsities=LEVELS, progress=False)
+    handle.remove()
+    assert 2 * len(LEVELS) in rows  # the levels ran through the head stacked
+    saved = []
+
+    def stop_after_the_second_layer(result):
+        saved.append(SensitivityResult.from_json(result.to_json()))
+        if result.num_done == 2 * len(LEVELS):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(model, metric, sparsities=LEVELS, progress=False, on_point=stop_after_the_second_layer)
+    resumed = scan(model, metric, sparsities=LEVELS, progress=False, resume_from=saved[-1])
+    assert resumed.scores == unbroken.scores
+
+
+class BigHeadVgg(nn.Module):
+    """Three convs and a linear head large next to two images' activations: the default stacks levels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 * 8 * 8, 512)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
 
 
 def test_resume_refuses_other_options():

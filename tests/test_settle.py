@@ -182,6 +182,75 @@ def test_stacking_runs_the_later_layers_once_for_all_levels():
     assert 9 in calls  # one head call on the three levels' 3 images stacked
 
 
+class BigHead(torch.nn.Module):
+    """A small conv stack and a large linear head: for a few images its weights outweigh the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 8 * 8, 1024)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+def _head_rows(model, metric, **options):
+    rows = []
+    handle = model.head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        result = scan(model, metric, sparsities=(0.3, 0.6, 0.9), progress=False, **options)
+    finally:
+        handle.remove()
+    return result, rows
+
+
+def test_by_default_levels_are_stacked_where_the_later_weights_outweigh_the_activations():
+    torch.manual_seed(0)
+    model = BigHead().eval()
+    few = OutputDistortion([torch.randn(2, 3, 8, 8)])  # 2 MiB of head weights, kilobytes of activations
+    auto, rows = _head_rows(model, few)
+    bitwise, plain_rows = _head_rows(model, few, stack_levels=False)
+    assert 6 in rows and 6 not in plain_rows  # the head ran once on the three levels' 2 images
+    for layer in bitwise.layers:
+        assert auto.scores[layer] == pytest.approx(bitwise.scores[layer], rel=1e-5, abs=1e-7)
+    many = OutputDistortion([torch.randn(512, 3, 8, 8)])  # now the activations outweigh the head
+    auto, rows = _head_rows(model, many)
+    assert set(rows) == {512} and auto.scores == _head_rows(model, many, stack_levels=False)[0].scores  # bitwise
+    assert 3 * 512 in _head_rows(model, many, stack_levels=True)[1]  # stacking everywhere still can
+
+
+def test_the_traffic_estimate_counts_weights_used_few_times_and_the_values_computed():
+    from prunekit.sensitivity.graph_cut import FEW_USES, GraphRunner, trace
+
+    model = BigHead().eval()
+    traced = trace(model)
+    runner = GraphRunner(traced)
+    head, b = traced.position("head"), traced.position("b")
+    head_bytes = 4 * (8 * 8 * 8 * 1024 + 1024)
+    few = runner.suffix_traffic(torch.randn(2, 3, 8, 8))
+    assert few[head][0] == few[b][0] == head_bytes  # 2 rows: the head is bound by its reads; b's 128 positions are not
+    assert few[head][1] == 4 * 2 * 1024 and few[b][1] > few[head][1]  # the values computed from there on
+    many = runner.suffix_traffic(torch.randn(FEW_USES, 3, 8, 8))
+    assert many[head][0] == 0 and many[b][1] == 32 * few[b][1]
+    assert runner.suffix_traffic(torch.randn(2, 3, 8, 8)) is few  # memoised per shape
+
+
+def test_levels_run_one_by_one_where_shapes_cannot_be_propagated(monkeypatch):
+    import torch.fx.passes.fake_tensor_prop as fake_tensor_prop
+
+    def refuse(self, *args):
+        raise RuntimeError("this model cannot run on fake tensors")
+
+    monkeypatch.setattr(fake_tensor_prop.FakeTensorProp, "propagate", refuse)
+    torch.manual_seed(0)
+    model = BigHead().eval()
+    metric = OutputDistortion([torch.randn(2, 3, 8, 8)])
+    auto, rows = _head_rows(model, metric)
+    assert set(rows) == {2} and auto.scores == _head_rows(model, metric, stack_levels=False)[0].scores
+    with pytest.raises(ValueError, match="stack_levels='sometimes' is not one of 'auto', True, False"):
+        scan(model, metric, progress=False, stack_levels="sometimes")
+
+
 def test_an_interrupted_settling_scan_resumes_to_the_same_estimates(digits):
     model, inputs = digits
     metric = OutputDistortion(inputs)
@@ -206,7 +275,8 @@ def test_an_interrupted_settling_scan_resumes_to_the_same_estimates(digits):
 def test_the_cli_stacks_levels_on_request(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    plain = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "a", "--quiet", "--per-layer"])
+    plain = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "a", "--quiet", "--per-layer",
+                                "--stack-levels", "off"])
     stacked = runner.invoke(cli, ["scan", "--sparsities", "0.5,0.9", "--out", "b", "--quiet", "--per-layer",
                                   "--stack-levels"])
     assert plain.exit_code == 0 and stacked.exit_code == 0, stacked.output

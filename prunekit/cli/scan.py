@@ -80,9 +80,12 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
               "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
               "the table marks such points ~). Default: every point uses every batch.")
-@click.option("--stack-levels", is_flag=True,
-              help="Run a layer's levels through the rest of the model together, stacked along the batch "
-              "(faster with small batches; scores equal to float rounding instead of bitwise).")
+@click.option("--stack-levels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
+              help="Run a layer's levels through the rest of the model together, stacked along the batch, "
+              "so each later weight is read once for all levels (scores equal to float rounding instead of "
+              "bitwise). auto: where the later weights used few times per forward outweigh the activations "
+              "(small batches, large heads); off: never, every score bitwise that of a full forward.")
 @click.option("--joint/--per-layer", "joint", default=True, show_default=True,
               help="--joint: grow the plan while the score with ALL its layers pruned stays within "
               "--max-drop (a few extra evaluations); --per-layer: each layer's own level, whose "
@@ -117,7 +120,7 @@ def scan_command(
     max_drop: Optional[float],
     relative: bool,
     confidence: Optional[float],
-    stack_levels: bool,
+    stack_levels: str,
     joint: bool,
     out: str,
     resume: bool,
@@ -226,7 +229,7 @@ def scan_command(
             model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
             progress=not quiet, criterion=criterion, resume_from=previous, on_point=folder.save_scan,
             confidence=confidence, max_drop=max_drop if max_drop is not None else DEFAULT_MAX_DROP[metric_name],
-            relative=relative, stack_levels=stack_levels,
+            relative=relative, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
             meta={"options": options, "prunekit": __version__, "data": description},
         )
     except KeyboardInterrupt:
@@ -242,14 +245,14 @@ def scan_command(
         # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
         per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
         if joint:
-            from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN
+            from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN, SEARCH_REVISION
 
             status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
             fitted = folder.fit_plan(
                 model, evaluate, result, tolerance,
                 # What the fit searches with is part of the key: trials of another search are not replayed.
                 key={"options": options, "max_drop": tolerance, "relative": relative,
-                     "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN}},
+                     "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN, "revision": SEARCH_REVISION}},
                 relative=relative, stats=stats, criterion=criterion, resume=resume, progress=not quiet,
                 confidence=confidence,
                 on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),

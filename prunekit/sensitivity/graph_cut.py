@@ -20,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -112,6 +113,11 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
+#: A weight used fewer times than this per forward (a linear layer's rows, a conv's output positions)
+#: is bound by its reads rather than its arithmetic, on CPUs and GPUs alike.
+FEW_USES = 64
+
+
 class GraphRunner(torch.fx.Interpreter):
     """Runs ranges of a traced graph's nodes from a saved cut (``Interpreter.run_node`` does each node).
 
@@ -126,6 +132,53 @@ class GraphRunner(torch.fx.Interpreter):
         # Per cut position, computed once: the live nodes, and those a non-conv node may write.
         self._live: Dict[int, List[fx.Node]] = {}
         self._written: Dict[int, frozenset] = {}
+        self._traffic: Dict[Any, Optional[List[Tuple[int, int]]]] = {}
+
+    def suffix_traffic(self, inputs: Tensor) -> Optional[List[Tuple[int, int]]]:
+        """Per position: the bytes of the weights that the modules from there on use fewer than
+        :data:`FEW_USES` times each, and the bytes of the values those nodes compute, for a batch shaped
+        like ``inputs``; None where the shapes cannot be propagated.
+
+        A weight used few times (a classifier's for a few images) costs its reads more than its
+        arithmetic: running several versions of the input at once reads it once for all. The shapes
+        come from running the graph on fake tensors (nothing is computed; memoised per shape).
+        """
+        key = (tuple(inputs.shape), inputs.dtype)
+        if key not in self._traffic:
+            self._traffic[key] = self._measure_traffic(inputs)
+        return self._traffic[key]
+
+    def _measure_traffic(self, inputs: Tensor) -> Optional[List[Tuple[int, int]]]:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        quiet = logger.disabled
+        logger.disabled = True  # a model fake tensors cannot run is not an error here: it is run one level at a time
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with torch.no_grad():
+                FakeTensorProp(self.traced.graph_module, mode).propagate(mode.from_tensor(inputs))
+            values = {node: node.meta.pop("val", None) for node in self.traced.nodes}
+        except Exception:  # noqa: BLE001 - any failure only means: do not stack
+            return None
+        finally:
+            logger.disabled = quiet
+        totals: List[Tuple[int, int]] = []
+        weights = activations = 0
+        for node in reversed(self.traced.nodes):
+            if node.op == "call_module" and isinstance(values[node], Tensor):
+                parameters = list(self.traced.graph_module.get_submodule(str(node.target)).parameters())
+                if parameters:
+                    largest = max(parameters, key=lambda parameter: parameter.numel())
+                    # Each of the weight's output features is used once per other element of the output.
+                    uses = values[node].numel() // max(1, largest.shape[0] if largest.dim() else 1)
+                    if uses < FEW_USES:
+                        weights += sum(_tensor_bytes(parameter) for parameter in parameters)
+            if node.op not in ("placeholder", "output"):
+                activations += _tensor_bytes(values[node])
+            totals.append((weights, activations))
+        return totals[::-1]
 
     def live(self, position: int) -> List[fx.Node]:
         """:func:`live_values` at ``position``, memoised (the scan asks per batch and layer)."""
@@ -169,22 +222,33 @@ class GraphRunner(torch.fx.Interpreter):
         return {node: self.env[node] for node in self.live(stop)}
 
     def finish(
-        self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], copy_inputs: bool = True
+        self, state: Mapping[fx.Node, Any], start: int, capture: Mapping[str, int], copy_inputs: bool = True,
+        states: Optional[Tuple[Sequence[int], Callable[[int, Dict[fx.Node, Any]], None]]] = None,
     ) -> Tuple[Any, Dict[str, Tensor]]:
         """Run from ``start`` to the end; returns the model output and copies of the captured module outputs.
 
         Args:
             capture: module name -> position of its call node (at or after ``start``).
             copy_inputs: copy the state values a node other than a conv consumes (it might write them).
+            states: ``(positions, keep)``: on the way, ``keep(position, state)`` gets the state at each
+                of ``positions`` after ``start`` (its values that a later node may write are copies).
         """
         self.env = self.fork(state, start) if copy_inputs else dict(state)
         captured: Dict[str, Tensor] = {}
-        return self._run_to_end(start, start, capture, captured), captured
+        return self._run_to_end(start, start, capture, captured, states), captured
 
-    def _run_to_end(self, first: int, start: int, capture: Mapping[str, int], captured: Dict[str, Tensor]) -> Any:
+    def _run_to_end(
+        self, first: int, start: int, capture: Mapping[str, int], captured: Dict[str, Tensor],
+        states: Optional[Tuple[Sequence[int], Callable[[int, Dict[fx.Node, Any]], None]]] = None,
+    ) -> Any:
         """Run nodes ``first ..`` on ``self.env`` (cut at ``start``); fill ``captured``; return the model output."""
         wanted = {position: name for name, position in capture.items()}
+        positions, keep = states if states is not None else ((), None)
+        keep_at = {position for position in positions if position > first}
         for node in self.traced.nodes[first:]:
+            position = self.traced.positions[node]
+            if keep is not None and position in keep_at:
+                keep(position, self.fork({live: self.env[live] for live in self.live(position)}, position))
             value = self.run_node(node)
             if node.op == "output":
                 return value

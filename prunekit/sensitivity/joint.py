@@ -11,23 +11,29 @@ The order of the steps is known from the scan before anything is measured: by
 default, the weights a step removes per unit of its single-layer drop (most
 first), so the tolerance goes to the layers where it buys the most weights; or
 the smallest single-layer drop first (``order="drop"``, the fit of earlier
-versions). The fit does not measure every step: it bisects the order. From the
+versions). The fit does not measure every step: it searches the order. From the
 plan it has, it predicts how many of the next steps fit (the scan's
 single-layer drops, added up and scaled by how far the last measured plan was
 from its own prediction), measures that plan, then gallops up while plans hold
-and bisects down to the first step that breaks the tolerance. With a joint
-score that only worsens as steps are added, this gives exactly the plan the
-one-step-at-a-time search gives (``search="greedy"``, kept for comparison), with
-a logarithmic number of evaluations per layer that stops below its ceiling. The
-fit stops once the steps left could remove only a sliver of the weights
-(``min_gain``): past that, each trial would still cost an evaluation.
+and narrows down to the first step that breaks the tolerance, each guess where
+the line through the two measured ends of the bracket crosses the tolerance
+(a guess that does not halve the bracket is followed by a halving, so at most
+twice bisection's trials). With a joint score that only worsens as steps are
+added, this gives exactly the plan the one-step-at-a-time search gives
+(``search="greedy"``, kept for comparison), with a logarithmic number of
+evaluations per layer that stops below its ceiling. Layers too small to matter
+(together under ``min_gain`` of the weights, the smallest first) are never
+tried, and the fit stops once the steps left could remove only a sliver of the
+weights (``min_gain``): past that, each trial would still cost an evaluation.
 
-A trial costs less than a full evaluation: before the first layer it changes,
-it computes what the plan kept so far computes, and :class:`PlanScorer` keeps
-those states, so a trial that raises a late layer costs about what one scan
-point on that layer costs; each layer's magnitudes are sorted once for all
-trials; and a trial that breaks the tolerance stops at the first batch after
-which no batch left could bring it back (a certain verdict, see
+A trial costs less than a full evaluation: every run keeps its states before
+each prunable layer (:class:`PlanScorer`), and a trial starts from the latest
+state computed for the same levels before it, the plan kept so far's or an
+earlier trial's, so a trial that raises a late layer costs about what one scan
+point on that layer costs and the trials of one search share their first
+layers; each layer's masks come from one selection per level; and a trial that
+breaks the tolerance stops at the first batch after which no batch left could
+bring it back (a certain verdict, see
 :class:`~prunekit.sensitivity.settle.Tolerance`), while a trial that holds runs
 to the end, so the plan's score is exact.
 """
@@ -59,6 +65,9 @@ SEARCHES = ("bisect", "greedy")
 ORDERS = ("weights", "drop")
 #: The default ``min_gain``: stop once the steps left could remove less than 0.5 % of the scanned weights.
 DEFAULT_MIN_GAIN = 0.005
+#: The revision of the default search's trial sequence (interpolating bisection, small layers left out):
+#: a saved fit is replayed only by the revision that made it (the CLI keys its ``fit.json`` with it).
+SEARCH_REVISION = 2
 #: In the weights order, a rise in single-layer drop counts at least this share of the tolerance.
 ZERO_DROP_SHARE = 0.01
 
@@ -190,9 +199,11 @@ def fit_plan(
     single-layer drop first, whatever the layer's size. A step that breaks the tolerance is undone
     and that layer stays where it is. The ``"bisect"`` search (default) measures a few plans along
     the order per failing layer (see the module docstring); ``"greedy"`` measures the plan after every
-    step; both give the same plan when more pruning never scores better. Once the steps left could
-    remove less than ``min_gain`` of the scanned weights, the fit stops (``PlanFit.left`` says how
-    much they could have added at most). The model is restored exactly after each measurement.
+    step; both give the same plan when more pruning never scores better. Layers whose weights add up
+    to less than ``min_gain`` of the scanned weights (the smallest first) are not tried, and once the
+    steps left could remove less than that, the fit stops (``PlanFit.left`` says how much all the
+    steps not tried could have added at most, under ``min_gain``). The model is restored exactly
+    after each measurement.
 
     Args:
         model: the dense model that was scanned.
@@ -208,8 +219,9 @@ def fit_plan(
         progress: show a progress bar (its length is the most plans the fit can measure).
         search: ``"bisect"`` or ``"greedy"``.
         order: ``"weights"`` or ``"drop"`` (above).
-        min_gain: stop once the steps not tried could remove less than this fraction of the scanned
-            layers' weights; 0 tries every step.
+        min_gain: leave out the smallest layers while together they could remove less than this
+            fraction of the scanned layers' weights, and stop once the steps not tried could remove
+            less than it; 0 tries every step.
         confidence: measure each trial only until its verdict against ``max_drop`` is settled at
             this confidence (a ``ForwardMetric`` whose batches can be counted; see
             :mod:`prunekit.sensitivity.settle`); the plan found is then measured once in full, and
@@ -257,7 +269,16 @@ def fit_plan(
             top[layer] = max(top.get(layer, 0.0), float(result.sparsities[index]))
         return sum(max(0.0, level - fit.plan[layer]) * weights[layer] for layer, level in top.items()) / total
 
-    remaining = list(steps)
+    # Layers too small to matter are not tried at all (the smallest first, together under min_gain):
+    # a trial on a small first conv costs a whole evaluation and can buy almost nothing.
+    skipped: List[Step] = []
+    stepped = [layer for layer in result.layers if any(step[0] == layer for step in steps)]
+    for layer in sorted(stepped, key=lambda layer: gain([step for step in steps if step[0] == layer])):  # stable
+        mine = [step for step in steps if step[0] == layer]
+        if gain(skipped + mine) >= min_gain:
+            break
+        skipped += mine
+    remaining = [step for step in steps if step not in skipped]
     with progress_bar(len(steps), "fitting the plan", progress) as tick:
         fit.tick = tick
         while remaining:
@@ -267,7 +288,7 @@ def fit_plan(
                 continue
             failed = remaining[fits][0]  # the first step that breaks the tolerance: its layer stays
             remaining = [step for step in remaining[fits + 1 :] if step[0] != failed]
-            if remaining and gain(remaining) < min_gain:
+            if remaining and gain(remaining + skipped) < min_gain:
                 break
         tick.finish()
     if fit.scorer is not None:
@@ -300,8 +321,7 @@ def fit_plan(
             return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
                             on_trial=on_trial, progress=progress, **options)
     sparsity = sum(level * weights[layer] for layer, level in fit.plan.items()) / total
-    return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(steps), sparsity,
-                   gain(remaining) if remaining else 0.0)
+    return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(steps), sparsity, gain(remaining + skipped))
 
 
 class _Fit:
@@ -385,6 +405,15 @@ class _Fit:
                 break
         return best
 
+    def _interpolate(self, held: int, held_score: float, broke: int, broke_score: float) -> int:
+        """The count of steps strictly between ``held`` and ``broke`` that the line through their measured
+        drops puts last within the tolerance (the joint drop grows smoothly along the order, mostly)."""
+        low, high = self._drop(held_score), self._drop(broke_score)
+        if not high > low:
+            return (held + broke) // 2
+        crossing = held + (broke - held) * (self.max_drop - low) / (high - low)
+        return min(max(int(math.floor(crossing)), held + 1), broke - 1)
+
     def steps_that_fit(self, remaining: Sequence[Step], one_at_a_time: bool) -> Tuple[int, bool]:
         """How many of ``remaining``'s first steps fit (taken into the plan), and whether the next one breaks it.
 
@@ -414,12 +443,19 @@ class _Fit:
                     break
         else:
             broke = first
-        while broke is not None and broke - held > 1:  # bisect down to the first breaking step
+        scores.setdefault(0, self.score)
+        interpolate = not one_at_a_time
+        while broke is not None and broke - held > 1:  # narrow down to the first breaking step
             middle = (held + broke) // 2
+            if interpolate:
+                middle = self._interpolate(held, scores[held], broke, scores[broke])
+            width = broke - held
             if attempt(middle):
                 held = middle
             else:
                 broke = middle
+            # A guess that did not halve the bracket is followed by a halving: at most twice bisection's trials.
+            interpolate = not interpolate or broke - held <= width // 2
         if held:
             self.plan = self._with(remaining[:held])
             self.score = scores[held]

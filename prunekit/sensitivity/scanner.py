@@ -356,18 +356,107 @@ class _PrefixCache:
         self.used = 0
 
 
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in a state value (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+StateKey = Tuple[int, int, Tuple[Any, ...]]  # (batch, position, levels of the blocks before it)
+
+
+class _KeptStates:
+    """Graph states of plan runs, keyed :data:`StateKey`, within ``limit`` bytes, least recently used dropped first.
+
+    Bytes are counted once per tensor storage: states kept at successive cuts of one run share
+    most of their values (a skip connection's tensor, say). A state the caller marks as
+    ``precious`` (the fit's base: every later trial can start from it) is dropped only to
+    make room for another precious one; any other is kept only in the room left.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        # precious or not -> key -> state, oldest use first
+        self._kept: Dict[bool, Dict[StateKey, Dict[Any, Any]]] = {True: {}, False: {}}
+        self._storages: Dict[int, List[int]] = {}  # storage address -> [bytes, states holding it]
+
+    @property
+    def entries(self) -> Dict[StateKey, Tuple[bool, Dict[Any, Any]]]:
+        """Every kept state: key -> (precious, state)."""
+        return {key: (precious, state) for precious, kept in self._kept.items() for key, state in kept.items()}
+
+    def get(self, key: StateKey) -> Optional[Dict[Any, Any]]:
+        for kept in self._kept.values():
+            if key in kept:
+                kept[key] = kept.pop(key)  # most recently used last
+                return kept[key]
+        return None
+
+    @staticmethod
+    def _storages_of(state: Mapping[Any, Any]) -> Dict[int, int]:
+        found: Dict[int, int] = {}
+        for value in state.values():
+            for tensor in _tensors(value):
+                storage = tensor.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+        return found
+
+    def _fits(self, storages: Mapping[int, int]) -> bool:
+        return self.used + sum(size for address, size in storages.items() if address not in self._storages) <= self.limit
+
+    def put(self, key: StateKey, state: Dict[Any, Any], precious: bool) -> None:
+        """Keep ``state`` if it fits, dropping older states that count for less (never exceeding ``limit``)."""
+        if key in self._kept[True] or key in self._kept[False]:
+            return
+        storages = self._storages_of(state)
+        for victims in (self._kept[False], self._kept[True]) if precious else (self._kept[False],):
+            while victims and not self._fits(storages):
+                self.drop(next(iter(victims)))
+        if not self._fits(storages):  # checked before keeping it, never after
+            return
+        for address, size in storages.items():
+            held = self._storages.setdefault(address, [size, 0])
+            if held[1] == 0:
+                self.used += size
+            held[1] += 1
+        self._kept[precious][key] = state
+
+    def drop(self, key: StateKey) -> None:
+        state = self._kept[True].pop(key, None)
+        if state is None:
+            state = self._kept[False].pop(key)
+        for address in self._storages_of(state):
+            held = self._storages[address]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._storages[address]
+                self.used -= held[0]
+
+    def clear(self) -> None:
+        for kept in self._kept.values():
+            kept.clear()
+        self._storages.clear()
+        self.used = 0
+
+
 class PlanScorer:
     """Scores whole plans from states kept across calls (a plan fit's trials).
 
     A fit measures plans that add a few steps to the plan it keeps (its *base*, see
-    :meth:`rebase`): before the first layer a trial changes, the trial computes exactly what the
-    base computes. Each batch's state there is kept (keyed by its position and the levels of the
-    layers before it; within ``cache_limit`` bytes) and only the rest of the graph runs for each
-    plan, so a trial that changes a late layer costs what a scan point on that layer costs. Until
-    a base is given the base is the dense model (the layers before a plan's first pruned layer).
-    Scores are bitwise those of full forwards (the same nodes run on the same values). A model
-    ``torch.fx`` cannot trace, or a metric other than a ``ForwardMetric``, is scored with full
-    forwards.
+    :meth:`rebase`), and plans that share their first layers. Every run keeps its state at each
+    block's cut (keyed by the batch, the position and the levels of the layers before it; within
+    ``cache_limit`` bytes, the base's states kept first), and a plan starts from the latest kept
+    state it shares: a trial that changes a late layer costs what a scan point on that layer
+    costs, and a trial of the bisection starts where it first differs from the trials before it.
+    Until a base is given the base is the dense model. Scores are bitwise those of full forwards
+    (the same nodes run on the same values). A model ``torch.fx`` cannot trace, or a metric other
+    than a ``ForwardMetric``, is scored with full forwards.
     """
 
     def __init__(self, model: nn.Module, evaluate: Any, pruning: PruningMethod, cache_limit: int = DEFAULT_CACHE_LIMIT,
@@ -375,9 +464,7 @@ class PlanScorer:
         self.pruning = pruning
         self.traced: Optional[Traced] = None
         self.base: Dict[str, float] = {}
-        self.limit, self.used = cache_limit, 0
-        # batch -> position -> (levels of the blocks before it, state there)
-        self.kept: Dict[int, Dict[int, Tuple[Tuple[Tuple[str, float], ...], Dict[Any, Any]]]] = {}
+        self.kept = _KeptStates(cache_limit)
         self.mask_limit = mask_limit
         self._masker: Optional[_Masker] = None
         self._mask_context: Any = None
@@ -389,6 +476,15 @@ class PlanScorer:
                 self.traced = None
         if self.traced is not None:
             self.runner = GraphRunner(self.traced)
+            # Where states are kept: before every layer a plan may prune, whichever plan runs now.
+            calls = self.traced.calls
+            self.cuts = sorted({calls[name][0] for name, module in model.named_modules()
+                                if isinstance(module, pruning.layer_types) and len(calls.get(name, ())) == 1})
+
+    @property
+    def used(self) -> int:
+        """Bytes of the states kept now."""
+        return self.kept.used
 
     def masker(self, pruning: PruningMethod, blocks: Mapping[str, Any], scores: Optional[Mapping[str, Tensor]],
                context: Any) -> _Masker:
@@ -397,6 +493,7 @@ class PlanScorer:
         if self._masker is None or self._mask_context != (pruning.name, context):
             self._masker = _Masker(blocks, pruning, scores, keep_bytes=self.mask_limit)
             self._mask_context = (pruning.name, context)
+            self.kept.clear()  # states kept under other masks
         else:
             self._masker.update(blocks, scores)
         return self._masker
@@ -405,20 +502,15 @@ class PlanScorer:
         """Later plans add to ``plan`` (layer -> sparsity): keep its states, drop the others'."""
         self.base = {layer: float(level) for layer, level in plan.items() if level > 0}
 
-    def _start(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[Tuple[Dict[str, int], int]]:
-        """Each block's first call position, and where the plan's run starts from a kept state: before the
-        first block it changes from the base (or the first captured output); None: full forwards."""
+    def _first_calls(self, blocks: Mapping[str, Any], levels: Mapping[str, float]) -> Optional[Dict[str, int]]:
+        """Each block's first call position; None: score the plan with full forwards."""
         if self.traced is None or not any(level > 0 for level in levels.values()):
             return None
         try:
-            first = {key: min(self.traced.position(layer) for layer in self.pruning.block_layers(block))
-                     for key, block in blocks.items()}
+            return {key: min(self.traced.position(layer) for layer in self.pruning.block_layers(block))
+                    for key, block in blocks.items()}
         except (KeyError, ValueError):
             return None
-        base = self._base_levels(blocks)
-        changed = [first[key] for key, level in levels.items() if level != base.get(key, 0.0)]
-        pruned = [first[key] for key, level in levels.items() if level > 0]
-        return first, min((changed or pruned) + list(self.capture.values()))
 
     def _base_levels(self, blocks: Mapping[str, Any]) -> Dict[str, float]:
         return {key: max((self.base.get(layer, 0.0) for layer in self.pruning.block_layers(block)), default=0.0)
@@ -438,32 +530,22 @@ class PlanScorer:
         return signature
 
     def _forget_stale(self, base: Callable[[int], Tuple[Any, ...]]) -> None:
-        """Drop the states no plan that adds to the base can start from."""
-        for entries in self.kept.values():
-            for position in list(entries):
-                signature, state = entries[position]
-                if signature != base(position):
-                    del entries[position]
-                    self.used -= GraphRunner.state_bytes(state)
+        """Drop the states no plan that adds to the base can start from (a layer before them below the base's level)."""
+        for key in list(self.kept.entries):  # a copy: states are dropped on the way
+            levels = dict(key[2])
+            if any(levels.get(layer, 0.0) < level for layer, level in base(key[1])):
+                self.kept.drop(key)
 
-    def _state(self, number: int, inputs: Tensor, signature: Callable[[int], Tuple[Any, ...]], cut: int,
-               ) -> Dict[Any, Any]:
-        """The plan's state at ``cut`` for this batch: from the latest kept state it shares, kept in turn."""
-        entries = self.kept.setdefault(number, {})
-        usable = [position for position, (kept, _) in entries.items() if position <= cut and kept == signature(position)]
-        if usable:
-            start = max(usable)
-            state = entries[start][1]
-        else:
-            start, state = 0, self.runner.start(inputs)
-        if start == cut:
-            return state
-        state = self.runner.advance(self.runner.fork(state, start), start, cut)
-        size = GraphRunner.state_bytes(state)
-        if cut not in entries and self.used + size <= self.limit:  # checked before keeping it, never after
-            entries[cut] = (signature(cut), state)
-            self.used += size
-        return state
+    def _latest_state(self, number: int, inputs: Tensor, signature: Callable[[int], Tuple[Any, ...]], limit: int,
+                      ) -> Tuple[int, Dict[Any, Any]]:
+        """The latest kept state of this batch, at or before ``limit``, that the plan shares; else its inputs."""
+        for position in reversed(self.cuts):
+            if position <= limit:
+                state = self.kept.get((number, position, signature(position)))
+                if state is not None:
+                    return position, state
+        placeholders = sum(node.op == "placeholder" for node in self.traced.nodes)  # what start() binds
+        return placeholders, self.runner.start(inputs)
 
     def score(
         self, metric: ForwardMetric, model: nn.Module, blocks: Mapping[str, Any], levels: Mapping[str, float],
@@ -474,20 +556,30 @@ class PlanScorer:
         With a ``settler``, batches stop once the verdict is settled; with a ``tolerance``, once the plan
         is certain to break it (the :class:`Estimate` is returned then).
         """
-        start = self._start(blocks, levels)
-        if start is None:
+        first = self._first_calls(blocks, levels)
+        if first is None:
             return None
-        first, cut = start
-        self._forget_stale(self._signatures(first, self._base_levels(blocks)))
+        base = self._signatures(first, self._base_levels(blocks))
+        self._forget_stale(base)
         signature = self._signatures(first, levels)
+        # A run starts at the latest kept state before the first captured output (captured outputs are computed).
+        limit = min(self.capture.values(), default=len(self.traced.nodes))
+        cuts = [position for position in self.cuts if position <= limit]
+
+        def precious(position: int) -> bool:
+            return signature(position) == base(position)
+
         rank, world = rank_and_world()
-        after = {name: at for name, at in self.capture.items() if at >= cut}
         totals: Optional[Tensor] = None
         rows: List[Tuple[int, Tensor]] = []
         with torch.no_grad():
             for number, (inputs, target) in enumerate(metric.batches(model_device(model))):
                 if number % world == rank:
-                    output, outputs = self.runner.finish(self._state(number, inputs, signature, cut), cut, after)
+                    def keep(position: int, state: Dict[Any, Any], number: int = number) -> None:
+                        self.kept.put((number, position, signature(position)), state, precious(position))
+
+                    start, state = self._latest_state(number, inputs, signature, limit)
+                    output, outputs = self.runner.finish(state, start, self.capture, states=(cuts, keep))
                     if MODEL_OUTPUT in metric.capture:
                         outputs[MODEL_OUTPUT] = output
                     stats = metric.batch_statistics(outputs, target)
@@ -502,7 +594,6 @@ class PlanScorer:
     def release(self) -> None:
         """Free the kept states and mask makers."""
         self.kept.clear()
-        self.used = 0
         self._masker = None
 
 
@@ -623,7 +714,7 @@ def scan(
     confidence: Optional[float] = None,
     max_drop: Optional[float] = None,
     relative: bool = False,
-    stack_levels: bool = False,
+    stack_levels: Union[bool, str] = "auto",
 ) -> SensitivityResult:
     """Prune each layer (or channel group) alone at each sparsity, score the model, and restore it.
 
@@ -695,11 +786,15 @@ def scan(
         max_drop, relative: the tolerance the settled verdicts are about (as for
             :meth:`SensitivityResult.plan`); required with ``confidence``.
         stack_levels: run a layer's levels through the graph after it together, stacked along the
-            batch, so each later weight is read once for all levels (faster with small batches;
-            scores then equal the full forwards' to float rounding, not bitwise). Only where the
-            masked tensors all belong to the layer at the cut (fine-grained pruning), while the
-            stacked states fit in ``cache_limit``; elsewhere, and by default, levels run one by one.
-
+            batch, so each later weight is read once for all levels (scores then equal the full
+            forwards' to float rounding, not bitwise). ``"auto"`` (default) stacks a layer where the
+            weights after its cut that are used fewer than 64 times per forward (bound by their reads,
+            not their arithmetic) outweigh, in bytes, the values computed there for one batch (shapes
+            from fake tensors): small batches on a model with a large head, such as vgg11's classifier
+            for 4 images; not digits-vgg on 360 images, nor HED on 3 photos at 224 px, which run one
+            by one, bitwise. ``True`` stacks wherever it can, ``False`` never (bitwise, the same
+            scores as full forwards). Only where the masked tensors all belong to the layer at the cut
+            (fine-grained pruning), while the stacked states fit in ``cache_limit``.
     Returns:
         A :class:`SensitivityResult`.
 
@@ -723,6 +818,9 @@ def scan(
         raise TypeError(
             f"evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}"
         )
+    if not (stack_levels == "auto" or isinstance(stack_levels, bool)):
+        raise ValueError(f"stack_levels={stack_levels!r} is not one of 'auto', True, False; use 'auto' (stack where "
+                         "it pays) or False (bitwise, never stacked)")
     pruning = get_method(method)
     method = pruning.name
     convs = resolve_layers(model, layers, pruning.layer_types)
@@ -767,7 +865,7 @@ def scan(
         if report is not None:
             report(result)
         points = _Points(model, evaluate, result, targets, masker, guard, report)
-        points.stack["ok"] = bool(stack_levels)
+        points.stack.update(ok=stack_levels == "auto" or bool(stack_levels), auto=stack_levels == "auto")
         if confidence is not None:
             result.meta["settle"] = fingerprint["settle"]
             points.settler = Settler(evaluate, baseline, direction, float(max_drop), float(confidence),  # type: ignore[arg-type]
@@ -842,7 +940,8 @@ class _Points:
         self.masker, self.guard, self.report = masker, guard, report
         self.levels = result.sparsities
         self.settler: Optional[Settler] = None
-        self.stack = {"ok": False, "verified": False}  # stacking levels: allowed, and checked once
+        # stacking levels: allowed, only where it pays (auto), and checked once
+        self.stack = {"ok": False, "auto": False, "verified": False}
 
     def todo(self, layer: str) -> List[int]:
         return [i for i, value in enumerate(self.result.scores[layer]) if value is None]
@@ -944,11 +1043,15 @@ def _stream_layer(
                 state = cache.state_at(number, inputs, position)
                 finished = None
                 if (stack is not None and stack["ok"] and len(active) > 1
-                        and len(active) * cache.runner.state_bytes(state) <= stack_limit):
-                    finished = cache.runner.finish_stacked(
-                        state, position, after, [guard.swap(targets, data) for data in active.values()],
-                        batch=inputs.shape[0],
-                    )
+                        and len(active) * cache.runner.state_bytes(state) <= stack_limit
+                        and (not stack["auto"] or _stacking_pays(cache.runner, position, inputs))):
+                    try:
+                        finished = cache.runner.finish_stacked(
+                            state, position, after, [guard.swap(targets, data) for data in active.values()],
+                            batch=inputs.shape[0],
+                        )
+                    except RuntimeError:  # a shape fixed in the graph (a view with the batch size written in)
+                        stack["ok"] = False
                 if finished is None or not stack["verified"]:  # type: ignore[index]
                     one_by_one = []
                     for data in active.values():
@@ -957,9 +1060,11 @@ def _stream_layer(
                     if finished is not None:
                         # The scan's first stacked batch is checked against the levels run one by one: an
                         # op after the cut that mixes the batch (x - x.mean(0)) turns stacking off. Later
-                        # layers' suffixes are parts of this one (layers go in forward order).
+                        # layers' suffixes are parts of this one (layers go in forward order). Checked or
+                        # not, a stacked batch scores as stacked: a resumed scan scores as an unbroken one.
                         stack["verified"], stack["ok"] = True, _same_results(finished, one_by_one)  # type: ignore[index]
-                    finished = one_by_one
+                    if finished is None or not stack["ok"]:
+                        finished = one_by_one
                 for i, (output, outputs) in zip(list(active), finished):
                     if MODEL_OUTPUT in metric.capture:
                         outputs[MODEL_OUTPUT] = output
@@ -981,6 +1086,16 @@ def _stream_layer(
         if i not in settled:
             results[i] = metric.reduce(_summed(metric, totals[i]))
     return results
+
+
+def _stacking_pays(runner: GraphRunner, position: int, inputs: Tensor) -> bool:
+    """After ``position``, do the weights bound by their reads (few uses each) outweigh the values computed there
+    for this batch, in bytes? Stacking the levels reads those weights once for all levels."""
+    traffic = runner.suffix_traffic(inputs)
+    if traffic is None:
+        return False
+    weights, activations = traffic[position]
+    return weights > activations
 
 
 def _same_results(stacked: Sequence[Tuple[Any, Dict[str, Any]]], alone: Sequence[Tuple[Any, Dict[str, Any]]]) -> bool:
