@@ -235,6 +235,25 @@ def test_the_traffic_estimate_counts_weights_used_few_times_and_the_values_compu
     assert runner.suffix_traffic(torch.randn(2, 3, 8, 8)) is few  # memoised per shape
 
 
+def test_the_default_stacks_vgg11_for_four_images_and_neither_digits_vgg_nor_hed():
+    """What scan()'s docstring and README say "auto" does on the models they name (shapes only: random weights)."""
+    import torchvision
+
+    from prunekit.models.hed import HED
+    from prunekit.sensitivity.graph_cut import GraphRunner, trace
+    from prunekit.sensitivity.scanner import _stacking_pays
+
+    digits_batch = next(iter(make_loader(digits_test_set(), 360)))[0]
+    cases = [(torchvision.models.vgg11(), torch.empty(4, 3, 64, 64), True),
+             (prunekit.load_model("digits-vgg"), digits_batch, False),
+             (HED(), torch.empty(3, 3, 224, 224), False)]
+    for model, inputs, stacks in cases:
+        traced = trace(model.eval())
+        runner = GraphRunner(traced)
+        convs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+        assert [_stacking_pays(runner, traced.position(name), inputs) for name in convs] == [stacks] * len(convs)
+
+
 def test_levels_run_one_by_one_where_shapes_cannot_be_propagated(monkeypatch):
     import torch.fx.passes.fake_tensor_prop as fake_tensor_prop
 
