@@ -48,7 +48,8 @@ class MagnitudeSelector:
         self._order: Optional[torch.Tensor] = None
         if bool(torch.isnan(self.magnitudes).any()):
             self._order = magnitude_order(t)
-        self._cuts: Dict[int, Tuple[torch.Tensor, Optional[int]]] = {}  # count -> (threshold, position after the last tie taken, or None: all ties)
+        # count -> (threshold, the position after the last tie taken; None: every tie)
+        self._cuts: Dict[int, Tuple[torch.Tensor, Optional[int]]] = {}
 
     def smallest(self, count: int) -> torch.Tensor:
         """A flat bool tensor, True at the ``count`` entries of smallest magnitude."""
