@@ -253,7 +253,7 @@ class GraphRunner(torch.fx.Interpreter):
             if node.op == "output":
                 return value
             self.env[node] = value
-            name = wanted.get(self.traced.positions[node])
+            name = wanted.get(position)
             if name is not None:
                 # A copy, since a later in-place op (ReLU(inplace=True)) may overwrite it.
                 captured[name] = value.detach().clone()

@@ -476,6 +476,7 @@ class PlanScorer:
                 self.traced = None
         if self.traced is not None:
             self.runner = GraphRunner(self.traced)
+            self._inputs_bound = sum(node.op == "placeholder" for node in self.traced.nodes)  # what start() binds
             # Where states are kept: before every layer a plan may prune, whichever plan runs now.
             calls = self.traced.calls
             self.cuts = sorted({calls[name][0] for name, module in model.named_modules()
@@ -544,8 +545,7 @@ class PlanScorer:
                 state = self.kept.get((number, position, signature(position)))
                 if state is not None:
                     return position, state
-        placeholders = sum(node.op == "placeholder" for node in self.traced.nodes)  # what start() binds
-        return placeholders, self.runner.start(inputs)
+        return self._inputs_bound, self.runner.start(inputs)
 
     def score(
         self, metric: ForwardMetric, model: nn.Module, blocks: Mapping[str, Any], levels: Mapping[str, float],
