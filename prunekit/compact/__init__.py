@@ -41,6 +41,7 @@ from prunekit.compact.modules import (
 )
 from prunekit.compact.report import CompactionReport, LayerCost, compaction_report, layer_costs
 from prunekit.plans import copy_model, finalize
+from prunekit.sensitivity.graph_cut import tensors_in
 from prunekit.sensitivity.metrics import relative_error
 
 __all__ = [
@@ -112,18 +113,8 @@ def _eval_output(model: nn.Module, example_input: Any) -> Any:
         return model(example_input)
 
 
-def _tensors(output: Any) -> list:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []
-
-
 def _check_equal(reference: Any, compacted: Any) -> None:
-    for expected, actual in zip(_tensors(reference), _tensors(compacted)):
+    for expected, actual in zip(tensors_in(reference), tensors_in(compacted)):
         if expected.shape != actual.shape or not expected.is_floating_point():
             continue  # output channels removed on purpose (prune_output_channels=True)
         error = relative_error(actual, expected)

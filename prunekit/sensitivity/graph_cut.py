@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -103,14 +103,25 @@ def live_values(traced: Traced, position: int) -> List[fx.Node]:
     ]
 
 
-def _tensor_bytes(value: Any) -> int:
+def tensors_in(value: Any) -> Iterator[Tensor]:
+    """The tensors in a value: a tensor, or a tuple, list or dict of them (nested), in order.
+
+    Example:
+        >>> [t.item() for t in tensors_in((torch.tensor(1), {"a": [torch.tensor(2)]}, "text"))]
+        [1, 2]
+    """
     if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    return 0
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def _tensor_bytes(value: Any) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors_in(value))
 
 
 #: A weight used fewer times than this per forward (a linear layer's rows, a conv's output positions)

@@ -272,12 +272,11 @@ def fit_plan(
     # Layers too small to matter are not tried at all (the smallest first, together under min_gain):
     # a trial on a small first conv costs a whole evaluation and can buy almost nothing.
     skipped: List[Step] = []
-    stepped = [layer for layer in result.layers if any(step[0] == layer for step in steps)]
-    for layer in sorted(stepped, key=lambda layer: gain([step for step in steps if step[0] == layer])):  # stable
-        mine = [step for step in steps if step[0] == layer]
-        if gain(skipped + mine) >= min_gain:
+    by_layer = {layer: [step for step in steps if step[0] == layer] for layer in result.layers}
+    for layer in sorted((layer for layer in result.layers if by_layer[layer]), key=lambda layer: gain(by_layer[layer])):
+        if gain(skipped + by_layer[layer]) >= min_gain:
             break
-        skipped += mine
+        skipped += by_layer[layer]
     remaining = [step for step in steps if step not in skipped]
     with progress_bar(len(steps), "fitting the plan", progress) as tick:
         fit.tick = tick

@@ -26,7 +26,9 @@ from prunekit.methods.registry import METHODS, get_method
 from prunekit.plans import check_plan, plan_blocks
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
-from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
+from prunekit.sensitivity.graph_cut import (
+    GraphRunner, Traced, UntraceableError, capture_positions, tensors_in, trace,
+)
 from prunekit.layers import model_device
 from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_tensor, relative_error
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
@@ -356,18 +358,6 @@ class _PrefixCache:
         self.used = 0
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    """The tensors in a state value (a tensor, or a tuple, list or dict of them)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
 StateKey = Tuple[int, int, Tuple[Any, ...]]  # (batch, position, levels of the blocks before it)
 
 
@@ -402,7 +392,7 @@ class _KeptStates:
     def _storages_of(state: Mapping[Any, Any]) -> Dict[int, int]:
         found: Dict[int, int] = {}
         for value in state.values():
-            for tensor in _tensors(value):
+            for tensor in tensors_in(value):
                 storage = tensor.untyped_storage()
                 found[storage.data_ptr()] = storage.nbytes()
         return found
