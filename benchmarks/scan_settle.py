@@ -29,6 +29,7 @@ Cases:
           stacked, so each weight after the cut is read once for all levels).
 
 Run: ``python benchmarks/scan_settle.py [--cases digits,hed] [--crops 256] [--seeds 5] [--threads 2]``
+(``--cases fit --fit-crops 32 --fit-repeats 3``: the fit case on 32 HED crops, three interleaved runs)
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def fit_case_for(label: str, model: torch.nn.Module, make_metric: Any, max_drop:
               flush=True)
 
 
-def fit_case(crops: int, confidence: float) -> None:
+def fit_case(crops: int, confidence: float, hed_repeats: int = 1) -> None:
     model = prunekit.load_model("digits-vgg")
     digits = digits_test_set()
     whole = list(make_loader(digits, len(digits)))
@@ -299,7 +300,8 @@ def fit_case(crops: int, confidence: float) -> None:
     if loaded is None:
         return
     hed, batches = loaded
-    fit_case_for(f"HED 128 px, {crops} crops, distortion", hed, lambda: OutputDistortion(batches), 0.05, confidence)
+    fit_case_for(f"HED 128 px, {crops} crops, distortion", hed, lambda: OutputDistortion(batches), 0.05, confidence,
+                 repeats=hed_repeats)
 
 
 def fit_cli_case(confidence: float) -> None:
@@ -321,6 +323,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--hed-seeds", type=int, default=1, help="settling scans of HED, batches reordered")
     parser.add_argument("--fit-crops", type=int, default=64, help="HED crops for the fit case")
+    parser.add_argument("--fit-repeats", type=int, default=1, help="interleaved scans and fits of HED in the fit case")
     parser.add_argument("--confidence", type=float, default=0.99)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -329,7 +332,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     cases: Dict[str, Any] = {"digits": lambda: digits_case(args.seeds, args.confidence),
                              "hed": lambda: hed_case(args.crops, args.confidence, args.hed_seeds), "vgg11": vgg11_case, "stack": stack_case,
-                             "fit": lambda: fit_case(args.fit_crops, args.confidence),
+                             "fit": lambda: fit_case(args.fit_crops, args.confidence, args.fit_repeats),
                              "fit-cli": lambda: fit_cli_case(args.confidence)}
     for name in args.cases.split(","):
         cases[name]()

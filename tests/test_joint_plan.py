@@ -433,3 +433,39 @@ def test_a_scorer_keeps_mask_makers_only_for_the_same_statistics():
     assert scorer.masker(pruning, blocks, None, ("l0", 1)) is not first
     scorer.release()
     assert scorer.masker(pruning, blocks, None, ("l0", 1)) is not first
+
+
+def test_steps_the_scan_saw_cost_nothing_are_not_taken_at_once(monkeypatch):
+    """A metric that counts (accuracy on a few hundred images) sees no drop for most steps alone: the first
+    guess keeps to one layer, and once a plan uses over half the tolerance, trials add one unseen step at a time."""
+    import prunekit.sensitivity.joint as joint
+
+    levels = (0.2, 0.4, 0.6, 0.8)
+    layers = [str(i) for i in range(6)]
+    scores = {layer: [1.0] * len(levels) for layer in layers}  # no layer alone loses a sample
+    result = SensitivityResult("accuracy", True, 1.0, levels, scores)
+    measured = []
+
+    def fake_evaluate_plan(model, evaluate, plan, **kwargs):  # one sample of 250 lost per 0.8 of summed levels
+        measured.append(dict(plan))
+        return 1.0 - 0.004 * int(sum(plan.values()) / 0.8 + 1e-9)
+
+    monkeypatch.setattr(joint, "evaluate_plan", fake_evaluate_plan)
+    greedy = fit_plan(None, None, result, max_drop=0.01, search="greedy", min_gain=0)
+    every = len(measured)
+    measured.clear()
+    fit = fit_plan(None, None, result, max_drop=0.01, min_gain=0)
+    assert fit.plan == greedy.plan and fit.score == pytest.approx(greedy.score)
+    assert len(measured) < 2 * every / 3  # 9 of the greedy's 15 (guessing every unseen step at once: 13)
+
+    def steps(plan):
+        return sum(round(level / 0.2) for level in plan.values())
+
+    assert sum(level > 0 for level in measured[0].values()) == 1  # the first guess: one layer's steps
+    crowded = None  # the latest plan measured to hold with over half the tolerance used
+    for plan, (_, _, score, kept) in zip(measured, fit.trials):
+        if crowded is not None:
+            assert steps(plan) - steps(crowded) == 1
+        if kept and 1.0 - score > 0.005:
+            crowded = plan
+    assert crowded is not None
