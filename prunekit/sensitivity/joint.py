@@ -409,6 +409,10 @@ class _Fit:
                 break
         return best
 
+    def _crowded(self, score: float) -> bool:
+        """Does a plan scoring ``score`` use over half the tolerance (where unseen steps go one at a time)?"""
+        return self._drop(score) > self.max_drop / 2
+
     def _seen(self, remaining: Sequence[Step], held: int, held_score: float) -> int:
         """How many of ``remaining``'s steps a guess may take, ``held`` of them holding with ``held_score``.
 
@@ -417,7 +421,7 @@ class _Fit:
         take all of them at once. While the plan uses at most half the tolerance, a guess takes such
         steps within its first layer only; once it uses more, none but its first step.
         """
-        crowded = self._drop(held_score) > self.max_drop / 2
+        crowded = self._crowded(held_score)
         for count in range(held + 2, len(remaining) + 1):
             layer, index = remaining[count - 1]
             if self._drop(self.result.scores[layer][index]) <= 0 and (crowded or layer != remaining[held][0]):
@@ -455,7 +459,7 @@ class _Fit:
             stride = first
             while not one_at_a_time and held < len(remaining):  # gallop up while plans hold
                 upper = min(len(remaining), held + stride)
-                if self._drop(scores[held]) > self.max_drop / 2:  # close to the tolerance: no unseen steps at once
+                if self._crowded(scores[held]):  # close to the tolerance: no unseen steps at once (doubling below)
                     upper = min(upper, self._seen(remaining, held, scores[held]))
                 if attempt(upper):
                     held, stride = upper, stride * 2
