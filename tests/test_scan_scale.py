@@ -188,7 +188,7 @@ def test_streaming_memory_does_not_grow_with_the_number_of_batches(monkeypatch):
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import gc, json, os, sys, weakref
     import torch
     from torch import nn
     import torch.distributed as dist
@@ -198,6 +198,7 @@ WORKER = textwrap.dedent(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
+        group = weakref.ref(dist.group.WORLD)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
@@ -223,10 +224,13 @@ WORKER = textwrap.dedent(
             fit = fit_plan(model, metric, result, 0.15)
             results["fit"] = {"plan": fit.plan, "kept": [t[3] for t in fit.trials],
                               "scores": [t[2] for t in fit.trials if t[3]]}
-    with open(f"{out}.rank{rank}.json", "w") as handle:
-        json.dump({"results": results, "on_point_calls": len(written)}, handle)
+    released = None
     if world > 1:
         dist.destroy_process_group()
+        gc.collect()
+        released = group() is None  # else its gloo threads outlive it, into interpreter shutdown
+    with open(f"{out}.rank{rank}.json", "w") as handle:
+        json.dump({"results": results, "on_point_calls": len(written), "group_released": released}, handle)
     """
 )
 
@@ -262,12 +266,48 @@ def test_two_gloo_processes_give_the_one_process_result(tmp_path):
                 for layer, values in one["scores"].items():
                     assert two["scores"][layer] == pytest.approx(values, rel=1e-9, abs=1e-12)
     assert ranks[0]["on_point_calls"] > 0 and ranks[1]["on_point_calls"] == 0  # rank 0 alone reports
+    # A scan does not keep the caller's group alive (fake tensors imported torch._dynamo, whose
+    # torch.distributed.nn bound it as a default argument: gloo threads at exit, SIGABRT one run in five).
+    assert [rank["group_released"] for rank in ranks] == [True, True]
     one = single["results"]["fit"]
     assert not all(one["kept"]) and any(one["plan"].values())
     for rank in ranks:
         two = rank["results"]["fit"]
         assert two["plan"] == one["plan"] and two["kept"] == one["kept"]
         assert two["scores"] == pytest.approx(one["scores"], rel=1e-9, abs=1e-12)
+
+
+GROUP_WORKER = textwrap.dedent(
+    """
+    import gc, json, sys, weakref
+    import torch
+    import torch.distributed as dist
+    from prunekit.cli.session import process_group
+
+    with process_group(torch.device("cpu")):
+        group = weakref.ref(dist.group.WORLD)
+        from torch._subclasses.fake_tensor import FakeTensorMode  # what a command may use inside the group
+        FakeTensorMode()  # its first use imports torch._dynamo, and torch.distributed.nn with it
+        rank = dist.get_rank()
+    gc.collect()
+    with open(f"{sys.argv[1]}.rank{rank}.json", "w") as handle:
+        json.dump({"released": group() is None, "initialized": dist.is_initialized()}, handle)
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_cli_process_group_is_gone_when_the_command_ends_whatever_it_imported(tmp_path):
+    """A group still referenced after destroy_process_group keeps its gloo threads into interpreter shutdown,
+    where one that frees a tensor takes the GIL and aborts the process: a finished command reported as failed."""
+    script = tmp_path / "group_worker.py"
+    script.write_text(GROUP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.rank{rank}.json").read_text()) == {"released": True, "initialized": False}
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ def process_group(device: "torch.device", timeout: float = DEFAULT_TIMEOUT) -> I
     The ``env://`` variables torchrun sets say where to meet; CPU ranks use gloo,
     CUDA ranks NCCL on ``cuda:LOCAL_RANK``. A group the caller made is used as is.
     A rank that stops answering (killed, stopped) fails the others after ``timeout`` seconds.
+    The group is gone when the block ends (its gloo threads joined), whatever the
+    command imported meanwhile (see :func:`~prunekit.sensitivity.distributed.unbind_group_defaults`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
@@ -45,6 +47,9 @@ def process_group(device: "torch.device", timeout: float = DEFAULT_TIMEOUT) -> I
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
         torch.cuda.set_device(device)
         backend = "nccl"
+    from prunekit.sensitivity.distributed import unbind_group_defaults
+
+    unbind_group_defaults()  # imported before the group exists, torch binds no group as a default
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield device

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # the CLI reads its files through here before it needs torch
 
-__all__ = ["all_reduce_sum", "is_main_process", "rank_and_world", "read_json_on_rank0"]
+__all__ = ["all_reduce_sum", "is_main_process", "rank_and_world", "read_json_on_rank0", "unbind_group_defaults"]
 
 
 def _initialized() -> bool:
@@ -84,3 +84,33 @@ def read_json_on_rank0(path: Any) -> Any:
     if kind == "error":
         raise ValueError(value)
     return value
+
+
+def unbind_group_defaults() -> None:
+    """Import ``torch.distributed.nn`` and make its functions' ``group`` defaults ``None``, not the live group.
+
+    ``torch.distributed.nn.functional`` binds ``group=group.WORLD`` when it is
+    imported, and ``torch._dynamo`` imports it (fake tensors, ``torch.export``,
+    ``torch.compile``). Imported inside a process group, those defaults keep the
+    group alive past ``destroy_process_group()``: its gloo worker threads still
+    run when Python shuts down, and one that frees a collective's tensors then
+    takes the GIL and aborts the process ("terminate called without an active
+    exception", SIGABRT), so torchrun reports a finished job as failed.
+    ``None`` means the default group to those functions, so nothing else
+    changes. Call it before anything that may import ``torch._dynamo``.
+
+    Example:
+        >>> unbind_group_defaults()
+        >>> import torch.distributed.nn.functional as functional
+        >>> functional.all_reduce.__defaults__[-1] is None
+        True
+    """
+    import torch.distributed.nn.functional as functional
+
+    world = torch.distributed.group.WORLD if _initialized() else None
+    if world is None:
+        return
+    for value in vars(functional).values():
+        defaults = getattr(value, "__defaults__", None)
+        if defaults and any(default is world for default in defaults):
+            value.__defaults__ = tuple(None if default is world else default for default in defaults)

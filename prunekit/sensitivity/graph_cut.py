@@ -163,6 +163,10 @@ class GraphRunner(torch.fx.Interpreter):
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+        from prunekit.sensitivity.distributed import unbind_group_defaults
+
+        unbind_group_defaults()  # fake tensors import torch._dynamo: a caller's process group must not stay bound
+
         logger = logging.getLogger("torch._subclasses.fake_tensor")
         quiet = logger.disabled
         logger.disabled = True  # a model fake tensors cannot run is not an error here: it is run one level at a time
