@@ -349,6 +349,24 @@ def test_compact_says_nothing_to_remove_and_times_nothing_for_an_unpruned_model(
     assert document["removed"] is False and document["speedup"] is None
 
 
+def test_compact_says_the_machine_is_busy_instead_of_an_interval_it_cannot_act_on(runner, monkeypatch):
+    import prunekit.measure.timing
+
+    # Rounds timed under load (the reported line: IQR 24.35-152.65 ms, "1.10x (95% interval 1.09-6.10x)").
+    pruned = [0.025, 0.150, 0.030, 0.140, 0.027, 0.160, 0.024, 0.152, 0.026, 0.155]
+    compact = [0.023, 0.024, 0.026, 0.025, 0.024, 0.026, 0.022, 0.025, 0.023, 0.024]
+    monkeypatch.setattr(prunekit.measure.timing, "latency_samples",
+                        lambda *a, **k: {"pruned": pruned, "compact": compact})
+    _channel_pruned_digits(runner)
+    result = runner.invoke(cli, ["compact", "ch.pt"])
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "speed-up" in line)
+    assert "the machine is busy" in line and "--threads 1" in line and "--repeats" in line
+    assert "x (95% interval" not in line  # no speed-up figure stated as if it were one
+    document = json.loads(runner.invoke(cli, ["compact", "ch.pt", "--json"]).stdout)
+    assert document["too_noisy"] is True and document["speedup_interval"][1] > 1.5 * document["speedup_interval"][0]
+
+
 def test_compact_refuses_pickled_model_without_trust(runner):
     torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), "whole.pt")
     result = runner.invoke(cli, ["compact", "whole.pt"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.measure.timing import compare_latency, latency_samples, speedup, spread
+from prunekit.measure.timing import NOISY_SPAN, compare_latency, latency_samples, speedup, spread
 
 
 def test_returns_each_models_median_and_restores_modes(monkeypatch):
@@ -86,6 +86,17 @@ def test_a_clear_speedup_is_not_noise_and_equal_timings_are():
     # The first round of one model 60x slower (the reported bug): the median ignores it.
     spiked = speedup([0.6] + before[1:], before)
     assert spiked.within_noise
+
+
+def test_a_speedup_from_a_busy_machine_says_so_and_how_to_measure_it():
+    gen = torch.Generator().manual_seed(0)
+    noise = (1 + 0.05 * torch.randn(30, generator=gen)).tolist()
+    quiet = speedup([0.010 * n for n in noise], [0.005 * n for n in reversed(noise)])
+    assert not quiet.too_noisy and str(quiet).startswith(f"{quiet.ratio:.2f}x (95% interval")
+    loads = [1.0 if i % 2 else 6.0 for i in range(30)]  # every other round of one model 6x slower
+    busy = speedup([0.010 * n for n in loads], [0.005 * n for n in noise])
+    assert busy.high > NOISY_SPAN * busy.low and busy.too_noisy
+    assert "the machine is busy" in str(busy) and "--threads 1" in str(busy)
 
 
 def test_spread_and_bad_rounds():

@@ -32,7 +32,8 @@ __all__ = ["compact_command"]
               "models such as digits-vgg, else 3x224x224).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Interleaved timing rounds, after 3 warm-up rounds: the median and its spread are reported, "
-              "and the speed-up with a 95 % bootstrap interval (\"within noise\" when it holds 1.0).")
+              "and the speed-up with a 95 % bootstrap interval (\"within noise\" when it holds 1.0; "
+              "\"not measurable here\" when it spans more than 1.5x: a busy machine).")
 @click.option("--out", default=None, metavar="PATH",
               help="Also save the compacted model as a whole pickled module (loading it back needs "
               "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
@@ -116,7 +117,8 @@ def compact_command(
                    if removed else None,
                    "speedup": timing["speedup"].ratio if removed else None,
                    "speedup_interval": [timing["speedup"].low, timing["speedup"].high] if removed else None,
-                   "within_noise": timing["speedup"].within_noise if removed else None})
+                   "within_noise": timing["speedup"].within_noise if removed else None,
+                   "too_noisy": timing["speedup"].too_noisy if removed else None})
         return
     click.echo(str(report))
     if removed:

@@ -25,7 +25,11 @@ from torch import nn
 
 from prunekit._rollback import restore_training, training_flags
 
-__all__ = ["Speedup", "Spread", "compare_latency", "latency_samples", "speedup", "spread"]
+__all__ = ["NOISY_SPAN", "Speedup", "Spread", "compare_latency", "latency_samples", "speedup", "spread"]
+
+#: A speed-up interval whose ends differ by more than this factor says little about the speed-up
+#: (a quiet machine gives 1.1 or less): the timings were taken on a busy machine.
+NOISY_SPAN = 1.5
 
 
 def latency_samples(
@@ -138,8 +142,21 @@ class Speedup:
         """True when the interval holds 1.0: the timings cannot tell the two apart."""
         return self.low <= 1.0 <= self.high
 
+    @property
+    def too_noisy(self) -> bool:
+        """True when the interval's ends differ by more than :data:`NOISY_SPAN` times: a busy machine.
+
+        Example:
+            >>> Speedup(1.10, 1.09, 6.10, 0.95).too_noisy, Speedup(1.95, 1.90, 2.10, 0.95).too_noisy
+            (True, False)
+        """
+        return not self.high <= self.low * NOISY_SPAN
+
     def __str__(self) -> str:
         interval = f"{self.confidence:.0%} interval {self.low:.2f}-{self.high:.2f}x"
+        if self.too_noisy:
+            return (f"not measurable here: the machine is busy (the {interval} spans more than {NOISY_SPAN:g}x); "
+                    "time it again when the machine is idle, with --threads 1 and more --repeats")
         verdict = ": within noise, no measurable difference" if self.within_noise else ""
         return f"{self.ratio:.2f}x ({interval}){verdict}"
 
