@@ -23,6 +23,9 @@ Cases:
           default) and stacked everywhere (``True``), where batches are large too (digits-vgg on one
           batch of 360, HED at 224 px) and on vgg11 at 64 px (classifier scanned too): median CPU
           time of interleaved runs, and how far the scores are from the bitwise ones.
+  digits-all: digits-vgg on all 1,797 digits (its train and test splits) in batches of 32 (57 batches),
+          accuracy at max drop 0.01, one shuffle per seed: exact and settling scans interleaved (--repeats
+          each, CPU time, medians with their range), batch-forwards beside the times, and the plans.
   vgg11:  the whole torchvision vgg11 (random weights; classifier included) at 64 px, one batch of
           4 images, 8 convs x 6 levels: the naive prune / forward / restore loop, prunekit's scan
           bitwise (``stack_levels=False``) and by default (``"auto"``: here every layer's levels
@@ -316,6 +319,33 @@ def fit_cli_case(confidence: float) -> None:
                  confidence, settle=False, unkept_masks=True)
 
 
+def digits_all_case(seeds: int, confidence: float, repeats: int) -> None:
+    from torch.utils.data import ConcatDataset
+
+    from prunekit.datasets import digits_train_set
+
+    model = prunekit.load_model("digits-vgg")
+    loader = list(make_loader(ConcatDataset([digits_train_set(), digits_test_set()]), 32))
+    for seed in range(seeds):
+        shuffled = list(loader)
+        random.Random(seed).shuffle(shuffled)
+        times: Dict[str, list] = {"exact": [], "settling": []}
+        results: Dict[str, SensitivityResult] = {}
+        for _ in range(repeats):  # interleaved: a load change slows both alike
+            for name, options in (("exact", {}), ("settling", {"confidence": confidence, "max_drop": 0.01})):
+                start = time.process_time()
+                results[name] = scan(model, Accuracy(shuffled), progress=False, **options)
+                times[name].append(time.process_time() - start)
+        full, used = forwards(results["exact"], len(shuffled)), forwards(results["settling"], len(shuffled))
+        median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+        spread = {name: f"{min(values):.2f}-{max(values):.2f}" for name, values in times.items()}
+        print(f"digits-vgg, all {sum(len(b[1]) for b in loader)} digits, {len(loader)} batches of 32, accuracy 0.01, "
+              f"seed {seed}: batch-forwards {full} exact, {used} settling ({full / used:.2f}x fewer); CPU median "
+              f"{median['exact']:.2f} s ({spread['exact']}) vs {median['settling']:.2f} s ({spread['settling']}): "
+              f"{median['exact'] / median['settling']:.2f}x; same plan: "
+              f"{results['exact'].plan(0.01) == results['settling'].plan(0.01)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="digits,hed")
@@ -326,11 +356,13 @@ def main() -> None:
     parser.add_argument("--fit-repeats", type=int, default=1, help="interleaved scans and fits of HED in the fit case")
     parser.add_argument("--confidence", type=float, default=0.99)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each scan in the digits-all case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), confidence {args.confidence}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     cases: Dict[str, Any] = {"digits": lambda: digits_case(args.seeds, args.confidence),
+                             "digits-all": lambda: digits_all_case(args.seeds, args.confidence, args.repeats),
                              "hed": lambda: hed_case(args.crops, args.confidence, args.hed_seeds), "vgg11": vgg11_case, "stack": stack_case,
                              "fit": lambda: fit_case(args.fit_crops, args.confidence, args.fit_repeats),
                              "fit-cli": lambda: fit_cli_case(args.confidence)}

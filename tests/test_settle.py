@@ -312,3 +312,52 @@ def test_students_t_over_normal_matches_scipy():
         for delta in (0.0025, 0.01, 0.05):
             exact = stats.t.ppf(1 - delta / 2, dof) / stats.norm.ppf(1 - delta / 2)
             assert _student_over_normal(dof, delta) == pytest.approx(exact, rel=5e-3)
+
+
+def test_the_chernoff_bound_with_no_event_is_the_exact_binomial_one():
+    from prunekit.sensitivity.settle import _chernoff_bounds
+
+    low, high = _chernoff_bounds(0, 500, 0.001)
+    assert low == 0.0 and high == pytest.approx(1 - 0.001 ** (1 / 500), rel=1e-9)
+    low, high = _chernoff_bounds(50, 500, 0.001)
+    assert 0.05 < low < 0.1 < high < 0.16
+
+
+def test_paired_flips_bound_the_accuracy_drop_only_after_prepare():
+    from prunekit.sensitivity.settle import paired_score_interval
+
+    metric = Accuracy([(torch.eye(2), torch.tensor([0, 1]))] * 500)  # 1000 samples, the dense model right on all
+    rows = torch.tensor([[2.0, 2.0, 0.0, 0.0]] * 250)  # half the samples seen, no answer changed
+    assert paired_score_interval(metric, rows, 1.0, True, 0.01) is None  # no dense answers recorded yet
+    metric.prepare(torch.nn.Identity())
+    low, high = paired_score_interval(metric, rows, 1.0, True, 0.01)
+    assert high == 1.0 and 0.99 < low  # no flip in 500: under 1 % of the 500 left, so under 0.5 % in all
+    unpaired_low, _ = score_interval(metric, rows[:, :2], 0.01)
+    assert unpaired_low < low  # the accuracy alone knows less: the dense answers are not used
+    lost = rows.clone()
+    lost[:5, 0], lost[:5, 2] = 0.0, 2.0  # 10 samples lost in the first 5 batches
+    low, high = paired_score_interval(metric, lost, 1.0, True, 0.01)
+    assert low < 0.98 < high <= 0.99  # 10 of 1000 lost for sure; the 500 left bounded
+
+
+def test_a_settling_accuracy_scan_stops_points_that_change_few_answers_with_the_exact_verdicts():
+    """Accuracy within a 2 % tolerance: the paired flips settle it early, the accuracy alone could not."""
+    model = prunekit.load_model("digits-vgg")
+    loader = list(make_loader(digits_test_set(), 8))  # 45 batches
+    random.Random(0).shuffle(loader)
+    options = dict(layers=["features.7", "classifier.3"], sparsities=(0.4, 0.95), progress=False)
+    exact = scan(model, Accuracy(loader), **options)
+    settled = scan(model, Accuracy(loader), confidence=0.99, max_drop=0.02, **options)
+    early_within = 0
+    for layer in exact.layers:
+        for index in range(2):
+            estimate = settled.estimate(layer, index)
+            truth = exact.scores[layer][index]
+            if estimate is None:
+                assert settled.scores[layer][index] == truth
+                continue
+            assert estimate["within"] == (exact.baseline - truth <= 0.02)
+            assert estimate["low"] <= truth <= estimate["high"]
+            early_within += estimate["within"] and estimate["batches"] < 45
+    assert early_within >= 1
+    assert settled.plan(0.02) == exact.plan(0.02)

@@ -370,6 +370,43 @@ class Accuracy(ForwardMetric):
             raise TypeError(f"loader must be an iterable of (inputs, labels), got {type(loader).__name__}")
         self.loader = loader
         self._samples: Optional[int] = None  # labels in the last complete pass over the loader
+        self._dense_right: Optional[List[Tensor]] = None  # per batch: which samples the dense model gets right
+
+    def prepare(self, model: nn.Module) -> None:
+        """Record which samples the dense ``model`` classifies right (``scan`` calls it).
+
+        The statistics then also count, per batch, the samples the scored model gets wrong where
+        the dense one was right and the reverse: a settling scan bounds the accuracy *drop* from
+        these paired flips, which is far tighter than bounding the accuracy alone.
+
+        Example:
+            >>> metric = Accuracy([(torch.eye(2), torch.tensor([0, 0]))])
+            >>> metric.prepare(nn.Identity())  # dense: sample 0 right, sample 1 wrong
+            >>> metric.statistics(nn.Flatten(0, 0)).tolist()  # [right, samples, lost, gained]
+            [1.0, 2.0, 0.0, 0.0]
+        """
+        self._dense_right = None
+        recorded: List[Tensor] = []
+        device = model_device(model)
+        with torch.no_grad(), eval_mode(model):
+            for inputs, (labels, _) in self.batches(device):
+                recorded.append(self._right(output_tensor(model(inputs)), labels))
+        self._dense_right = recorded
+
+    def dense_statistics(self) -> Optional[Tensor]:
+        """The dense model's summed statistics over every batch, from :meth:`prepare` (no forward); None before it.
+
+        Example:
+            >>> metric = Accuracy([(torch.eye(2), torch.tensor([0, 0]))])
+            >>> metric.prepare(nn.Identity())
+            >>> metric.dense_statistics().tolist()
+            [1.0, 2.0, 0.0, 0.0]
+        """
+        if self._dense_right is None:
+            return None
+        right = float(sum(int(batch.sum()) for batch in self._dense_right))
+        samples = float(sum(batch.numel() for batch in self._dense_right))
+        return torch.tensor([right, samples, 0.0, 0.0], dtype=torch.float64)
 
     def num_batches(self) -> Optional[int]:
         try:
@@ -390,22 +427,50 @@ class Accuracy(ForwardMetric):
                 labels = torch.as_tensor(labels)
             _check_finite(inputs, f"input batch {index}")
             samples += int(labels.shape[0]) if labels.dim() else 1
-            yield inputs.to(device), labels
+            yield inputs.to(device), (labels, index)
         self._samples = samples
 
-    def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
-        logits = output_tensor(outputs[MODEL_OUTPUT])
-        if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+    @staticmethod
+    def _right(logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
             raise ValueError(
-                f"Accuracy needs class scores of shape [batch, classes] matching {target.shape[0]} "
+                f"Accuracy needs class scores of shape [batch, classes] matching {labels.shape[0]} "
                 f"labels; the model returned shape {tuple(logits.shape)}"
             )
-        correct = (logits.argmax(dim=1).cpu() == target.cpu()).sum()
-        return torch.tensor([float(correct), float(target.shape[0])], dtype=torch.float64)
+        return logits.argmax(dim=1).cpu() == labels.cpu()
+
+    def batch_statistics(self, outputs: Mapping[str, Tensor], target: Any) -> Tensor:
+        """``[right, samples]`` of one batch; after :meth:`prepare`, ``[right, samples, lost, gained]``.
+
+        ``target`` is what :meth:`batches` yields (the labels and the batch's number), or the labels alone.
+        """
+        labels, index = target if isinstance(target, tuple) else (target, None)
+        right = self._right(output_tensor(outputs[MODEL_OUTPUT]), labels)
+        stats = [float(right.sum()), float(labels.shape[0])]
+        if index is not None and self._dense_right is not None:
+            dense = self._dense_right[index]
+            stats += [float((dense & ~right).sum()), float((~dense & right).sum())]
+        return torch.tensor(stats, dtype=torch.float64)
 
     def reduce(self, totals: Tensor) -> float:
-        correct, count = totals.tolist()
+        correct, count = totals.tolist()[:2]
         return correct / count if count else math.nan
+
+    def paired_counts(self, totals: Tensor) -> Optional[Tuple[Tuple[float, float], Tuple[float, float], Tuple[float, float]]]:
+        """Flips against the dense model in summed statistics, where :meth:`prepare` recorded its answers; else None.
+
+        Returns ``((lost, gained), (right, wrong) seen, (right, wrong) in all)``: ``lost`` counts the
+        samples the dense model got right and this one gets wrong, ``gained`` the reverse; the pairs
+        after it count the samples the dense model got right and wrong, among those seen and in all.
+        """
+        values = totals.double().reshape(-1).tolist()
+        if len(values) < 4 or self._dense_right is None:
+            return None
+        right, samples, lost, gained = values[:4]
+        dense_seen = right + lost - gained
+        dense_all = float(sum(int(batch.sum()) for batch in self._dense_right))
+        everything = float(sum(batch.numel() for batch in self._dense_right))
+        return (lost, gained), (dense_seen, samples - dense_seen), (dense_all, everything - dense_all)
 
     def reduce_many(self, totals: Tensor) -> Tensor:
         """:meth:`reduce` of each row of ``totals`` [R, 2] at once (a settling scan's bootstrap)."""
@@ -423,7 +488,7 @@ class Accuracy(ForwardMetric):
         """
         if not self._samples:
             return None
-        correct, seen = partial.double().reshape(-1).tolist()
+        correct, seen = partial.double().reshape(-1).tolist()[:2]
         return (correct + max(0.0, self._samples - seen)) / self._samples
 
     def counts(self, totals: Tensor) -> Tuple[float, float]:

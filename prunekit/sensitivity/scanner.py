@@ -897,7 +897,10 @@ def _dense_baseline(evaluate: Any, model: nn.Module) -> Tuple[float, Optional[Te
     statistics = None
     if isinstance(evaluate, ForwardMetric):
         evaluate.prepare(model)
-        statistics = _forward_statistics(evaluate, model)
+        recorded = getattr(evaluate, "dense_statistics", None)  # prepare() may have seen every batch already
+        statistics = recorded() if recorded is not None else None
+        if statistics is None:
+            statistics = _forward_statistics(evaluate, model)
         baseline = evaluate.reduce(statistics)
     else:
         baseline = _score(evaluate(model))

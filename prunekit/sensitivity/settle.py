@@ -28,6 +28,12 @@ The interval, argued:
   widened to at least an empirical Bernstein bound on the pooled per-sample rate (Audibert,
   Munos and Szepesvari 2009: ``sqrt(2 V ln(3/d) / n) + 3 ln(3/d) / n`` for values in [0, 1]),
   which holds with no error seen and shrinks as ``1/n`` when the rate is near 0 or 1.
+* **Paired counts.** A tolerance is about the *drop* from the dense model, and the dense model's
+  answer on every sample is known (:meth:`~prunekit.sensitivity.Accuracy.prepare` records it).
+  So where a metric counts flips against it (``paired_counts``), :func:`paired_score_interval`
+  bounds the drop directly: exact on the samples seen, Chernoff bounds on the rates of lost and
+  gained answers for the rest. A layer that changes few answers then settles from a few hundred
+  samples; the accuracy alone, near 1, would need the whole set.
 * **Several looks.** Looking after every batch and stopping at the first settled look would
   spend the error budget many times over. Looks are spaced geometrically (``min_batches``,
   twice that, ...), and each gets an equal share of ``1 - confidence`` (a union bound), so the
@@ -57,7 +63,7 @@ from torch import Tensor
 
 from prunekit.sensitivity.result import score_drop
 
-__all__ = ["Estimate", "Settler", "Tolerance", "score_interval"]
+__all__ = ["Estimate", "Settler", "Tolerance", "paired_score_interval", "score_interval"]
 
 #: Bootstrap resamples per interval: enough for the tail quantiles the union bound asks for.
 _MIN_RESAMPLES = 2000
@@ -168,6 +174,89 @@ def _count_interval(metric: Any, per_batch: Tensor, delta: float) -> Optional[Tu
     return max(0.0, rate - half), min(1.0, rate + half)
 
 
+def _kl_bernoulli(rate: float, p: float) -> float:
+    eps = 1e-300
+    return (rate * math.log(max(rate, eps) / max(p, eps)) if rate > 0 else 0.0) + (
+        (1 - rate) * math.log(max(1 - rate, eps) / max(1 - p, eps)) if rate < 1 else 0.0)
+
+
+def _chernoff_bounds(events: float, samples: float, delta: float) -> Tuple[float, float]:
+    """Rates ``(low, high)``: each side misses a Bernoulli rate seen ``events`` times in ``samples`` with chance <= ``delta``.
+
+    The Chernoff bound in relative-entropy form (``samples * kl(events / samples, p) <= ln(1 / delta)``,
+    solved by bisection): with no event seen it gives ``1 - delta ** (1 / samples)``, as the exact
+    binomial bound does; sampling without replacement only tightens it (Hoeffding 1963).
+    """
+    if samples <= 0:
+        return 0.0, 1.0
+    rate, budget = min(1.0, max(0.0, events / samples)), math.log(1.0 / delta) / samples
+    bounds = []
+    for lo, hi, upper in ((rate, 1.0, True), (0.0, rate, False)):
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            inside = _kl_bernoulli(rate, mid) <= budget
+            lo, hi = (mid, hi) if inside == upper else (lo, mid)
+        bounds.append(hi if upper else lo)
+    return bounds[1], bounds[0]
+
+
+def paired_score_interval(metric: Any, per_batch: Tensor, baseline: float, higher_is_better: bool, delta: float,
+                          seed: int = 0, bootstrap: bool = True) -> Optional[Tuple[float, float]]:
+    """For a metric that counts flips against the dense model (:meth:`Accuracy.paired_counts`): an interval
+    that holds the score over *all* samples with probability >= ``1 - delta``; None for other metrics.
+
+    The score is the dense one (``baseline``, known on every sample) minus the drop, and the drop is
+    ``(lost - gained) / samples``: exact on the samples seen, bounded on the rest by Chernoff bounds on
+    the rate of lost samples among those the dense model gets right and of gained ones among those it
+    gets wrong (``delta / 2`` for each end of the interval), and never narrower than a bootstrap
+    over batches of the per-batch net flips (widened by ``t / z``), which keeps what correlates inside
+    a batch (``bootstrap=False`` leaves it out: the interval it widens, for a first, cheap look).
+    A pruned layer that changes few answers settles after a few hundred samples, where an
+    interval on the accuracy alone would need the whole set.
+
+    Example:
+        >>> from prunekit.sensitivity.metrics import Accuracy
+        >>> metric = Accuracy([(torch.eye(2), torch.tensor([0, 1]))] * 50)
+        >>> metric.prepare(torch.nn.Identity())  # 100 samples, the dense model right on all
+        >>> low, high = paired_score_interval(metric, torch.tensor([[2.0, 2, 0, 0]] * 40), 1.0, True, 0.01)
+        >>> 0.95 < low < high == 1.0  # no flip in 80 samples: at most a few of the 20 left
+        True
+    """
+    paired = getattr(metric, "paired_counts", None)
+    rows = per_batch.double()
+    counted = paired(rows.sum(dim=0)) if paired is not None else None
+    if counted is None:
+        return None
+    (lost, gained), (right_seen, wrong_seen), (right_all, wrong_all) = counted
+    right_left, wrong_left = max(0.0, right_all - right_seen), max(0.0, wrong_all - wrong_seen)
+    everything = right_all + wrong_all
+    # Lost samples come from those the dense model gets right, gained ones from those it gets wrong.
+    # The high side spends its delta / 2 on one bound (no gain assumed: it only errs high); the low one on two.
+    lost_high = _chernoff_bounds(lost, right_seen, delta / 2)[1]
+    lost_low = _chernoff_bounds(lost, right_seen, delta / 4)[0]
+    gained_high = _chernoff_bounds(gained, wrong_seen, delta / 4)[1]
+    net_low = lost_low * right_left - gained_high * wrong_left  # over the samples not seen
+    net_high = lost_high * right_left
+    count = rows.shape[0]
+    if bootstrap and count >= 2:
+        generator = torch.Generator().manual_seed(seed)
+        resamples = max(_MIN_RESAMPLES, math.ceil(20.0 / delta))
+        picks = torch.randint(count, (resamples, count), generator=generator)
+        flips = rows[:, 2] - rows[:, 3]
+        rates = flips[picks].sum(dim=1) / rows[:, 1][picks].sum(dim=1)
+        centre = float(flips.sum() / rows[:, 1].sum())
+        widen = _student_over_normal(count - 1, delta)
+        left = right_left + wrong_left
+        net_low = min(net_low, left * (centre - (centre - float(torch.quantile(rates, delta / 2))) * widen))
+        net_high = max(net_high, left * (centre + (float(torch.quantile(rates, 1 - delta / 2)) - centre) * widen))
+    net_low, net_high = max(net_low, -wrong_left), min(net_high, right_left)  # what the samples left can hold
+    drop_low = (lost - gained + net_low) / everything
+    drop_high = (lost - gained + net_high) / everything
+    if higher_is_better:
+        return baseline - drop_high, baseline - drop_low
+    return baseline + drop_low, baseline + drop_high
+
+
 class Settler:
     """When a point's verdict against the tolerance is settled, from its per-batch statistics.
 
@@ -216,6 +305,17 @@ class Settler:
 
     def verdict(self, per_batch: Tensor, seed: int = 0) -> Optional[Estimate]:
         """The settled estimate from the batches so far (rows of ``per_batch``), or None while unsettled."""
+        bounds = (self.metric, per_batch, self.baseline, self.higher_is_better, self.delta, seed)
+        paired = paired_score_interval(*bounds, bootstrap=False)
+        if paired is not None:
+            if self._side(*paired) is None:
+                return None  # the bootstrap only widens it: unsettled
+            paired = paired_score_interval(*bounds)
+            within = self._side(*paired)
+            if within is None:
+                return None
+            score = float(self.metric.reduce(per_batch.double().sum(dim=0)))
+            return Estimate(score, paired[0], paired[1], int(per_batch.shape[0]), self.total, within)
         counted = _count_interval(self.metric, per_batch, self.delta)
         if counted is not None and self._side(*counted) is None:
             return None  # the final interval holds this one: unsettled, no need to bootstrap
