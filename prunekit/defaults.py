@@ -12,10 +12,22 @@ Example:
     (('l2', 'l0'), 'digits-vgg')
 """
 
-__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL", "DIGITS_SIZE"]
+__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL", "DIGITS_SIZE", "check_criterion"]
 
 #: Channel scores from activation statistics: l2 (response magnitude) and l0 (firing frequency).
 CRITERIA = ("l2", "l0")
+
+
+def check_criterion(criterion: object) -> str:
+    """``criterion`` if it is one of :data:`CRITERIA`, else a ValueError naming it and the choices.
+
+    Example:
+        >>> check_criterion("l0")
+        'l0'
+    """
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    return criterion
 
 #: The model a command uses when none is named: the built-in digits VGG with its shipped weights.
 DEFAULT_MODEL = "digits-vgg"

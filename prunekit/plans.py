@@ -13,7 +13,7 @@ from torch import nn
 
 from prunekit._rollback import rollback_on_error
 from prunekit.layers import check_prunable, resolve_layers
-from prunekit.methods.registry import METHODS, get_method
+from prunekit.methods.registry import METHODS, prepared_method
 from prunekit.reparametrization import copy_model, finalize, pruned_tensors
 
 __all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "plan_blocks", "pruned_tensors"]
@@ -71,7 +71,7 @@ def apply_plan(
     plan: Mapping[str, float],
     method: Any = "fine-grained",
     stats: Optional[Mapping[str, object]] = None,
-    criterion: str = "l2",
+    criterion: Optional[str] = None,
 ) -> nn.Module:
     """Prune each conv layer named in ``plan`` to its FINAL sparsity; return ``model``.
 
@@ -84,16 +84,17 @@ def apply_plan(
     Args:
         model: the model to prune in place.
         plan: conv layer name -> final sparsity in [0, 1] (see :func:`prunekit.conv_layers`).
-        method: a name from :data:`prunekit.methods.registry.METHODS` (or a method object):
+        method: a name from :func:`prunekit.methods.registry.method_names`, or a method object (one
+            :meth:`~prunekit.methods.base.PruningMethod.prepare` gave owns what it scores by):
             ``"fine-grained"`` (:class:`FineGrainedL1` on the weight), ``"channel"``
             (:class:`ChannelActivation` by activation statistics; the value is the fraction of
             output channels masked, and the BatchNorm that follows the conv is masked too) or
             ``"filter-norm"`` (channels with the smallest filter L1 norms; no statistics needed).
             The channel methods prune channel groups: a level given to a conv applies to every
             conv coupled with it (:func:`prunekit.channel_groups`), masked at the same channels.
-        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor), for
-            every conv of the planned groups.
-        criterion: for ``"channel"``, ``"l2"`` or ``"l0"``.
+        stats: for ``"channel"`` given by name, layer name -> :class:`ChannelStats` (or score tensor),
+            for every conv of the planned groups (or pass the prepared method instead).
+        criterion: for ``"channel"``, ``"l2"`` or ``"l0"`` (default: the method's own, ``"l2"``).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
@@ -101,11 +102,11 @@ def apply_plan(
         >>> float((model[2].weight == 0).float().mean())
         0.75
     """
-    pruning = get_method(method)
+    pruning = prepared_method(method, stats, criterion)
     checked = check_plan(model, plan, pruning.layer_types)
     check_prunable(model, checked)
     blocks, levels = plan_blocks(model, checked, pruning)
-    scores = pruning.scores(model, blocks, stats, criterion) or {}
+    scores = pruning.scores(model, blocks) or {}
     touched = [module for block in blocks.values() for module, _ in pruning.targets(block)]
     with rollback_on_error(list(dict.fromkeys(touched))):
         for key, sparsity in levels.items():

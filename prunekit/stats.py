@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from prunekit._rollback import restore_training, training_flags
 from prunekit.io.files import PathLike, read_json, write_json
 from prunekit.layers import conv_block, resolve_layers
-from prunekit.methods.channel import CRITERIA
+from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
 from prunekit.layers import model_device
@@ -108,11 +108,7 @@ class ChannelStats:
         Raises:
             ValueError: unknown criterion.
         """
-        if criterion == "l2":
-            return self.l2.clone()
-        if criterion == "l0":
-            return self.l0.clone()
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+        return (self.l2 if check_criterion(criterion) == "l2" else self.l0).clone()
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-Python form (lists and ints) for JSON; :meth:`from_dict` reverses it."""

@@ -60,7 +60,7 @@ def test_unit_scores_weigh_every_member_relative_to_its_own_channels():
     # A member with 100x larger scores does not outvote the others: each is divided by its mean.
     scores = unit_scores(block, [stem, flat * 100, flat])
     torch.testing.assert_close(scores, stem / 4.5 + 2)
-    picked = get_method("filter-norm").scores(model, {"stem.0": block}, None, "l2")["stem.0"]
+    picked = get_method("filter-norm").scores(model, {"stem.0": block})["stem.0"]
     norms = [m.conv.weight.detach().abs().sum(dim=(1, 2, 3)) for m in block.members]
     torch.testing.assert_close(picked, sum(n / n.mean() for n in norms))
 
@@ -87,7 +87,7 @@ def test_masks_a_group_scan_uses_are_the_masks_a_plan_applies():
     blocks = pruning.blocks(model.eval(), ["block.expand.0"])
     (key, block), = blocks.items()
     assert block.member_names == ["block.expand.0", "block.depthwise.0", "block.excite"]
-    make = pruning.mask_maker(block, pruning.scores(model, blocks, None, "l2")[key])
+    make = pruning.mask_maker(block, pruning.scores(model, blocks)[key])
     for level in (0.25, 0.5, 0.75):
         pruned = prunekit.apply_plan(prunekit.copy_model(model), {"block.excite": level}, method="filter-norm")
         applied = [getattr(m, n + "_mask") for m, n in pruning.targets(pruning.block(pruned, "block.excite"))]

@@ -78,7 +78,7 @@ def test_out_of_range_sparsity_is_rejected(value):
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError, match="fine-grained, channel"):
+    with pytest.raises(ValueError, match="channel, filter-norm, fine-grained"):
         apply_plan(_stack(), {"0": 0.5}, method="magnitude")
 
 

@@ -178,12 +178,13 @@ def test_evaluate_sees_one_layer_pruned_at_the_planned_sparsity():
 def test_scores_equal_apply_plan(method):
     model = randomize_batchnorm(small_vgg(batchnorm=True)).eval()
     metric = OutputDistortion(torch.randn(4, 3, 8, 8))
-    stats = channel_stats(model) if get_method(method).needs_statistics else None
-    result = scan(model, metric, sparsities=LEVELS, method=method, stats=stats, progress=False)
+    pruning = get_method(method).prepare(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))])
+    result = scan(model, metric, sparsities=LEVELS, method=pruning, progress=False)
+    assert result.method == method
     metric.prepare(model)
     for layer in result.layers:
         for level in LEVELS:
-            pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=method, stats=stats)
+            pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=pruning)
             assert metric(pruned) == result.score(layer, level)
 
 

@@ -181,7 +181,7 @@ def test_score_criteria():
     stats = collect_channel_stats(known_model(), KNOWN_BATCHES)["0"]
     assert torch.equal(stats.score("l2"), stats.l2)
     assert torch.equal(stats.score("l0"), stats.l0)
-    with pytest.raises(ValueError, match="unknown criterion 'l1'; choose one of: l2, l0"):
+    with pytest.raises(ValueError, match="criterion='l1' is unknown; choose one of l2, l0"):
         stats.score("l1")
 
 

@@ -10,7 +10,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import click
 
 from prunekit._lazy import lazy_module
-from prunekit.defaults import DEFAULT_MODEL, DIGITS_SIZE
+from prunekit.defaults import CRITERIA, DEFAULT_MODEL, DIGITS_SIZE
+from prunekit.methods import registry
 from prunekit.sensitivity.result import check_sparsities
 
 torch = lazy_module("torch")  # imported by the commands that run, not by -h or an argument error
@@ -21,6 +22,7 @@ __all__ = [
     "DIGITS_SIZE",
     "data_options",
     "examples",
+    "method_options",
     "model_options",
     "parse_device",
     "parse_input_size",
@@ -255,3 +257,66 @@ def run_options(seed_from_plan: bool = False) -> Callable[[Callable[..., Any]], 
         return func
 
     return decorate
+
+
+class _MethodChoice(click.Choice):
+    """``--method``'s choices: the registry's names when the command line is read (a user's method included)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> Tuple[str, ...]:
+        return registry.method_names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ sets them; the registry holds them
+        pass
+
+
+class _MethodOption(click.Option):
+    """``--method``, whose help lists every registered method with its class docstring's first paragraph."""
+
+    def __init__(self, *args: Any, lead: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lead = lead
+
+    def get_help_record(self, ctx: click.Context) -> Optional[Tuple[str, str]]:
+        self.help = f"{self._lead} {registry.help_text()}."
+        return super().get_help_record(ctx)
+
+
+def method_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--method`` (a name from the registry) and ``--criterion`` (None unless typed); see :func:`configured_method`.
+
+    The criterion applies to methods that take one (``channel``); given on the command line to
+    another method it is an error.
+    """
+    lead = ("Default: the method recorded in the plan file, else fine-grained." if from_plan
+            else "How to choose what to prune (default: fine-grained).")
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--criterion", type=click.Choice(CRITERIA), default=None,
+            help="Channel score for --method channel: l2 (response magnitude) or l0 (firing frequency); default "
+            + ("the plan file's, else l2." if from_plan else "l2."),
+        )(func)
+        return click.option("--method", type=_MethodChoice(), default=None if from_plan else "fine-grained",
+                            cls=_MethodOption, lead=lead)(func)
+
+    return decorate
+
+
+def configured_method(name: str, criterion: Optional[str], given: bool = True) -> Any:
+    """The registry's method ``name`` with ``criterion`` where it takes one.
+
+    ``given``: the user typed ``--criterion`` (an error for a method without one); else a
+    criterion recorded elsewhere (a plan file) applies only where it can.
+    """
+    method = registry.get_method(name)
+    if criterion is None or "criterion" not in method.options:
+        if criterion is not None and given:
+            raise ValueError(f"--criterion {criterion}: --method {name} takes no criterion; leave it out "
+                             "(it scores channels for --method channel)")
+        return method
+    return method.configured(criterion=criterion)

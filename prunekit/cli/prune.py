@@ -12,12 +12,14 @@ import click
 
 from prunekit.cli.errors import emit_json, library_errors, one_line
 from prunekit.cli.checkpoints import architecture
-from prunekit.cli.inputs import batch_inputs, evaluation_data, recovery_batches
+from prunekit.cli.inputs import evaluation_data, recovery_batches
 from prunekit.cli.options import (
     DEFAULT_IMAGE_SIZE,
     DIGITS_SIZE,
     data_options,
+    configured_method,
     examples,
+    method_options,
     model_options,
     parse_device,
     run_options,
@@ -27,8 +29,8 @@ from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
 from prunekit.cli.session import status
 from prunekit.cli.sizes import in_channels
-from prunekit.defaults import CRITERIA, DEFAULT_LR, DEFAULT_MODEL
-from prunekit.methods.registry import METHODS, get_method
+from prunekit.defaults import DEFAULT_LR, DEFAULT_MODEL
+from prunekit.methods.registry import method_names
 
 __all__ = ["prune_command"]
 
@@ -150,10 +152,7 @@ def _message(err: BaseException) -> str:
 @click.option("--plan", "plan_path", required=True, metavar="PLAN.json",
               help="A plan.json from prunekit scan (it records model, weights and data), or a JSON mapping "
               "{layer: sparsity}.")
-@click.option("--method", type=click.Choice(METHODS), default=None,
-              help="Default: the method recorded in the plan file, else fine-grained.")
-@click.option("--criterion", type=click.Choice(CRITERIA), default=None,
-              help="Channel score for --method channel (default: the plan file's, else l2).")
+@method_options(from_plan=True)
 @data_options(from_plan=True)
 @click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="After pruning, distil the dense model into the pruned one for N Adam steps on unlabelled "
@@ -224,10 +223,9 @@ def prune_command(
     batch_size = context.pick("--batch-size", "batch_size", batch_size, None)
     seed = context.pick("--seed", "seed", seed, 0)
     method = method or plan.meta.get("method") or "fine-grained"
-    if method not in METHODS:
-        raise ValueError(f"--plan {plan_path} names method {method!r}; pass --method {' or '.join(METHODS)}")
-    pruning = get_method(method)
-    criterion = criterion or plan.meta.get("criterion") or "l2"
+    if method not in method_names():
+        raise ValueError(f"--plan {plan_path} names method {method!r}; pass --method {' or '.join(method_names())}")
+    pruning = configured_method(method, criterion or plan.meta.get("criterion"), given=criterion is not None)
     if (gradual or recover_plot) and recover_steps == 0:
         flag = "--gradual" if gradual else "--recover-plot"
         raise ValueError(f"{flag} needs recovery steps: pass --recover-steps N (e.g. 200)")
@@ -245,15 +243,15 @@ def prune_command(
         model = _load_with_seed(context, model_spec, weights, trust_checkpoint, quiet, seed).to(target)
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
         _check_layers(model, plan, model_spec, pruning.layer_types)
-        stats = _statistics(model, pruning, plan, data, image_size, batch_size, seed, quiet)
+        pruning = _prepared(model, pruning, plan, data, image_size, batch_size, seed, quiet)
         history = None
         if recover_steps:
-            history = _recover(model, plan.plan, method, stats, criterion, recover_data or data, held_out, image_size,
+            history = _recover(model, plan.plan, pruning, recover_data or data, held_out, image_size,
                                recover_batch_size, recover_steps, recover_lr, gradual, seed, quiet)
         else:
             from prunekit.plans import apply_plan
 
-            apply_plan(model, plan.plan, method=method, stats=stats, criterion=criterion)
+            apply_plan(model, plan.plan, method=pruning)
         report = _save(model, out, arch)
         if history is not None and recover_plot is not None:
             from prunekit.training.recover import plot_recovery
@@ -299,17 +297,14 @@ def _load_with_seed(context: _Context, model_spec: str, weights: Optional[str], 
     return _load(context, model_spec, weights, trust_checkpoint, quiet)
 
 
-def _statistics(model: Any, pruning: Any, plan: PlanFile, data: str, image_size: Optional[int],
-                batch_size: Optional[int], seed: int, quiet: bool) -> Any:
-    """The activation statistics a method needs (measured on the plan's data), else None."""
-    if not pruning.needs_statistics:
-        return None
-    from prunekit.stats import collect_channel_stats
-
+def _prepared(model: Any, pruning: Any, plan: PlanFile, data: str, image_size: Optional[int],
+              batch_size: Optional[int], seed: int, quiet: bool) -> Any:
+    """The method, prepared on the plan's data where it needs data (activation statistics, gradients)."""
+    if not pruning.needs_data:
+        return pruning
     batches, _, description, _, _ = evaluation_data(model, data, image_size, batch_size, None, seed)
-    status(quiet, f"measuring channel statistics on {description} ...")
-    layers = pruning.statistics_layers(pruning.blocks(model, plan.plan))  # every conv of the planned groups
-    return collect_channel_stats(model, batch_inputs(batches), layers=layers, progress=not quiet)
+    status(quiet, f"measuring {pruning.data_kind or 'what ' + pruning.name + ' scores by'} on {description} ...")
+    return pruning.prepare(model, batches, layers=list(plan.plan), progress=not quiet)
 
 
 def _save(model: Any, out: str, arch: Optional[str]) -> Any:
@@ -328,7 +323,7 @@ def _save(model: Any, out: str, arch: Optional[str]) -> Any:
 
 
 def _recover(
-    model: Any, plan: dict, method: str, stats: Any, criterion: str, data: str, held_out: Optional[str],
+    model: Any, plan: dict, pruning: Any, data: str, held_out: Optional[str],
     image_size: Optional[int], batch_size: Optional[int], steps: int, lr: float, gradual: bool, seed: int, quiet: bool,
 ) -> Any:
     from prunekit.plans import apply_plan, copy_model
@@ -342,9 +337,9 @@ def _recover(
     if gradual:
         end = max(1, (3 * steps) // 4)
         pruner = GradualPruner(model, plan, start_step=0, end_step=end, frequency=max(1, end // 10),
-                               method=method, stats=stats, criterion=criterion)
+                               method=pruning)
     else:
-        apply_plan(model, plan, method=method, stats=stats, criterion=criterion)
+        apply_plan(model, plan, method=pruning)
     def say_how_long(step_seconds: float, total_seconds: float) -> None:
         if total_seconds >= 60:
             status(quiet, f"recovery: the first step took {step_seconds:.1f} s: about {_duration(total_seconds)} for "
@@ -355,7 +350,7 @@ def _recover(
     if pruner is not None and not pruner.done:
         if not history.interrupted:
             raise RuntimeError("the gradual schedule did not reach the plan: a prunekit bug")
-        apply_plan(model, plan, method=method, stats=stats, criterion=criterion)  # the rest of it, at once
+        apply_plan(model, plan, method=pruning)  # the rest of it, at once
         status(quiet, "interrupted before the schedule reached the plan: the rest was pruned at once")
     return history
 

@@ -14,8 +14,10 @@ from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.inputs import batch_inputs, evaluation_data
 from prunekit.cli.options import (
+    configured_method,
     data_options,
     examples,
+    method_options,
     model_options,
     parse_device,
     parse_layers,
@@ -25,8 +27,6 @@ from prunekit.cli.options import (
 )
 from prunekit.cli.paths import check_output_folder
 from prunekit.cli.session import DEFAULT_TIMEOUT, process_group, status
-from prunekit.defaults import CRITERIA
-from prunekit.methods.registry import METHODS, get_method
 from prunekit.sensitivity.folder import ScanFolder, recorded_path
 from prunekit.sensitivity.result import SensitivityResult
 
@@ -63,12 +63,7 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
     help="accuracy (needs labels) or distortion (relative L2 change of the output vs. the dense "
     "model). Default: accuracy with labelled data (the built-in digits), else distortion.",
 )
-@click.option("--method", type=click.Choice(METHODS), default="fine-grained", show_default=True,
-              help="fine-grained: fraction of weights (L1 magnitude); channel: fraction of output "
-              "channels (activation statistics measured on --data); filter-norm: fraction of output channels "
-              "with the smallest filter L1 norms (no statistics, no images needed to choose them).")
-@click.option("--criterion", type=click.Choice(CRITERIA), default="l2", show_default=True,
-              help="Channel score for --method channel.")
+@method_options()
 @click.option("--sparsities", default="0.4:0.9:0.1", show_default=True, metavar="START:STOP:STEP|LIST",
               help="Levels in [0, 1), increasing: start:stop:step (stop included) or a comma list.")
 @click.option("--layers", default=None, metavar="NAME,...", help="Layers to scan (default: every conv, and every nn.Linear for fine-grained; channel methods scan each channel group once).")
@@ -114,7 +109,7 @@ def scan_command(
     batch_size: Optional[int],
     metric: Optional[str],
     method: str,
-    criterion: str,
+    criterion: Optional[str],
     sparsities: str,
     layers: Optional[str],
     max_drop: Optional[float],
@@ -171,8 +166,8 @@ def scan_command(
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.models.zoo import load_model
 
+    pruning = configured_method(method, criterion)
     target = ctx.with_resource(process_group(parse_device(device), timeout))
-    uses_statistics = get_method(method).needs_statistics
     folder = ScanFolder(out_dir)
     if not resume and not force:
         folder.refuse_other_scan({"model": model_spec, "weights": weights, "data": data, "method": method,
@@ -182,7 +177,7 @@ def scan_command(
     torch.manual_seed(seed)
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
                        factory_folder=os.getcwd()).to(target)
-    convs = resolve_layers(model, names, get_method(method).layer_types)
+    convs = resolve_layers(model, names, pruning.layer_types)
     batches, labelled, description, size, batch_size = evaluation_data(
         model, data, image_size, batch_size, metric, seed
     )
@@ -199,7 +194,7 @@ def scan_command(
     evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(batch_inputs(batches))
     options = {
         "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
-        "metric": metric_name, "method": method, "criterion": criterion if uses_statistics else None,
+        "metric": metric_name, "method": method, "criterion": pruning.options.get("criterion"),
         "sparsities": list(levels), "layers": list(convs), "seed": seed, "confidence": confidence,
         # What the points were measured on: a resume with other weights or data starts over.
         "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
@@ -210,24 +205,17 @@ def scan_command(
     elif folder.holds_a_partial_scan():
         status(quiet, f"note: replacing the partial scan in {folder.scan_file} (use --resume to continue it)")
 
-    pruning = get_method(method)
     blocks = pruning.blocks(model, convs)
     what = f"{len(convs)} layers"
     if len(blocks) != len(convs):
         what = f"{len(blocks)} channel groups of {len(convs)} conv layers"
     status(quiet, f"data: {description}; metric: {metric_name}; {what} x {len(levels)} levels")
-    stats = None
-    if uses_statistics:
-        from prunekit.stats import collect_channel_stats
-
-        stats = collect_channel_stats(
-            model, batch_inputs(batches), layers=pruning.statistics_layers(blocks), progress=not quiet
-        )
+    pruning = pruning.prepare(model, batches, layers=None if names is None else list(convs), progress=not quiet)
 
     try:
         result = scan(
-            model, evaluate, layers=list(convs), sparsities=levels, method=method, stats=stats,
-            progress=not quiet, criterion=criterion, resume_from=previous, on_point=folder.save_scan,
+            model, evaluate, layers=list(convs), sparsities=levels, method=pruning,
+            progress=not quiet, resume_from=previous, on_point=folder.save_scan,
             confidence=confidence, max_drop=max_drop if max_drop is not None else DEFAULT_MAX_DROP[metric_name],
             relative=relative, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
             meta={"options": options, "prunekit": __version__, "data": description},
@@ -243,7 +231,7 @@ def scan_command(
     fit_summary, fit_details = "", None
     try:
         # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
-        per_layer_score = evaluate_plan(model, evaluate, per_layer, method=method, stats=stats, criterion=criterion)
+        per_layer_score = evaluate_plan(model, evaluate, per_layer, method=pruning)
         if joint:
             from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN, SEARCH_REVISION
 
@@ -253,7 +241,7 @@ def scan_command(
                 # What the fit searches with is part of the key: trials of another search are not replayed.
                 key={"options": options, "max_drop": tolerance, "relative": relative,
                      "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN, "revision": SEARCH_REVISION}},
-                relative=relative, stats=stats, criterion=criterion, resume=resume, progress=not quiet,
+                relative=relative, method=pruning, resume=resume, progress=not quiet,
                 confidence=confidence,
                 on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),
             )
@@ -283,15 +271,14 @@ def scan_command(
     files = folder.write(
         result, plan, context, max_drop=tolerance, relative=relative, joint=joint,
         warn=lambda message: click.echo(f"warning: {message}", err=True),
-        method=method, criterion=criterion if uses_statistics else None,
-        statistics=f"channel statistics ({criterion}) measured on {description}" if uses_statistics else None,
+        method=method, criterion=pruning.options.get("criterion"), statistics=pruning.describe_data(description),
         data_description=description, metric=result.metric, higher_is_better=result.higher_is_better,
         baseline=result.baseline, score_with_plan=combined, per_layer_plan=per_layer,
         score_with_per_layer_plan=per_layer_score, prunekit=__version__,
     )
     # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
     hint = _apply_hint(folder.plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
-    problem = _compaction_problem(model, plan, method, stats, criterion) if hint and pruning.unit == "channels" else None
+    problem = _compaction_problem(model, plan, pruning) if hint and pruning.unit == "channels" else None
 
     if as_json:
         emit_json({
@@ -312,12 +299,12 @@ def scan_command(
         status(quiet, f"apply it: {hint}")
 
 
-def _compaction_problem(model: Any, plan: Dict[str, float], method: str, stats: Any, criterion: str) -> Optional[str]:
+def _compaction_problem(model: Any, plan: Dict[str, float], pruning: Any) -> Optional[str]:
     """Why ``compact`` would refuse the model this channel plan gives (checked on a copy), or None."""
     from prunekit.compact import compaction_problem
     from prunekit.plans import apply_plan, copy_model
 
-    pruned = apply_plan(copy_model(model), plan, method=method, stats=stats, criterion=criterion)
+    pruned = apply_plan(copy_model(model), plan, method=pruning)
     return compaction_problem(pruned)
 
 

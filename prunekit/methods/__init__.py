@@ -1,10 +1,12 @@
 """Pruning methods: each family in one file, as a ``torch.nn.utils.prune.BasePruningMethod`` with a functional
-twin, and as a :class:`~prunekit.methods.base.PruningMethod` that plans, scans and schedules ask by name
-(:func:`~prunekit.methods.registry.get_method`).
+twin, and as a :class:`~prunekit.methods.base.PruningMethod` subclass decorated with
+:func:`~prunekit.methods.registry.register_method`, that plans, scans and schedules ask by name
+(:func:`~prunekit.methods.registry.get_method`). A new method is one more such file.
 
 * ``fine_grained.py``: ``"fine-grained"``, single weights by L1 magnitude (:class:`FineGrainedL1`).
 * ``channel.py``: ``"channel"``, whole output channels by activation statistics (:class:`ChannelActivation`).
 * ``filter_norm.py``: ``"filter-norm"``, whole output channels by filter L1 norm, data-free (Li et al. 2017).
+* ``taylor.py``: ``"taylor"``, whole output channels by first-order Taylor importance (Molchanov et al. 2019).
 """
 
 from prunekit._lazy import lazy_exports
@@ -14,6 +16,11 @@ _EXPORTS = {
     "CRITERIA": "prunekit.defaults:CRITERIA",
     "METHODS": "prunekit.methods.registry:METHODS",
     "get_method": "prunekit.methods.registry:get_method",
+    "method_names": "prunekit.methods.registry:method_names",
+    "register_method": "prunekit.methods.registry:register_method",
+    "unregister_method": "prunekit.methods.registry:unregister_method",
+    "TaylorMethod": "prunekit.methods.taylor:TaylorMethod",
+    "taylor_importance": "prunekit.methods.taylor:taylor_importance",
     "PruningMethod": "prunekit.methods.base:PruningMethod",
     "ChannelActivation": "prunekit.methods.channel:ChannelActivation",
     "ChannelMethod": "prunekit.methods.channel:ChannelMethod",

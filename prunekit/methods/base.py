@@ -12,14 +12,29 @@ through torch's reparametrization (:meth:`~PruningMethod.apply`, what
 masks of a dense block at any level (:meth:`~PruningMethod.mask_maker`, what a scan
 calls for every point without touching the model).
 
-Methods are looked up by name in :mod:`prunekit.methods.registry`.
+A method owns its data: :meth:`PruningMethod.prepare` gathers what its scores read
+(activation statistics, gradients, or nothing) into a prepared copy, and that copy is what a
+plan, a scan, a plan fit, a schedule and recovery are given. Its options (a channel
+criterion) are set when it is made (:meth:`PruningMethod.configured`).
+
+Methods are looked up by name in :mod:`prunekit.methods.registry`; a new one is a subclass
+decorated with :func:`~prunekit.methods.registry.register_method`.
+
+Example:
+    >>> from prunekit.methods.registry import get_method
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    >>> prepared = get_method("channel").prepare(model, [torch.randn(2, 3, 8, 8)])
+    >>> sorted(prepared.data), get_method("channel").data is None
+    (['0'], True)
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+import copy
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
+import torch  # noqa: F401  (the docstring example uses it)
 from torch import Tensor, nn
 
 from prunekit.layers import ConvBlock, conv_block
@@ -37,14 +52,66 @@ class PruningMethod(abc.ABC):
         name: the name the registry and the CLI know it by (``"fine-grained"``).
         unit: what a sparsity counts (``"weights"`` or ``"channels"``).
         needs_statistics: whether :meth:`scores` reads activation statistics (measured on images).
+        needs_data: whether :meth:`scores` reads what :meth:`prepare` gathers (statistics, gradients).
+        data_kind: what :meth:`prepare` measures, in words (``"channel statistics"``).
         layer_types: the layer classes it prunes (``nn.Conv2d``; fine-grained pruning adds ``nn.Linear``).
+        default_options: the options :meth:`__init__` takes, with their defaults (``{"criterion": "l2"}``).
+        data: what :meth:`prepare` gathered (None until then, and for a method that needs nothing).
     """
 
     name: str = ""
     unit: str = "weights"
     needs_statistics: bool = False
+    needs_data: bool = False
+    data_kind: str = ""
+    default_options: ClassVar[Dict[str, Any]] = {}
     #: The layers a plan or scan of this method may name (and a scan covers by default).
     layer_types: Tuple[type, ...] = (nn.Conv2d,)
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            takes = ", ".join(self.default_options) or "none"
+            raise ValueError(f"method {self.name!r} has no option {unknown[0]!r} (its options: {takes})")
+        self._options = {**self.default_options, **options}
+        self.check_options(self._options)
+        self.data: Any = None
+
+    @property
+    def options(self) -> Dict[str, Any]:
+        """The options this method was made with (a copy)."""
+        return dict(self._options)
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ValueError, naming the value and the fix, for a bad option."""
+
+    def configured(self, **options: Any) -> "PruningMethod":
+        """A copy with ``options`` changed (what :meth:`prepare` gathered is kept)."""
+        method = type(self)(**{**self._options, **options})
+        method.data = self.data
+        return method
+
+    def with_data(self, data: Any) -> "PruningMethod":
+        """A copy that owns ``data`` (what :meth:`prepare` would gather, e.g. ``{conv: ChannelStats}``)."""
+        method = copy.copy(self)
+        method._options = dict(self._options)
+        method.data = data
+        return method
+
+    def prepare(
+        self, model: nn.Module, batches: Iterable[Any], layers: Optional[Iterable[str]] = None, progress: bool = False
+    ) -> "PruningMethod":
+        """A copy that owns what :meth:`scores` needs, gathered from ``model`` on ``batches`` for ``layers``.
+
+        ``batches``: tensors, or ``(inputs, labels)`` pairs; ``layers``: the layers that will be
+        pruned (default: every layer of :attr:`layer_types`). ``model`` is left as it was. A method
+        that needs nothing returns itself.
+        """
+        return self
+
+    def describe_data(self, source: str) -> Optional[str]:
+        """What :meth:`prepare` measured on ``source`` (a description of the data), for plan files; None if nothing."""
+        return None
 
     @abc.abstractmethod
     def targets(self, block: ConvBlock) -> List[Target]:
@@ -54,12 +121,10 @@ class PruningMethod(abc.ABC):
     def current_sparsity(self, block: ConvBlock) -> float:
         """How sparse ``block`` is now, in this method's unit (zero weights, or dead output channels)."""
 
-    def scores(
-        self, model: nn.Module, blocks: Mapping[str, Any], stats: Optional[Mapping[str, Any]], criterion: str
-    ) -> Optional[Dict[str, Tensor]]:
+    def scores(self, model: nn.Module, blocks: Mapping[str, Any]) -> Optional[Dict[str, Tensor]]:
         """Each block's scores (lowest pruned first), or None for a method that needs none.
 
-        ``blocks`` as from :meth:`blocks`; ``stats`` maps every conv of :meth:`statistics_layers` to its statistics.
+        ``blocks`` as from :meth:`blocks`; a method that :attr:`needs_data` reads :attr:`data`.
         """
         return None
 
@@ -100,4 +165,6 @@ class PruningMethod(abc.ABC):
         return [layer for block in blocks.values() for layer in self.block_layers(block)]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, unit={self.unit!r})"
+        options = "".join(f", {key}={value!r}" for key, value in self._options.items())
+        prepared = ", prepared" if self.data is not None else ""
+        return f"{type(self).__name__}(name={self.name!r}, unit={self.unit!r}{options}{prepared})"

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
-from prunekit.defaults import CRITERIA
+from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
 from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
+from prunekit.methods.registry import register_method
 
 __all__ = [
     "CRITERIA",
@@ -39,8 +40,7 @@ def channel_scores(stats: Stats, criterion: str = "l2") -> torch.Tensor:
         >>> channel_scores(torch.tensor([0.5, 0.0, 2.0])).tolist()
         [0.5, 0.0, 2.0]
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     if isinstance(stats, torch.Tensor):
         scores = stats
     elif hasattr(stats, "score"):
@@ -66,12 +66,11 @@ def layer_scores(
         >>> layer_scores({"0": torch.tensor([1.0, 0.0])}, ["0"])["0"].tolist()
         [1.0, 0.0]
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r} is unknown; choose one of {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     if stats is None:
         raise ValueError(
-            "method='channel' needs activation statistics: "
-            "stats=prunekit.collect_channel_stats(model, data)"
+            "method='channel' needs activation statistics: pass method=get_method('channel').prepare(model, "
+            "batches) (or stats=prunekit.collect_channel_stats(model, data))"
         )
     if not isinstance(stats, Mapping):
         raise TypeError(f"stats must map layer names to ChannelStats, got {type(stats).__name__}")
@@ -340,8 +339,9 @@ def channel_activation(
     return module
 
 
+@register_method
 class ChannelMethod(PruningMethod):
-    """``"channel"``: whole output channels chosen by activation statistics (:func:`channel_activation`).
+    """``"channel"``: whole output channels of the weakest response (--criterion l2) or rarest firing (l0) on the data.
 
     What it prunes is a channel group (:class:`~prunekit.methods.groups.GroupBlock`): a conv
     alone, or the convs whose channels are coupled (a residual stream, a depthwise conv and
@@ -356,6 +356,31 @@ class ChannelMethod(PruningMethod):
     name = "channel"
     unit = "channels"
     needs_statistics = True
+    needs_data = True
+    data_kind = "channel statistics"
+    default_options: ClassVar[Dict[str, Any]] = {"criterion": "l2"}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        check_criterion(options["criterion"])
+
+    def prepare(
+        self, model: nn.Module, batches: Iterable[Any], layers: Optional[Iterable[str]] = None, progress: bool = False
+    ) -> "ChannelMethod":
+        """A copy holding the activation statistics measured on ``batches``: of every conv of the groups of ``layers``
+        (default: of every conv)."""
+        if not self.needs_statistics:
+            return self
+        from prunekit.layers import resolve_layers
+        from prunekit.stats import collect_channel_stats
+
+        wanted = resolve_layers(model, None, self.layer_types) if layers is None else (
+            self.statistics_layers(self.blocks(model, resolve_layers(model, list(layers), self.layer_types))))
+        return self.with_data(collect_channel_stats(model, batches, layers=list(wanted), progress=progress))
+
+    def describe_data(self, source: str) -> Optional[str]:
+        if not self.needs_statistics:
+            return None
+        return f"{self.data_kind} ({self._options['criterion']}) measured on {source}"
 
     def block(self, model: nn.Module, layer: str) -> GroupBlock:
         return next(iter(group_blocks(model, [layer]).values()))
@@ -372,16 +397,12 @@ class ChannelMethod(PruningMethod):
     def current_sparsity(self, block: GroupBlock) -> float:
         return float(block.dead_units().float().mean())
 
-    def member_scores(
-        self, model: nn.Module, blocks: Mapping[str, GroupBlock], stats: Optional[Mapping[str, Any]], criterion: str
-    ) -> Dict[str, torch.Tensor]:
-        """Each member conv's per-channel scores (here: from ``stats``)."""
-        return layer_scores(stats, self.statistics_layers(blocks), criterion)
+    def member_scores(self, model: nn.Module, blocks: Mapping[str, GroupBlock]) -> Dict[str, torch.Tensor]:
+        """Each member conv's per-channel scores (here: from the statistics :meth:`prepare` measured)."""
+        return layer_scores(self.data, self.statistics_layers(blocks), self._options["criterion"])
 
-    def scores(
-        self, model: nn.Module, blocks: Mapping[str, Any], stats: Optional[Mapping[str, Any]], criterion: str
-    ) -> Optional[Dict[str, torch.Tensor]]:
-        per_layer = self.member_scores(model, blocks, stats, criterion)
+    def scores(self, model: nn.Module, blocks: Mapping[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+        per_layer = self.member_scores(model, blocks)
         for block in blocks.values():
             for member in block.members:
                 values = per_layer[member.conv_name]

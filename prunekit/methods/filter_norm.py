@@ -14,13 +14,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, Mapping, Optional
 
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor, nn
 
 from prunekit.methods._amount import Amount
 from prunekit.methods.channel import ChannelMethod, channel_activation
+from prunekit.methods.registry import register_method
 
 __all__ = ["FilterNormMethod", "filter_norm", "filter_norms"]
 
@@ -53,6 +54,7 @@ def filter_norm(
     return channel_activation(module, filter_norms(module, p), amount=amount, batchnorm=batchnorm)
 
 
+@register_method
 class FilterNormMethod(ChannelMethod):
     """``"filter-norm"``: whole output channels with the smallest filter L1 norms; data-free.
 
@@ -68,8 +70,11 @@ class FilterNormMethod(ChannelMethod):
 
     name = "filter-norm"
     needs_statistics = False
+    needs_data = False
+    default_options: ClassVar[Dict[str, Any]] = {}
 
-    def member_scores(
-        self, model: nn.Module, blocks: Mapping[str, Any], stats: Optional[Mapping[str, Any]], criterion: str
-    ) -> Dict[str, Tensor]:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        pass
+
+    def member_scores(self, model: nn.Module, blocks: Mapping[str, Any]) -> Dict[str, Tensor]:
         return {member.conv_name: filter_norms(member.conv) for block in blocks.values() for member in block.members}

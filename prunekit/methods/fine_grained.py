@@ -11,6 +11,7 @@ from torch.nn.utils import prune
 from prunekit.layers import ConvBlock
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
+from prunekit.methods.registry import register_method
 
 __all__ = ["FineGrainedL1", "FineGrainedMethod", "MagnitudeSelector", "fine_grained_l1", "magnitude_order"]
 
@@ -142,8 +143,9 @@ def fine_grained_l1(
     return module
 
 
+@register_method
 class FineGrainedMethod(PruningMethod):
-    """``"fine-grained"``: the conv weight's smallest-magnitude entries (:class:`FineGrainedL1`); data-free.
+    """``"fine-grained"``: single weights of the smallest magnitude (L1), in convs and Linear layers; data-free.
 
     A sparsity is the fraction of the weight's entries that are zero. It prunes convs and
     ``nn.Linear`` layers (an MLP's or a ViT's weights, a classifier's).

@@ -187,8 +187,7 @@ class ScanFolder:
 
     def fit_plan(
         self, model: Any, evaluate: Callable[[Any], float], result: SensitivityResult, max_drop: float, *,
-        key: Mapping[str, Any], relative: bool = False, stats: Optional[Mapping[str, Any]] = None,
-        criterion: str = "l2", resume: bool = False, progress: bool = False,
+        key: Mapping[str, Any], relative: bool = False, method: Any = None, resume: bool = False, progress: bool = False,
         on_resume: Optional[Callable[[int], None]] = None, confidence: Optional[float] = None,
     ) -> Any:
         """:func:`prunekit.sensitivity.fit_plan`, saving every trial in ``fit.json`` under ``key``.
@@ -206,7 +205,7 @@ class ScanFolder:
             if is_main_process():
                 write_json(self.fit_file, {"format": FIT_FORMAT, "key": dict(key), "trials": partial.trials})
 
-        return fit_plan(model, evaluate, result, max_drop, relative=relative, stats=stats, criterion=criterion,
+        return fit_plan(model, evaluate, result, max_drop, relative=relative, method=method,
                         resume_from=saved, on_trial=save, progress=progress and is_main_process(),
                         confidence=confidence)
 

@@ -54,7 +54,8 @@ from torch import nn
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
 from prunekit._rollback import eval_mode
-from prunekit.methods.registry import get_method
+from prunekit.methods.base import PruningMethod
+from prunekit.methods.registry import get_method, prepared_method
 from prunekit.sensitivity.scanner import PlanScorer, evaluate_plan
 from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
 
@@ -186,7 +187,8 @@ def fit_plan(
     relative: bool = False,
     stats: Optional[Mapping[str, Any]] = None,
     *,
-    criterion: str = "l2",
+    criterion: Optional[str] = None,
+    method: Any = None,
     resume_from: Optional[Sequence[Sequence[Any]]] = None,
     on_trial: Optional[Callable[[PlanFit], None]] = None,
     progress: bool = False,
@@ -216,6 +218,8 @@ def fit_plan(
         result: the finished scan.
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
+        method: the method object the scan was given (prepared: it owns its scores' data); default:
+            the method the result names, with ``stats`` and ``criterion``.
         resume_from: the ``trials`` of an interrupted fit of the same scan, tolerance and search; they
             are replayed without evaluating (a fit is deterministic), then the fit goes on. The plan
             they lead to is evaluated once at the end: trials that do not reproduce it (a tampered or
@@ -253,12 +257,15 @@ def fit_plan(
         raise ValueError(f"order={order!r} is unknown; choose one of {', '.join(ORDERS)}")
     if not 0.0 <= min_gain < 1.0:
         raise ValueError(f"min_gain={min_gain!r} is outside [0, 1); use a fraction of the weights such as 0.005")
+    pruning = prepared_method(result.method if method is None else method, stats, criterion)
+    if pruning.name != result.method:
+        raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     ceiling = result.plan(max_drop, relative)  # also validates the tolerance
     weights = _scanned_weights(model, result)
     steps = (_weights_order(result, ceiling, relative, weights, max_drop * ZERO_DROP_SHARE) if order == "weights"
              else _greedy_order(result, ceiling, relative))
     options = dict(search=search, order=order, min_gain=min_gain)
-    fit = _Fit(model, evaluate, result, max_drop, relative, stats, criterion, resume_from, on_trial)
+    fit = _Fit(model, evaluate, result, max_drop, relative, pruning, resume_from, on_trial)
     if confidence is not None:
         total = evaluate.num_batches() if hasattr(evaluate, "num_batches") else None
         if total is None:
@@ -305,24 +312,24 @@ def fit_plan(
         )
     if fit.settler is not None and any(fit.plan.values()):
         # Settled trials are right with the confidence asked for: the plan kept is measured in full.
-        exact = evaluate_plan(model, evaluate, fit.plan, method=result.method, stats=stats, criterion=criterion)
+        exact = evaluate_plan(model, evaluate, fit.plan, method=pruning)
         if not within_tolerance(exact, result.baseline, result.higher_is_better, relative, max_drop):
             warnings.warn(
                 f"the plan the settling fit found scores {exact:.6g} on every batch, beyond max_drop={max_drop:g}; "
                 "fitting again with exact trials"
             )
-            return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
+            return fit_plan(model, evaluate, result, max_drop, relative, method=pruning,
                             on_trial=on_trial, progress=progress, **options)
         fit.score = float(exact)
     if fit.saved:
         # Replayed trials are a file's word: one evaluation checks the plan they lead to.
-        check = evaluate_plan(model, evaluate, fit.plan, method=result.method, stats=stats, criterion=criterion)
+        check = evaluate_plan(model, evaluate, fit.plan, method=pruning)
         if not math.isclose(check, fit.score, rel_tol=1e-6, abs_tol=1e-9):
             warnings.warn(
                 f"the saved fit's trials do not reproduce: the plan they lead to scores {check:.6g}, they "
                 f"recorded {fit.score:.6g}; fitting again from the scan without them"
             )
-            return fit_plan(model, evaluate, result, max_drop, relative, stats, criterion=criterion,
+            return fit_plan(model, evaluate, result, max_drop, relative, method=pruning,
                             on_trial=on_trial, progress=progress, **options)
     sparsity = sum(level * weights[layer] for layer, level in fit.plan.items()) / total
     return PlanFit(dict(fit.plan), fit.score, list(fit.trials), len(steps), sparsity, gain(remaining + skipped))
@@ -333,11 +340,11 @@ class _Fit:
 
     def __init__(
         self, model: nn.Module, evaluate: Callable[[nn.Module], float], result: SensitivityResult, max_drop: float,
-        relative: bool, stats: Optional[Mapping[str, Any]], criterion: str,
+        relative: bool, pruning: PruningMethod,
         resume_from: Optional[Sequence[Sequence[Any]]], on_trial: Optional[Callable[[PlanFit], None]],
     ) -> None:
         self.model, self.evaluate, self.result = model, evaluate, result
-        self.max_drop, self.relative, self.stats, self.criterion = max_drop, relative, stats, criterion
+        self.max_drop, self.relative, self.pruning = max_drop, relative, pruning
         self.on_trial = on_trial
         self.saved = [(str(t[0]), float(t[1]), float(t[2]), bool(t[3])) for t in (resume_from or [])]
         self.plan: Dict[str, float] = {layer: 0.0 for layer in result.layers}
@@ -347,7 +354,7 @@ class _Fit:
         self.tick: Any = lambda item=None: None
         self.settler: Optional[Settler] = None
         self.tolerance = Tolerance(float(result.baseline), result.higher_is_better, max_drop, relative)
-        self.scorer = PlanScorer(model, evaluate, get_method(result.method)) if model is not None else None
+        self.scorer = PlanScorer(model, evaluate, pruning) if model is not None else None
         if self.scorer is not None and hasattr(evaluate, "prepare"):
             with eval_mode(model):
                 evaluate.prepare(model)  # once: every trial compares with the same dense outputs
@@ -384,8 +391,8 @@ class _Fit:
                     f"{layer} at {level:g}: it belongs to another scan; start the fit over"
                 )
         else:
-            joint = evaluate_plan(self.model, self.evaluate, plan, method=self.result.method, stats=self.stats,
-                                  criterion=self.criterion, settler=self.settler, scorer=self.scorer,
+            joint = evaluate_plan(self.model, self.evaluate, plan, method=self.pruning,
+                                  settler=self.settler, scorer=self.scorer,
                                   tolerance=self.tolerance)
             if isinstance(joint, Estimate):
                 joint = joint.score  # inside an interval wholly on the side of the tolerance it settled on

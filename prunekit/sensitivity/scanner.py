@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from prunekit._rollback import restore_training, training_flags
 from prunekit.layers import check_prunable, resolve_layers
 from prunekit.methods.base import PruningMethod, Target
-from prunekit.methods.registry import METHODS, get_method
+from prunekit.methods.registry import METHODS, prepared_method
 from prunekit.plans import check_plan, plan_blocks
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
@@ -109,7 +109,7 @@ def _feasible(blocks: Dict[str, Any], pruning: PruningMethod, highest: float, na
 
 
 def _fingerprint(
-    method: str, criterion: str, statistics: Optional[Tensor], scores: Optional[Mapping[str, Tensor]]
+    pruning: PruningMethod, statistics: Optional[Tensor], scores: Optional[Mapping[str, Tensor]]
 ) -> Dict[str, Any]:
     """What makes two scans the same scan, beyond layers and levels: method, criterion, data and weights.
 
@@ -118,8 +118,8 @@ def _fingerprint(
     even when the dense score itself (a distortion of 0) does not.
     """
     return {
-        "method": method,
-        "criterion": criterion if get_method(method).needs_statistics else None,
+        "method": pruning.name,
+        "criterion": pruning.options.get("criterion"),
         "dense_statistics": None if statistics is None else [float(v) for v in statistics.tolist()],
         "channel_scores": None if scores is None else {
             layer: [float(values.double().sum()), float(values.double().pow(2).sum())] for layer, values in scores.items()
@@ -691,11 +691,11 @@ def scan(
     evaluate: Callable[[nn.Module], float],
     layers: Optional[Iterable[str]] = None,
     sparsities: Iterable[float] = DEFAULT_SPARSITIES,
-    method: str = "fine-grained",
+    method: Any = "fine-grained",
     stats: Optional[Mapping[str, Any]] = None,
     progress: bool = True,
     *,
-    criterion: str = "l2",
+    criterion: Optional[str] = None,
     higher_is_better: Optional[bool] = None,
     resume_from: Optional[SensitivityResult] = None,
     on_point: Optional[Callable[[SensitivityResult], None]] = None,
@@ -749,16 +749,14 @@ def scan(
             A channel method scans each channel group once, under its first member's name
             (:func:`prunekit.channel_groups`): a point masks the same units in every member.
         sparsities: increasing levels in [0, 1).
-        method: a name from :data:`prunekit.methods.registry.METHODS` (or a method object):
-            ``"fine-grained"`` (:class:`FineGrainedL1`, fraction of weights), ``"channel"``
-            (:class:`ChannelActivation`, fraction of output channels by activation statistics;
-            the following BatchNorm is masked too) or ``"filter-norm"`` (fraction of output
-            channels with the smallest filter L1 norms; no statistics). The masks are the
-            method's own (:meth:`~prunekit.methods.base.PruningMethod.mask_maker`), so a plan
+        method: a method's name (:func:`prunekit.methods.registry.method_names`; ``prunekit scan --help``
+            describes each) or a method object; one that needs data (activation statistics,
+            gradients) as :meth:`~prunekit.methods.base.PruningMethod.prepare` returns it. The masks
+            are the method's own (:meth:`~prunekit.methods.base.PruningMethod.mask_maker`), so a plan
             read off the result behaves as scanned.
-        stats: for ``"channel"``, layer name -> :class:`ChannelStats` (or score tensor).
+        stats: for ``"channel"`` given by name: layer name -> :class:`ChannelStats` (or score tensor).
         progress: show a progress bar on stderr.
-        criterion: for ``"channel"``: ``"l2"`` or ``"l0"``.
+        criterion: for ``"channel"``: ``"l2"`` or ``"l0"`` (default: the method's own).
         higher_is_better: direction of a plain callable's score (default: the
             callable's ``higher_is_better`` attribute, else True).
         resume_from: a partial result of the same scan; its measured points are kept.
@@ -811,7 +809,7 @@ def scan(
     if not (stack_levels == "auto" or isinstance(stack_levels, bool)):
         raise ValueError(f"stack_levels={stack_levels!r} is not one of 'auto', True, False; use 'auto' (stack where "
                          "it pays) or False (bitwise, never stacked)")
-    pruning = get_method(method)
+    pruning = prepared_method(method, stats, criterion)
     method = pruning.name
     convs = resolve_layers(model, layers, pruning.layer_types)
     check_prunable(model, convs)
@@ -819,7 +817,7 @@ def scan(
     blocks = pruning.blocks(model, convs)  # a channel method's groups: one point per group
     blocks = _feasible(blocks, pruning, levels[-1], named=layers is not None)
     check_prunable(model, [layer for block in blocks.values() for layer in pruning.block_layers(block)])
-    scores = pruning.scores(model, blocks, stats, criterion)  # from the dense model, before any point
+    scores = pruning.scores(model, blocks)  # from the dense model, before any point
     targets = {key: _targets(block, key, pruning) for key, block in blocks.items()}
     name, direction = _metric_identity(evaluate, higher_is_better)
     total_batches = _check_settling(evaluate, confidence, max_drop)
@@ -845,7 +843,7 @@ def scan(
         model.eval()
         baseline, statistics = _dense_baseline(evaluate, model)
         guard.reset_point()
-        fingerprint = _fingerprint(method, criterion, statistics, scores)
+        fingerprint = _fingerprint(pruning, statistics, scores)
         fingerprint["settle"] = None if confidence is None else {
             "confidence": float(confidence), "max_drop": float(max_drop), "relative": bool(relative)}  # type: ignore[arg-type]
         if resume_from is not None:
@@ -1130,10 +1128,10 @@ def evaluate_plan(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     plan: Mapping[str, float],
-    method: str = "fine-grained",
+    method: Any = "fine-grained",
     stats: Optional[Mapping[str, Any]] = None,
     *,
-    criterion: str = "l2",
+    criterion: Optional[str] = None,
     settler: Optional[Settler] = None,
     scorer: Optional[PlanScorer] = None,
     tolerance: Optional[Tolerance] = None,
@@ -1168,12 +1166,13 @@ def evaluate_plan(
         >>> evaluate_plan(model, metric, {"0": 0.5, "2": 0.5}) > 0
         True
     """
-    pruning = get_method(method)
+    pruning = prepared_method(method, stats, criterion)
     plan = check_plan(model, plan, pruning.layer_types)  # also checks the layer names
     check_prunable(model, plan)
     blocks, levels = plan_blocks(model, plan, pruning)
-    scores = pruning.scores(model, blocks, stats, criterion)
-    masker = (scorer.masker(pruning, blocks, scores, (criterion, id(stats))) if scorer is not None
+    scores = pruning.scores(model, blocks)
+    masker = (scorer.masker(pruning, blocks, scores, (tuple(pruning.options.items()), id(pruning.data)))
+              if scorer is not None
               else _Masker(blocks, pruning, scores))
     targets: List[Target] = []
     masked: List[Tensor] = []

@@ -271,7 +271,7 @@ class _Distillation:
         pruner = self.pruner
         assert pruner is not None
         shot = copy.deepcopy(self.student)
-        apply_plan(shot, pruner.plan, method=pruner.method, stats=pruner.stats, criterion=pruner.criterion)
+        apply_plan(shot, pruner.plan, method=pruner.method)
         self.history.pruned_distortion = _distortion(shot, self.teacher, self.held, self.layers)
         self.history.best_distortion, self.history.best_step = self.history.pruned_distortion, 0
         self.best_state = copy.deepcopy(shot.state_dict())

@@ -28,7 +28,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import nn
 
-from prunekit.methods.registry import get_method
+from prunekit.methods.base import PruningMethod
+from prunekit.methods.registry import prepared_method
 from prunekit.plans import apply_plan, check_plan
 
 __all__ = ["SCHEDULES", "GradualPruner", "scheduled_sparsity"]
@@ -59,8 +60,7 @@ def scheduled_sparsity(
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-def _current_sparsity(model: nn.Module, layer: str, method: str) -> float:
-    pruning = get_method(method)
+def _current_sparsity(model: nn.Module, layer: str, pruning: PruningMethod) -> float:
     return pruning.current_sparsity(pruning.block(model, layer))
 
 
@@ -73,7 +73,8 @@ class GradualPruner:
         start_step, end_step: the first step that prunes and the step that reaches the plan.
         frequency: training steps between two updates of the masks.
         schedule: ``"cubic"`` (AGP), ``"linear"`` or ``"one-shot"``.
-        method, stats, criterion: as for :func:`prunekit.apply_plan` (channel plans need ``stats``).
+        method, stats, criterion: as for :func:`prunekit.apply_plan` (a channel plan needs a prepared method,
+            or ``stats``); :attr:`method` is then the method object, owning its data.
 
     Each layer starts from its current sparsity (the fraction of zero weights, or of
     dead channels for ``method="channel"``), measured at construction.
@@ -87,10 +88,10 @@ class GradualPruner:
         end_step: int,
         frequency: int = 1,
         schedule: str = "cubic",
-        method: str = "fine-grained",
+        method: Any = "fine-grained",
         stats: Optional[Mapping[str, Any]] = None,
         *,
-        criterion: str = "l2",
+        criterion: Optional[str] = None,
     ) -> None:
         for name, value in (("start_step", start_step), ("end_step", end_step), ("frequency", frequency)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -102,10 +103,10 @@ class GradualPruner:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         self.model = model
-        self.plan = check_plan(model, plan, get_method(method).layer_types)
+        self.method: PruningMethod = prepared_method(method, stats, criterion)
+        self.plan = check_plan(model, plan, self.method.layer_types)
         self.start_step, self.end_step, self.frequency, self.schedule = start_step, end_step, frequency, schedule
-        self.method, self.stats, self.criterion = method, stats, criterion
-        self.initial = {layer: _current_sparsity(model, layer, method) for layer in self.plan}
+        self.initial = {layer: _current_sparsity(model, layer, self.method) for layer in self.plan}
         for layer, final in self.plan.items():
             if final < self.initial[layer] - 1e-12:
                 raise ValueError(
@@ -129,7 +130,7 @@ class GradualPruner:
         self.step_count += 1
         raised = {layer: value for layer, value in self.targets().items() if value > self.applied[layer] + 1e-12}
         if raised:
-            apply_plan(self.model, raised, method=self.method, stats=self.stats, criterion=self.criterion)
+            apply_plan(self.model, raised, method=self.method)
             self.applied.update(raised)
         return dict(self.applied)
 
@@ -147,7 +148,7 @@ class GradualPruner:
         return {
             "step": self.step_count, "initial": dict(self.initial), "applied": dict(self.applied),
             "plan": dict(self.plan), "start_step": self.start_step, "end_step": self.end_step,
-            "frequency": self.frequency, "schedule": self.schedule, "method": self.method,
+            "frequency": self.frequency, "schedule": self.schedule, "method": self.method.name,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
