@@ -80,13 +80,14 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool) -> Any:
+def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool,
+          seed: Optional[int] = None) -> Any:
     from prunekit.models.zoo import load_model
 
     typed = "--model" not in context.from_plan
     try:
         return load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
-                          factory_folder=os.getcwd() if typed else None)
+                          factory_folder=os.getcwd() if typed else None, seed=seed)
     except FileNotFoundError as err:
         recorded = [o for o in ("--model", "--weights") if o in context.from_plan]
         if recorded:
@@ -240,7 +241,8 @@ def prune_command(
     if context.from_plan:
         status(quiet, f"from {plan_path}: {', '.join(context.from_plan)}")
     with _blamed_on_plan(context):
-        model = _load_with_seed(context, model_spec, weights, trust_checkpoint, quiet, seed).to(target)
+        # The seed draws random weights (a factory without --weights) as the scan had them.
+        model = _load(context, model_spec, weights, trust_checkpoint, quiet, seed=seed).to(target)
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
         _check_layers(model, plan, model_spec, pruning.layer_types)
         pruning = _prepared(model, pruning, plan, data, image_size, batch_size, seed, quiet)
@@ -287,14 +289,6 @@ def prune_command(
         status(quiet, hint)
     if history is not None and history.interrupted:
         raise click.exceptions.Exit(130)
-
-
-def _load_with_seed(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool,
-                    seed: int) -> Any:
-    import torch
-
-    torch.manual_seed(seed)  # random weights (a factory without --weights) as the scan had them
-    return _load(context, model_spec, weights, trust_checkpoint, quiet)
 
 
 def _prepared(model: Any, pruning: Any, plan: PlanFile, data: str, image_size: Optional[int],

@@ -6,13 +6,13 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
 from prunekit import __version__
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.inputs import batch_inputs, evaluation_data
+from prunekit.cli.inputs import evaluation_data
 from prunekit.cli.options import (
     configured_method,
     data_options,
@@ -33,7 +33,6 @@ from prunekit.sensitivity.result import SensitivityResult
 __all__ = ["scan_command"]
 
 DEFAULT_OUT = "prunekit-scan"
-DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
 
 
 def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str:
@@ -100,31 +99,11 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
 @click.pass_context
 @library_errors
 def scan_command(
-    ctx: click.Context,
-    model_spec: str,
-    weights: Optional[str],
-    trust_checkpoint: bool,
-    data: str,
-    image_size: Optional[int],
-    batch_size: Optional[int],
-    metric: Optional[str],
-    method: str,
-    criterion: Optional[str],
-    sparsities: str,
-    layers: Optional[str],
-    max_drop: Optional[float],
-    relative: bool,
-    confidence: Optional[float],
-    stack_levels: str,
-    joint: bool,
-    out: str,
-    resume: bool,
-    timeout: float,
-    force: bool,
-    device: str,
-    seed: int,
-    quiet: bool,
-    as_json: bool,
+    ctx: click.Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, data: str,
+    image_size: Optional[int], batch_size: Optional[int], metric: Optional[str], method: str, criterion: Optional[str],
+    sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, confidence: Optional[float],
+    stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
+    quiet: bool, as_json: bool,
 ) -> None:
     """Measure how sensitive each conv layer is to pruning, and suggest a plan.
 
@@ -142,7 +121,58 @@ def scan_command(
     with prunekit) scanned by test accuracy, offline, in seconds.
 
     """
-    # The checks that need no torch come first: a bad argument answers in a tenth of a second.
+    levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
+    from prunekit.layers import resolve_layers
+    from prunekit.models.zoo import load_model
+    from prunekit.sensitivity.distributed import is_main_process
+    from prunekit.sensitivity.pipeline import ScanInterrupted, run_scan
+
+    pruning = configured_method(method, criterion)
+    target = ctx.with_resource(process_group(parse_device(device), timeout))
+    folder = ScanFolder(out_dir)
+    if not resume and not force:
+        folder.refuse_other_scan({"model": model_spec, "weights": weights, "data": data, "method": method,
+                                  "sparsities": list(levels)})
+    previous = folder.partial_scan() if resume else None  # read before any work: a missing one fails fast
+
+    model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
+                       factory_folder=os.getcwd(), seed=seed).to(target)
+    convs = resolve_layers(model, names, pruning.layer_types)
+    batches, labelled, description, size, batch_size = evaluation_data(
+        model, data, image_size, batch_size, metric, seed
+    )
+    metric_name = metric or ("accuracy" if labelled else "distortion")
+    options = {
+        "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
+        "metric": metric_name, "method": method, "criterion": pruning.options.get("criterion"),
+        "sparsities": list(levels), "layers": list(convs), "seed": seed, "confidence": confidence,
+    }
+    try:
+        run = run_scan(
+            model, batches, labelled=labelled, metric=metric_name, method=pruning,
+            layers=None if names is None else list(convs), sparsities=levels, max_drop=max_drop, relative=relative,
+            confidence=confidence, seed=seed, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
+            joint=joint, folder=folder, resume_from=previous, resume_fit=resume, options=options,
+            meta={"prunekit": __version__}, data_description=description, progress=not quiet,
+            on_status=lambda message: status(quiet, message),
+        )
+    except ScanInterrupted as interrupted:
+        if is_main_process():
+            click.echo(_INTERRUPTED[interrupted.stage].format(scan=folder.scan_file, fit=folder.fit_file), err=True)
+        ctx.exit(130)
+    if not is_main_process():
+        return  # rank 0 alone writes and prints
+    context = {"model": recorded_path(model_spec, "file"), "weights": recorded_path(weights, "file"),
+               "data": recorded_path(data, "folder"), "image_size": size, "batch_size": batch_size, "seed": seed}
+    files = run.write(folder, context, warn=lambda message: click.echo(f"warning: {message}", err=True))
+    # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
+    hint = _apply_hint(folder.plan_file, model_spec, trust_checkpoint) if any(run.plan.values()) else None
+    _report(run, files, hint, as_json, quiet)
+
+
+def _checked_arguments(sparsities: str, layers: Optional[str], max_drop: Optional[float], confidence: Optional[float],
+                       out: str, data: str) -> Tuple[Tuple[float, ...], Optional[List[str]], Path]:
+    """The checks that need no torch, first: a bad argument answers in a tenth of a second."""
     levels = parse_sparsities(sparsities)
     names = parse_layers(layers)
     if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
@@ -157,141 +187,26 @@ def scan_command(
                 f"--out {out} is inside --data {data}: the next scan would read its sensitivity.png as an "
                 "image; write the results elsewhere"
             )
+    return levels, names, out_dir
 
-    import torch
 
-    from prunekit.fingerprint import data_fingerprint, model_fingerprint
-    from prunekit.layers import resolve_layers
-    from prunekit.sensitivity import Accuracy, OutputDistortion, evaluate_plan, scan
-    from prunekit.sensitivity.distributed import is_main_process
-    from prunekit.models.zoo import load_model
-
-    pruning = configured_method(method, criterion)
-    target = ctx.with_resource(process_group(parse_device(device), timeout))
-    folder = ScanFolder(out_dir)
-    if not resume and not force:
-        folder.refuse_other_scan({"model": model_spec, "weights": weights, "data": data, "method": method,
-                                  "sparsities": list(levels)})
-    previous = folder.partial_scan() if resume else None  # read before any work: a missing one fails fast
-
-    torch.manual_seed(seed)
-    model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
-                       factory_folder=os.getcwd()).to(target)
-    convs = resolve_layers(model, names, pruning.layer_types)
-    batches, labelled, description, size, batch_size = evaluation_data(
-        model, data, image_size, batch_size, metric, seed
-    )
-    metric_name = metric or ("accuracy" if labelled else "distortion")
-    if relative and metric_name == "distortion":
-        raise ValueError(
-            "--relative divides by the dense score, and the dense model's distortion is 0: drop --relative "
-            "(--max-drop is then an absolute distortion, e.g. 0.05)"
-        )
-    if confidence is not None:
-        import random
-
-        random.Random(seed).shuffle(batches)  # settling reads the first batches as a random sample
-    evaluate = Accuracy(batches) if metric_name == "accuracy" else OutputDistortion(batch_inputs(batches))
-    options = {
-        "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
-        "metric": metric_name, "method": method, "criterion": pruning.options.get("criterion"),
-        "sparsities": list(levels), "layers": list(convs), "seed": seed, "confidence": confidence,
-        # What the points were measured on: a resume with other weights or data starts over.
-        "fingerprint": {"weights": model_fingerprint(model), "data": data_fingerprint(batches)},
-    }
-    if previous is not None:
-        folder.check_resumable(previous, options)
-        status(quiet, f"resuming: {previous.num_done} points already measured")
-    elif folder.holds_a_partial_scan():
-        status(quiet, f"note: replacing the partial scan in {folder.scan_file} (use --resume to continue it)")
-
-    blocks = pruning.blocks(model, convs)
-    what = f"{len(convs)} layers"
-    if len(blocks) != len(convs):
-        what = f"{len(blocks)} channel groups of {len(convs)} conv layers"
-    status(quiet, f"data: {description}; metric: {metric_name}; {what} x {len(levels)} levels")
-    pruning = pruning.prepare(model, batches, layers=None if names is None else list(convs), progress=not quiet)
-
-    try:
-        result = scan(
-            model, evaluate, layers=list(convs), sparsities=levels, method=pruning,
-            progress=not quiet, resume_from=previous, on_point=folder.save_scan,
-            confidence=confidence, max_drop=max_drop if max_drop is not None else DEFAULT_MAX_DROP[metric_name],
-            relative=relative, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
-            meta={"options": options, "prunekit": __version__, "data": description},
-        )
-    except KeyboardInterrupt:
-        if is_main_process():
-            click.echo(f"\ninterrupted: the points measured so far are in {folder.scan_file}; "
-                       "run the same command with --resume to continue", err=True)
-        ctx.exit(130)
-
-    tolerance = max_drop if max_drop is not None else DEFAULT_MAX_DROP[result.metric]
-    per_layer = result.plan(tolerance, relative=relative)
-    fit_summary, fit_details = "", None
-    try:
-        # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
-        per_layer_score = evaluate_plan(model, evaluate, per_layer, method=pruning)
-        if joint:
-            from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN, SEARCH_REVISION
-
-            status(quiet, "fitting the plan so that all its layers pruned together stay within --max-drop")
-            fitted = folder.fit_plan(
-                model, evaluate, result, tolerance,
-                # What the fit searches with is part of the key: trials of another search are not replayed.
-                key={"options": options, "max_drop": tolerance, "relative": relative,
-                     "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN, "revision": SEARCH_REVISION}},
-                relative=relative, method=pruning, resume=resume, progress=not quiet,
-                confidence=confidence,
-                on_resume=lambda count: status(quiet, f"resuming the plan fit: {count} trials already measured"),
-            )
-            plan, combined = fitted.plan, fitted.score
-            fit_details = {"trials": len(fitted.trials), "steps": fitted.steps, "sparsity": fitted.sparsity,
-                           "left": fitted.left}
-            fit_summary = (f"the fit measured {len(fitted.trials)} plans of the {fitted.steps} steps it could take; "
-                           f"the plan removes {fitted.sparsity:.1%} of the scanned layers' weights")
-        else:
-            plan, combined = per_layer, per_layer_score
-    except KeyboardInterrupt:
-        if is_main_process():
-            click.echo(f"\ninterrupted while fitting the plan: the scan is complete in {folder.scan_file} and the "
-                       f"fit's trials so far are in {folder.fit_file}; run the same command with --resume to continue",
-                       err=True)
-        ctx.exit(130)
-    if not is_main_process():
-        return  # rank 0 alone writes and prints
-    context = {
-        "model": recorded_path(model_spec, "file"),
-        "weights": recorded_path(weights, "file"),
-        "data": recorded_path(data, "folder"),
-        "image_size": size,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-    files = folder.write(
-        result, plan, context, max_drop=tolerance, relative=relative, joint=joint,
-        warn=lambda message: click.echo(f"warning: {message}", err=True),
-        method=method, criterion=pruning.options.get("criterion"), statistics=pruning.describe_data(description),
-        data_description=description, metric=result.metric, higher_is_better=result.higher_is_better,
-        baseline=result.baseline, score_with_plan=combined, per_layer_plan=per_layer,
-        score_with_per_layer_plan=per_layer_score, prunekit=__version__,
-    )
-    # A plan that prunes nothing is not worth applying: the table's last lines say what to change instead.
-    hint = _apply_hint(folder.plan_file, model_spec, trust_checkpoint) if any(plan.values()) else None
-    problem = _compaction_problem(model, plan, pruning) if hint and pruning.unit == "channels" else None
-
+def _report(run: Any, files: Dict[str, str], hint: Optional[str], as_json: bool, quiet: bool) -> None:
+    """The table, the plan and what to do next (or one JSON document)."""
+    result, plan, problem, fitted, relative = run.result, run.plan, run.compaction_problem, run.fit, run.relative
     if as_json:
         emit_json({
-            "scan": result.to_dict(), "plan": plan, "max_drop": tolerance, "relative": relative,
-            "score_with_plan": combined, "joint": joint, "per_layer_plan": per_layer,
-            "score_with_per_layer_plan": per_layer_score, "files": files, "next": hint,
-            "compact_problem": problem, "fit": fit_details,
+            "scan": result.to_dict(), "plan": plan, "max_drop": run.max_drop, "relative": relative,
+            "score_with_plan": run.score, "joint": run.joint, "per_layer_plan": run.per_layer_plan,
+            "score_with_per_layer_plan": run.per_layer_score, "files": files, "next": hint,
+            "compact_problem": problem, "fit": None if fitted is None else {
+                "trials": len(fitted.trials), "steps": fitted.steps, "sparsity": fitted.sparsity, "left": fitted.left},
         })
         return
-    click.echo(result.table(max_drop=tolerance, relative=relative, plan=plan))
-    _print_plan(result, plan, per_layer, combined, per_layer_score, tolerance, relative, joint)
-    if joint and fit_summary:
-        click.echo(fit_summary)
+    click.echo(result.table(max_drop=run.max_drop, relative=relative, plan=plan))
+    _print_plan(result, plan, run.per_layer_plan, run.score, run.per_layer_score, run.max_drop, relative, run.joint)
+    if fitted is not None:
+        click.echo(f"the fit measured {len(fitted.trials)} plans of the {fitted.steps} steps it could take; "
+                   f"the plan removes {fitted.sparsity:.1%} of the scanned layers' weights")
     status(quiet, f"\nwrote {', '.join(files.values())}")
     if problem is not None:
         click.echo(f"warning: compact will not shrink a model pruned by this plan: {problem}", err=True)
@@ -299,13 +214,11 @@ def scan_command(
         status(quiet, f"apply it: {hint}")
 
 
-def _compaction_problem(model: Any, plan: Dict[str, float], pruning: Any) -> Optional[str]:
-    """Why ``compact`` would refuse the model this channel plan gives (checked on a copy), or None."""
-    from prunekit.compact import compaction_problem
-    from prunekit.plans import apply_plan, copy_model
-
-    pruned = apply_plan(copy_model(model), plan, method=pruning)
-    return compaction_problem(pruned)
+_INTERRUPTED = {
+    "scan": "\ninterrupted: the points measured so far are in {scan}; run the same command with --resume to continue",
+    "fit": "\ninterrupted while fitting the plan: the scan is complete in {scan} and the fit's trials so far are in "
+           "{fit}; run the same command with --resume to continue",
+}
 
 
 def _print_plan(

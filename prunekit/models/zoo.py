@@ -415,6 +415,7 @@ def load_model(
     progress: bool = True,
     *,
     factory_folder: Optional[PathLike] = None,
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Build the model named by ``spec``, load ``weights`` and return it in eval mode.
 
@@ -431,6 +432,8 @@ def load_model(
         factory_folder: a folder searched first when ``spec`` itself is a factory (the
             CLI passes the current folder for a ``--model`` the user typed); never used for
             a factory that a checkpoint file names.
+        seed: seed torch's global generator first (``torch.manual_seed``), so that random weights (a
+            factory or torchvision model without weights) are the same in every run given that seed.
 
     Raises:
         FileNotFoundError: a checkpoint or weights file does not exist.
@@ -448,6 +451,8 @@ def load_model(
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model must be a non-empty string, got {spec!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be None, 'none', 'imagenet' or a path, got {type(weights).__name__}")
     weights = os.fspath(weights) if weights is not None else None

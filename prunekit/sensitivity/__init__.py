@@ -3,7 +3,8 @@
 ``scan`` prunes one conv layer at a time at several sparsities, scores the
 model with any ``evaluate(model) -> float`` (or a built-in metric), restores it
 exactly, and returns a :class:`SensitivityResult` whose ``plan(max_drop)`` is a
-per-layer sparsity plan for :func:`prunekit.apply_plan`.
+per-layer sparsity plan for :func:`prunekit.apply_plan`. ``run_scan`` does the whole job of
+``prunekit scan`` in one call: metric, method data, scan, joint plan fit, compaction check.
 
 Example:
     >>> import torch
@@ -31,6 +32,8 @@ _EXPORTS = {
     "SuffixFallbackWarning": "prunekit.sensitivity.scanner:SuffixFallbackWarning",
     "evaluate_plan": "prunekit.sensitivity.scanner:evaluate_plan",
     "scan": "prunekit.sensitivity.scanner:scan",
+    "ScanRun": "prunekit.sensitivity.pipeline:ScanRun",
+    "run_scan": "prunekit.sensitivity.pipeline:run_scan",
 }
 
 __all__ = [
@@ -40,11 +43,13 @@ __all__ = [
     "METHODS",
     "OutputDistortion",
     "PlanFit",
+    "ScanRun",
     "SensitivityResult",
     "SuffixFallbackWarning",
     "check_sparsities",
     "evaluate_plan",
     "fit_plan",
+    "run_scan",
     "scan",
     "select_plan",
     "select_sparsity",
