@@ -160,3 +160,23 @@ def test_gradual_recovery_is_never_worse_than_pruning_at_once():
     history = recover(student, teacher, data, steps=10, lr=10.0, eval_every=2, pruner=pruner, progress=False)
     assert history.best_step == 0 and history.best_distortion == pytest.approx(history.pruned_distortion)
     assert all(torch.equal(v, one_shot.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_prune_and_recover_ends_at_the_plan_even_when_a_gradual_schedule_is_interrupted():
+    from prunekit.training.recover import prune_and_recover
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    data = [torch.rand(2, 3, 12, 12) for _ in range(4)]
+
+    def stop(step_seconds, total_seconds):
+        raise KeyboardInterrupt  # Ctrl-C after the first optimiser step, long before the schedule ends
+
+    history = prune_and_recover(prunekit.copy_model(model), {"0": 0.5, "2": 0.75}, data, 40, gradual=True,
+                                progress=False, on_estimate=stop)
+    assert history.interrupted and history.rest_pruned_at_once and history.steps_done < 30
+    finished = prunekit.copy_model(model)
+    history = prune_and_recover(finished, {"0": 0.5, "2": 0.75}, data, 8, gradual=True, progress=False)
+    assert not history.interrupted and not history.rest_pruned_at_once
+    for layer, level in (("0", 0.5), ("2", 0.75)):
+        assert float((finished.get_submodule(layer).weight == 0).float().mean()) == level

@@ -69,12 +69,8 @@ def compact_command(
     timed side by side) are printed. CHECKPOINT may be .pt or .pksparse.
 
     """
-    import torch
-
-    from prunekit.compact import compact, compaction_report
+    from prunekit.compact.measured import WARMUP_ROUNDS, compact_and_measure
     from prunekit.io.files import save_torch
-    from prunekit.sensitivity.metrics import relative_error
-    from prunekit.measure.timing import latency_samples, speedup, spread
 
     outputs = [("--out", out, "small.pt"), ("--exported", exported, "small.pt2"), ("--onnx", onnx_path, "small.onnx")]
     refuse_inputs([(flag, value) for flag, value, _ in outputs],
@@ -87,29 +83,11 @@ def compact_command(
     if size is None:
         size = (1, DIGITS_SIZE, DIGITS_SIZE) if in_channels(model) == 1 else (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     check_input_fits(model, size, "--input-size", input_size or "x".join(map(str, size)))
-    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
-    small = compact(model, example_input=example)
-    report = compaction_report(model, small, size)
-    removed = report.params_after < report.params_before
-    timing: Dict[str, Any] = {}
-    if removed:  # identical models are not timed: any "speed-up" between them would be noise
-        samples = latency_samples({"pruned": model, "compact": small}, example, repeats=repeats, warmup=3)
-        gain = speedup(samples["pruned"], samples["compact"])
-        timing = {"pruned": spread(samples["pruned"]), "compact": spread(samples["compact"]), "speedup": gain}
+    run = compact_and_measure(model, size, repeats, exported=exported, onnx=onnx_path)
+    report, removed, checks = run.report, run.removed, run.checks
+    timing: Dict[str, Any] = dict(run.timing, speedup=run.speedup) if removed else {}
     if out is not None:
-        save_torch(small, out)
-    checks = {}
-    if exported is not None or onnx_path is not None:
-        from prunekit.export import export_onnx, export_program
-
-        if exported is not None:
-            checks["exported"] = export_program(small, example, exported)
-        if onnx_path is not None:
-            checks["onnx"] = export_onnx(small, example, onnx_path)
-        with torch.no_grad():
-            # Against the source (pruned) model too: the compaction's own difference is part of it.
-            reference = model(example)
-            checks["compact_vs_source"] = relative_error(small(example), reference)
+        save_torch(run.small, out)
     if as_json:
         emit_json({"report": report.to_dict(), "removed": removed, "export_checks": checks, "out": out,
                    "seconds": {name: timing[name].median for name in ("pruned", "compact")} if removed else None,
@@ -123,8 +101,8 @@ def compact_command(
     click.echo(str(report))
     if removed:
         click.echo(
-            f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds, after 3 "
-            f"warm-up rounds): {timing['pruned']} pruned, {timing['compact']} compact; speed-up {timing['speedup']}"
+            f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds, after "
+            f"{WARMUP_ROUNDS} warm-up rounds): {timing['pruned']} pruned, {timing['compact']} compact; speed-up {timing['speedup']}"
         )
     else:
         click.echo(f"nothing to remove: no output channel of {checkpoint} is all zeros (prune it with --method channel "

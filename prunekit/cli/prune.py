@@ -80,6 +80,38 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _report(model: Any, pruning: Any, report: Any, history: Any, out: str, arch: Optional[str], size: str, layers: int,
+            gradual: bool, as_json: bool, quiet: bool) -> None:
+    """The sparsity report, the recovery, and what to run next (or one JSON document); exit 130 if interrupted."""
+    # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
+    trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
+    hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
+    problem = None
+    if pruning.unit == "channels":
+        from prunekit.compact import compaction_problem
+
+        problem = compaction_problem(model)  # said now, not discovered by compact later
+        if problem is None:
+            hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
+    if as_json:
+        emit_json({"out": out, "arch": arch, "method": pruning.name, "report": report.to_dict(),
+                   "recovery": history.to_dict() if history is not None else None, "next": hints,
+                   "compact_problem": problem})
+        return
+    if not quiet:
+        click.echo(str(report))
+    if history is not None:
+        _print_recovery(history, gradual)
+    pickled = "; a pickled module like its source: read it back with --trust-checkpoint" if arch is None else ""
+    status(quiet, f"wrote {out} ({pruning.name} pruning, {layers} layers{pickled})")
+    if problem is not None:
+        click.echo(f"note: compact cannot shrink this model: {problem}", err=True)
+    for hint in hints:
+        status(quiet, hint)
+    if history is not None and history.interrupted:
+        raise click.exceptions.Exit(130)
+
+
 def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool,
           seed: Optional[int] = None) -> Any:
     from prunekit.models.zoo import load_model
@@ -179,27 +211,11 @@ def _message(err: BaseException) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the sparsity report as JSON.")
 @library_errors
 def prune_command(
-    model_spec: Optional[str],
-    weights: Optional[str],
-    trust_checkpoint: bool,
-    plan_path: str,
-    method: Optional[str],
-    criterion: Optional[str],
-    data: Optional[str],
-    image_size: Optional[int],
-    batch_size: Optional[int],
-    recover_steps: int,
-    recover_data: Optional[str],
-    held_out: Optional[str],
-    recover_lr: float,
-    recover_batch_size: int,
-    recover_plot: Optional[str],
-    gradual: bool,
-    out: str,
-    device: str,
-    seed: Optional[int],
-    quiet: bool,
-    as_json: bool,
+    model_spec: Optional[str], weights: Optional[str], trust_checkpoint: bool, plan_path: str, method: Optional[str],
+    criterion: Optional[str], data: Optional[str], image_size: Optional[int], batch_size: Optional[int],
+    recover_steps: int, recover_data: Optional[str], held_out: Optional[str], recover_lr: float,
+    recover_batch_size: int, recover_plot: Optional[str], gradual: bool, out: str, device: str, seed: Optional[int],
+    quiet: bool, as_json: bool,
 ) -> None:
     """Apply a per-layer sparsity plan and save the finalized model.
 
@@ -261,34 +277,8 @@ def prune_command(
             references = {"pruned at once": history.pruned_distortion}
             plot_recovery({"gradual + recover" if gradual else "recover": history}, recover_plot, references=references)
             status(quiet, f"wrote {recover_plot}")
-    size = _input_size_hint(model, image_size)
-    # A checkpoint that names a factory imports code when loaded: the reader opts in, as this run did.
-    trust = " --trust-checkpoint" if arch is None or ":" in arch else ""
-    hints = [f"inspect it: prunekit report {shlex.quote(out)} --input-size {size}{trust}"]
-    problem = None
-    if pruning.unit == "channels":
-        from prunekit.compact import compaction_problem
-
-        problem = compaction_problem(model)  # said now, not discovered by compact later
-        if problem is None:
-            hints.append(f"remove the pruned channels for real: prunekit compact {shlex.quote(out)} --input-size {size}{trust}")
-    if as_json:
-        emit_json({"out": out, "arch": arch, "method": method, "report": report.to_dict(),
-                   "recovery": history.to_dict() if history is not None else None, "next": hints,
-                   "compact_problem": problem})
-        return
-    if not quiet:
-        click.echo(str(report))
-    if history is not None:
-        _print_recovery(history, gradual)
-    pickled = "; a pickled module like its source: read it back with --trust-checkpoint" if arch is None else ""
-    status(quiet, f"wrote {out} ({method} pruning, {len(plan.plan)} layers{pickled})")
-    if problem is not None:
-        click.echo(f"note: compact cannot shrink this model: {problem}", err=True)
-    for hint in hints:
-        status(quiet, hint)
-    if history is not None and history.interrupted:
-        raise click.exceptions.Exit(130)
+    _report(model, pruning, report, history, out, arch, _input_size_hint(model, image_size), len(plan.plan),
+            gradual, as_json, quiet)
 
 
 def _prepared(model: Any, pruning: Any, plan: PlanFile, data: str, image_size: Optional[int],
@@ -320,31 +310,19 @@ def _recover(
     model: Any, plan: dict, pruning: Any, data: str, held_out: Optional[str],
     image_size: Optional[int], batch_size: Optional[int], steps: int, lr: float, gradual: bool, seed: int, quiet: bool,
 ) -> Any:
-    from prunekit.plans import apply_plan, copy_model
-    from prunekit.training.recover import recover
-    from prunekit.training.schedules import GradualPruner
+    from prunekit.training.recover import prune_and_recover
 
     train, held, description = recovery_batches(model, data, held_out, image_size, batch_size, steps, seed)
     status(quiet, f"recovery data: {description}")
-    teacher = copy_model(model).eval()
-    pruner = None
-    if gradual:
-        end = max(1, (3 * steps) // 4)
-        pruner = GradualPruner(model, plan, start_step=0, end_step=end, frequency=max(1, end // 10),
-                               method=pruning)
-    else:
-        apply_plan(model, plan, method=pruning)
+
     def say_how_long(step_seconds: float, total_seconds: float) -> None:
         if total_seconds >= 60:
             status(quiet, f"recovery: the first step took {step_seconds:.1f} s: about {_duration(total_seconds)} for "
                           f"{steps} steps (Ctrl-C keeps the best state so far; a smaller --image-size is faster)")
 
-    history = recover(model, teacher, train, steps, lr=lr, held_out=held, pruner=pruner, progress=not quiet,
-                      on_estimate=say_how_long)
-    if pruner is not None and not pruner.done:
-        if not history.interrupted:
-            raise RuntimeError("the gradual schedule did not reach the plan: a prunekit bug")
-        apply_plan(model, plan, method=pruning)  # the rest of it, at once
+    history = prune_and_recover(model, plan, train, steps, method=pruning, gradual=gradual, lr=lr, held_out=held,
+                                progress=not quiet, on_estimate=say_how_long)
+    if history.rest_pruned_at_once:
         status(quiet, "interrupted before the schedule reached the plan: the rest was pruned at once")
     return history
 

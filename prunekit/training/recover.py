@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-import prunekit  # noqa: F401  (the docstring example uses it)
+import prunekit
 from prunekit._rollback import eval_mode
 from prunekit.io.files import PathLike
 from prunekit.defaults import DEFAULT_LR
@@ -36,7 +36,7 @@ from prunekit.progress import progress_bar
 from prunekit.training.schedules import GradualPruner
 from prunekit.sensitivity.metrics import relative_distance
 
-__all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
+__all__ = ["DEFAULT_LR", "GRADUAL_SHARE", "RecoveryHistory", "plot_recovery", "prune_and_recover", "recover"]
 
 
 
@@ -44,7 +44,9 @@ __all__ = ["DEFAULT_LR", "RecoveryHistory", "plot_recovery", "recover"]
 class RecoveryHistory:
     """What :func:`recover` did: held-out distortion at each evaluated step, and the step kept.
 
-    ``steps_done`` of ``steps_planned`` optimiser steps ran (fewer when interrupted).
+    ``steps_done`` of ``steps_planned`` optimiser steps ran (fewer when interrupted);
+    ``rest_pruned_at_once``: a gradual schedule was interrupted before it reached the plan, and
+    :func:`prune_and_recover` applied the rest at once.
     """
 
     steps: List[int] = field(default_factory=list)
@@ -56,6 +58,7 @@ class RecoveryHistory:
     pruned_distortion: float = float("nan")
     steps_done: int = 0
     steps_planned: int = 0
+    rest_pruned_at_once: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"steps": self.steps, "train_loss": self.train_loss, "held_out_distortion": self.distortion,
@@ -315,3 +318,54 @@ class _Distillation:
                     evaluations += self.steps % self.eval_every != 0
                     on_estimate(step_seconds, step_seconds * self.steps + evaluation_seconds * evaluations)
                 tick()
+
+
+#: The share of the recovery steps over which ``gradual`` pruning reaches the plan (Zhu & Gupta's AGP, cubic).
+GRADUAL_SHARE = 0.75
+
+
+def prune_and_recover(
+    model: nn.Module,
+    plan: Mapping[str, float],
+    data: Iterable[Tensor],
+    steps: int,
+    *,
+    method: Any = "fine-grained",
+    gradual: bool = False,
+    lr: float = DEFAULT_LR,
+    held_out: Optional[Sequence[Tensor]] = None,
+    progress: bool = True,
+    on_estimate: Optional[Callable[[float, float], None]] = None,
+) -> RecoveryHistory:
+    """Prune ``model`` to ``plan`` and win back what it costs by distilling its dense self into it (what ``prunekit
+    prune --recover-steps`` runs).
+
+    The dense model is copied as the teacher first. With ``gradual``, the plan is reached on a cubic
+    schedule over the first :data:`GRADUAL_SHARE` of the steps (masks updated ten times), else it is
+    applied at once before training. ``method``: a method name or a prepared method object (a
+    channel plan's statistics travel with it). Ctrl-C stops the training early
+    (``history.interrupted``); a schedule that had not reached the plan then has the rest applied at
+    once, so ``model`` always ends pruned to ``plan``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+        >>> history = prune_and_recover(model, {"0": 0.5}, [torch.rand(2, 3, 8, 8)] * 3, steps=4, gradual=True,
+        ...                             progress=False)
+        >>> float((model[0].weight == 0).float().mean()), history.best_distortion <= history.pruned_distortion
+        (0.5, True)
+    """
+    teacher = prunekit.copy_model(model).eval()
+    pruner = None
+    if gradual:
+        end = max(1, int(steps * GRADUAL_SHARE))
+        pruner = GradualPruner(model, plan, start_step=0, end_step=end, frequency=max(1, end // 10), method=method)
+    else:
+        apply_plan(model, plan, method=method)
+    history = recover(model, teacher, data, steps, lr=lr, held_out=held_out, pruner=pruner, progress=progress,
+                      on_estimate=on_estimate)
+    if pruner is not None and not pruner.done:
+        if not history.interrupted:
+            raise RuntimeError("the gradual schedule did not reach the plan: a prunekit bug")
+        apply_plan(model, plan, method=pruner.method)  # the rest of it, at once
+        history.rest_pruned_at_once = True
+    return history
