@@ -30,6 +30,7 @@ import prunekit
 from prunekit.compact import compact
 from prunekit.compact.groups import channel_groups, unit_masks
 from prunekit.measure.macs import count_macs
+from prunekit.testing import randomize_batchnorms
 from prunekit.measure.timing import latency_samples, speedup
 from prunekit.sensitivity.metrics import relative_error
 
@@ -42,13 +43,7 @@ MODELS = [
 def build(name: str) -> nn.Module:
     kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(**kwargs).eval()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model
+    return randomize_batchnorms(model, seed=1, affine=False)  # statistics only, as the figures were measured
 
 
 def mask_half(model: nn.Module) -> Dict[str, List[int]]:

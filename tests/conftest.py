@@ -32,3 +32,33 @@ def interrupt_at_adam_step(monkeypatch):
         monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
 
     return arm
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    """A click CliRunner, in a fresh working folder (``tmp_path``)."""
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+@pytest.fixture
+def one_error_line():
+    """``one_error_line(result, *fragments, code=1)``: the command failed cleanly, as every command must.
+
+    Exit ``code``, no traceback, no uncaught exception, and exactly one ``Error:`` line on stderr, its
+    last (status notes may precede it), holding every fragment.
+    """
+
+    def check(result, *fragments, code=1):
+        assert result.exit_code == code, (result.exit_code, result.stderr)
+        assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught exception
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("Error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+        for fragment in fragments:
+            assert fragment in errors[0], errors[0]
+
+    return check

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 import prunekit
@@ -21,12 +20,6 @@ VGG_SCAN = [
     "scan", "--model", "vgg11", "--data", "imgs", "--image-size", "32",
     "--layers", "features.0,features.3", "--sparsities", "0.5,0.9", "--out", "vgg",
 ]
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 @pytest.fixture
@@ -47,16 +40,6 @@ def tiny(images):
         "scan", "--model", "tiny.pt", "--trust-checkpoint", "--data", "imgs", "--image-size", "32",
         "--sparsities", "0.5,0.9",
     ]
-
-
-def assert_one_error_line(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught exception
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # ---------------------------------------------------------------------------
@@ -158,15 +141,15 @@ def test_interrupted_scan_resumes_to_the_same_result(runner, tiny, monkeypatch):
     assert SensitivityResult.from_json("r/scan.json").scores == SensitivityResult.from_json("f/scan.json").scores
 
 
-def test_resume_refuses_changed_options(runner, tiny):
+def test_resume_refuses_changed_options(one_error_line, runner, tiny):
     assert runner.invoke(cli, tiny + ["--out", "c", "-q"]).exit_code == 0
     changed = [a if a != "0.5,0.9" else "0.6,0.9" for a in tiny]
     result = runner.invoke(cli, changed + ["--out", "c", "--resume"])
-    assert_one_error_line(result, "--resume", "sparsities")
+    one_error_line(result, "--resume", "sparsities")
 
 
-def test_resume_without_a_partial_scan(runner):
-    assert_one_error_line(runner.invoke(cli, ["scan", "--resume", "--out", "nothing"]), "--resume", "no partial scan")
+def test_resume_without_a_partial_scan(one_error_line, runner):
+    one_error_line(runner.invoke(cli, ["scan", "--resume", "--out", "nothing"]), "--resume", "no partial scan")
 
 
 @pytest.mark.parametrize(
@@ -182,13 +165,13 @@ def test_resume_without_a_partial_scan(runner):
         ("0.4:0.9:0", "step must be a positive"),
     ],
 )
-def test_bad_sparsities(runner, sparsities, fragment):
-    assert_one_error_line(runner.invoke(cli, ["scan", "--sparsities", sparsities]), "--sparsities", fragment)
+def test_bad_sparsities(one_error_line, runner, sparsities, fragment):
+    one_error_line(runner.invoke(cli, ["scan", "--sparsities", sparsities]), "--sparsities", fragment)
 
 
-def test_unknown_layer_lists_the_valid_ones(runner):
+def test_unknown_layer_lists_the_valid_ones(one_error_line, runner):
     result = runner.invoke(cli, ["scan", "--layers", "features.0,features.99"])
-    assert_one_error_line(result, "features.99", "Conv2d or Linear layers are: features.0, features.2")
+    one_error_line(result, "features.99", "Conv2d or Linear layers are: features.0, features.2")
 
 
 @pytest.mark.parametrize(
@@ -202,13 +185,13 @@ def test_unknown_layer_lists_the_valid_ones(runner):
         (["--max-drop", "-1"], ["--max-drop"]),
     ],
 )
-def test_errors_are_one_line(runner, args, fragments):
-    assert_one_error_line(runner.invoke(cli, ["scan"] + args), *fragments)
+def test_errors_are_one_line(one_error_line, runner, args, fragments):
+    one_error_line(runner.invoke(cli, ["scan"] + args), *fragments)
 
 
-def test_cuda_device_without_cuda_is_one_line(runner, monkeypatch):
+def test_cuda_device_without_cuda_is_one_line(one_error_line, runner, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
-    assert_one_error_line(runner.invoke(cli, ["scan", "--device", "cuda:0"]), "use --device cpu")
+    one_error_line(runner.invoke(cli, ["scan", "--device", "cuda:0"]), "use --device cpu")
 
 
 def test_folder_without_images_fails(runner):
@@ -219,7 +202,7 @@ def test_folder_without_images_fails(runner):
     assert result.stderr.strip().splitlines()[-1].startswith("Error: --data junk: no readable image")
 
 
-def test_imagenet_weights_offline_say_how_to_pass_a_file(runner, monkeypatch):
+def test_imagenet_weights_offline_say_how_to_pass_a_file(one_error_line, runner, monkeypatch):
     import torchvision
 
     def offline(self, *args, **kwargs):
@@ -227,7 +210,7 @@ def test_imagenet_weights_offline_say_how_to_pass_a_file(runner, monkeypatch):
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     result = runner.invoke(cli, ["scan", "--model", "vgg11", "--weights", "imagenet"])
-    assert_one_error_line(result, "failed", "--weights PATH")
+    one_error_line(result, "failed", "--weights PATH")
 
 
 def test_parse_sparsities_range_includes_stop():
@@ -263,17 +246,17 @@ def test_prune_accepts_a_bare_mapping(runner):
     assert Path("p.pt").is_file()
 
 
-def test_prune_errors(runner):
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "nope.json", "--out", "p.pt"]), "nope.json")
+def test_prune_errors(one_error_line, runner):
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "nope.json", "--out", "p.pt"]), "nope.json")
     Path("bad.json").write_text(json.dumps({"features.9": 0.5}))
     result = runner.invoke(cli, ["prune", "--plan", "bad.json", "--out", "p.pt"])
-    assert_one_error_line(result, "unknown layer 'features.9'")
+    one_error_line(result, "unknown layer 'features.9'")
     assert not Path("p.pt").exists()
 
 
-def test_report_refuses_a_pickled_model_unless_trusted(runner):
+def test_report_refuses_a_pickled_model_unless_trusted(one_error_line, runner):
     torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), "whole.pt")
-    assert_one_error_line(runner.invoke(cli, ["report", "whole.pt"]), "--trust-checkpoint")
+    one_error_line(runner.invoke(cli, ["report", "whole.pt"]), "--trust-checkpoint")
     trusted = runner.invoke(cli, ["report", "whole.pt", "--trust-checkpoint"])
     assert trusted.exit_code == 0 and "Conv2d" in trusted.stdout
 
@@ -374,10 +357,10 @@ def test_compact_refuses_pickled_model_without_trust(runner):
     assert "Traceback" not in result.stderr
 
 
-def test_relative_with_distortion_fails_before_the_scan(runner, tiny, monkeypatch):
+def test_relative_with_distortion_fails_before_the_scan(one_error_line, runner, tiny, monkeypatch):
     monkeypatch.setattr(prunekit.sensitivity, "scan", lambda *a, **k: pytest.fail("scanned first"))
     result = runner.invoke(cli, tiny + ["--relative", "-q"])
-    assert_one_error_line(result, "--relative", "drop --relative")
+    one_error_line(result, "--relative", "drop --relative")
 
 
 def test_the_footnote_and_wording_follow_the_table(runner, tiny):
@@ -402,9 +385,9 @@ def test_every_command_takes_threads(runner, command, monkeypatch):
     assert runner.invoke(cli, [command, "--threads", "0"]).exit_code == 2  # click's usage error, one line
 
 
-def test_outputs_never_land_on_inputs(runner, images):
+def test_outputs_never_land_on_inputs(one_error_line, runner, images):
     Path("plan.json").write_text('{"features.0": 0.5}')
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "plan.json"]), "is the --plan file")
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "plan.json"]), "is the --plan file")
     assert Path("plan.json").read_text() == '{"features.0": 0.5}'
     result = runner.invoke(cli, ["scan", "--model", "vgg11", "--data", "imgs", "--out", "imgs/results"])
-    assert_one_error_line(result, "inside --data imgs")
+    one_error_line(result, "inside --data imgs")

@@ -5,15 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from prunekit.cli import cli
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 def one_error_line(result, *fragments):

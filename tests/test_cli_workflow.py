@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import prunekit
 import prunekit.sensitivity
@@ -35,8 +34,8 @@ TINY_NET = textwrap.dedent(
 
 
 @pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def runner(runner, tmp_path, monkeypatch):
+    """conftest's runner, in a folder that holds tinynet.py (a factory), its weights w.pt and three images."""
     monkeypatch.syspath_prepend(str(tmp_path))
     Path("tinynet.py").write_text(TINY_NET)
     write_synthetic_images("imgs", n=3, image_size=32, seed=1)
@@ -45,7 +44,7 @@ def runner(tmp_path, monkeypatch):
 
     model = tinynet.build()
     torch.save(model.state_dict(), "w.pt")
-    return CliRunner()
+    return runner
 
 
 def hint(result, prefix):
@@ -55,17 +54,6 @@ def hint(result, prefix):
     argv = shlex.split(lines[0][len(prefix):])
     assert argv[0] == "prunekit"
     return argv[1:]
-
-
-def assert_one_error_line(result, *fragments):
-    """Exit 1, no traceback, one ``Error:`` line, last (status notes may precede it)."""
-    assert result.exit_code == 1, (result.exit_code, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 TINY_SCAN = ["scan", "--model", "tinynet:build", "--weights", "w.pt", "--data", "imgs", "--image-size", "32",
@@ -108,7 +96,7 @@ def test_every_printed_hint_runs_as_printed_with_the_scans_weights_and_data(runn
     assert back.exit_code == 0, back.stderr
 
 
-def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(runner):
+def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(one_error_line, runner):
     import tinynet
 
     torch.save(tinynet.build(), "whole.pt")
@@ -122,7 +110,7 @@ def test_the_hint_after_a_pickled_model_keeps_trust_checkpoint(runner):
     assert "read it back with --trust-checkpoint" in pruned.stderr
     assert runner.invoke(cli, hint(pruned, "inspect it: ")).exit_code == 0
     without = runner.invoke(cli, [a for a in argv if a != "--trust-checkpoint"])
-    assert_one_error_line(without, "--trust-checkpoint")
+    one_error_line(without, "--trust-checkpoint")
 
 
 def test_flags_override_the_plan_and_say_so(runner):
@@ -132,18 +120,18 @@ def test_flags_override_the_plan_and_say_so(runner):
     assert "note: --weights none overrides the plan's" in result.stderr
 
 
-def test_a_plan_for_another_model_names_the_model_it_was_made_for(runner):
+def test_a_plan_for_another_model_names_the_model_it_was_made_for(one_error_line, runner):
     assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
     result = runner.invoke(cli, ["prune", "--plan", "st/plan.json", "--model", "digits-vgg", "--weights", "none",
                                  "--out", "p.pt"])
-    assert_one_error_line(result, "was made for model tinynet:build", "drop --model")
+    one_error_line(result, "was made for model tinynet:build", "drop --model")
 
 
-def test_a_scan_json_or_a_folder_given_as_plan_points_to_plan_json(runner):
+def test_a_scan_json_or_a_folder_given_as_plan_points_to_plan_json(one_error_line, runner):
     assert runner.invoke(cli, TINY_SCAN + ["--out", "st", "-q"]).exit_code == 0
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "st/scan.json", "--out", "p.pt"]),
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "st/scan.json", "--out", "p.pt"]),
                           "is a scan result", "st/plan.json")
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "st", "--out", "p.pt"]), "is a folder", "plan.json")
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "st", "--out", "p.pt"]), "is a folder", "plan.json")
 
 
 # ---------------------------------------------------------------------------
@@ -168,17 +156,17 @@ def test_prune_writes_sparse_files_and_every_command_reads_them_by_content(runne
     assert compact.exit_code == 0, compact.stderr
 
 
-def test_a_sparse_state_dict_without_architecture_says_how_to_load_it(runner):
+def test_a_sparse_state_dict_without_architecture_says_how_to_load_it(one_error_line, runner):
     prunekit.save_sparse(prunekit.models.zoo.load_model("digits-vgg"), "state.pksparse")
-    assert_one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "without an architecture",
+    one_error_line(runner.invoke(cli, ["report", "state.pksparse"]), "without an architecture",
                           "prunekit report vgg16 --weights state.pksparse")
 
 
-def test_a_bare_state_dict_as_checkpoint_suggests_options_the_command_has(runner):
+def test_a_bare_state_dict_as_checkpoint_suggests_options_the_command_has(one_error_line, runner):
     torch.save(prunekit.models.zoo.load_model("digits-vgg").state_dict(), "state.pt")
     for command in ("report", "compact"):
         result = runner.invoke(cli, [command, "state.pt"])
-        assert_one_error_line(result, f"prunekit {command} vgg16 --weights state.pt")
+        one_error_line(result, f"prunekit {command} vgg16 --weights state.pt")
         assert "--model" not in result.stderr
     result = runner.invoke(cli, ["compact", "digits-vgg", "--weights", "state.pt", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.stderr
@@ -198,57 +186,57 @@ def test_report_counts_the_weights_sparsity_not_the_bias(runner):
 # Errors: the bad value and the fix, before any work
 
 
-def test_an_image_size_below_the_models_minimum_names_the_minimum(runner):
+def test_an_image_size_below_the_models_minimum_names_the_minimum(one_error_line, runner):
     result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "4",
                                  "--out", "s"])
-    assert_one_error_line(result, "--image-size 4 is too small", "at least 8x8", "--image-size 8")
+    one_error_line(result, "--image-size 4 is too small", "at least 8x8", "--image-size 8")
     assert runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "8",
                                "--sparsities", "0.5", "--out", "s", "-q"]).exit_code == 0
 
 
-def test_input_size_with_the_wrong_channels_suggests_the_right_shape(runner):
+def test_input_size_with_the_wrong_channels_suggests_the_right_shape(one_error_line, runner):
     assert runner.invoke(cli, ["prune", "--plan", "p.json", "--out", "x.pt"]).exit_code != 0
     Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
     assert runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "p.pt", "-q"]).exit_code == 0
-    assert_one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
-    assert_one_error_line(runner.invoke(cli, ["compact", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
-    assert_one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "1x4x4"]), "at least 16x16",
+    one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
+    one_error_line(runner.invoke(cli, ["compact", "p.pt", "--input-size", "3x16x16"]), "pass 1x16x16")
+    one_error_line(runner.invoke(cli, ["report", "p.pt", "--input-size", "1x4x4"]), "at least 16x16",
                           "--input-size 1x16x16")
     assert runner.invoke(cli, ["report", "p.pt", "--input-size", "1x16x16"]).exit_code == 0
 
 
-def test_a_huge_image_size_is_refused_before_allocating(runner):
+def test_a_huge_image_size_is_refused_before_allocating(one_error_line, runner):
     result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "100000"])
-    assert_one_error_line(result, "--image-size 100000", "GiB", "pass a smaller --image-size")
+    one_error_line(result, "--image-size 100000", "GiB", "pass a smaller --image-size")
 
 
-def test_accuracy_on_a_folder_without_classes_names_the_cli_options(runner):
+def test_accuracy_on_a_folder_without_classes_names_the_cli_options(one_error_line, runner):
     result = runner.invoke(cli, ["scan", "--model", "tinynet:build", "--data", "imgs", "--image-size", "32",
                                  "--metric", "accuracy"])
-    assert_one_error_line(result, "--metric accuracy needs labelled images", "imgs/cat/1.jpg", "--metric distortion")
+    one_error_line(result, "--metric accuracy needs labelled images", "imgs/cat/1.jpg", "--metric distortion")
     assert "labelled=" not in result.stderr
 
 
-def test_folders_are_called_folders(runner):
+def test_folders_are_called_folders(one_error_line, runner):
     Path("adir").mkdir()
-    assert_one_error_line(runner.invoke(cli, ["report", "adir"]), "adir is a folder")
-    assert_one_error_line(runner.invoke(cli, ["scan", "--weights", "adir"]), "adir is a folder")
+    one_error_line(runner.invoke(cli, ["report", "adir"]), "adir is a folder")
+    one_error_line(runner.invoke(cli, ["scan", "--weights", "adir"]), "adir is a folder")
 
 
-def test_bad_out_paths_fail_first_with_a_plain_message(runner, monkeypatch):
+def test_bad_out_paths_fail_first_with_a_plain_message(one_error_line, runner, monkeypatch):
     Path("plan.json").write_text(json.dumps({"features.0": 0.5}))
     Path("afile").write_text("x")
     Path("adir").mkdir()
-    assert_one_error_line(runner.invoke(cli, ["scan", "--out", "afile"]), "--out afile is a file")
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "adir"]),
+    one_error_line(runner.invoke(cli, ["scan", "--out", "afile"]), "--out afile is a file")
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "adir"]),
                           "--out adir is a folder", "adir/pruned.pt")
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "afile/p.pt"]),
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "afile/p.pt"]),
                           "is a file, not a folder")
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("ro") else real_access(path, mode))
     Path("ro").mkdir()
     result = runner.invoke(cli, ["prune", "--plan", "plan.json", "--out", "ro/p.pt"])
-    assert_one_error_line(result, "ro is not writable")
+    one_error_line(result, "ro is not writable")
     assert ".tmp" not in result.stderr and not list(Path("ro").iterdir())
 
 
@@ -315,7 +303,7 @@ def test_a_forged_fit_is_checked_and_refitted(runner, monkeypatch):
     assert written["plan"] == honest["plan"] and written["score_with_plan"] == honest["score_with_plan"]
 
 
-def test_a_resume_after_the_weights_changed_starts_over(runner):
+def test_a_resume_after_the_weights_changed_starts_over(one_error_line, runner):
     args = TINY_SCAN + ["--out", "st", "-q"]
     assert runner.invoke(cli, args).exit_code == 0
     torch.manual_seed(99)
@@ -323,14 +311,14 @@ def test_a_resume_after_the_weights_changed_starts_over(runner):
 
     torch.save(tinynet.build().state_dict(), "w.pt")  # the same path, other weights
     resumed = runner.invoke(cli, args + ["--resume"])
-    assert_one_error_line(resumed, "the weights it was measured on changed since")
+    one_error_line(resumed, "the weights it was measured on changed since")
 
 
-def test_a_scan_never_replaces_another_scans_results_without_force(runner):
+def test_a_scan_never_replaces_another_scans_results_without_force(one_error_line, runner):
     assert runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "res", "-q"]).exit_code == 0
     before = Path("res/scan.json").read_bytes()
     other = runner.invoke(cli, TINY_SCAN + ["--out", "res", "-q"])
-    assert_one_error_line(other, "--out res holds the results of another scan", "model 'digits-vgg'", "--force")
+    one_error_line(other, "--out res holds the results of another scan", "model 'digits-vgg'", "--force")
     assert Path("res/scan.json").read_bytes() == before
     again = runner.invoke(cli, ["scan", "--sparsities", "0.5", "--out", "res", "-q"])  # the same scan: a rerun
     assert again.exit_code == 0, again.stderr
@@ -370,7 +358,7 @@ def test_progress_off_a_terminal_prints_lines(runner):
 # Recovery from the command line
 
 
-def test_prune_recovers_and_keeps_the_zeros(runner):
+def test_prune_recovers_and_keeps_the_zeros(one_error_line, runner):
     Path("plan.json").write_text(json.dumps({"plan": {"0": 0.8, "3": 0.8, "6": 0.8}, "model": "tinynet:build",
                                              "weights": "w.pt", "data": "imgs", "image_size": 16}))
     one_shot = runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "a.pt", "--trust-checkpoint", "-q"])
@@ -391,7 +379,7 @@ def test_prune_recovers_and_keeps_the_zeros(runner):
     assert gradual.exit_code == 0, gradual.stderr
     c = prunekit.models.zoo.load_model("c.pt", trust_checkpoint=True)
     assert float((c[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 216)
-    assert_one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "d.pt", "--gradual"]),
+    one_error_line(runner.invoke(cli, ["prune", "--plan", "plan.json", "--model", "tinynet:build", "--out", "d.pt", "--gradual"]),
                           "--recover-steps")
 
 

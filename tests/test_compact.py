@@ -11,6 +11,7 @@ from torch.nn.utils import prune
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
 import prunekit
+from prunekit.testing import randomize_batchnorms
 from prunekit.compact import (
     BorderBiasConv2d,
     UnsupportedGraphError,
@@ -37,16 +38,6 @@ def mask_channels(conv: nn.Conv2d, channels, batchnorm=None) -> None:
     if batchnorm is not None:
         prune.custom_from_mask(batchnorm, "weight", keep)
         prune.custom_from_mask(batchnorm, "bias", keep)
-
-
-def randomize_batchnorms(model: nn.Module) -> None:
-    """Non-trivial statistics and shifts, so masked channels become non-zero constants after BN."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 1.0)
 
 
 def small_vgg(arch: str, batch_norm: bool, divisor: int = 8) -> VGG:

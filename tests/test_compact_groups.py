@@ -11,18 +11,7 @@ from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
 from prunekit.compact.groups import channel_groups, group_of, unit_masks
 from prunekit.measure.macs import count_macs
 from prunekit.sensitivity.metrics import relative_error
-
-
-def randomize_batchnorms(model: nn.Module) -> None:
-    """Non-trivial statistics and shifts, so masked channels become non-zero constants after BN."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+from prunekit.testing import randomize_batchnorms
 
 
 def mask_layer(layer: nn.Module, keep: torch.Tensor) -> None:

@@ -4,18 +4,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import prunekit
 from prunekit.cli import cli
 from prunekit.datasets import digits_test_set
 from prunekit.models.digits_resnet import digits_resnet
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 def accuracy(model) -> float:

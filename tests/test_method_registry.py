@@ -213,12 +213,6 @@ def test_filter_norm_scans_and_schedules_without_statistics():
     assert pruner.sparsity("0") == 0.5
 
 
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
-
-
 def test_filter_norm_scans_prunes_and_compacts_digits_vgg_from_the_cli_with_no_images(runner):
     scanned = runner.invoke(cli, ["scan", "--method", "filter-norm", "--sparsities", "0.25,0.5", "--out", "fn"])
     assert scanned.exit_code == 0, scanned.stderr

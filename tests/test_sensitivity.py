@@ -23,6 +23,7 @@ from prunekit.sensitivity import (
 )
 from prunekit.sensitivity.graph_cut import trace
 from prunekit.sensitivity.scanner import SuffixFallbackWarning, _Masker
+from prunekit.testing import randomize_batchnorms
 
 LEVELS = (0.3, 0.6, 0.9)
 
@@ -54,16 +55,6 @@ def tiny_torchvision_vgg() -> nn.Module:
     model.classifier = nn.Sequential(nn.Linear(16, 12), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(12, 4))
     assert not any(p.is_meta for p in model.parameters())
     return model.eval()
-
-
-def randomize_batchnorm(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
-    return model
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -108,7 +99,7 @@ def labelled_batches(n_batches: int = 2) -> list:
 
 @pytest.mark.parametrize("method", ["fine-grained", "channel"])
 def test_scan_returns_model_bitwise_unchanged(method):
-    model = randomize_batchnorm(small_vgg(batchnorm=True)).train()
+    model = randomize_batchnorms(small_vgg(batchnorm=True)).train()
     model[0][1].eval()  # mixed flags must come back as they were
     before = snapshot(model)
     stats = channel_stats(model) if method == "channel" else None
@@ -118,7 +109,7 @@ def test_scan_returns_model_bitwise_unchanged(method):
 
 @pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
 def test_model_restored_when_evaluate_raises(exception):
-    model = randomize_batchnorm(small_vgg(batchnorm=True))
+    model = randomize_batchnorms(small_vgg(batchnorm=True))
     before = snapshot(model)
     calls = []
 
@@ -134,7 +125,7 @@ def test_model_restored_when_evaluate_raises(exception):
 
 
 def test_model_restored_when_evaluate_trains_the_model():
-    model = randomize_batchnorm(small_vgg(batchnorm=True))
+    model = randomize_batchnorms(small_vgg(batchnorm=True))
     before = snapshot(model)
     seen = []
 
@@ -176,7 +167,7 @@ def test_evaluate_sees_one_layer_pruned_at_the_planned_sparsity():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_scores_equal_apply_plan(method):
-    model = randomize_batchnorm(small_vgg(batchnorm=True)).eval()
+    model = randomize_batchnorms(small_vgg(batchnorm=True)).eval()
     metric = OutputDistortion(torch.randn(4, 3, 8, 8))
     pruning = get_method(method).prepare(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))])
     result = scan(model, metric, sparsities=LEVELS, method=pruning, progress=False)
@@ -204,7 +195,7 @@ def test_fine_grained_masks_equal_compute_mask_with_ties():
 @pytest.mark.parametrize("build", [small_vgg, tiny_torchvision_vgg], ids=["nested-sequential", "torchvision-vgg"])
 @pytest.mark.parametrize("which", ["distortion", "feature-distortion", "accuracy"])
 def test_prefix_cache_scores_equal_full_forwards(build, which):
-    model = randomize_batchnorm(build()).eval()
+    model = randomize_batchnorms(build()).eval()
     assert trace(model) is not None
     if which == "distortion":
         metric = OutputDistortion([torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8)])
