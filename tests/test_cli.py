@@ -391,3 +391,15 @@ def test_outputs_never_land_on_inputs(one_error_line, runner, images):
     assert Path("plan.json").read_text() == '{"features.0": 0.5}'
     result = runner.invoke(cli, ["scan", "--model", "vgg11", "--data", "imgs", "--out", "imgs/results"])
     one_error_line(result, "inside --data imgs")
+
+
+def test_shared_options_have_one_definition_and_one_help():
+    def option(command, name):
+        return next(p for p in cli.commands[command].params if p.name == name)
+
+    for name in ("weights", "trust_checkpoint"):
+        assert option("compact", name).help == option("report", name).help  # CHECKPOINT commands: one wording
+        assert option("scan", name).help == option("prune", name).help.replace(
+            " Default (--plan's own value first, when it records one):", " Default:")  # --model commands
+    for command in ("scan", "prune", "compact", "report"):
+        assert "as one JSON document on stdout" in option(command, "as_json").help

@@ -10,7 +10,15 @@ import click
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.checkpoints import load_checkpoint_argument
 from prunekit.cli.sizes import check_input_fits, in_channels
-from prunekit.cli.options import DEFAULT_IMAGE_SIZE, DIGITS_SIZE, examples, parse_input_size, threads_option
+from prunekit.cli.options import (
+    DEFAULT_IMAGE_SIZE,
+    DIGITS_SIZE,
+    checkpoint_options,
+    examples,
+    json_option,
+    parse_input_size,
+    threads_option,
+)
 from prunekit.cli.paths import check_output_file, refuse_inputs
 
 __all__ = ["compact_command"]
@@ -37,16 +45,12 @@ __all__ = ["compact_command"]
 @click.option("--out", default=None, metavar="PATH",
               help="Also save the compacted model as a whole pickled module (loading it back needs "
               "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
-@click.option("--weights", default=None, metavar="PATH",
-              help="Weights (a state_dict, .pt or .pksparse) for a model name given as CHECKPOINT, e.g. "
-              "prunekit compact vgg16 --weights pruned-state.pt; a checkpoint file carries its own.")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow unpickling a whole model from CHECKPOINT (only for files you trust).")
+@checkpoint_options
 @click.option("--exported", default=None, metavar="PATH.pt2",
               help="Also write the compacted model as a torch.export program (checked after loading it back).")
 @click.option("--onnx", "onnx_path", default=None, metavar="PATH.onnx",
               help="Also write it as ONNX, checked with onnxruntime (pip install onnx onnxruntime onnxscript).")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@json_option("the comparison")
 @threads_option
 @library_errors
 def compact_command(

@@ -20,8 +20,10 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_IMAGE_SIZE",
     "DIGITS_SIZE",
+    "checkpoint_options",
     "data_options",
     "examples",
+    "json_option",
     "method_options",
     "model_options",
     "parse_device",
@@ -182,6 +184,26 @@ def model_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Cal
         return func
 
     return decorate
+
+
+def checkpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--weights`` and ``--trust-checkpoint`` for a command whose model is its CHECKPOINT argument."""
+    func = click.option(
+        "--trust-checkpoint", is_flag=True,
+        help="Allow unpickling a whole model from CHECKPOINT (runs code stored in the file; only for files you "
+        "trust). Without it checkpoints load with weights_only=True.",
+    )(func)
+    return click.option(
+        "--weights", default=None, metavar="imagenet|none|PATH",
+        help="Weights for a model name given as CHECKPOINT (e.g. vgg16 --weights pruned-state.pt): imagenet, none, "
+        "or a state_dict file (.pt or .pksparse); a checkpoint file carries its own.",
+    )(func)
+
+
+def json_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--json``: print ``what`` as one JSON document on stdout (nothing else there), as ``as_json``."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print {what} as one JSON document on stdout instead of the text.")
 
 
 def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

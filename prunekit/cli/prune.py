@@ -19,6 +19,7 @@ from prunekit.cli.options import (
     data_options,
     configured_method,
     examples,
+    json_option,
     method_options,
     model_options,
     parse_device,
@@ -208,7 +209,7 @@ def _message(err: BaseException) -> str:
               "whose size follows the sparsity).")
 @run_options(seed_from_plan=True)
 @threads_option
-@click.option("--json", "as_json", is_flag=True, help="Print the sparsity report as JSON.")
+@json_option("the sparsity report")
 @library_errors
 def prune_command(
     model_spec: Optional[str], weights: Optional[str], trust_checkpoint: bool, plan_path: str, method: Optional[str],

@@ -9,7 +9,7 @@ import click
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.checkpoints import load_checkpoint_argument
 from prunekit.cli.sizes import check_input_fits
-from prunekit.cli.options import examples, parse_input_size, threads_option
+from prunekit.cli.options import checkpoint_options, examples, json_option, parse_input_size, threads_option
 
 __all__ = ["report_command"]
 
@@ -26,13 +26,10 @@ __all__ = ["report_command"]
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--input-size", default=None, metavar="CxHxW",
               help="One input's shape (e.g. 3x224x224) to count MACs; without it only parameters are counted.")
-@click.option("--weights", default=None, metavar="imagenet|none|PATH",
-              help="Weights for a model name given as CHECKPOINT (a checkpoint file carries its own).")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow unpickling a whole model (runs code stored in the file; only for files you trust).")
+@checkpoint_options
 @click.option("--groups", is_flag=True,
               help="Print the channel groups instead: layers whose channels are removed together, and what is fixed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("the report")
 @threads_option
 @library_errors
 def report_command(

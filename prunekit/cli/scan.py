@@ -17,6 +17,7 @@ from prunekit.cli.options import (
     configured_method,
     data_options,
     examples,
+    json_option,
     method_options,
     model_options,
     parse_device,
@@ -95,7 +96,7 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Replace the results of another scan (other model, weights, data, method or levels) in --out.")
 @run_options()
 @threads_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
+@json_option("the scan, the plan and the files written")
 @click.pass_context
 @library_errors
 def scan_command(
