@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optio
 import torch  # noqa: F401  (the docstring example uses it)
 from torch import Tensor, nn
 
-from prunekit.layers import ConvBlock, conv_block
+from prunekit.layers import ConvBlock, conv_block, resolve_layers
 
 __all__ = ["PruningMethod", "Target"]
 
@@ -111,7 +111,14 @@ class PruningMethod(abc.ABC):
 
     def describe_data(self, source: str) -> Optional[str]:
         """What :meth:`prepare` measured on ``source`` (a description of the data), for plan files; None if nothing."""
-        return None
+        return f"{self.data_kind} measured on {source}" if self.needs_data else None
+
+    def data_layers(self, model: nn.Module, layers: Optional[Iterable[str]] = None) -> List[str]:
+        """The layers :meth:`prepare` gathers data for: every member of the blocks of ``layers`` (default: every
+        layer of :attr:`layer_types`, which needs no blocks)."""
+        if layers is None:
+            return list(resolve_layers(model, None, self.layer_types))
+        return self.statistics_layers(self.blocks(model, resolve_layers(model, list(layers), self.layer_types)))
 
     @abc.abstractmethod
     def targets(self, block: ConvBlock) -> List[Target]:

@@ -361,24 +361,23 @@ class ChannelMethod(PruningMethod):
     default_options: ClassVar[Dict[str, Any]] = {"criterion": "l2"}
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        check_criterion(options["criterion"])
+        if "criterion" in options:  # a subclass scoring by something else takes none
+            check_criterion(options["criterion"])
 
     def prepare(
         self, model: nn.Module, batches: Iterable[Any], layers: Optional[Iterable[str]] = None, progress: bool = False
     ) -> "ChannelMethod":
         """A copy holding the activation statistics measured on ``batches``: of every conv of the groups of ``layers``
         (default: of every conv)."""
-        if not self.needs_statistics:
+        if not self.needs_data:
             return self
-        from prunekit.layers import resolve_layers
         from prunekit.stats import collect_channel_stats
 
-        wanted = resolve_layers(model, None, self.layer_types) if layers is None else (
-            self.statistics_layers(self.blocks(model, resolve_layers(model, list(layers), self.layer_types))))
-        return self.with_data(collect_channel_stats(model, batches, layers=list(wanted), progress=progress))
+        stats = collect_channel_stats(model, batches, layers=self.data_layers(model, layers), progress=progress)
+        return self.with_data(stats)
 
     def describe_data(self, source: str) -> Optional[str]:
-        if not self.needs_statistics:
+        if not self.needs_data:
             return None
         return f"{self.data_kind} ({self._options['criterion']}) measured on {source}"
 

@@ -73,8 +73,5 @@ class FilterNormMethod(ChannelMethod):
     needs_data = False
     default_options: ClassVar[Dict[str, Any]] = {}
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        pass
-
     def member_scores(self, model: nn.Module, blocks: Mapping[str, Any]) -> Dict[str, Tensor]:
         return {member.conv_name: filter_norms(member.conv) for block in blocks.values() for member in block.members}

@@ -26,27 +26,29 @@ import inspect
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
 __all__ = ["ENTRY_POINT_GROUP", "METHODS", "get_method", "method_help", "method_names", "prepared_method",
            "register_method", "unregister_method"]
 
 
-def _built_in() -> Dict[str, str]:
-    """name -> ``module:Class`` for every ``@register_method`` class in this package's files, read without importing."""
-    return dict(_found_in_package())
-
-
 @functools.lru_cache(maxsize=None)
-def _found_in_package() -> Tuple[Tuple[str, str], ...]:
-    found = []
+def _built_in() -> Mapping[str, str]:
+    """name -> ``module:Class`` for every ``@register_method`` class in this package's files, read without importing."""
+    found = {}
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.ClassDef) and any(_is_register(d) for d in node.decorator_list):
+        for node in _classes(path):
+            if any(_is_register(d) for d in node.decorator_list):
                 name = _class_name_attribute(node)
                 if name is not None:
-                    found.append((name, f"{__package__}.{path.stem}:{node.name}"))
-    return tuple(found)
+                    found[name] = f"{__package__}.{path.stem}:{node.name}"
+    return MappingProxyType(found)
+
+
+def _classes(path: Union[str, Path]) -> List[ast.ClassDef]:
+    """The top-level class definitions of a source file (parsed, not imported)."""
+    return [node for node in ast.parse(Path(path).read_text(encoding="utf-8")).body if isinstance(node, ast.ClassDef)]
 
 
 def _is_register(decorator: ast.expr) -> bool:
@@ -77,10 +79,12 @@ _DEFAULTS: Dict[str, Any] = {}  # name -> the instance with default options
 Method = TypeVar("Method", bound=type)
 
 
-def _entry_points() -> Dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def _entry_points() -> Mapping[str, str]:
+    """name -> ``module:Class`` of the installed packages' methods (read once: the CLI asks several times per call)."""
     from importlib.metadata import entry_points
 
-    return {point.name: point.value for point in entry_points(group=ENTRY_POINT_GROUP)}
+    return MappingProxyType({point.name: point.value for point in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def method_names() -> Tuple[str, ...]:
@@ -119,14 +123,9 @@ def register_method(cls: Method) -> Method:
     if not isinstance(name, str) or not name or name != name.strip() or "," in name:
         raise ValueError(f"{cls.__name__}.name={name!r}: give the class a name (e.g. name = 'my-method'), "
                          "no commas or surrounding spaces")
-    known = _REGISTERED.get(name)
-    here = f"{cls.__module__}:{cls.__qualname__}"
-    if known is not None:
-        taken = f"{known.__module__}:{known.__qualname__}" != here
-    else:
-        taken = _built_in().get(name, here) != here or _entry_points().get(name, here) != here
-    if taken:
-        raise ValueError(f"method name {name!r} is taken (by {_describe(name)}); give {cls.__name__} another name")
+    owner = _owner(name)
+    if owner is not None and owner != _home(cls):
+        raise ValueError(f"method name {name!r} is taken (by {owner}); give {cls.__name__} another name")
     _REGISTERED[name] = cls
     _DEFAULTS.pop(name, None)
     return cls
@@ -144,22 +143,25 @@ def unregister_method(name: str) -> None:
     _DEFAULTS.pop(name, None)
 
 
-def _describe(name: str) -> str:
+def _home(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _owner(name: str) -> Optional[str]:
+    """``module:Class`` of the method registered as ``name``, or None."""
     if name in _REGISTERED:
-        return f"{_REGISTERED[name].__module__}.{_REGISTERED[name].__qualname__}"
-    return _built_in().get(name) or _entry_points().get(name, "?")
+        return _home(_REGISTERED[name])
+    return _built_in().get(name) or _entry_points().get(name)
 
 
 def _where(name: str) -> Union[type, str]:
     """The class registered as ``name``, or ``module:Class`` where it has not been imported."""
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name in _built_in():
-        return _built_in()[name]
-    points = _entry_points()
-    if name in points:
-        return points[name]
-    raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(method_names())}")
+    owner = _owner(name)
+    if owner is None:
+        raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(method_names())}")
+    return owner
 
 
 def method_class(name: str) -> type:
@@ -232,12 +234,8 @@ def method_help(name: str) -> str:
     spec = importlib.util.find_spec(module_name)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return ""
-    with open(spec.origin, encoding="utf-8") as source:
-        tree = ast.parse(source.read())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return _first_paragraph(ast.get_docstring(node) or "")
-    return ""
+    node = next((node for node in _classes(spec.origin) if node.name == class_name), None)
+    return _first_paragraph(ast.get_docstring(node) or "") if node is not None else ""
 
 
 def _first_paragraph(text: str) -> str:
@@ -246,10 +244,10 @@ def _first_paragraph(text: str) -> str:
     return re.sub(r"(:\w+:)?`+~?([^`]+?)`+", r"\2", paragraph)
 
 
-def help_text(describe: Callable[[str], str] = method_help) -> str:
+def help_text() -> str:
     """``--method``'s help: each method's name and its docstring's first paragraph."""
     def summary(name: str) -> str:
-        text = describe(name)
+        text = method_help(name)
         return text[len(f'"{name}": '):] if text.startswith(f'"{name}": ') else text
 
     return "; ".join(f"{name}: {summary(name).rstrip('.')}" for name in method_names())

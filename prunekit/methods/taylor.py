@@ -127,8 +127,9 @@ def taylor_importance(
     totals = {layer: torch.zeros(getattr(*gates[layer][0]).shape[0], dtype=torch.float64) for layer in convs}
     generator = torch.Generator().manual_seed(seed)
     flags = {module: module.training for module in model.modules()}
-    count = 0
     data = list(batches)
+    if not data:
+        raise ValueError("batches is empty: pass at least one batch of inputs (or (inputs, labels) pairs)")
     try:
         model.eval()
         with torch.enable_grad(), _gradients_on(parameters), progress_bar(len(data), "Taylor importance",
@@ -145,13 +146,10 @@ def taylor_importance(
                             product = grad.detach().float() * value.detach().float()
                             change += product.flatten(1).sum(1).double().cpu() if product.dim() > 1 else product.double().cpu()
                     totals[layer] += change.pow(2)
-                count += 1
                 tick()
     finally:
         for module, flag in flags.items():
             module.train(flag)
-    if count == 0:
-        raise ValueError("batches is empty: pass at least one batch of inputs (or (inputs, labels) pairs)")
     return {layer: values.float() for layer, values in totals.items()}
 
 
@@ -177,19 +175,12 @@ class TaylorMethod(ChannelMethod):
     data_kind = "first-order Taylor importance (gradient x weight)"
     default_options: Dict[str, Any] = {}
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        pass
-
     def prepare(
         self, model: nn.Module, batches: Iterable[Any], layers: Optional[Iterable[str]] = None, progress: bool = False
     ) -> "TaylorMethod":
         """A copy owning the importance of every conv of the groups of ``layers`` (default: every conv), on ``batches``."""
-        wanted = None if layers is None else self.statistics_layers(
-            self.blocks(model, resolve_layers(model, list(layers), self.layer_types)))
-        return self.with_data(taylor_importance(model, batches, wanted, progress=progress))  # type: ignore[return-value]
-
-    def describe_data(self, source: str) -> Optional[str]:
-        return f"{self.data_kind} measured on {source}"
+        importance = taylor_importance(model, batches, self.data_layers(model, layers), progress=progress)
+        return self.with_data(importance)  # type: ignore[return-value]
 
     def member_scores(self, model: nn.Module, blocks: Mapping[str, Any]) -> Dict[str, Tensor]:
         if self.data is None:

@@ -159,6 +159,7 @@ def run_scan(
     Raises:
         ScanInterrupted: Ctrl-C; what was measured is in ``folder``.
     """
+    from prunekit.fingerprint import data_fingerprint, model_fingerprint
     from prunekit.layers import resolve_layers
     from prunekit.sensitivity import evaluate_plan, fit_plan, scan  # the package's names (what a test may replace)
 
@@ -170,8 +171,6 @@ def run_scan(
     if confidence is not None:
         random.Random(seed).shuffle(batches)
     evaluate = scan_metric(batches, labelled, metric)
-    from prunekit.fingerprint import data_fingerprint, model_fingerprint
-
     recorded = dict(options or {})
     # What the points were measured on: a resume with other weights or data starts over.
     recorded["fingerprint"] = {"weights": model_fingerprint(model), "data": data_fingerprint(batches)}

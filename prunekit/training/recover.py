@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-import prunekit
+import prunekit  # noqa: F401  (the docstring example uses it)
 from prunekit._rollback import eval_mode
 from prunekit.io.files import PathLike
 from prunekit.defaults import DEFAULT_LR
 from prunekit.layers import captured_outputs
-from prunekit.plans import apply_plan
+from prunekit.plans import apply_plan, copy_model
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
 from prunekit.training.schedules import GradualPruner
@@ -354,7 +354,7 @@ def prune_and_recover(
         >>> float((model[0].weight == 0).float().mean()), history.best_distortion <= history.pruned_distortion
         (0.5, True)
     """
-    teacher = prunekit.copy_model(model).eval()
+    teacher = copy_model(model).eval()
     pruner = None
     if gradual:
         end = max(1, int(steps * GRADUAL_SHARE))
