@@ -28,11 +28,11 @@ from torch.nn.utils import prune
 
 import prunekit
 from prunekit.compact import compact
-from prunekit.compact.groups import channel_groups, unit_masks
+from prunekit.dependency import channel_groups, unit_masks
 from prunekit.measure.macs import count_macs
 from prunekit.testing import randomize_batchnorms
 from prunekit.measure.timing import latency_samples, speedup
-from prunekit.sensitivity.metrics import relative_error
+from prunekit.measure.error import relative_error
 
 MODELS = [
     "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",

@@ -12,7 +12,7 @@ Example:
     (('l2', 'l0'), 'digits-vgg')
 """
 
-__all__ = ["CRITERIA", "DEFAULT_LR", "DEFAULT_MODEL", "DIGITS_SIZE", "check_criterion"]
+__all__ = ["CRITERIA", "DEFAULT_IMAGE_SIZE", "DEFAULT_LR", "DEFAULT_MODEL", "DIGITS_SIZE", "check_criterion"]
 
 #: Channel scores from activation statistics: l2 (response magnitude) and l0 (firing frequency).
 CRITERIA = ("l2", "l0")
@@ -39,3 +39,6 @@ DIGITS_SIZE = 16
 #: 200 steps on crops of two photos, held-out edge-map distortion (one-shot 0.505): 3e-5 0.421,
 #: 1e-4 0.409, 3e-4 0.402, 1e-3 0.401 (``benchmarks/recovery.py --lrs``); 3e-4 is the lowest of the best.
 DEFAULT_LR = 3e-4
+
+#: Side of the square images a command works on when ``--image-size`` is not given.
+DEFAULT_IMAGE_SIZE = 224

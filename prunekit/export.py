@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from prunekit._rollback import eval_mode
 from prunekit.io.files import PathLike, atomic_write
-from prunekit.sensitivity.metrics import relative_error
+from prunekit.measure.error import relative_error
 
 __all__ = ["EXPORT_INSTALL", "export_onnx", "export_program"]
 

@@ -370,7 +370,7 @@ def test_shared_module_is_refused():
 
 
 def test_wrong_rebuild_is_caught_by_the_example_input_check(monkeypatch):
-    module = sys.modules["prunekit.compact"]  # prunekit.compact is also the function's name
+    module = sys.modules["prunekit.dependency.handlers.conv"]  # the conv handler's resize
     real = module.resize_conv
 
     def broken(conv, keep_in, keep_out, fold=None):

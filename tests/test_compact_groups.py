@@ -8,7 +8,7 @@ from torch.nn.utils import prune
 
 import prunekit
 from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
-from prunekit.compact.groups import channel_groups, group_of, unit_masks
+from prunekit.dependency import channel_groups, group_of, unit_masks
 from prunekit.measure.macs import count_macs
 from prunekit.sensitivity.metrics import relative_error
 from prunekit.testing import randomize_batchnorms

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,15 @@ def _functions(path):
 LIBRARY_WORK = ("collect_channel_stats", "manual_seed", "evaluate_plan", "fit_plan", "Accuracy(", "OutputDistortion(",
                 "random.Random", "model_fingerprint", "GradualPruner", "latency_samples",
                 "export_program", "export_onnx", "relative_error")
+
+
+def test_no_cli_module_runs_the_model():
+    """Forwards (the input-size search included) are library work: prunekit.input_size, run_scan, ..."""
+    for path in sorted(CLI.glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        assert not re.search(r"(?<![\w.])model\(", source), path.name
+        for name in LIBRARY_WORK:
+            assert name not in source, (path.name, name)
 
 
 @pytest.mark.parametrize("command", ["scan", "prune", "compact", "report"])

@@ -3,7 +3,6 @@
 * ``scan.py``, ``prune.py``, ``report.py``, ``compact.py``: the commands.
 * ``options.py``: options several commands share, and parsers of option values.
 * ``inputs.py``: the images a command works on (evaluation and recovery batches).
-* ``sizes.py``: input sizes checked before any work (channels, memory, poolings).
 * ``checkpoints.py``: a CHECKPOINT argument, and the spec a saved model records.
 * ``session.py``: status lines and the torchrun process group.
 * ``plan_file.py``: ``plan.json``, the hand-over from ``scan`` to ``prune``.
@@ -12,7 +11,8 @@
 
 The work itself is done by :mod:`prunekit.sensitivity`, :mod:`prunekit.models.zoo`,
 :mod:`prunekit.datasets`, :mod:`prunekit.plans`, :mod:`prunekit.training.recover`,
-:mod:`prunekit.measure.sparsity` and :mod:`prunekit.compact`.
+:mod:`prunekit.measure.sparsity`, :mod:`prunekit.compact` and :mod:`prunekit.input_size` (input
+sizes checked before any work).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import click
 
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.checkpoints import load_checkpoint_argument
-from prunekit.cli.sizes import check_input_fits, in_channels
+from prunekit.input_size import check_input_fits, in_channels
 from prunekit.cli.options import (
     DEFAULT_IMAGE_SIZE,
     DIGITS_SIZE,

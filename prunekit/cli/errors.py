@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, List
 
 import click
 
+from prunekit.messages import one_line
+
 __all__ = ["emit_json", "library_errors", "one_line"]
 
 # Errors the library raises on bad input; anything else is a bug and keeps its traceback.
@@ -30,13 +32,6 @@ _LIBRARY_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, Impor
 #: Under torchrun, how long a rank other than 0 waits before it reports an error (rank 0 says it first).
 RANK_GRACE_SECONDS = 20.0
 _JSON_STDOUT: List[Any] = []  # the real stdout while a --json command runs
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line (a KeyError's without its quotes)."""
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    message = " ".join(str(message).split())
-    return message or type(err).__name__
 
 
 def emit_json(document: Any) -> None:
@@ -50,7 +45,7 @@ def _warnings_to_stderr() -> Iterator[None]:
     """Show each warning as one ``warning: ...`` line on stderr (e.g. skipped image files)."""
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+        click.echo(f"warning: {one_line(message)}", err=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")

@@ -1,6 +1,6 @@
 """The images a command works on: evaluation batches (``--data``) and recovery batches (``--recover-data``).
 
-The image size is checked against the model (:mod:`prunekit.cli.sizes`) before any image is decoded.
+The image size is checked against the model (:mod:`prunekit.input_size`) before any image is decoded.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 from prunekit._lazy import lazy_module
 from prunekit.cli.errors import one_line
 from prunekit.cli.options import DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, DIGITS_SIZE
-from prunekit.cli.sizes import check_input_fits, in_channels
+from prunekit.input_size import check_input_fits, in_channels
 
 if TYPE_CHECKING:
     from torch import nn

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import click
 
 from prunekit._lazy import lazy_module
-from prunekit.defaults import CRITERIA, DEFAULT_MODEL, DIGITS_SIZE
+from prunekit.defaults import CRITERIA, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DIGITS_SIZE
 from prunekit.methods import registry
 from prunekit.sensitivity.result import check_sparsities
 
@@ -34,7 +34,6 @@ __all__ = [
     "threads_option",
 ]
 
-DEFAULT_IMAGE_SIZE = 224
 DEFAULT_BATCH = 8
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -29,7 +29,7 @@ from prunekit.cli.options import (
 from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
 from prunekit.cli.session import status
-from prunekit.cli.sizes import in_channels
+from prunekit.input_size import in_channels
 from prunekit.defaults import DEFAULT_LR, DEFAULT_MODEL
 from prunekit.methods.registry import method_names
 

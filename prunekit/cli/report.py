@@ -8,7 +8,7 @@ import click
 
 from prunekit.cli.errors import emit_json, library_errors
 from prunekit.cli.checkpoints import load_checkpoint_argument
-from prunekit.cli.sizes import check_input_fits
+from prunekit.input_size import check_input_fits
 from prunekit.cli.options import checkpoint_options, examples, json_option, parse_input_size, threads_option
 
 __all__ = ["report_command"]
@@ -68,7 +68,7 @@ def report_command(
 
 
 def _print_groups(model, as_json: bool) -> None:
-    from prunekit.compact.groups import channel_groups
+    from prunekit.dependency import channel_groups
 
     found = channel_groups(model)
     if as_json:

@@ -5,7 +5,7 @@ builds a new model in which those channels are gone: the conv has fewer
 output channels, the following BatchNorm fewer features, the next conv fewer
 input channels and the first Linear after a flatten fewer input features; channels
 coupled through residual additions, grouped convs and gates go together
-(:mod:`prunekit.compact.groups`).
+(:mod:`prunekit.dependency.groups`).
 The result is made of plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear``
 layers under the same names, so its speed-up is real and its ``state_dict``
 keys stay recognisable.
@@ -28,21 +28,13 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from prunekit.compact.graph import CompactionPlan, UnsupportedGraphError, plan_compaction
-from prunekit.compact.groups import ChannelGroup, ChannelUnit, channel_groups
 from prunekit._rollback import eval_mode
-from prunekit.compact.modules import (
-    BorderBiasConv2d,
-    resize_batchnorm,
-    resize_conv,
-    resize_conv_transpose,
-    resize_linear,
-    resize_prelu,
-)
+from prunekit.compact.graph import CompactionPlan, UnsupportedGraphError, plan_compaction
 from prunekit.compact.report import CompactionReport, LayerCost, compaction_report, layer_costs
-from prunekit.plans import copy_model, finalize
-from prunekit.sensitivity.graph_cut import tensors_in
-from prunekit.sensitivity.metrics import relative_error
+from prunekit.dependency import ChannelGroup, ChannelUnit, channel_groups, handler_of
+from prunekit.dependency.border_bias import BorderBiasConv2d
+from prunekit.measure.error import relative_error, tensors_in
+from prunekit.reparametrization import copy_model, finalize
 
 __all__ = [
     "BorderBiasConv2d",
@@ -86,24 +78,16 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _rebuild(model: nn.Module, plan: CompactionPlan) -> None:
+    """Swap in each layer's smaller copy, built by its handler (:mod:`prunekit.dependency.handlers`)."""
     modules = dict(model.named_modules())
     convs_and_linears = dict.fromkeys(list(plan.keep_out) + list(plan.keep_in))
     for name in convs_and_linears:
         module = modules[name]
-        if isinstance(module, nn.ConvTranspose2d):
-            new: nn.Module = resize_conv_transpose(module, plan.keep_in.get(name), plan.keep_out.get(name))
-        elif isinstance(module, nn.Linear):
-            new = resize_linear(module, plan.keep_in.get(name), plan.folds.get(name), plan.keep_out.get(name))
-        else:
-            new = resize_conv(module, plan.keep_in.get(name), plan.keep_out.get(name), plan.folds.get(name))
+        new = handler_of(module).resize(module, plan.keep_in.get(name), plan.keep_out.get(name), plan.folds.get(name))
         _set_module(model, name, new)
     for name, keep in plan.keep_channels.items():
         module = modules[name]
-        if isinstance(module, nn.BatchNorm2d):
-            new = resize_batchnorm(module, keep)
-        else:
-            new = resize_prelu(module, keep)
-        _set_module(model, name, new)
+        _set_module(model, name, handler_of(module).resize(module, keep, keep, None))
 
 
 def _eval_output(model: nn.Module, example_input: Any) -> Any:

@@ -1,10 +1,11 @@
 """What :func:`prunekit.compact` removes and folds: a compaction plan from the channel flow.
 
-A channel unit (see :mod:`prunekit.compact.flow`) is removed when every member channel
+A channel unit (see :mod:`prunekit.dependency.flow`) is removed when every member channel
 is dead: its weights are all zero, so it emits a constant (its bias, 0 when masked).
 The constants are carried through the graph (BatchNorm with its running statistics,
 activations, additions, concatenations) to the layers that read them, and folded into
-their biases. A unit whose channels are dead in some members only (a residual stream
+their biases; each op's handler (:mod:`prunekit.dependency.handlers`) says what a constant
+becomes there and how its layer loses channels. A unit whose channels are dead in some members only (a residual stream
 masked in one branch) is refused naming both sides: it would not be constant.
 """
 
@@ -15,24 +16,10 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.compact.flow import (
-    CONSTANT_SPATIAL_FUNCTIONS,
-    CONSTANT_SPATIAL_MODULES,
-    CONV,
-    DROPOUT_FUNCTIONS,
-    DROPOUT_MODULES,
-    OUTPUT,
-    ChannelFlow,
-    UnsupportedGraphError,
-    arg,
-    describe_node,
-    is_flatten,
-    is_spatial_mean,
-    trace_channel_flow,
-)
+from prunekit.dependency.flow import CONV, OUTPUT, ChannelFlow, UnsupportedGraphError, describe_node, trace_channel_flow
+from prunekit.dependency.registry import handler_for, handler_of
 
 __all__ = ["CompactionPlan", "UnsupportedGraphError", "plan_compaction", "removable_channels"]
 
@@ -75,65 +62,10 @@ def removable_channels(layer: nn.Module) -> Tuple[Tensor, Tensor]:
     """Bool mask [out] of the channels of a conv or Linear that no longer depend on the input, and the constant each emits.
 
     A channel whose weights are all zero outputs its bias everywhere (0 for a
-    masked channel, whose bias is masked too).
+    masked channel, whose bias is masked too). The layer's handler decides
+    (:mod:`prunekit.dependency.handlers`).
     """
-    weight = layer.weight.detach()
-    if isinstance(layer, nn.ConvTranspose2d):
-        weight = weight.transpose(0, 1)  # [in, out, kh, kw]: output channels on dim 1
-    dead = (weight.flatten(1) == 0).all(dim=1)
-    border = getattr(layer, "border_weight", None)
-    if border is not None:
-        dead &= (border.detach().flatten(1) == 0).all(dim=1)
-    if layer.bias is None:
-        constant = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-    else:
-        constant = layer.bias.detach().double().clone()
-    return dead, constant
-
-
-def _bn_constant(bn: nn.BatchNorm2d, constant: Tensor) -> Tensor:
-    """A BatchNorm's output for constant input channels, with its running statistics (eval mode)."""
-    if bn.running_mean is not None and bn.running_var is not None:
-        mean = bn.running_mean.detach().double()
-        var = bn.running_var.detach().double()
-        out = (constant - mean) / torch.sqrt(var + bn.eps)
-    else:
-        out = torch.zeros_like(constant)  # batch statistics of a constant channel: (c - c) / std
-    if bn.affine:
-        out = out * bn.weight.detach().double() + bn.bias.detach().double()
-    return out
-
-
-def _avg_pool_keeps_constants(pool: nn.AvgPool2d) -> bool:
-    padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,)
-    no_padding = all(p == 0 for p in padding)
-    return pool.divisor_override is None and (no_padding or not pool.count_include_pad)
-
-
-def _padding_problem(node: fx.Node, module: Optional[nn.Module], all_zero: bool, modules: Dict[str, nn.Module]) -> Optional[str]:
-    """Why a padding/averaging op would not map the removed channels' constants to themselves."""
-    where = describe_node(node, modules)
-    if isinstance(module, nn.AvgPool2d):
-        if _avg_pool_keeps_constants(module) or all_zero:
-            return None
-        return f"{where} averages in zero padding, so the removed channels' non-zero constants would vary at the border"
-    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
-        if all_zero and module.value == 0:
-            return None
-        return f"{where} pads with {module.value}, but removed channels carry non-zero constants"
-    if node.op == "call_function" and node.target is F.pad:
-        keeps = arg(node, 2, "mode", "constant") in ("reflect", "replicate", "circular")
-        if keeps or (all_zero and not arg(node, 3, "value", None)):
-            return None
-    elif node.op == "call_function" and node.target is F.avg_pool2d:
-        padding = arg(node, 3, "padding", 0)
-        no_padding = all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
-        keeps = arg(node, 6, "divisor_override", None) is None and (no_padding or not arg(node, 5, "count_include_pad", True))
-        if keeps or all_zero:
-            return None
-    else:
-        return None
-    return f"{where} may pad with zeros, but removed channels carry non-zero constants"
+    return handler_of(layer).dead_channels(layer)
 
 
 class _Constants:
@@ -163,43 +95,15 @@ class _Constants:
         value = self.values.get(node) if isinstance(node, fx.Node) else None
         return value if value is not None else torch.zeros(length, dtype=torch.float64)
 
-    def _value(self, node: fx.Node) -> Tensor:
-        flow, modules = self.flow, self.flow.modules
-        tracked = flow.values[node]
-        length = len(tracked.ids)
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if module is not None and node.target in flow.producers:
-            return self.dead_constants[node.target].cpu()
-        if node.op == "call_function" and node.target is torch.cat:
-            parts = arg(node, 0, "tensors", ())
-            return torch.cat([self.at(p, len(flow.values[p].ids)) for p in parts])
-        source = node.args[0]
-        incoming = self.at(source, length)
-        if isinstance(module, nn.BatchNorm2d):
-            out = _bn_constant(module, incoming.to(module.running_mean.device if module.running_mean is not None else "cpu")).cpu()
-            removed = self.mask(tracked.ids)
-            if bool((out[removed] != 0).any()):
-                self.batchnorms.append(node.target)
-            return out
-        passes = (
-            (module is not None and (isinstance(module, CONSTANT_SPATIAL_MODULES + DROPOUT_MODULES) or type(module).__name__ == "StochasticDepth"))
-            or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS | CONSTANT_SPATIAL_FUNCTIONS)
-            or is_flatten(node, modules)
-            or is_spatial_mean(node)
-        )
-        if passes:
-            return incoming
-        all_zero = bool((incoming[self.mask(tracked.ids)] == 0).all())
-        problem = _padding_problem(node, module, all_zero, modules)
-        if problem is not None:
-            raise UnsupportedGraphError(f"cannot remove the dead channels that reach {describe_node(node, modules)}: {problem}")
-        if isinstance(module, (nn.AvgPool2d, nn.ZeroPad2d, nn.ConstantPad2d)) or (
-            node.op == "call_function" and node.target in (F.pad, F.avg_pool2d)
-        ):
-            return incoming
-        return self._evaluate(node, module)
+    def incoming(self, node: fx.Node) -> Tensor:
+        """The constants of ``node``'s first argument, one per channel of ``node``'s value."""
+        return self.at(node.args[0], len(self.flow.values[node].ids))
 
-    def _evaluate(self, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
+    def _value(self, node: fx.Node) -> Tensor:
+        module = self.flow.modules.get(node.target) if node.op == "call_module" else None
+        return handler_for(node, self.flow.modules).constant(self, node, module)
+
+    def evaluate(self, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
         """Apply an element-wise op to the constants of its operands."""
         flow = self.flow
 
@@ -218,10 +122,7 @@ class _Constants:
         kwargs = fx.node.map_aggregate(node.kwargs, substitute)
         with torch.no_grad():
             if module is not None:
-                if isinstance(module, nn.PReLU):
-                    out = F.prelu(args[0], module.weight.detach().double().cpu())
-                else:
-                    out = module(args[0])  # parameter-free and element-wise (see flow.POINTWISE_MODULES)
+                out = module(args[0])  # parameter-free and element-wise (handlers/elementwise.py)
             elif node.op == "call_method":
                 out = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:
@@ -320,29 +221,10 @@ def plan_compaction(model: nn.Module, prune_output_channels: bool = False) -> Co
         if not bool(gone.any()):
             continue
         layer = modules[name]
-        weights = layer.weight.detach()
-        keep = torch.nonzero(~gone).flatten()
         removed_positions = torch.nonzero(gone).flatten()
-        constant = constants.at(consumer.node.args[0], len(consumer.ids))[removed_positions].to(weights.device)
-        if isinstance(layer, nn.ConvTranspose2d):
-            if bool((constant != 0).any()):
-                raise UnsupportedGraphError(
-                    f"cannot remove the dead channels that reach ConvTranspose2d '{name}': they carry non-zero "
-                    "constants (a BatchNorm after a masked conv), which a transposed conv spreads into a "
-                    "position-dependent pattern no bias can hold; mask the BatchNorm too (the channel methods "
-                    "do) so that they are 0"
-                )
-            plan.keep_in[name] = keep.to(weights.device)
-        elif isinstance(layer, nn.Conv2d):
-            plan.keep_in[name] = keep.to(weights.device)
-            if layer.groups == 1:
-                fold = torch.einsum("okhw,k->ohw", weights.index_select(1, removed_positions.to(weights.device)).double(), constant)
-                plan.folds[name] = fold
-            # A grouped conv loses whole groups: the removed inputs feed only removed outputs.
-        else:
-            block = layer.in_features // len(consumer.ids)
-            offsets = torch.arange(block)
-            plan.keep_in[name] = (keep.view(-1, 1) * block + offsets).flatten().to(weights.device)
-            columns = (removed_positions.view(-1, 1) * block + offsets).flatten().to(weights.device)
-            plan.folds[name] = weights.index_select(1, columns).double() @ constant.repeat_interleave(block)
+        constant = constants.at(consumer.node.args[0], len(consumer.ids))[removed_positions].to(layer.weight.device)
+        keep_in, fold = handler_of(layer).fold(name, layer, consumer, torch.nonzero(~gone).flatten(), removed_positions, constant)
+        plan.keep_in[name] = keep_in
+        if fold is not None:
+            plan.folds[name] = fold
     return plan

@@ -68,7 +68,7 @@ def compact_and_measure(
     """
     from prunekit.compact import compact, compaction_report
     from prunekit.measure.timing import latency_samples, speedup, spread
-    from prunekit.sensitivity.metrics import relative_error
+    from prunekit.measure.error import relative_error
 
     example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
     small = compact(model, example_input=example)

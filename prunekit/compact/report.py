@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import nn
 
+from prunekit.dependency.registry import handler_of
 from prunekit.measure.macs import batched_shape, count_macs
 from prunekit.tables import format_table
 
@@ -42,10 +43,7 @@ def layer_costs(model: nn.Module, input_size: Sequence[int]) -> "OrderedDict[str
     for name, module in model.named_modules():
         if name not in macs:
             continue
-        if isinstance(module, nn.Conv2d):
-            channels = (module.in_channels, module.out_channels)
-        else:
-            channels = (module.in_features, module.out_features)
+        channels = handler_of(module).channels(module)
         params = sum(p.numel() for p in module.parameters(recurse=False))
         costs[name] = LayerCost(name, channels[0], channels[1], params, macs[name][0])
     return costs

@@ -36,6 +36,7 @@ from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from prunekit.dependency import UnsupportedGraphError, channel_groups
 from prunekit.layers import ConvBlock, conv_block
 
 __all__ = ["GroupBlock", "group_blocks", "group_key", "unit_scores"]
@@ -106,9 +107,6 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
         ValueError: a group couples a conv with an ``nn.Linear`` or a conv subclass that
             channel methods do not prune (the message names it).
     """
-    from prunekit.compact.flow import UnsupportedGraphError
-    from prunekit.compact.groups import channel_groups
-
     layers = list(layers)
     try:
         groups = channel_groups(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from prunekit._lazy import lazy_module
+from prunekit.messages import one_line
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -77,7 +78,7 @@ def read_json_on_rank0(path: Any) -> Any:
         try:
             box = [("ok", read_json(path) if os.path.lexists(path) else None)]
         except (ValueError, OSError) as err:
-            box = [("error", " ".join(str(err).split()))]
+            box = [("error", one_line(str(err)))]
     if rank_and_world()[1] > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     kind, value = box[0]

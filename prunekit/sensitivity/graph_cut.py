@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from prunekit.tracing import TracingError, trace_graph
+from prunekit.dependency.trace import TracingError, trace_graph
+from prunekit.measure.error import tensors_in
 
 __all__ = ["GraphRunner", "Traced", "UntraceableError", "live_values", "trace"]
 
@@ -101,23 +102,6 @@ def live_values(traced: Traced, position: int) -> List[fx.Node]:
         for node in traced.nodes[:position]
         if any(traced.positions[user] >= position for user in node.users)
     ]
-
-
-def tensors_in(value: Any) -> Iterator[Tensor]:
-    """The tensors in a value: a tensor, or a tuple, list or dict of them (nested), in order.
-
-    Example:
-        >>> [t.item() for t in tensors_in((torch.tensor(1), {"a": [torch.tensor(2)]}, "text"))]
-        [1, 2]
-    """
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from tensors_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item)
 
 
 def _tensor_bytes(value: Any) -> int:

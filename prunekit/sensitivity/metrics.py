@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from prunekit._rollback import eval_mode
 from prunekit.layers import captured_outputs, get_module, model_device
 
+from prunekit.measure.error import relative_distance, relative_error  # noqa: F401  (part of this module's API)
+
 __all__ = [
     "Accuracy",
     "ForwardMetric",
@@ -187,32 +189,6 @@ def _as_batches(inputs: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
             raise TypeError(f"inputs[{index}] is a {type(batch).__name__}, not a tensor")
         _check_finite(batch, f"input batch {index}")
     return [batch.detach() for batch in batches]
-
-
-def relative_distance(squared_error: float, squared_norm: float) -> float:
-    """``sqrt(squared_error / squared_norm)``; 0 for 0/0 and inf for x/0 (a dense output of zeros).
-
-    Example:
-        >>> relative_distance(1.0, 4.0)
-        0.5
-    """
-    if squared_norm > 0.0:
-        return math.sqrt(squared_error / squared_norm)
-    return 0.0 if squared_error == 0.0 else math.inf
-
-
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``||actual - expected|| / ||expected||``, summed in float64 (as :func:`relative_distance`: 0 for 0/0).
-
-    The one relative L2 distance of prunekit: scans, recovery, compaction's self-check and
-    the export checks all measure with it.
-
-    Example:
-        >>> relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0]))
-        1.3333333333333333
-    """
-    expected64, actual64 = expected.detach().double(), actual.detach().double().to(expected.device)
-    return relative_distance(float((actual64 - expected64).pow(2).sum()), float(expected64.pow(2).sum()))
 
 
 class ZeroOutputWarning(UserWarning):

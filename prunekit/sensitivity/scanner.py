@@ -26,11 +26,10 @@ from prunekit.methods.registry import METHODS, prepared_method
 from prunekit.plans import check_plan, plan_blocks
 from prunekit.progress import progress_bar
 from prunekit.sensitivity.distributed import all_reduce_sum, rank_and_world
-from prunekit.sensitivity.graph_cut import (
-    GraphRunner, Traced, UntraceableError, capture_positions, tensors_in, trace,
-)
+from prunekit.sensitivity.graph_cut import GraphRunner, Traced, UntraceableError, capture_positions, trace
 from prunekit.layers import model_device
-from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_tensor, relative_error
+from prunekit.measure.error import relative_error, tensors_in
+from prunekit.sensitivity.metrics import MODEL_OUTPUT, ForwardMetric, output_tensor
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult, check_sparsities
 from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
 

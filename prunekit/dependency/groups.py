@@ -18,15 +18,21 @@ Example:
 from __future__ import annotations
 
 import difflib
+import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from prunekit.compact.flow import trace_channel_flow
+from prunekit.dependency.flow import ChannelFlow, hooks_key, trace_channel_flow
+from prunekit.dependency.registry import handler_of
+from prunekit.dependency.trace import structure_key
 
 __all__ = ["ChannelGroup", "ChannelUnit", "channel_groups", "group_of", "unit_masks"]
+
+# Per model, while its structure and hooks stay the same: the groups are immutable, so shared.
+_GROUPS: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Tuple[ChannelGroup, ...]]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,21 @@ def channel_groups(model: nn.Module) -> List[ChannelGroup]:
     does not follow (a reshape that mixes channels, a channel shuffle, LayerNorm); the reason
     names the graph node, so that the layer can be left out.
 
+    The groups are computed once per model while its modules (and their hooks) stay the same.
+
     Raises:
         prunekit.UnsupportedGraphError: ``torch.fx`` cannot trace the model.
     """
-    flow = trace_channel_flow(model)
+    key = (structure_key(model), hooks_key(model))
+    kept = _GROUPS.get(model)
+    if kept is not None and kept[0] == key:
+        return list(kept[1])
+    groups = _channel_groups(trace_channel_flow(model))
+    _GROUPS[model] = (key, tuple(groups))
+    return groups
+
+
+def _channel_groups(flow: ChannelFlow) -> List[ChannelGroup]:
     order = list(flow.producers)
     units: Dict[int, Dict[str, List[int]]] = {}
     for name in order:
@@ -160,7 +177,7 @@ def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dic
     masks = {}
     for name in group.members:
         layer = model.get_submodule(name)
-        channels = layer.out_channels if isinstance(layer, nn.ConvTranspose2d) else layer.weight.shape[0]
+        channels = handler_of(layer).channels(layer)[1]
         masks[name] = torch.ones(channels, dtype=torch.bool, device=layer.weight.device)
     for k in removed:
         unit = group.units[k]

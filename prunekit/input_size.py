@@ -1,9 +1,18 @@
-"""Input sizes checked before any work: channels, memory, and that the model's poolings take them.
+"""Input sizes checked against a model before any work: channels, memory, and that its poolings take them.
 
-An input the model's pooling layers cannot take gets the smallest size that works,
-an input with the wrong number of channels gets the right shape, and an image size
-whose batches would not fit in this machine's memory is refused before anything
-large is allocated.
+An input the model's pooling layers cannot take gets the smallest size that works (found by
+forwards of zeros), an input with the wrong number of channels gets the right shape, and an
+image size whose batches would not fit in this machine's memory is refused before anything
+large is allocated. The commands check ``--image-size`` and ``--input-size`` with it.
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3))
+    >>> check_input_fits(model, (3, 32, 32), "--image-size", 32)
+    >>> check_input_fits(model, (3, 5, 5), "--image-size", 5)
+    Traceback (most recent call last):
+    ...
+    ValueError: --image-size 5 is too small for this model: its pooling layers need inputs of at least 8x8; pass --image-size 8 or more
 """
 
 from __future__ import annotations
@@ -12,8 +21,8 @@ import os
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from prunekit._lazy import lazy_module
-from prunekit.cli.errors import one_line
-from prunekit.cli.options import DEFAULT_IMAGE_SIZE
+from prunekit.defaults import DEFAULT_IMAGE_SIZE
+from prunekit.messages import one_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,7 +89,7 @@ def check_input_fits(model: nn.Module, shape: Sequence[int], flag: str, value: A
     the smallest square size that works, found by trying sizes.
 
     Raises:
-        ValueError: naming ``flag value`` and the fix.
+        ValueError: naming ``flag value`` (the option or argument the shape came from) and the fix.
     """
     channels = in_channels(model)
     shape = tuple(int(v) for v in shape)

@@ -1,0 +1,30 @@
+"""prunekit's rules, one file per kind of op; importing this package registers them.
+
+=====================  ===============================================================
+file                   ops
+=====================  ===============================================================
+``conv.py``            ``nn.Conv2d`` (grouped and depthwise too)
+``conv_transpose.py``  ``nn.ConvTranspose2d`` (``groups=1``)
+``linear.py``          ``nn.Linear``
+``batchnorm.py``       ``nn.BatchNorm2d``
+``prelu.py``           ``nn.PReLU`` (one slope, or one per channel)
+``elementwise.py``     activations, arithmetic (residual additions, gates), dropout, stochastic depth
+``pooling.py``         pooling, resampling, padding, the spatial mean by hand
+``flatten.py``         flatten (and ``view``/``reshape`` to [N, -1]) into an ``nn.Linear``
+``cat.py``             ``torch.cat`` along the channels
+``indexing.py``        indexing and fixed-size splits (refused)
+=====================  ===============================================================
+"""
+
+from prunekit.dependency.handlers import (  # noqa: F401  (each registers its handlers)
+    batchnorm,
+    cat,
+    conv,
+    conv_transpose,
+    elementwise,
+    flatten,
+    indexing,
+    linear,
+    pooling,
+    prelu,
+)

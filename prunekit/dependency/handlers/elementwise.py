@@ -1,0 +1,82 @@
+"""Ops applied to each element on its own: activations, arithmetic, dropout.
+
+An activation module passes its one tensor's channels on and maps a removed channel's
+constant through itself. Arithmetic (``x + y``, ``x * gate``, ``torch.add``) joins its
+operands channel by channel: a residual addition couples the convs that add into one stream,
+a squeeze-and-excitation gate the channels it scales. Dropout is the identity in eval mode,
+where compaction is exact.
+
+Example:
+    >>> import operator
+    >>> from torch import nn
+    >>> from prunekit.dependency.registry import handler_of
+    >>> type(handler_of(nn.ReLU())).__name__, type(handler_of(nn.Dropout())).__name__
+    ('ActivationHandler', 'IdentityInEvalHandler')
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunekit.dependency.flow import FlowTracer
+from prunekit.dependency.registry import ConstantContext, Handler, register_handler
+from prunekit.layers import ELEMENTWISE_ACTIVATIONS
+
+__all__ = ["ActivationHandler", "ArithmeticHandler", "IdentityInEvalHandler"]
+
+
+class ActivationHandler(Handler):
+    """A parameter-free element-wise module on one tensor: same channels out; constants mapped through it."""
+
+    def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
+        tracer.pass_through(node)
+
+
+class IdentityInEvalHandler(Handler):
+    """Dropout: the identity in eval mode (at random per element or channel in training)."""
+
+    def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
+        tracer.pass_through(node)
+
+    def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
+        return constants.incoming(node)
+
+
+class ArithmeticHandler(Handler):
+    """Element-wise functions and tensor methods: tracked operands joined channel by channel."""
+
+    def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
+        tracer.join(node)
+
+
+_ACTIVATION = ActivationHandler()
+for _module in ELEMENTWISE_ACTIVATIONS + (nn.Identity,):
+    if _module is not nn.PReLU:  # its slopes may be per channel: prelu.py
+        register_handler(_module, _ACTIVATION)
+
+_IDENTITY_IN_EVAL = IdentityInEvalHandler()
+for _op in (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout,
+):  # fmt: skip
+    register_handler(_op, _IDENTITY_IN_EVAL)
+
+_ARITHMETIC = ArithmeticHandler()
+for _op in (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_,
+    F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.hardtanh_, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.softplus,
+    torch.clamp, torch.clip, torch.abs, torch.neg,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div,
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+    "clamp_max", "clip", "abs", "neg", "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_",
+    "contiguous", "clone", "detach",
+):  # fmt: skip
+    register_handler(_op, _ARITHMETIC)
