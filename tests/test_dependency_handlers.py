@@ -199,3 +199,66 @@ def test_the_readmes_handler_runs_as_written():
     assert small[0].out_channels == 3 and small[2].gamma.numel() == 3 and small[3].in_channels == 3
     x = torch.randn(2, 3, 10, 10)
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_on_channels_that_meet_an_unfollowed_op_is_refused_before_masking():
+    """Never masked and then refused by compact (issue: efficientnet_b0 at half of every conv)."""
+
+    class Rolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 1, dims=1))  # moves channels: not followed
+
+    model = Rolled()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'a' cannot be channel-pruned: none of its 4 channels.*roll\(\).*leave it out of the plan"):
+        prunekit.apply_plan(model, {"a": 0.5}, method="filter-norm")
+    assert not hasattr(model.a, "weight_mask") and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_torchvisions_stochastic_depth_is_followed_in_eval_mode_so_its_residual_compacts():
+    from torchvision.ops import StochasticDepth
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.branch, self.drop = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, padding=1), StochasticDepth(0.2, "row")
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(x + self.drop(self.branch(x)))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    (stream, _) = channel_groups(model)
+    assert stream.members == ("stem", "branch") and len(stream.removable_units) == 6
+    masked = prunekit.apply_plan(prunekit.copy_model(model), {"stem": 0.5}, method="filter-norm")
+    x = torch.randn(2, 3, 10, 10)
+    small = compact(masked, x)
+    assert small.stem.out_channels == 3 and small.branch.out_channels == 3 and small.head.in_channels == 3
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    # traced in training mode it drops samples at random: not followed (the scanner traces the model as it is) ...
+    from prunekit.dependency import trace_graph
+    from prunekit.dependency.flow import FlowTracer
+
+    flow = FlowTracer(model, trace_graph(model)[0]).run()
+    assert any("drops samples at random" in reason for reasons in flow.fixed.values() for reason in reasons)
+    # ... while the channel groups, traced in eval mode, follow it whatever the model's mode
+    assert len(channel_groups(model)[0].removable_units) == 6
+
+
+def test_a_function_is_registered_by_its_dotted_name():
+    handler = register_handler("mypackage.ops.shift", Handler())
+    try:
+        assert register_handler("mypackage.ops.shift", handler) is handler  # the same handler again: fine
+        with pytest.raises(ValueError, match="already has a handler"):
+            register_handler("mypackage.ops.shift", Handler())
+    finally:
+        unregister_handler("mypackage.ops.shift")
+    with pytest.raises(ValueError, match="dotted name"):
+        register_handler("mypackage..shift", Handler())

@@ -110,11 +110,11 @@ class Summed(nn.Module):
 
 def test_a_group_level_beyond_its_removable_units_is_refused_naming_why():
     Shuffle = Summed
-    with pytest.raises(ValueError, match=r"needs 2 of the 4 units of channel group .a. masked, but only 0 can be \(tensor.sum\(\) \(graph node .sum_1.\) is not supported\)"):
+    with pytest.raises(ValueError, match=r"'a' cannot be channel-pruned: none of its 4 units of channel group .a. can be removed \(tensor.sum\(\) \(graph node .sum_1.\) is not supported\); leave it out of the plan"):
         prunekit.apply_plan(Shuffle(), {"a": 0.5}, method="filter-norm")
 
 
-def test_scan_and_prune_say_when_compact_cannot_realise_a_channel_plan(tmp_path, monkeypatch):
+def test_scan_skips_and_prune_refuses_channels_compact_could_not_remove(tmp_path, monkeypatch, one_error_line):
     import json
 
     from click.testing import CliRunner
@@ -132,18 +132,54 @@ def test_scan_and_prune_say_when_compact_cannot_realise_a_channel_plan(tmp_path,
     common = ["--model", "shuffled:build", "--method", "filter-norm", "--image-size", "16", "--batch-size", "2"]
     scanned = runner.invoke(cli, ["scan", *common, "--sparsities", "0.25,0.5", "--max-drop", "10", "--out", "s", "--quiet"])
     assert scanned.exit_code == 0, scanned.output
-    assert json.loads(open("s/plan.json").read())["plan"]["2"] > 0
-    assert "warning: compact will not shrink a model pruned by this plan" in scanned.output
-    assert "PixelShuffle '4' is not supported" in scanned.output
-    pruned = runner.invoke(cli, ["prune", "--plan", "s/plan.json", "--model", "shuffled:build", "--out", "p.pt"])
-    assert pruned.exit_code == 0, pruned.output
-    assert "note: compact cannot shrink this model" in pruned.output and "PixelShuffle '4'" in pruned.output
-    assert "prunekit compact" not in pruned.output
+    assert "skipping channel group '2' (at most 0%: PixelShuffle '4' is not supported)" in scanned.output
+    plan = json.loads(open("s/plan.json").read())["plan"]
+    assert "2" not in plan and plan["0"] > 0
+    assert "compact will not shrink" not in scanned.output
+    (tmp_path / "plan2.json").write_text(json.dumps({"plan": {"2": 0.5}, "method": "filter-norm"}))
+    refused = runner.invoke(cli, ["prune", "--plan", "plan2.json", "--model", "shuffled:build", "--out", "p.pt"])
+    one_error_line(refused, "'2' cannot be channel-pruned", "PixelShuffle '4' is not supported", "leave it out of the plan")
+    assert not (tmp_path / "p.pt").exists()
     # Where compact works, the hint is there (plan on the first conv only).
     (tmp_path / "plan0.json").write_text(json.dumps({"plan": {"0": 0.5}, "method": "filter-norm"}))
     fine = runner.invoke(cli, ["prune", "--plan", "plan0.json", "--model", "shuffled:build", "--out", "q.pt"])
     assert fine.exit_code == 0, fine.output
     assert "remove the pruned channels for real: prunekit compact q.pt" in fine.output
+
+
+def test_scan_and_prune_say_when_compact_cannot_realise_a_channel_plan(tmp_path, monkeypatch):
+    """A model torch.fx cannot trace has no known couplings: its convs are masked, and both commands say compact will not shrink it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from prunekit.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "branchy.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)\n"
+        "    def forward(self, x):\n"
+        "        y = torch.relu(self.a(x))\n"
+        "        return self.b(y) if bool(y.mean() > -1) else x  # data-dependent: fx cannot trace it\n"
+        "def build():\n"
+        "    return Branchy()\n"
+    )
+    runner = CliRunner()
+    common = ["--model", "branchy:build", "--method", "filter-norm", "--image-size", "16", "--batch-size", "2"]
+    scanned = runner.invoke(cli, ["scan", *common, "--sparsities", "0.25,0.5", "--max-drop", "10", "--out", "s", "--quiet"])
+    assert scanned.exit_code == 0, scanned.output
+    assert json.loads(open("s/plan.json").read())["plan"]["a"] > 0
+    assert "warning: compact will not shrink a model pruned by this plan" in scanned.output
+    assert "could not trace Branchy" in scanned.output
+    pruned = runner.invoke(cli, ["prune", "--plan", "s/plan.json", "--model", "branchy:build", "--out", "p.pt"])
+    assert pruned.exit_code == 0, pruned.output
+    assert "note: compact cannot shrink this model" in pruned.output and "could not trace Branchy" in pruned.output
+    assert "prunekit compact" not in pruned.output
 
 
 def test_a_scan_warns_when_the_dense_output_is_all_zeros():
@@ -166,8 +202,8 @@ def test_a_scan_warns_when_the_dense_output_is_all_zeros():
 def test_a_scan_skips_groups_it_cannot_prune_or_refuses_them_when_named():
     model = Summed().eval()
     metric = OutputDistortion(torch.randn(2, 3, 6, 6))
-    with pytest.warns(UserWarning, match=r"skipping channel group 'a' \(at most 0%: tensor.sum\(\)"):
+    with pytest.warns(UserWarning, match=r"skipping channel groups 'a' \(at most 0%: tensor.sum\(\).*'head' \(at most 0%: add\(\)"):
         result = scan(model, metric, sparsities=[0.5], method="filter-norm", progress=False)
-    assert result.layers == ["c", "head"]
+    assert result.layers == ["c"]  # head's channels meet the add() of an untracked sum: compact could not remove them
     with pytest.raises(ValueError, match=r"channel group 'a' \(at most 0%.*cannot be pruned to 50%; leave out"):
         scan(model, metric, layers=["b", "c"], sparsities=[0.5], method="filter-norm", progress=False)

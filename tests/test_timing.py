@@ -1,4 +1,4 @@
-"""Timing: interleaved rounds (order alternating), medians with their spread, speed-ups with an interval."""
+"""Timing: interleaved rounds (order rotating), medians with their spread, speed-ups with an interval."""
 
 import pytest
 import torch
@@ -14,7 +14,8 @@ def test_returns_each_models_median_and_restores_modes(monkeypatch):
     monkeypatch.setattr(prunekit.measure.timing.time, "perf_counter", lambda: clock[0])
     wide, narrow = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout()), nn.Conv2d(3, 2, 3)
     wide.train()
-    costs = {"wide": iter([9.0, 3.0, 2.0, 4.0]), "narrow": iter([7.0, 1.0, 1.5, 0.5])}  # warm-up round first
+    # per round an untimed forward, then the timed one (the warm-up round first)
+    costs = {"wide": iter([0.0, 9.0, 0.0, 3.0, 0.0, 2.0, 0.0, 4.0]), "narrow": iter([0.0, 7.0, 0.0, 1.0, 0.0, 1.5, 0.0, 0.5])}
 
     def spend(name):
         def hook(*args):
@@ -61,16 +62,16 @@ def test_cuda_inputs_are_timed_between_synchronisations(monkeypatch):
             return super().forward(input.as_subclass(torch.Tensor))
 
     latency_samples({"conv": Recording(3, 4, 3)}, x, repeats=2, warmup=0)
-    assert events == ["sync", "forward", "sync"] * 2
+    assert events == ["forward", "sync", "forward", "sync"] * 2  # the untimed forward, then the timed one between syncs
 
 
-def test_rounds_alternate_the_order_after_uncounted_warm_up():
+def test_rounds_rotate_the_order_after_uncounted_warm_up():
     calls = []
     a, b = nn.Identity(), nn.Identity()
     a.register_forward_hook(lambda *args: calls.append("a"))
     b.register_forward_hook(lambda *args: calls.append("b"))
     samples = latency_samples({"a": a, "b": b}, torch.zeros(1), repeats=3, warmup=1)
-    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b", "b", "b", "a", "a"]
     assert len(samples["a"]) == len(samples["b"]) == 3
 
 
@@ -106,3 +107,27 @@ def test_spread_and_bad_rounds():
         speedup([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="at least one"):
         spread([])
+
+
+def test_each_timed_forward_follows_the_model_itself_and_every_model_takes_every_place(monkeypatch):
+    """Timed right after another model, a model paid for that model's data in the caches."""
+    import prunekit.measure.timing
+
+    calls, timed = [], []
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(prunekit.measure.timing.time, "perf_counter", lambda: timed.append(len(calls)) or tick())
+    models = {name: nn.Identity() for name in "abc"}
+    for name, model in models.items():
+        model.register_forward_hook(lambda module, args, out, name=name: calls.append(name))
+    latency_samples(models, torch.zeros(1), repeats=6, warmup=0)
+    assert len(calls) == 36
+    starts = timed[::2]  # perf_counter is read before and after each timed forward
+    assert all(calls[i - 1] == calls[i] for i in starts)  # the forward before a timed one is the same model's
+    rounds = [[calls[i] for i in starts[r * 3 : r * 3 + 3]] for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert all(sorted(r.index(name) for r in rounds) == [0, 0, 1, 1, 2, 2] for name in models)

@@ -3,8 +3,9 @@
 The channel flow (:mod:`prunekit.dependency.flow`), the constants ``compact`` folds and the
 rebuild of smaller layers all ask the op's handler; none of them lists layer types. A handler
 is found by the op a graph node calls: an ``nn.Module`` class (its subclasses too, nearest
-class first), a function (``torch.cat``, ``operator.add``), or a tensor method's name
-(``"view"``). An op without a handler is not followed: the channels that meet it are fixed,
+class first), a function (``torch.cat``, ``operator.add``) or its dotted name
+(``"torchvision.ops.stochastic_depth.stochastic_depth"``, so that its package need not be
+imported), or a tensor method's name (``"view"``). An op without a handler is not followed: the channels that meet it are fixed,
 with the node's name as the reason.
 
 A new op is one handler registered once::
@@ -119,6 +120,7 @@ def _bias_constant(module: nn.Module, count: int, device: Any) -> Tensor:
 
 _MODULES: Dict[type, Handler] = {}
 _FUNCTIONS: Dict[Callable[..., Any], Handler] = {}
+_FUNCTION_NAMES: Dict[str, Handler] = {}
 _METHODS: Dict[str, Handler] = {}
 _LOADED = False
 _VERSION = 0  # changes with every registration: traces and groups depend on the handlers
@@ -137,9 +139,13 @@ def _table(op: Op) -> Tuple[Dict[Any, Handler], Any]:
             raise TypeError(f"a handler is registered for an nn.Module class, a function or a method name, not the class {op.__name__}")
         return _MODULES, op
     if isinstance(op, str):
-        if not op.isidentifier():
-            raise ValueError(f"{op!r} is not a tensor method's name; give the method's name, such as 'view'")
-        return _METHODS, op
+        parts = op.split(".")
+        if not all(part.isidentifier() for part in parts):
+            raise ValueError(
+                f"{op!r} is neither a tensor method's name nor a function's dotted name; give one, such as 'view' "
+                "or 'torchvision.ops.stochastic_depth.stochastic_depth'"
+            )
+        return (_FUNCTION_NAMES, op) if len(parts) > 1 else (_METHODS, op)
     if callable(op):
         return _FUNCTIONS, op
     raise TypeError(f"cannot register a handler for {op!r}: give an nn.Module class, a function or a method name")
@@ -154,7 +160,8 @@ def register_handler(op: Op, handler: Handler, *, replace: bool = False) -> Hand
 
     Args:
         op: an ``nn.Module`` class (its subclasses follow it unless they have their own), a
-            function a graph node calls, or a tensor method's name. A module of the class
+            function a graph node calls (or its dotted name, ``module.function``), or a tensor
+            method's name. A module of the class
             itself is traced as one call (its forward is not traced into), so that its
             handler sees it whole.
         handler: a :class:`Handler` instance.
@@ -245,7 +252,11 @@ def handler_for(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Handle
     if node.op == "call_function":
         _load_builtins()
         try:
-            return _FUNCTIONS.get(node.target)
+            handler = _FUNCTIONS.get(node.target)
         except TypeError:  # an unhashable callable
             return None
+        if handler is None:
+            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+            handler = _FUNCTION_NAMES.get(name)
+        return handler
     return None

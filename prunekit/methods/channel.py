@@ -11,6 +11,7 @@ from torch.nn.utils import prune
 
 from prunekit._rollback import rollback_on_error
 from prunekit.defaults import CRITERIA, check_criterion
+from prunekit.dependency.flow import OUTPUT
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
 from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
@@ -419,9 +420,11 @@ class ChannelMethod(PruningMethod):
 
     @staticmethod
     def _selectable(block: GroupBlock) -> torch.Tensor:
-        """Units a plan may mask: all of a single conv's channels (compact keeps those it must), a group's removable ones."""
+        """Units a plan may mask: the removable ones; of a single conv, also those fixed only for reaching the
+        model's output (``compact`` keeps them, pinned). A unit that meets an op prunekit does not follow is
+        never masked: ``compact`` would refuse it afterwards."""
         if len(block.members) == 1 and all(len(unit[0]) == 1 for unit in block.units):
-            return torch.ones(len(block.units), dtype=torch.bool)
+            return torch.tensor([all(reason == OUTPUT for reason in fixed) for fixed in block.fixed], dtype=torch.bool)
         return block.removable
 
     @staticmethod
@@ -457,6 +460,11 @@ class ChannelMethod(PruningMethod):
         remaining = ~masked & self._selectable(block)
         if target - done > int(remaining.sum()):
             reasons = sorted({r for fixed in block.fixed for r in fixed})
+            if int(remaining.sum()) + done == 0:
+                raise ValueError(
+                    f"{layer!r} cannot be channel-pruned: none of its {units} {what} can be removed "
+                    f"({'; '.join(reasons[:2])}); leave it out of the plan (compact would refuse it)"
+                )
             raise ValueError(
                 f"{layer!r} at {sparsity:.4f} needs {target} of the {units} {what} masked, but only "
                 f"{int(remaining.sum()) + done} can be ({'; '.join(reasons[:2])}); plan a lower level"

@@ -194,7 +194,7 @@ def run_scan(
     if pruning.needs_data and pruning.data is None:
         pruning = pruning.prepare(model, batches, layers=None if layers is None else convs, progress=progress)
     try:
-        result = scan(model, evaluate, layers=convs, sparsities=levels, method=pruning, progress=progress,
+        result = scan(model, evaluate, layers=None if layers is None else convs, sparsities=levels, method=pruning, progress=progress,
                       resume_from=resume_from, on_point=None if folder is None else folder.save_scan,
                       confidence=confidence, max_drop=tolerance, relative=relative, stack_levels=stack_levels,
                       meta={"options": recorded, **dict(meta or {}),

@@ -1,10 +1,11 @@
-"""Ops applied to each element on its own: activations, arithmetic, dropout.
+"""Ops applied to each element on its own: activations, arithmetic, dropout, stochastic depth.
 
 An activation module passes its one tensor's channels on and maps a removed channel's
 constant through itself. Arithmetic (``x + y``, ``x * gate``, ``torch.add``) joins its
 operands channel by channel: a residual addition couples the convs that add into one stream,
 a squeeze-and-excitation gate the channels it scales. Dropout is the identity in eval mode,
-where compaction is exact.
+where compaction is exact; so is torchvision's ``stochastic_depth()`` (the residual branch
+dropped per sample in training), traced with ``training=False``.
 
 Example:
     >>> import operator
@@ -24,11 +25,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.dependency.flow import FlowTracer
+from prunekit.dependency.flow import FlowTracer, arg
 from prunekit.dependency.registry import ConstantContext, Handler, register_handler
 from prunekit.layers import ELEMENTWISE_ACTIVATIONS
 
-__all__ = ["ActivationHandler", "ArithmeticHandler", "IdentityInEvalHandler"]
+__all__ = ["ActivationHandler", "ArithmeticHandler", "IdentityInEvalHandler", "StochasticDepthHandler"]
 
 
 class ActivationHandler(Handler):
@@ -46,6 +47,16 @@ class IdentityInEvalHandler(Handler):
 
     def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
         return constants.incoming(node)
+
+
+class StochasticDepthHandler(IdentityInEvalHandler):
+    """``stochastic_depth(x, p, mode, training)``: the identity when traced with ``training=False`` (or ``p=0``)."""
+
+    def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
+        if arg(node, 3, "training", True) is not False and arg(node, 1, "p", None) != 0:
+            tracer.unsupported(node, "drops samples at random (training=True); prunekit follows it in eval mode")
+            return
+        tracer.pass_through(node)
 
 
 class ArithmeticHandler(Handler):
@@ -66,6 +77,7 @@ for _op in (
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout,
 ):  # fmt: skip
     register_handler(_op, _IDENTITY_IN_EVAL)
+register_handler("torchvision.ops.stochastic_depth.stochastic_depth", StochasticDepthHandler())  # by name: no torchvision import
 
 _ARITHMETIC = ArithmeticHandler()
 for _op in (
