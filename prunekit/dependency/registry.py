@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # annotations only: the flow imports this module
 __all__ = [
     "ConstantContext",
     "Handler",
+    "LayerHandler",
     "handler_for",
     "handler_for_method",
     "handler_of",
@@ -96,7 +97,7 @@ class Handler:
         """Bool [out]: channels whose weights are all zero; and the constant each emits (its bias; float64)."""
         weight = module.weight.detach()
         dead = (weight.flatten(1) == 0).all(dim=1)
-        return dead, _bias_constant(module, weight.shape[0], weight.device)
+        return dead, bias_constant(module, weight.shape[0], weight.device)
 
     def fold(
         self, name: str, module: nn.Module, consumer: "Consumer", keep: Tensor, removed: Tensor, constant: Tensor
@@ -111,7 +112,16 @@ class Handler:
         raise TypeError(f"prunekit cannot resize a {type(module).__name__}")
 
 
-def _bias_constant(module: nn.Module, count: int, device: Any) -> Tensor:
+class LayerHandler(Handler):
+    """A layer that makes channels (a conv, a Linear): a removed channel emits its dead constant."""
+
+    resizable = True
+
+    def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
+        return constants.dead_constants[node.target].cpu()
+
+
+def bias_constant(module: nn.Module, count: int, device: Any) -> Tensor:
     """What an all-zero channel emits: its bias (0 without one), float64."""
     if module.bias is None:
         return torch.zeros(count, dtype=torch.float64, device=device)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from prunekit.dependency.border_bias import BorderBiasConv2d, has_zero_padding
 from prunekit.dependency.flow import CONV, Consumer, FlowTracer, Tracked, describe_node
-from prunekit.dependency.registry import ConstantContext, Handler, register_handler
+from prunekit.dependency.registry import LayerHandler, register_handler
 from prunekit.dependency.resize import copy_training, fill, folded_bias
 
 __all__ = ["ConvHandler", "resize_conv"]
@@ -29,10 +29,8 @@ __all__ = ["ConvHandler", "resize_conv"]
 _PLAIN = (nn.Conv2d, BorderBiasConv2d)
 
 
-class ConvHandler(Handler):
+class ConvHandler(LayerHandler):
     """A conv (``groups >= 1``): a producer of channels and a consumer of the ones it reads."""
-
-    resizable = True
 
     def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
         name, flow = node.target, tracer.flow
@@ -64,9 +62,6 @@ class ConvHandler(Handler):
                 )
                 for other in members[1:]:
                     flow.union(members[0], other, where)
-
-    def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
-        return constants.dead_constants[node.target].cpu()
 
     def channels(self, module: nn.Module) -> Tuple[int, int]:
         return module.in_channels, module.out_channels

@@ -19,16 +19,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from prunekit.dependency.flow import CONV, Consumer, FlowTracer, Tracked, UnsupportedGraphError
-from prunekit.dependency.registry import ConstantContext, Handler, register_handler
+from prunekit.dependency.registry import LayerHandler, bias_constant, register_handler
 from prunekit.dependency.resize import copy_training, fill
 
 __all__ = ["ConvTransposeHandler", "resize_conv_transpose"]
 
 
-class ConvTransposeHandler(Handler):
+class ConvTransposeHandler(LayerHandler):
     """A plain transposed conv with ``groups=1`` called on one tensor."""
-
-    resizable = True
 
     def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
         if type(module) is not nn.ConvTranspose2d or module.groups != 1 or len(node.args) != 1 or node.kwargs:
@@ -45,18 +43,12 @@ class ConvTransposeHandler(Handler):
         flow.consumers[node.target] = Consumer(node.target, in_ids, CONV, node)
         flow.values[node] = Tracked(out_ids, CONV)
 
-    def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
-        return constants.dead_constants[node.target].cpu()
-
     def channels(self, module: nn.Module) -> Tuple[int, int]:
         return module.in_channels, module.out_channels
 
     def dead_channels(self, module: nn.Module) -> Tuple[Tensor, Tensor]:
         weight = module.weight.detach().transpose(0, 1)  # [out, in, kh, kw]
-        dead = (weight.flatten(1) == 0).all(dim=1)
-        bias = module.bias
-        constant = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None else bias.detach().double().clone()
-        return dead, constant
+        return (weight.flatten(1) == 0).all(dim=1), bias_constant(module, weight.shape[0], weight.device)
 
     def fold(
         self, name: str, module: nn.Module, consumer: Consumer, keep: Tensor, removed: Tensor, constant: Tensor

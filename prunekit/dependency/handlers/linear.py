@@ -18,16 +18,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from prunekit.dependency.flow import FLAT, LAST, Consumer, FlowTracer, Tracked, describe_node
-from prunekit.dependency.registry import ConstantContext, Handler, register_handler
+from prunekit.dependency.registry import LayerHandler, register_handler
 from prunekit.dependency.resize import copy_training, fill, folded_bias
 
 __all__ = ["LinearHandler", "resize_linear"]
 
 
-class LinearHandler(Handler):
+class LinearHandler(LayerHandler):
     """A plain ``nn.Linear`` reading a Linear's features or a flattened [N, C * block]."""
-
-    resizable = True
 
     def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
         name, flow = node.target, tracer.flow
@@ -54,9 +52,6 @@ class LinearHandler(Handler):
         flow.producers[name] = out_ids
         flow.consumers[name] = Consumer(name, tracked.ids, tracked.layout, node)
         flow.values[node] = Tracked(out_ids, LAST)
-
-    def constant(self, constants: ConstantContext, node: fx.Node, module: Optional[nn.Module]) -> Tensor:
-        return constants.dead_constants[node.target].cpu()
 
     def channels(self, module: nn.Module) -> Tuple[int, int]:
         return module.in_features, module.out_features
