@@ -48,9 +48,10 @@ import torch
 
 import prunekit
 from prunekit.datasets import builtin_photos, digits_test_set, make_loader, random_crops
-from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, fit_plan, scan
-from prunekit.sensitivity import joint
-from prunekit.sensitivity.scanner import PlanScorer
+from prunekit.planning import fit as joint
+from prunekit.planning import fit_plan
+from prunekit.sensitivity import Accuracy, OutputDistortion, SensitivityResult, scan
+from prunekit.sensitivity.scoring import PlanScorer
 
 
 def forwards(result: SensitivityResult, batches: int) -> int:

@@ -11,17 +11,22 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 
 class _LazyPackage(types.ModuleType):
     _exports: Dict[str, str]
+    _moved: Dict[str, str]
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_exports":
+        if name in ("_exports", "_moved"):
             raise AttributeError(name)
         target = self._exports.get(name)
         if target is None:
+            home = self.__dict__.get("_moved", {}).get(name)
+            if home is not None:  # ImportError: ``from package import name`` would hide an AttributeError's words
+                raise ImportError(f"{self.__name__}.{name} moved to {home}.{name}: "
+                                     f"import it from there (from {home} import {name})")
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         module_name, _, attr = target.partition(":")
         module = importlib.import_module(module_name)
@@ -39,8 +44,12 @@ class _LazyPackage(types.ModuleType):
         return sorted(set(super().__dir__()) | set(self._exports))
 
 
-def lazy_exports(package_name: str, exports: Mapping[str, str]) -> None:
+def lazy_exports(package_name: str, exports: Mapping[str, str], moved: Optional[Mapping[str, str]] = None) -> None:
     """Make ``package_name`` resolve each name of ``exports`` (``"module:attr"`` or ``"module"``) on first use.
+
+    ``moved`` maps a name the package no longer holds to the package that does: reading it
+    raises an ImportError that says where it went (an AttributeError would reach a user of
+    ``from package import name`` as Python's "cannot import name", without the new home).
 
     Example:
         >>> import prunekit
@@ -50,6 +59,7 @@ def lazy_exports(package_name: str, exports: Mapping[str, str]) -> None:
     package = sys.modules[package_name]
     package.__class__ = _LazyPackage
     types.ModuleType.__setattr__(package, "_exports", dict(exports))
+    types.ModuleType.__setattr__(package, "_moved", dict(moved or {}))
 
 
 class _LazyModule(types.ModuleType):

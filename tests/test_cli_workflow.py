@@ -245,7 +245,7 @@ def test_bad_out_paths_fail_first_with_a_plain_message(one_error_line, runner, m
 
 
 def test_ctrl_c_while_fitting_exits_130_and_resume_continues_the_fit(runner, monkeypatch):
-    from prunekit.sensitivity import joint
+    from prunekit.planning import fit as joint
 
     args = ["scan", "--sparsities", "0.4,0.6,0.8", "--out", "fit", "-q"]
     reference = runner.invoke(cli, args + ["--out", "ref"])
@@ -286,7 +286,7 @@ def test_a_forged_fit_is_checked_and_refitted(runner, monkeypatch):
     fit = json.loads(Path("fit/fit.json").read_text())
     # The plans the fit would measure if every one "held" at the dense score: replayed, they lead to
     # every layer at its ceiling, which the final check measures and finds false.
-    from prunekit.sensitivity import joint
+    from prunekit.planning import fit as joint
 
     scan = SensitivityResult.from_json("fit/scan.json")
     with monkeypatch.context() as patched:

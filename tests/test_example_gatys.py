@@ -16,7 +16,8 @@ from torch import nn
 
 from prunekit import apply_plan, copy_model, conv_layers
 from prunekit.models.hed import caffe_preprocess
-from prunekit.sensitivity import SensitivityResult, fit_plan, scan
+from prunekit.planning import fit_plan
+from prunekit.sensitivity import SensitivityResult, scan
 
 from examples.style_transfer.__main__ import cli
 from examples.style_transfer.gatys import GatysConfig, gram_matrix, preserve_colors, stylize, total_variation

@@ -12,6 +12,8 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
+import pytest
+
 import prunekit
 
 ROOT = Path(prunekit.__file__).parent
@@ -94,13 +96,71 @@ def test_prunekit_has_no_import_loop_between_packages():
     assert cycle is None, f"import loop: {_describe(cycle, edges)}"
     # the walk saw the package's real layering (so an empty graph cannot pass)
     assert "dependency" in edges["compact"] and "dependency" in edges["methods"]
-    assert "compact" in edges["sensitivity"]
+    assert "compact" in edges["planning"] and "sensitivity" in edges["planning"]
 
 
 def test_the_dependency_package_reads_no_higher_layer():
     edges = package_imports(ROOT)
-    higher = {"compact", "methods", "plans", "sensitivity", "training", "cli", "models", "io"}
+    higher = {"compact", "methods", "plans", "planning", "sensitivity", "training", "cli", "models", "io"}
     assert not higher & set(edges.get("dependency", {})), edges.get("dependency")
+
+
+def _runtime_imports(tree: ast.Module) -> List[ast.ImportFrom]:
+    """Every ``from ... import`` of a file, in functions too, leaving out ``if TYPE_CHECKING:`` blocks."""
+    typing_only = {id(inner) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for inner in ast.walk(node)}
+    return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and id(node) not in typing_only]
+
+
+def module_imports(package: Path) -> Dict[str, Dict[str, Set[str]]]:
+    """``{module: {module of the same package it imports: {file}}}`` for one package's files."""
+    dotted = f"{package.parent.name}.{package.name}"
+    modules = {path.stem for path in package.glob("*.py")}
+    edges: Dict[str, Dict[str, Set[str]]] = {}
+    for path in sorted(package.glob("*.py")):
+        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (node.module or "").startswith(dotted):
+                continue
+            tail = node.module[len(dotted):].lstrip(".")
+            for target in [tail.split(".")[0]] if tail else [alias.name for alias in node.names]:
+                if target in modules and target not in (path.stem, "__init__"):
+                    edges.setdefault(path.stem, {}).setdefault(target, set()).add(path.name)
+    return edges
+
+
+@pytest.mark.parametrize("package", ["sensitivity", "planning"])
+def test_the_scan_and_the_plan_fit_have_no_import_loop_between_their_modules(package):
+    edges = module_imports(ROOT / package)
+    cycle = find_cycle(edges)
+    assert cycle is None, f"import loop: {_describe(cycle, edges)}"
+    assert edges, "the walk saw no import at all"
+
+
+def test_planning_sits_above_the_scanner():
+    edges = package_imports(ROOT)
+    assert "planning" not in edges["sensitivity"], edges["sensitivity"].get("planning")
+    assert {"scanner", "scoring", "guard"} <= set(module_imports(ROOT / "sensitivity")) | {
+        target for targets in module_imports(ROOT / "sensitivity").values() for target in targets}
+
+
+@pytest.mark.parametrize("package", ["sensitivity", "planning"])
+def test_no_file_of_the_scan_or_the_plan_fit_is_over_600_lines(package):
+    sizes = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in (ROOT / package).glob("*.py")}
+    assert sizes and max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda item: -item[1])[:3]
+
+
+def test_a_name_that_moved_to_planning_says_where_it_went():
+    import prunekit.planning
+    import prunekit.sensitivity
+
+    for name in prunekit.sensitivity.MOVED_TO_PLANNING:
+        with pytest.raises(ImportError, match=rf"moved to prunekit\.planning\.{name}"):
+            getattr(prunekit.sensitivity, name)
+        assert getattr(prunekit.planning, name) is not None
+    with pytest.raises(ImportError, match="moved to prunekit.planning"):
+        from prunekit.sensitivity import fit_plan  # noqa: F401
+    assert prunekit.fit_plan is prunekit.planning.fit_plan and prunekit.run_scan is prunekit.planning.run_scan
 
 
 def test_a_loop_hidden_in_a_function_is_found(tmp_path):

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.sensitivity import OutputDistortion, SensitivityResult, evaluate_plan, fit_plan, scan
+from prunekit.planning import fit_plan
+from prunekit.sensitivity import OutputDistortion, SensitivityResult, evaluate_plan, scan
 
 
 def _model():
@@ -81,7 +82,7 @@ def test_the_bisecting_fit_finds_the_greedy_plan_with_fewer_measurements():
         measured.append(dict(plan))
         return loss(plan)
 
-    import prunekit.sensitivity.joint as joint
+    import prunekit.planning.fit as joint
 
     original = joint.evaluate_plan
     joint.evaluate_plan = fake_evaluate_plan
@@ -111,7 +112,7 @@ def test_an_unknown_search_order_or_gain_is_refused():
 
 def _additive_fit(monkeypatch, cost, levels=(0.2, 0.4, 0.6, 0.8)):
     """A result whose joint loss is the sum of its layers' (cost x level); fit_plan measures it exactly."""
-    import prunekit.sensitivity.joint as joint
+    import prunekit.planning.fit as joint
 
     scores = {layer: [cost[layer] * level for level in levels] for layer in cost}
     result = SensitivityResult("loss", False, 0.0, levels, scores)
@@ -193,7 +194,7 @@ def test_evaluate_plan_accepts_what_apply_plan_accepts(scanned):
 
 def test_plan_scores_from_kept_dense_prefixes_equal_full_forwards():
     from prunekit.methods.registry import get_method
-    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.scoring import PlanScorer
 
     torch.manual_seed(0)
     model = _model()
@@ -229,7 +230,7 @@ def test_plan_scores_from_kept_states_equal_full_forwards_and_skip_what_an_earli
     """Trials start from the latest state an earlier run kept for the same levels before it: the base's
     (after rebase(plan)), or another trial's, which shares its first layers (a bisection's trials)."""
     from prunekit.methods.registry import get_method
-    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.scoring import PlanScorer
 
     torch.manual_seed(0)
     model = _Residual().eval()
@@ -261,10 +262,10 @@ def test_plan_scores_from_kept_states_equal_full_forwards_and_skip_what_an_earli
 
 
 def test_kept_states_count_shared_tensors_once_and_keep_the_precious_ones():
-    from prunekit.sensitivity.scanner import _KeptStates
+    from prunekit.sensitivity.scoring import KeptStates
 
     skip, a, b, c = (torch.zeros(256) for _ in range(4))  # 1 KiB each
-    kept = _KeptStates(limit=3 * 1024)
+    kept = KeptStates(limit=3 * 1024)
     kept.put((0, 1, ()), {"skip": skip, "x": a}, precious=True)
     kept.put((0, 2, ()), {"skip": skip, "x": b}, precious=False)  # the skip tensor is counted once
     assert kept.used == 3 * 1024 and len(kept.entries) == 2
@@ -281,7 +282,7 @@ def test_kept_states_count_shared_tensors_once_and_keep_the_precious_ones():
 
 def test_kept_states_stay_within_their_budget_the_bases_kept_first():
     from prunekit.methods.registry import get_method
-    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.scoring import PlanScorer
 
     torch.manual_seed(0)
     model = _Residual().eval()
@@ -342,7 +343,7 @@ def test_trials_that_break_stop_once_certain_and_change_nothing_else():
 
 def test_evaluate_plan_with_a_tolerance_stops_a_breaking_plan_and_scores_a_holding_one_exactly():
     from prunekit.methods.registry import get_method
-    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.scoring import PlanScorer
     from prunekit.sensitivity.settle import Estimate, Tolerance
 
     torch.manual_seed(0)
@@ -393,8 +394,8 @@ def test_the_fit_selects_each_layers_magnitudes_once_per_level(monkeypatch, scan
     import functools
 
     import prunekit.methods.fine_grained as fine_grained
-    import prunekit.sensitivity.joint as joint
-    from prunekit.sensitivity.scanner import PlanScorer
+    import prunekit.planning.fit as joint
+    from prunekit.sensitivity.scoring import PlanScorer
 
     model, metric, result = scanned
     made, selected = [], []
@@ -422,7 +423,7 @@ def test_the_fit_selects_each_layers_magnitudes_once_per_level(monkeypatch, scan
 
 def test_a_scorer_keeps_mask_makers_only_for_the_same_statistics():
     from prunekit.methods.registry import get_method
-    from prunekit.sensitivity.scanner import PlanScorer
+    from prunekit.sensitivity.scoring import PlanScorer
 
     model = _model()
     pruning = get_method("fine-grained")
@@ -438,7 +439,7 @@ def test_a_scorer_keeps_mask_makers_only_for_the_same_statistics():
 def test_steps_the_scan_saw_cost_nothing_are_not_taken_at_once(monkeypatch):
     """A metric that counts (accuracy on a few hundred images) sees no drop for most steps alone: the first
     guess keeps to one layer, and once a plan uses over half the tolerance, trials add one unseen step at a time."""
-    import prunekit.sensitivity.joint as joint
+    import prunekit.planning.fit as joint
 
     levels = (0.2, 0.4, 0.6, 0.8)
     layers = [str(i) for i in range(6)]

@@ -15,7 +15,7 @@ from prunekit.cli import cli
 from prunekit.datasets import digits_test_set, make_loader
 from prunekit.methods.registry import get_method
 from prunekit.sensitivity.folder import ScanFolder
-from prunekit.sensitivity.pipeline import ScanInterrupted, run_scan
+from prunekit.planning.pipeline import ScanInterrupted, run_scan
 
 CLI = Path(prunekit.__file__).parent / "cli"
 

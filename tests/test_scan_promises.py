@@ -43,10 +43,10 @@ def test_reassigned_buffers_are_put_back_as_the_same_objects():
 
 
 def test_an_interrupt_inside_the_cleanup_still_restores_everything(monkeypatch):
-    import prunekit.sensitivity.scanner as scanner
+    import prunekit.sensitivity.guard as guard
 
     model = model_with_batchnorm().train()
-    real = scanner._Guard._restore_once
+    real = guard.ModelGuard._restore_once
     calls = []
 
     def interrupted_once(self):
@@ -56,7 +56,7 @@ def test_an_interrupt_inside_the_cleanup_still_restores_everything(monkeypatch):
             raise KeyboardInterrupt
         return real(self)
 
-    monkeypatch.setattr(scanner._Guard, "_restore_once", interrupted_once)
+    monkeypatch.setattr(guard.ModelGuard, "_restore_once", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         scan(model, lambda m: 1.0, sparsities=(0.5,), progress=False)
     assert len(calls) == 2 and all(module.training for module in model.modules())

@@ -192,7 +192,8 @@ WORKER = textwrap.dedent(
     import torch
     from torch import nn
     import torch.distributed as dist
-    from prunekit.sensitivity import OutputDistortion, Accuracy, fit_plan, scan
+    from prunekit.planning import fit_plan
+    from prunekit.sensitivity import OutputDistortion, Accuracy, scan
 
     out = sys.argv[1]
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -22,7 +22,8 @@ from prunekit.sensitivity import (
     select_sparsity,
 )
 from prunekit.sensitivity.graph_cut import trace
-from prunekit.sensitivity.scanner import SuffixFallbackWarning, _Masker
+from prunekit.sensitivity.masks import Masker
+from prunekit.sensitivity.scanner import SuffixFallbackWarning
 from prunekit.testing import randomize_batchnorms
 
 LEVELS = (0.3, 0.6, 0.9)
@@ -184,7 +185,7 @@ def test_fine_grained_masks_equal_compute_mask_with_ties():
     conv = model[0]
     with torch.no_grad():
         conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())  # many equal magnitudes
-    masker = _Masker(get_method("fine-grained").blocks(model, ["0"]), get_method("fine-grained"), None)
+    masker = Masker(get_method("fine-grained").blocks(model, ["0"]), get_method("fine-grained"), None)
     for level in (0.0, 0.25, 0.5, 0.9):
         (masked,) = masker.masked("0", [(conv, "weight")], level)
         count = round(level * conv.weight.numel())

@@ -114,7 +114,8 @@ def test_the_cli_settles_points_with_confidence(tmp_path, monkeypatch):
 
 
 def test_a_settling_fit_keeps_a_plan_that_holds_on_every_batch(digits):
-    from prunekit.sensitivity import evaluate_plan, fit_plan
+    from prunekit.planning import fit_plan
+    from prunekit.sensitivity import evaluate_plan
 
     model, inputs = digits
     metric = OutputDistortion(inputs)

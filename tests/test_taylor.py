@@ -120,7 +120,7 @@ def test_taylor_scans_fits_and_schedules_like_the_other_channel_methods():
     assert result.method == "taylor" and result.meta["fingerprint"]["channel_scores"] is not None
     metric = OutputDistortion([x for x, _ in data])
     distortion = scan(model, metric, sparsities=(0.2, 0.5), method=method, progress=False)
-    fit = prunekit.sensitivity.fit_plan(model, metric, distortion, max_drop=10.0, method=method)
+    fit = prunekit.fit_plan(model, metric, distortion, max_drop=10.0, method=method)
     assert any(fit.plan.values())
     pruner = prunekit.GradualPruner(prunekit.copy_model(model), {"0": 0.5}, start_step=0, end_step=2, method=method)
     pruner.step(), pruner.step()

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from prunekit.plans import apply_plan, copy_model, finalize, pruned_tensors
 from prunekit.training.recover import recover
 from prunekit.measure.sparsity import sparsity_report
-from prunekit.sensitivity import ForwardMetric, SensitivityResult, fit_plan, scan
+from prunekit.planning import fit_plan
+from prunekit.sensitivity import ForwardMetric, SensitivityResult, scan
 from prunekit.layers import model_device
 from prunekit.sensitivity.metrics import relative_distance
 
@@ -554,7 +555,7 @@ def prune_and_stylize(
     weights with zeros, no masks) before it stylises, so both runs use the same
     dense kernels. Both final images are scored by the dense network's losses.
     With ``joint``, the per-layer plan is trimmed with
-    :func:`prunekit.sensitivity.fit_plan` until the network with every layer
+    :func:`prunekit.planning.fit_plan` until the network with every layer
     pruned at once stays within ``tolerance`` on the plan's metric.
     """
     settings = settings if settings is not None else ScanSettings()

@@ -126,7 +126,7 @@ def scan_command(
     from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
-    from prunekit.sensitivity.pipeline import ScanInterrupted, run_scan
+    from prunekit.planning.pipeline import ScanInterrupted, run_scan
 
     pruning = configured_method(method, criterion)
     target = ctx.with_resource(process_group(parse_device(device), timeout))

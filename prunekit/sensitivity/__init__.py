@@ -3,8 +3,9 @@
 ``scan`` prunes one conv layer at a time at several sparsities, scores the
 model with any ``evaluate(model) -> float`` (or a built-in metric), restores it
 exactly, and returns a :class:`SensitivityResult` whose ``plan(max_drop)`` is a
-per-layer sparsity plan for :func:`prunekit.apply_plan`. ``run_scan`` does the whole job of
-``prunekit scan`` in one call: metric, method data, scan, joint plan fit, compaction check.
+per-layer sparsity plan for :func:`prunekit.apply_plan`. The plan that holds with every
+layer pruned together, and the whole job of ``prunekit scan``, are planning's
+(:func:`prunekit.planning.fit_plan`, :func:`prunekit.planning.run_scan`).
 
 Example:
     >>> import torch
@@ -18,8 +19,6 @@ from prunekit._lazy import lazy_exports
 
 # Each public name is imported on first use (the scanner needs torch; results and plans do not).
 _EXPORTS = {
-    "PlanFit": "prunekit.sensitivity.joint:PlanFit",
-    "fit_plan": "prunekit.sensitivity.joint:fit_plan",
     "Accuracy": "prunekit.sensitivity.metrics:Accuracy",
     "ForwardMetric": "prunekit.sensitivity.metrics:ForwardMetric",
     "OutputDistortion": "prunekit.sensitivity.metrics:OutputDistortion",
@@ -30,10 +29,8 @@ _EXPORTS = {
     "select_sparsity": "prunekit.sensitivity.result:select_sparsity",
     "METHODS": "prunekit.methods.registry:METHODS",
     "SuffixFallbackWarning": "prunekit.sensitivity.scanner:SuffixFallbackWarning",
-    "evaluate_plan": "prunekit.sensitivity.scanner:evaluate_plan",
+    "evaluate_plan": "prunekit.sensitivity.scoring:evaluate_plan",
     "scan": "prunekit.sensitivity.scanner:scan",
-    "ScanRun": "prunekit.sensitivity.pipeline:ScanRun",
-    "run_scan": "prunekit.sensitivity.pipeline:run_scan",
 }
 
 __all__ = [
@@ -42,17 +39,16 @@ __all__ = [
     "ForwardMetric",
     "METHODS",
     "OutputDistortion",
-    "PlanFit",
-    "ScanRun",
     "SensitivityResult",
     "SuffixFallbackWarning",
     "check_sparsities",
     "evaluate_plan",
-    "fit_plan",
-    "run_scan",
     "scan",
     "select_plan",
     "select_sparsity",
 ]
 
-lazy_exports(__name__, _EXPORTS)
+#: Names that moved up to prunekit.planning (the package that uses the scanner, not a part of it).
+MOVED_TO_PLANNING = ("PlanFit", "ScanRun", "fit_plan", "run_scan")
+
+lazy_exports(__name__, _EXPORTS, moved={name: "prunekit.planning" for name in MOVED_TO_PLANNING})

@@ -16,8 +16,8 @@ Example:
     >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
     >>> folder = ScanFolder("results")
     >>> result = scan(model, metric, progress=False, on_point=folder.save_scan)
-    >>> fit = folder.fit_plan(model, metric, result, max_drop=0.5, key={"run": 1})
-    >>> folder.write(result, fit.plan, {"model": "mine"}, max_drop=0.5)["plan"]
+    >>> plan = result.plan(max_drop=0.5)
+    >>> folder.write(result, plan, {"model": "mine"}, max_drop=0.5)["plan"]
     'results/plan.json'
 """
 
@@ -184,30 +184,6 @@ class ScanFolder:
             return None
         trials = document.get("trials")
         return list(trials) if isinstance(trials, list) and all(_is_trial(t) for t in trials) else None
-
-    def fit_plan(
-        self, model: Any, evaluate: Callable[[Any], float], result: SensitivityResult, max_drop: float, *,
-        key: Mapping[str, Any], relative: bool = False, method: Any = None, resume: bool = False, progress: bool = False,
-        on_resume: Optional[Callable[[int], None]] = None, confidence: Optional[float] = None,
-    ) -> Any:
-        """:func:`prunekit.sensitivity.fit_plan`, saving every trial in ``fit.json`` under ``key``.
-
-        With ``resume``, the trials saved under the same ``key`` are replayed (and the plan they
-        lead to checked by one evaluation); ``on_resume(count)`` hears how many.
-        """
-        from prunekit.sensitivity.joint import fit_plan
-
-        saved = self.saved_trials(key) if resume else None
-        if saved and on_resume is not None:
-            on_resume(len(saved))
-
-        def save(partial: Any) -> None:
-            if is_main_process():
-                write_json(self.fit_file, {"format": FIT_FORMAT, "key": dict(key), "trials": partial.trials})
-
-        return fit_plan(model, evaluate, result, max_drop, relative=relative, method=method,
-                        resume_from=saved, on_trial=save, progress=progress and is_main_process(),
-                        confidence=confidence)
 
     # ------------------------------------------------------------------ at the end
 

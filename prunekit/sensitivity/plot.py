@@ -8,7 +8,7 @@ from typing import Mapping, TYPE_CHECKING, Any, Optional
 from prunekit.io.files import PathLike
 from prunekit.plotting import new_figure, save_png
 
-from prunekit.sensitivity.result import within_tolerance
+from prunekit.sensitivity.tolerance import within_tolerance
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunekit.sensitivity.result import SensitivityResult
@@ -34,7 +34,7 @@ def plot_sensitivity(
     acceptable scores, red crosses on the points beyond it, and each layer's own
     planned sparsity (dotted red). The points a settling scan stopped early carry
     their confidence intervals as error bars. With ``plan`` (e.g. a joint plan from
-    :func:`prunekit.sensitivity.fit_plan`), its sparsities are drawn as solid red
+    :func:`prunekit.planning.fit_plan`), its sparsities are drawn as solid red
     lines. A planned sparsity of 0 (the layer stays dense) is drawn at 0 %. All
     charts share the y axis so layers can be compared at a glance.
 

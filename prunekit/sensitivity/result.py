@@ -19,24 +19,20 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from prunekit.io.files import PathLike, atomic_write, read_json
 from prunekit.tables import format_table
+from prunekit.sensitivity.tolerance import check_tolerance, within_tolerance
 
 __all__ = [
     "DEFAULT_SPARSITIES",
     "SensitivityResult",
     "check_sparsities",
-    "score_drop",
     "select_plan",
     "select_sparsity",
-    "within_tolerance",
 ]
 
 #: The sparsity levels of the reference analysis (one VGG-19 conv layer at a time).
 DEFAULT_SPARSITIES: Tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 _FORMAT = "prunekit.sensitivity/1"
-# Differences of scores like accuracies (multiples of 1/N) carry float rounding;
-# a drop equal to max_drop up to this much still counts as within tolerance.
-_TOLERANCE_SLACK = 1e-12
 
 
 def check_sparsities(sparsities: Iterable[float]) -> Tuple[float, ...]:
@@ -76,43 +72,6 @@ def check_sparsities(sparsities: Iterable[float]) -> Tuple[float, ...]:
     return tuple(checked)
 
 
-def score_drop(score: float, baseline: float, higher_is_better: bool, relative: bool) -> float:
-    """How much worse ``score`` is than ``baseline`` (negative when better; a fraction of it with ``relative``).
-
-    Example:
-        >>> score_drop(0.9, 1.0, True, False), score_drop(0.2, 0.1, False, False)
-        (0.09999999999999998, 0.1)
-    """
-    drop = baseline - score if higher_is_better else score - baseline
-    if relative:
-        drop /= abs(baseline)
-    return drop
-
-
-def within_tolerance(score: float, baseline: float, higher_is_better: bool, relative: bool, max_drop: float) -> bool:
-    """The one verdict of plans, fits and plots: ``score`` is at most ``max_drop`` worse than ``baseline``.
-
-    A NaN score is never within. The comparison allows float rounding (``max_drop`` + 1e-12).
-
-    Example:
-        >>> within_tolerance(0.99, 1.0, True, False, 0.01), within_tolerance(0.98, 1.0, True, False, 0.01)
-        (True, False)
-    """
-    return score_drop(score, baseline, higher_is_better, relative) <= max_drop + _TOLERANCE_SLACK
-
-
-def _check_tolerance(max_drop: float, baseline: float, relative: bool) -> None:
-    if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not math.isfinite(max_drop):
-        raise TypeError(f"max_drop={max_drop!r} must be a finite number >= 0")
-    if max_drop < 0:
-        raise ValueError(f"max_drop={max_drop} is negative; pass the largest acceptable drop (>= 0)")
-    if relative and baseline == 0:
-        raise ValueError(
-            "relative=True divides by the dense baseline, which is 0 here (e.g. OutputDistortion); "
-            "pass an absolute max_drop instead"
-        )
-
-
 def select_sparsity(
     scores: Sequence[Optional[float]],
     sparsities: Sequence[float],
@@ -136,7 +95,7 @@ def select_sparsity(
     """
     if len(scores) != len(sparsities):
         raise ValueError(f"{len(scores)} scores for {len(sparsities)} sparsities; they must match")
-    _check_tolerance(max_drop, baseline, relative)
+    check_tolerance(max_drop, baseline, relative)
     chosen = 0.0
     for sparsity, score in zip(sparsities, scores):
         if score is None or not within_tolerance(score, baseline, higher_is_better, relative, max_drop):

@@ -61,7 +61,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from prunekit.sensitivity.result import score_drop
+from prunekit.sensitivity.tolerance import score_drop
 
 __all__ = ["Estimate", "Settler", "Tolerance", "paired_score_interval", "score_interval"]
 

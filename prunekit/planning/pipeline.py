@@ -26,10 +26,13 @@ from torch import nn
 
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import get_method
+from prunekit.planning import fit as plan_fit  # read as plan_fit.fit_plan: what a test may replace
+from prunekit.sensitivity.distributed import is_main_process
+from prunekit.sensitivity.folder import FIT_FORMAT
 from prunekit.sensitivity.metrics import Accuracy, OutputDistortion
 from prunekit.sensitivity.result import DEFAULT_SPARSITIES, SensitivityResult
 
-__all__ = ["DEFAULT_MAX_DROP", "ScanInterrupted", "ScanRun", "run_scan"]
+__all__ = ["DEFAULT_MAX_DROP", "ScanInterrupted", "ScanRun", "fit_plan_in_folder", "run_scan"]
 
 #: The tolerance by metric when none is given: one accuracy point, or 5 % relative output distortion.
 DEFAULT_MAX_DROP = {"accuracy": 0.01, "distortion": 0.05}
@@ -54,7 +57,7 @@ class ScanRun:
         max_drop, relative, joint: the tolerance and whether the plan was fitted jointly.
         plan: the plan to apply (joint, or the per-layer one) and ``score``, its measured score with every layer pruned.
         per_layer_plan, per_layer_score: each layer's own highest level within the tolerance, and its joint score.
-        fit: the :class:`~prunekit.sensitivity.joint.PlanFit` (None without ``joint``).
+        fit: the :class:`~prunekit.planning.fit.PlanFit` (None without ``joint``).
         compaction_problem: for a channel plan, why ``compact`` would not shrink it (None: it would, or not checked).
     """
 
@@ -144,7 +147,7 @@ def run_scan(
             it already owns data.
         layers, sparsities, confidence, stack_levels: as for :func:`prunekit.sensitivity.scan`.
         max_drop, relative: the tolerance (default :data:`DEFAULT_MAX_DROP` for the metric).
-        joint: fit the plan with all its layers pruned together (:func:`prunekit.sensitivity.fit_plan`);
+        joint: fit the plan with all its layers pruned together (:func:`prunekit.planning.fit_plan`);
             else the per-layer plan.
         folder: a :class:`~prunekit.sensitivity.folder.ScanFolder` that keeps every point and trial
             (for resuming); ``resume_from``: its partial scan (refused when ``options`` differ from its
@@ -161,7 +164,7 @@ def run_scan(
     """
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
     from prunekit.layers import resolve_layers
-    from prunekit.sensitivity import evaluate_plan, fit_plan, scan  # the package's names (what a test may replace)
+    from prunekit.sensitivity import evaluate_plan, scan  # the package's names (what a test may replace)
 
     batches = list(batches)
     if not batches:
@@ -210,12 +213,12 @@ def run_scan(
             on_status("fitting the plan so that all its layers pruned together stay within the tolerance")
             options = dict(relative=relative, method=pruning, progress=progress, confidence=confidence)
             if folder is not None:
-                fitted = folder.fit_plan(
-                    model, evaluate, result, tolerance, key=fit_key_of(recorded, tolerance, relative), resume=resume_fit,
+                fitted = fit_plan_in_folder(
+                    folder, model, evaluate, result, tolerance, key=fit_key_of(recorded, tolerance, relative), resume=resume_fit,
                     on_resume=lambda count: on_status(f"resuming the plan fit: {count} trials already measured"),
                     **options)
             else:
-                fitted = fit_plan(model, evaluate, result, tolerance, **options)
+                fitted = plan_fit.fit_plan(model, evaluate, result, tolerance, **options)
     except KeyboardInterrupt as interrupt:
         raise ScanInterrupted("fit") from interrupt
     plan, score = (fitted.plan, fitted.score) if fitted is not None else (per_layer, per_layer_score)
@@ -236,7 +239,44 @@ def compaction_problem_of(model: nn.Module, plan: Mapping[str, float], method: A
 
 def fit_key_of(options: Mapping[str, Any], max_drop: float, relative: bool) -> Dict[str, Any]:
     """What makes two plan fits the same (their trials replayable): the scan's options, the tolerance, the search."""
-    from prunekit.sensitivity.joint import DEFAULT_MIN_GAIN, SEARCH_REVISION
-
     return {"options": dict(options), "max_drop": max_drop, "relative": relative,
-            "fit": {"order": "weights", "min_gain": DEFAULT_MIN_GAIN, "revision": SEARCH_REVISION}}
+            "fit": {"order": "weights", "min_gain": plan_fit.DEFAULT_MIN_GAIN, "revision": plan_fit.SEARCH_REVISION}}
+
+
+def fit_plan_in_folder(
+    folder: Any, model: nn.Module, evaluate: Callable[[nn.Module], float], result: SensitivityResult, max_drop: float,
+    *, key: Mapping[str, Any], relative: bool = False, method: Any = None, resume: bool = False, progress: bool = False,
+    on_resume: Optional[Callable[[int], None]] = None, confidence: Optional[float] = None,
+) -> Any:
+    """:func:`~prunekit.planning.fit_plan`, saving every trial in ``folder``'s ``fit.json`` under ``key``.
+
+    With ``resume``, the trials saved under the same ``key`` are replayed (and the plan they
+    lead to checked by one evaluation); ``on_resume(count)`` hears how many. Under
+    ``torch.distributed`` rank 0 alone writes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from prunekit.sensitivity import OutputDistortion, scan
+        >>> from prunekit.sensitivity.folder import ScanFolder
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
+        >>> folder = ScanFolder("results")
+        >>> result = scan(model, metric, progress=False, on_point=folder.save_scan)
+        >>> fit = fit_plan_in_folder(folder, model, metric, result, max_drop=0.5, key={"run": 1})
+        >>> folder.fit_file.is_file()
+        True
+    """
+    from prunekit.io.files import write_json
+
+    saved = folder.saved_trials(key) if resume else None
+    if saved and on_resume is not None:
+        on_resume(len(saved))
+
+    def save(partial: Any) -> None:
+        if is_main_process():
+            write_json(folder.fit_file, {"format": FIT_FORMAT, "key": dict(key), "trials": partial.trials})
+
+    return plan_fit.fit_plan(model, evaluate, result, max_drop, relative=relative, method=method,
+                             resume_from=saved, on_trial=save, progress=progress and is_main_process(),
+                             confidence=confidence)

@@ -52,11 +52,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from prunekit.progress import progress_bar
-from prunekit.sensitivity.result import SensitivityResult, score_drop, within_tolerance
+from prunekit.sensitivity.result import SensitivityResult
+from prunekit.sensitivity.tolerance import score_drop, within_tolerance
 from prunekit._rollback import eval_mode
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import get_method, prepared_method
-from prunekit.sensitivity.scanner import PlanScorer, evaluate_plan
+from prunekit.sensitivity.scoring import PlanScorer, evaluate_plan
 from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
 
 __all__ = ["ORDERS", "PlanFit", "SEARCHES", "Trial", "fit_plan"]

@@ -1,0 +1,35 @@
+"""Planning: from a scan's curves to the plan to apply, and the whole ``prunekit scan`` job.
+
+A scan (:mod:`prunekit.sensitivity`) measures one layer (or channel group) at a time;
+planning decides what to prune with every layer pruned together. :func:`fit_plan` grows
+the plan whose joint score stays within a tolerance (:mod:`prunekit.planning.fit`);
+:func:`run_scan` runs the whole job of ``prunekit scan``: metric, method data, scan, fit,
+compaction check (:mod:`prunekit.planning.pipeline`). Applying a plan to a model is
+:func:`prunekit.apply_plan` (``prunekit.plans``, below the scanner, which scores plans).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from prunekit.sensitivity import OutputDistortion, scan
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> metric = OutputDistortion(torch.randn(2, 3, 16, 16))
+    >>> fit = fit_plan(model, metric, scan(model, metric, progress=False), max_drop=0.4)
+    >>> fit.score <= 0.4
+    True
+"""
+
+from prunekit._lazy import lazy_exports
+
+# Each public name is imported on first use (the fit needs torch).
+_EXPORTS = {
+    "PlanFit": "prunekit.planning.fit:PlanFit",
+    "fit_plan": "prunekit.planning.fit:fit_plan",
+    "DEFAULT_MAX_DROP": "prunekit.planning.pipeline:DEFAULT_MAX_DROP",
+    "ScanInterrupted": "prunekit.planning.pipeline:ScanInterrupted",
+    "ScanRun": "prunekit.planning.pipeline:ScanRun",
+    "run_scan": "prunekit.planning.pipeline:run_scan",
+}
+
+__all__ = ["DEFAULT_MAX_DROP", "PlanFit", "ScanInterrupted", "ScanRun", "fit_plan", "run_scan"]
+
+lazy_exports(__name__, _EXPORTS)
