@@ -15,7 +15,8 @@ spec.loader.exec_module(checker)
 def test_the_readme_marks_its_quoted_outputs():
     quoted = checker.quoted_outputs(checker.README.read_text(encoding="utf-8"))
     commands = {q.command: q.slow for q in quoted}
-    assert commands == {"prunekit scan": False, "prunekit scan --model hed --out hed-scan": True}
+    assert commands == {"prunekit scan": False, "prunekit scan --method channel --target-macs 0.5": False,
+                        "prunekit scan --model hed --out hed-scan": True}
     assert all(len(q.lines) > 5 for q in quoted)
 
 
@@ -29,7 +30,8 @@ def test_quoted_lines_must_appear_in_order():
 @pytest.mark.slow
 def test_the_main_commands_output_is_the_one_the_readme_quotes():
     fast = [q for q in checker.quoted_outputs(checker.README.read_text(encoding="utf-8")) if not q.slow]
-    assert [q.command for q in fast] == ["prunekit scan"]  # nothing checked would pass: the quotes must parse
+    # nothing checked would pass: the quotes must parse
+    assert [q.command for q in fast] == ["prunekit scan", "prunekit scan --method channel --target-macs 0.5"]
     for quoted in fast:
         assert checker.check(quoted, timeout=600) is None
 

@@ -52,6 +52,7 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
         "prunekit scan",
         "prunekit scan --model vgg11 --data ./images --image-size 64 --layers features.0,features.3",
         "prunekit scan --model vgg19 --weights vgg19.pth --sparsities 0.5,0.7,0.9 --out vgg19-scan",
+        "prunekit scan --model resnet18 --method channel --image-size 96 --target-macs 0.5",
     ),
 )
 @model_options()
@@ -71,6 +72,14 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               help="Tolerance for the suggested plan: the largest acceptable score loss vs. the dense "
               "model (default: 0.01 for accuracy, 0.05 for distortion).")
 @click.option("--relative", is_flag=True, help="--max-drop is a fraction of the dense score.")
+@click.option("--target-macs", type=float, default=None, metavar="FRACTION",
+              help="Budget: the plan keeps at most this fraction of the dense model's MACs per sample (0.5: "
+              "half), spent where the scan says pruning hurts least; counted on the model `compact` builds "
+              "(a fine-grained plan: its non-zero weights, which only sparse hardware skips). With "
+              "--max-drop too, a plan beyond the tolerance is refused.")
+@click.option("--target-params", type=float, default=None, metavar="FRACTION",
+              help="Budget: the plan keeps at most this fraction of the dense model's parameters "
+              "(counted like --target-macs; both may be given).")
 @click.option("--confidence", type=float, default=None, metavar="P",
               help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
               "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
@@ -102,7 +111,8 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
 def scan_command(
     ctx: click.Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, data: str,
     image_size: Optional[int], batch_size: Optional[int], metric: Optional[str], method: str, criterion: Optional[str],
-    sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, confidence: Optional[float],
+    sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, target_macs: Optional[float],
+    target_params: Optional[float], confidence: Optional[float],
     stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
     quiet: bool, as_json: bool,
 ) -> None:
@@ -115,7 +125,9 @@ def scan_command(
     stays within --max-drop of the dense model; with --joint (the default) the
     plan is then trimmed until the model with every layer pruned at once stays
     within --max-drop too (its trials are saved in fit.json: Ctrl-C there also
-    resumes). plan.json records the model, weights and data, so that
+    resumes). With a budget (--target-macs, --target-params) the plan is the one
+    that meets it with the smallest loss the scan predicts, scored with every
+    layer pruned and counted on the compacted model. plan.json records the model, weights and data, so that
     `prunekit prune --plan DIR/plan.json` reuses them.
 
     With no options: the built-in digits-vgg model (trained weights shipped
@@ -123,6 +135,7 @@ def scan_command(
 
     """
     levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
+    budget = _checked_budget(target_macs, target_params, joint)
     from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
@@ -152,6 +165,7 @@ def scan_command(
         run = run_scan(
             model, batches, labelled=labelled, metric=metric_name, method=pruning,
             layers=None if names is None else list(convs), sparsities=levels, max_drop=max_drop, relative=relative,
+            budget=budget,
             confidence=confidence, seed=seed, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
             joint=joint, folder=folder, resume_from=previous, resume_fit=resume, options=options,
             meta={"prunekit": __version__}, data_description=description, progress=not quiet,
@@ -191,6 +205,22 @@ def _checked_arguments(sparsities: str, layers: Optional[str], max_drop: Optiona
     return levels, names, out_dir
 
 
+def _checked_budget(target_macs: Optional[float], target_params: Optional[float], joint: bool) -> Any:
+    """The budget the options name (None: none), checked before torch loads."""
+    for flag, value, what in (("--target-macs", target_macs, "MACs"), ("--target-params", target_params, "parameters")):
+        if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"{flag} {value:g}: pass the fraction of the dense model's {what} to keep, in (0, 1] "
+                             "(e.g. 0.5 for half)")
+    if target_macs is None and target_params is None:
+        return None
+    if not joint:
+        raise ValueError("--per-layer cannot meet a budget (--target-macs/--target-params): the budget plan is "
+                         "scored with every layer pruned together; drop --per-layer")
+    from prunekit.planning.budget import Budget
+
+    return Budget(macs=target_macs, params=target_params)
+
+
 def _report(run: Any, files: Dict[str, str], hint: Optional[str], as_json: bool, quiet: bool) -> None:
     """The table, the plan and what to do next (or one JSON document)."""
     result, plan, problem, fitted, relative = run.result, run.plan, run.compaction_problem, run.fit, run.relative
@@ -201,11 +231,15 @@ def _report(run: Any, files: Dict[str, str], hint: Optional[str], as_json: bool,
             "score_with_per_layer_plan": run.per_layer_score, "files": files, "next": hint,
             "compact_problem": problem, "fit": None if fitted is None else {
                 "trials": len(fitted.trials), "steps": fitted.steps, "sparsity": fitted.sparsity, "left": fitted.left},
+            "budget": run.costs(),
         })
         return
     click.echo(result.table(max_drop=run.max_drop, relative=relative, plan=plan))
-    _print_plan(result, plan, run.per_layer_plan, run.score, run.per_layer_score, run.max_drop, relative, run.joint)
-    if fitted is not None:
+    if run.budget is not None:
+        _print_budget_plan(run)
+    else:
+        _print_plan(result, plan, run.per_layer_plan, run.score, run.per_layer_score, run.max_drop, relative, run.joint)
+    if fitted is not None and run.budget is None:
         click.echo(f"the fit measured {len(fitted.trials)} plans of the {fitted.steps} steps it could take; "
                    f"the plan removes {fitted.sparsity:.1%} of the scanned layers' weights")
     status(quiet, f"\nwrote {', '.join(files.values())}")
@@ -220,6 +254,24 @@ _INTERRUPTED = {
     "fit": "\ninterrupted while fitting the plan: the scan is complete in {scan} and the fit's trials so far are in "
            "{fit}; run the same command with --resume to continue",
 }
+
+
+def _print_budget_plan(run: Any) -> None:
+    result, fit = run.result, run.fit
+    click.echo(f"\nplan fitted to the budget ({run.budget}):")
+    width = max((len(layer) for layer in run.plan), default=0)
+    for layer, level in run.plan.items():
+        click.echo(f"  {layer.ljust(width)}  {level:.4g}")
+    dense, predicted, measured = fit.dense, fit.cost, fit.measured
+    built = "the compacted model" if fit.dense_hardware else "its non-zero weights (only sparse hardware skips zeros)"
+    rows = [("dense", dense), ("plan, counted", predicted)] + ([(f"plan, measured on {built}", measured)]
+                                                            if measured is not None else [])
+    for label, cost in rows:
+        params, macs = cost.fraction_of(dense)
+        click.echo(f"  {label}: {cost.macs / 1e6:.2f} M MACs ({macs:.3f}), {cost.params / 1e6:.3f} M params ({params:.3f})")
+    word = "drop" if result.higher_is_better else "rise"
+    click.echo(f"{result.metric} with the whole plan applied at once: {run.score:.4f} (dense {result.baseline:.4f}; "
+               f"{word} {fit.drop:.4g}, the scan's curves predicted {fit.predicted_drop:.4g})")
 
 
 def _print_plan(

@@ -2,7 +2,10 @@
 
 A scan (:mod:`prunekit.sensitivity`) measures one layer (or channel group) at a time;
 planning decides what to prune with every layer pruned together. :func:`fit_plan` grows
-the plan whose joint score stays within a tolerance (:mod:`prunekit.planning.fit`);
+the plan whose joint score stays within a tolerance (:mod:`prunekit.planning.fit`), or
+the plan that meets a :class:`Budget` of MACs or parameters where the scan says it hurts least
+(:mod:`prunekit.planning.budget`, its costs counted on what ``compact`` builds:
+:mod:`prunekit.planning.costs`);
 :func:`run_scan` runs the whole job of ``prunekit scan``: metric, method data, scan, fit,
 compaction check (:mod:`prunekit.planning.pipeline`). Applying a plan to a model is
 :func:`prunekit.apply_plan` (``prunekit.plans``, below the scanner, which scores plans).
@@ -22,7 +25,12 @@ from prunekit._lazy import lazy_exports
 
 # Each public name is imported on first use (the fit needs torch).
 _EXPORTS = {
-    "PlanFit": "prunekit.planning.fit:PlanFit",
+    "Budget": "prunekit.planning.budget:Budget",
+    "BudgetError": "prunekit.planning.budget:BudgetError",
+    "BudgetFit": "prunekit.planning.budget:BudgetFit",
+    "Cost": "prunekit.planning.costs:Cost",
+    "plan_costs": "prunekit.planning.costs:plan_costs",
+    "PlanFit": "prunekit.planning.fitted:PlanFit",
     "fit_plan": "prunekit.planning.fit:fit_plan",
     "DEFAULT_MAX_DROP": "prunekit.planning.pipeline:DEFAULT_MAX_DROP",
     "ScanInterrupted": "prunekit.planning.pipeline:ScanInterrupted",
@@ -30,6 +38,6 @@ _EXPORTS = {
     "run_scan": "prunekit.planning.pipeline:run_scan",
 }
 
-__all__ = ["DEFAULT_MAX_DROP", "PlanFit", "ScanInterrupted", "ScanRun", "fit_plan", "run_scan"]
+__all__ = ["Budget", "BudgetError", "BudgetFit", "Cost", "DEFAULT_MAX_DROP", "PlanFit", "ScanInterrupted", "ScanRun", "fit_plan", "plan_costs", "run_scan"]
 
 lazy_exports(__name__, _EXPORTS)

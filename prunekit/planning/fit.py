@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
@@ -56,17 +55,15 @@ from prunekit.sensitivity.result import SensitivityResult
 from prunekit.sensitivity.tolerance import score_drop, within_tolerance
 from prunekit._rollback import eval_mode
 from prunekit.methods.base import PruningMethod
-from prunekit.methods.registry import get_method, prepared_method
+from prunekit.methods.registry import prepared_method
 from prunekit.sensitivity.scoring import PlanScorer, evaluate_plan
 from prunekit.sensitivity.settle import Estimate, Settler, Tolerance
+from prunekit.planning.budget import Budget, fit_budget
+from prunekit.planning.costs import scanned_weights
+from prunekit.planning.fitted import PlanFit, Trial
 
 __all__ = ["ORDERS", "PlanFit", "SEARCHES", "Trial", "fit_plan"]
 
-#: One measured plan: ``(layer, sparsity, joint score, kept)``, the plan being the one the fit had
-#: plus every step of the order up to ``layer`` at ``sparsity``. A trial that broke the tolerance
-#: stops once the break is certain (see :class:`~prunekit.sensitivity.settle.Tolerance`): its score
-#: is then that of the batches it used.
-Trial = Tuple[str, float, float, bool]
 SEARCHES = ("bisect", "greedy")
 ORDERS = ("weights", "drop")
 #: The default ``min_gain``: stop once the steps left could remove less than 0.5 % of the scanned weights.
@@ -77,29 +74,6 @@ DEFAULT_MIN_GAIN = 0.005
 SEARCH_REVISION = 3
 #: In the weights order, a rise in single-layer drop counts at least this share of the tolerance.
 ZERO_DROP_SHARE = 0.01
-
-
-@dataclass(frozen=True)
-class PlanFit:
-    """The fitted plan and how it was found.
-
-    Attributes:
-        plan: layer -> sparsity; its joint score is within the tolerance of the baseline.
-        score: the model's score with the whole plan applied.
-        trials: every plan measured, as ``(layer, sparsity, joint score, kept)`` (see :data:`Trial`).
-        steps: how many steps the order offered (the step-by-step search measures one plan per step
-            it reaches).
-        sparsity: the fraction of the scanned layers' weights the plan removes (a channel group counts
-            the weights of its layers).
-        left: the most the steps the fit did not try could have added to ``sparsity`` (``min_gain``).
-    """
-
-    plan: Dict[str, float]
-    score: float
-    trials: List[Trial] = field(default_factory=list)
-    steps: int = 0
-    sparsity: float = 0.0
-    left: float = 0.0
 
 
 Step = Tuple[str, int]  # (layer, index into the scan's levels)
@@ -164,30 +138,16 @@ def _weights_order(
     return [(layer, index) for _, _, index, layer in steps]
 
 
-def _scanned_weights(model: Optional[nn.Module], result: SensitivityResult) -> Dict[str, int]:
-    """Weights per scanned layer (a channel group: its layers' weights); 1 each without a model."""
-    if model is None:
-        return {layer: 1 for layer in result.layers}
-    pruning = get_method(result.method)
-    try:
-        blocks = pruning.blocks(model, result.layers)
-    except (KeyError, ValueError):
-        blocks = {}
-    weights = {}
-    for layer in result.layers:
-        members = pruning.block_layers(blocks[layer]) if layer in blocks else [layer]
-        weights[layer] = sum(int(model.get_submodule(name).weight.numel()) for name in members)
-    return weights
-
-
 def fit_plan(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     result: SensitivityResult,
-    max_drop: float,
+    max_drop: Optional[float] = None,
     relative: bool = False,
     stats: Optional[Mapping[str, Any]] = None,
     *,
+    budget: Optional[Budget] = None,
+    input_size: Optional[Sequence[int]] = None,
     criterion: Optional[str] = None,
     method: Any = None,
     resume_from: Optional[Sequence[Sequence[Any]]] = None,
@@ -198,7 +158,13 @@ def fit_plan(
     order: str = "weights",
     min_gain: float = DEFAULT_MIN_GAIN,
 ) -> PlanFit:
-    """Grow a plan from dense, step by step, while the JOINT score stays within ``max_drop``.
+    """Grow a plan from dense, step by step, while the JOINT score stays within ``max_drop``; or fit it to a ``budget``.
+
+    With ``budget`` (a :class:`~prunekit.planning.Budget`: fractions of the dense MACs and
+    parameters), the plan is the budget fit's (:func:`~prunekit.planning.budget.fit_budget`, MACs
+    counted at ``input_size``, default the metric's first batch): it meets the budget with the
+    smallest drop the scan predicts, is scored once with every layer pruned, and is refused when
+    it is beyond ``max_drop`` (if given); a :class:`~prunekit.planning.budget.BudgetFit` comes back.
 
     Each step raises one layer to a higher scanned sparsity, never above the layer's own
     :meth:`SensitivityResult.plan` level. With ``order="weights"`` (default) steps come in the order
@@ -218,6 +184,7 @@ def fit_plan(
         evaluate: the metric used for the scan.
         result: the finished scan.
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
+        budget, input_size: fit to a budget instead (above).
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
         method: the method object the scan was given (prepared: it owns its scores' data); default:
             the method the result names, with ``stats`` and ``criterion``.
@@ -250,6 +217,11 @@ def fit_plan(
         >>> fit.score <= 0.4 and any(fit.plan.values())
         True
     """
+    if budget is not None:
+        return fit_budget(model, evaluate, result, budget, method=method, stats=stats, criterion=criterion,
+                          input_size=input_size, max_drop=max_drop, relative=relative)
+    if max_drop is None:
+        raise TypeError("fit_plan needs max_drop (the tolerance) or budget (e.g. Budget(macs=0.5))")
     if not result.complete:
         raise ValueError("the scan is not complete; finish it (e.g. with --resume) before fitting a plan")
     if search not in SEARCHES:
@@ -262,7 +234,7 @@ def fit_plan(
     if pruning.name != result.method:
         raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     ceiling = result.plan(max_drop, relative)  # also validates the tolerance
-    weights = _scanned_weights(model, result)
+    weights = scanned_weights(model, result)
     steps = (_weights_order(result, ceiling, relative, weights, max_drop * ZERO_DROP_SHARE) if order == "weights"
              else _greedy_order(result, ceiling, relative))
     options = dict(search=search, order=order, min_gain=min_gain)

@@ -4,8 +4,9 @@
 batches once when points settle early, builds the metric, prepares the method on the batches
 (activation statistics, gradients), fingerprints weights and data, scans (saving every point
 in a :class:`~prunekit.sensitivity.folder.ScanFolder` and resuming from one), reads the
-per-layer plan, measures it with all its layers pruned, fits the joint plan, and checks on a
-copy that ``compact`` can shrink a channel plan. The model is left as it was.
+per-layer plan, measures it with all its layers pruned, fits the joint plan (to the tolerance,
+or to a :class:`~prunekit.planning.Budget` of MACs or parameters), and checks on a copy that
+``compact`` can shrink a channel plan. The model is left as it was.
 
 Example:
     >>> import torch
@@ -27,6 +28,7 @@ from torch import nn
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import get_method
 from prunekit.planning import fit as plan_fit  # read as plan_fit.fit_plan: what a test may replace
+from prunekit.planning.budget import Budget, check_reachable, smallest_cost
 from prunekit.sensitivity.distributed import is_main_process
 from prunekit.sensitivity.folder import FIT_FORMAT
 from prunekit.sensitivity.metrics import Accuracy, OutputDistortion
@@ -59,6 +61,8 @@ class ScanRun:
         per_layer_plan, per_layer_score: each layer's own highest level within the tolerance, and its joint score.
         fit: the :class:`~prunekit.planning.fit.PlanFit` (None without ``joint``).
         compaction_problem: for a channel plan, why ``compact`` would not shrink it (None: it would, or not checked).
+        budget: what the plan was fitted to (None: the tolerance); ``fit`` is then a
+            :class:`~prunekit.planning.budget.BudgetFit` with the plan's costs.
     """
 
     result: SensitivityResult
@@ -74,6 +78,20 @@ class ScanRun:
     fit: Any = None
     compaction_problem: Optional[str] = None
     data_description: Optional[str] = None
+    budget: Optional[Budget] = None
+
+    def costs(self) -> Optional[Dict[str, Any]]:
+        """The budget fit's costs, JSON-ready (None without a budget)."""
+        fit = self.fit
+        if self.budget is None or fit is None:
+            return None
+
+        def cost(value: Any) -> Optional[Dict[str, int]]:
+            return None if value is None else {"params": value.params, "macs": value.macs}
+
+        return {"budget": self.budget.targets(), "dense": cost(fit.dense), "plan": cost(fit.cost),
+                "measured": cost(fit.measured), "dense_hardware": fit.dense_hardware,
+                "predicted_drop": fit.predicted_drop, "drop": fit.drop}
 
     def write(self, folder: Any, context: Mapping[str, Any], warn: Callable[[str], None] = lambda message: None,
               ) -> Dict[str, str]:
@@ -91,6 +109,7 @@ class ScanRun:
             data_description=self.data_description, metric=result.metric, higher_is_better=result.higher_is_better,
             baseline=result.baseline, score_with_plan=self.score, per_layer_plan=self.per_layer_plan,
             score_with_per_layer_plan=self.per_layer_score, prunekit=__version__,
+            **({"budget": self.costs()} if self.budget is not None else {}),
         )
 
 
@@ -121,6 +140,7 @@ def run_scan(
     sparsities: Iterable[float] = DEFAULT_SPARSITIES,
     max_drop: Optional[float] = None,
     relative: bool = False,
+    budget: Optional[Budget] = None,
     confidence: Optional[float] = None,
     seed: int = 0,
     stack_levels: Union[bool, str] = "auto",
@@ -147,6 +167,9 @@ def run_scan(
             it already owns data.
         layers, sparsities, confidence, stack_levels: as for :func:`prunekit.sensitivity.scan`.
         max_drop, relative: the tolerance (default :data:`DEFAULT_MAX_DROP` for the metric).
+        budget: fit the plan to this :class:`~prunekit.planning.Budget` instead; ``max_drop``, when
+            given, must hold too (:class:`~prunekit.planning.BudgetError` otherwise). A budget no plan
+            over ``sparsities`` can meet is refused before the scan.
         joint: fit the plan with all its layers pruned together (:func:`prunekit.planning.fit_plan`);
             else the per-layer plan.
         folder: a :class:`~prunekit.sensitivity.folder.ScanFolder` that keeps every point and trial
@@ -161,6 +184,7 @@ def run_scan(
 
     Raises:
         ScanInterrupted: Ctrl-C; what was measured is in ``folder``.
+        BudgetError: ``budget`` is out of reach, or its plan is beyond ``max_drop``.
     """
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
     from prunekit.layers import resolve_layers
@@ -196,6 +220,12 @@ def run_scan(
     on_status(f"{data}metric: {evaluate.name}; {what} x {len(levels)} levels")
     if pruning.needs_data and pruning.data is None:
         pruning = pruning.prepare(model, batches, layers=None if layers is None else convs, progress=progress)
+    input_size = tuple(int(v) for v in (batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]).shape[1:])
+    if budget is not None:
+        if not joint:
+            raise ValueError("a budget is met by the plan with every layer pruned together: drop --per-layer (joint=False)")
+        check_reachable(budget, *smallest_cost(model, pruning, list(blocks), levels, input_size),
+                        "with every layer at its highest level")
     try:
         result = scan(model, evaluate, layers=None if layers is None else convs, sparsities=levels, method=pruning, progress=progress,
                       resume_from=resume_from, on_point=None if folder is None else folder.save_scan,
@@ -209,7 +239,11 @@ def run_scan(
     try:
         # Per-layer tolerances do not add up to a guarantee: measure the whole plan once.
         per_layer_score = evaluate_plan(model, evaluate, per_layer, method=pruning)
-        if joint:
+        if budget is not None:
+            on_status(f"fitting the plan to the budget ({budget}), costs counted on the compacted model")
+            fitted = plan_fit.fit_plan(model, evaluate, result, max_drop, relative, budget=budget,
+                                       input_size=input_size, method=pruning)
+        elif joint:
             on_status("fitting the plan so that all its layers pruned together stay within the tolerance")
             options = dict(relative=relative, method=pruning, progress=progress, confidence=confidence)
             if folder is not None:
@@ -226,7 +260,7 @@ def run_scan(
     if check_compaction and pruning.unit == "channels" and any(plan.values()):
         problem = compaction_problem_of(model, plan, pruning)
     return ScanRun(result, pruning, evaluate, tolerance, relative, joint, dict(plan), float(score), per_layer,
-                   float(per_layer_score), fitted, problem, data_description)
+                   float(per_layer_score), fitted, problem, data_description, budget)
 
 
 def compaction_problem_of(model: nn.Module, plan: Mapping[str, float], method: Any) -> Optional[str]:

@@ -1,0 +1,124 @@
+"""Prune to a MACs budget: prunekit's budget plan beside Torch-Pruning's recipes at equal measured MACs.
+
+For each model with trained weights (digits-vgg, digits-resnet) and each budget (1/2, 1/3, 1/4
+of the dense MACs), side by side in one run:
+
+- prunekit: ``--method channel`` (activation l2), scanned one group at a time on 360 training
+  digits, the plan fitted to the budget (``fit_budget``), applied and compacted;
+- Torch-Pruning 1.6 ``MetaPruner`` with L2 magnitude importance, a uniform ratio and
+  ``global_pruning=True``, and with Taylor importance (gradients of the loss on the same 360
+  training digits) uniform; each ratio bisected until its compacted model's MACs (counted by
+  prunekit's one counter) are at or just under the budget.
+
+Each compacted model is scored on the held-out digits (accuracy, the 360 shipped test images),
+no recovery, and timed at one thread, interleaved rounds, batch 64: the median latency over the
+dense model's (a speed-up), with its 95 % interval. Run: ``python benchmarks/budget.py`` (``pip install
+torch-pruning``, the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.datasets import digits_test_set, digits_train_set
+from prunekit.measure.macs import count_macs
+from prunekit.measure.timing import latency_samples, speedup
+from prunekit.methods.registry import get_method
+from prunekit.planning import Budget
+from prunekit.planning.budget import fit_budget
+from prunekit.sensitivity import Accuracy, scan
+
+
+def total_macs(model: nn.Module, size: Tuple[int, ...]) -> int:
+    return sum(dense for dense, _ in count_macs(model, size).values())
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.eval()(images).argmax(1) == labels).float().mean())
+
+
+def torch_pruning(model: nn.Module, example: torch.Tensor, ratio: float, how: str,
+                  batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    import torch_pruning as tp
+
+    model = prunekit.copy_model(model).eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    importance = tp.importance.TaylorImportance() if how == "taylor" else tp.importance.MagnitudeImportance(p=2)
+    pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                  global_pruning=how == "global", ignored_layers=[last])
+    if how == "taylor":
+        model.zero_grad()
+        for images, labels in batches:
+            nn.functional.cross_entropy(model(images), labels).backward()
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def at_budget(build: Callable[[float], nn.Module], size: Tuple[int, ...], target: float) -> nn.Module:
+    """The model ``build(ratio)`` gives at the largest MACs not above ``target``, ratio bisected (12 steps)."""
+    low, high, best = 0.0, 0.95, None
+    for _ in range(12):
+        middle = (low + high) / 2
+        model = build(middle)
+        if total_macs(model, size) <= target:
+            best, high = model, middle
+        else:
+            low = middle
+    return best if best is not None else build(high)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-vgg,digits-resnet")
+    parser.add_argument("--budgets", default="0.5,0.333,0.25")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
+          f"load {os.getloadavg()[0]:.2f}")
+    train = digits_train_set()
+    scan_images, scan_labels = train.tensors[0][:360], train.tensors[1][:360]
+    batches = [(scan_images[i:i + 120], scan_labels[i:i + 120]) for i in range(0, 360, 120)]
+    test_images, test_labels = digits_test_set().tensors
+    example = test_images[:1]
+    size = tuple(example.shape[1:])
+    timing_input = test_images[:64]
+    print("model         budget  recipe                MACs kept  held-out acc  speed-up over dense (95% interval)")
+    for name in args.models.split(","):
+        model = prunekit.load_model(name).eval()
+        dense_macs = total_macs(model, size)
+        metric = Accuracy(batches)
+        channel = get_method("channel").prepare(model, [b[0] for b in batches])
+        result = scan(model, metric, method=channel, sparsities=[i / 10 for i in range(1, 10)], progress=False)
+        for fraction in (float(b) for b in args.budgets.split(",")):
+            target = fraction * dense_macs
+            fit = fit_budget(model, metric, result, Budget(macs=fraction), method=channel, input_size=size)
+            models: Dict[str, nn.Module] = {"dense": model}
+            models["prunekit budget"] = prunekit.compact(
+                prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=channel), example)
+            for how in ("uniform", "global", "taylor"):
+                models[f"TP {how}"] = at_budget(lambda r: torch_pruning(model, example, r, how, batches), size, target)
+            samples = latency_samples(models, timing_input, repeats=args.rounds, warmup=3)
+            for recipe, pruned in models.items():
+                if recipe == "dense":
+                    continue
+                kept = total_macs(pruned, size) / dense_macs
+                faster = speedup(samples["dense"], samples[recipe])
+                print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {accuracy(pruned, test_images, test_labels):12.4f}"
+                      f"  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
+        print(f"{name:13s} dense   {'':20s}  {1.0:9.3f}  {accuracy(model, test_images, test_labels):12.4f}")
+    print(f"load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
