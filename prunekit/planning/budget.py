@@ -156,17 +156,16 @@ def _curves(result: SensitivityResult, relative: bool, ceilings: Mapping[str, fl
     return curves
 
 
-def _ceilings(model: nn.Module, method: PruningMethod, layers: Sequence[str]) -> Dict[str, float]:
-    blocks = method.blocks(model, list(layers))
-    return {layer: float(method.max_sparsity(blocks[layer])) for layer in layers}
+def _ceilings(method: PruningMethod, costs: PlanCosts) -> Dict[str, float]:
+    return {layer: float(method.max_sparsity(block)) for layer, block in costs.blocks.items()}
 
 
 def smallest_cost(
     model: nn.Module, method: PruningMethod, layers: Sequence[str], levels: Sequence[float], input_size: Sequence[int],
 ) -> Tuple[Cost, Cost]:
     """``(dense, smallest)``: the cost with every layer at its highest of ``levels`` it can take (before any scan)."""
-    ceilings = _ceilings(model, method, layers)
     costs = plan_costs(model, method, layers, input_size)
+    ceilings = _ceilings(method, costs)
     plan = {}
     for layer in layers:
         usable = [level for level in levels if level <= ceilings[layer] + 1e-12]
@@ -233,10 +232,12 @@ def fit_budget(
     if pruning.name != result.method:
         raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     size = tuple(input_size) if input_size is not None else _input_size(evaluate)
-    ceilings = _ceilings(model, pruning, result.layers)
-    curves = _curves(result, relative, ceilings)
     costs = plan_costs(model, pruning, result.layers, size)
-    plan = _spend(budget, costs, curves, _units(model, pruning, result.layers))
+    curves = _curves(result, relative, _ceilings(pruning, costs))
+    weights = scanned_weights(model, result)
+    # a level counts whole units: a channel group's units, a fine-grained layer's weights
+    units = {layer: len(block.units) for layer, block in costs.blocks.items()} if pruning.unit == "channels" else weights
+    plan = _spend(budget, costs, curves, units)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
     score = float(evaluate_plan(model, evaluate, plan, method=pruning)) if any(plan.values()) else float(result.baseline)
     drop = score_drop(score, float(result.baseline), result.higher_is_better, relative)
@@ -249,22 +250,13 @@ def fit_budget(
             f"the score by {drop:.4g} with every layer pruned, beyond max_drop={max_drop:g}: loosen the budget or "
             "raise --max-drop"
         )
-    measured = _built_cost(model, plan, pruning, size, costs) if check and any(plan.values()) else (
-        cost if check else None)
-    weights = scanned_weights(model, result)
+    measured = None
+    if check:  # a plan that prunes nothing builds the dense model: its cost is the count
+        measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else cost
     sparsity = sum(level * weights[layer] for layer, level in plan.items()) / (sum(weights.values()) or 1)
     return BudgetFit(plan=dict(plan), score=score, sparsity=sparsity, budget=budget, dense=costs.dense, cost=cost,
                      measured=measured, predicted_drop=float(predicted), drop=float(drop),
                      dense_hardware=costs.dense_hardware)
-
-
-def _units(model: nn.Module, method: PruningMethod, layers: Sequence[str]) -> Dict[str, int]:
-    """How many units a level of each layer counts (a channel group's units; a layer's weights)."""
-    blocks = method.blocks(model, list(layers))
-    if method.unit == "channels":
-        return {layer: len(blocks[layer].units) for layer in layers}
-    return {layer: sum(int(model.get_submodule(n).weight.numel()) for n in method.block_layers(blocks[layer]))
-            for layer in layers}
 
 
 def _spend(budget: Budget, costs: PlanCosts, curves: Mapping[str, _Curve], units: Mapping[str, int]) -> Dict[str, float]:

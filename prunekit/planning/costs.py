@@ -62,12 +62,14 @@ class PlanCosts(abc.ABC):
 
     Attributes:
         dense: the unpruned model's cost.
+        blocks: the method's blocks the plans name (what it masks per plan entry).
         dense_hardware: whether the counts hold on dense hardware (channel plans: ``compact``
             builds the smaller model); False for fine-grained plans, whose counts hold only
             where zeros are skipped.
     """
 
     dense: Cost
+    blocks: Dict[str, Any]
     dense_hardware: bool = True
 
     @abc.abstractmethod
@@ -103,10 +105,10 @@ class WeightCosts(PlanCosts):
 
     def __init__(self, model: nn.Module, method: PruningMethod, blocks: Sequence[str], input_size: Sequence[int]):
         macs = count_macs(model, input_size)
-        self._blocks = method.blocks(model, list(blocks))
+        self.blocks = method.blocks(model, list(blocks))
         self._weights: Dict[str, int] = {}
         self._macs: Dict[str, int] = {}
-        for key, block in self._blocks.items():
+        for key, block in self.blocks.items():
             names = method.block_layers(block)
             self._weights[key] = sum(int(model.get_submodule(n).weight.numel()) for n in names)
             self._macs[key] = sum(macs.get(n, (0, 0))[0] for n in names)
@@ -184,8 +186,8 @@ class ChannelCosts(PlanCosts):
         self._roots = roots
         self._flow = flow
         self._model = model
-        self._blocks = method.blocks(model, list(blocks))
-        self._scores = method.scores(model, self._blocks)
+        self.blocks = method.blocks(model, list(blocks))
+        self._scores = method.scores(model, self.blocks)
         self._names = {id(module): name for name, module in modules.items()}
         self._removed: Dict[Tuple[str, float], np.ndarray] = {}
         self._unit_readers: "List[List[int]] | None" = None
@@ -204,9 +206,9 @@ class ChannelCosts(PlanCosts):
         if level <= 0:
             return np.zeros(0, dtype=np.int64)
         scores = None if self._scores is None else self._scores.get(block)
-        masks = self.method.mask_maker(self._blocks[block], scores)(level)
+        masks = self.method.mask_maker(self.blocks[block], scores)(level)
         units = set()
-        for (module, name), mask in zip(self.method.targets(self._blocks[block]), masks):
+        for (module, name), mask in zip(self.method.targets(self.blocks[block]), masks):
             layer = self._names.get(id(module))
             if name != "weight" or layer not in self._flow.producers:
                 continue
@@ -222,7 +224,7 @@ class ChannelCosts(PlanCosts):
         """Bool per unit (and a last, always-true entry for channels never removed)."""
         alive = np.ones(self._unit_count + 1, dtype=bool)
         for block, level in plan.items():
-            if block in self._blocks and level > 0:
+            if block in self.blocks and level > 0:
                 alive[self.removed_units(block, level)] = False
         return alive
 
@@ -262,12 +264,11 @@ class ChannelCosts(PlanCosts):
         return self._unit_readers
 
     def _cost(self, alive: np.ndarray) -> Cost:
-        params, macs = float(self._fixed_params), 0.0
-        for k in self._entries():
-            entry_params, entry_macs = self._entry_cost(k, alive)
-            params += entry_params
-            macs += entry_macs
-        return Cost(int(round(params)), int(round(macs)))
+        return self._total([self._entry_cost(k, alive) for k in self._entries()])
+
+    def _total(self, entries: Sequence[Tuple[float, float]]) -> Cost:
+        """The model's cost from every layer's ``(params, MACs)`` (summed afresh: no running sum drifts)."""
+        return Cost(int(round(self._fixed_params + sum(e[0] for e in entries))), int(round(sum(e[1] for e in entries))))
 
 
 class Tally:
@@ -293,7 +294,7 @@ class _ChannelTally(Tally):
         self.costs, self.plan = costs, dict(plan)
         self.alive = costs.alive(self.plan)
         self.entries = [costs._entry_cost(k, self.alive) for k in costs._entries()]
-        self.cost = costs._cost(self.alive)
+        self.cost = costs._total(self.entries)
 
     def _changed(self, block: str, level: float) -> Tuple[np.ndarray, List[int], List[Tuple[float, float]]]:
         costs = self.costs
@@ -318,7 +319,7 @@ class _ChannelTally(Tally):
             self.entries[k] = entry
         self.alive = alive
         self.plan[block] = level
-        self.cost = self.costs._cost(alive)  # exact, not a running sum
+        self.cost = self.costs._total(self.entries)
 
 
 def scanned_weights(model: Optional[nn.Module], result: Any) -> Dict[str, int]:
