@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -80,6 +81,14 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
 @click.option("--target-params", type=float, default=None, metavar="FRACTION",
               help="Budget: the plan keeps at most this fraction of the dense model's parameters "
               "(counted like --target-macs; both may be given).")
+@click.option("--target-speedup", type=float, default=None, metavar="X",
+              help="Budget: the compacted model runs at least X times faster than the dense one (e.g. 2), "
+              "timed on this machine at batch 1 and --image-size with --threads (each layer timed alone at the "
+              "widths plans give it, cached in ~/.cache/prunekit or $PRUNEKIT_CACHE_DIR; the plan's compacted copy "
+              "is then timed beside the dense model and the target corrected by what it measured). Channel methods only.")
+@click.option("--target-latency", default=None, metavar="TIME",
+              help="Budget: at most this time per forward at batch 1 on this machine, with a unit: 20ms or 0.02s "
+              "(timed like --target-speedup).")
 @click.option("--confidence", type=float, default=None, metavar="P",
               help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
               "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
@@ -112,8 +121,8 @@ def scan_command(
     ctx: click.Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, data: str,
     image_size: Optional[int], batch_size: Optional[int], metric: Optional[str], method: str, criterion: Optional[str],
     sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, target_macs: Optional[float],
-    target_params: Optional[float], confidence: Optional[float],
-    stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
+    target_params: Optional[float], target_speedup: Optional[float], target_latency: Optional[str],
+    confidence: Optional[float], stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
     quiet: bool, as_json: bool,
 ) -> None:
     """Measure how sensitive each conv layer is to pruning, and suggest a plan.
@@ -125,9 +134,10 @@ def scan_command(
     stays within --max-drop of the dense model; with --joint (the default) the
     plan is then trimmed until the model with every layer pruned at once stays
     within --max-drop too (its trials are saved in fit.json: Ctrl-C there also
-    resumes). With a budget (--target-macs, --target-params) the plan is the one
-    that meets it with the smallest loss the scan predicts, scored with every
-    layer pruned and counted on the compacted model. plan.json records the model, weights and data, so that
+    resumes). With a budget (--target-macs, --target-params, --target-speedup,
+    --target-latency) the plan is the one that meets it with the smallest loss
+    the scan predicts, scored with every layer pruned and counted (and, for a
+    time budget, timed) on the compacted model. plan.json records the model, weights and data, so that
     `prunekit prune --plan DIR/plan.json` reuses them.
 
     With no options: the built-in digits-vgg model (trained weights shipped
@@ -135,13 +145,16 @@ def scan_command(
 
     """
     levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
-    budget = _checked_budget(target_macs, target_params, joint)
+    budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency)
     from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.planning.pipeline import ScanInterrupted, run_scan
 
     pruning = configured_method(method, criterion)
+    if budget is not None and budget.timed and pruning.unit != "channels":
+        raise ValueError(f"--method {method} leaves its zeros in place and runs as fast as the dense model here: "
+                         "--target-speedup/--target-latency need a channel method (e.g. --method channel)")
     target = ctx.with_resource(process_group(parse_device(device), timeout))
     folder = ScanFolder(out_dir)
     if not resume and not force:
@@ -205,20 +218,44 @@ def _checked_arguments(sparsities: str, layers: Optional[str], max_drop: Optiona
     return levels, names, out_dir
 
 
-def _checked_budget(target_macs: Optional[float], target_params: Optional[float], joint: bool) -> Any:
+def _checked_budget(target_macs: Optional[float], target_params: Optional[float], joint: bool,
+                    target_speedup: Optional[float] = None, target_latency: Optional[str] = None) -> Any:
     """The budget the options name (None: none), checked before torch loads."""
     for flag, value, what in (("--target-macs", target_macs, "MACs"), ("--target-params", target_params, "parameters")):
         if value is not None and not (math.isfinite(value) and 0 < value <= 1):
             raise ValueError(f"{flag} {value:g}: pass the fraction of the dense model's {what} to keep, in (0, 1] "
                              "(e.g. 0.5 for half)")
-    if target_macs is None and target_params is None:
+    if target_speedup is not None and not (math.isfinite(target_speedup) and target_speedup > 1):
+        raise ValueError(f"--target-speedup {target_speedup:g}: pass how many times faster than the dense model, "
+                         "above 1 (e.g. 2 for twice as fast)")
+    latency = None if target_latency is None else parse_latency(target_latency)
+    if target_macs is None and target_params is None and target_speedup is None and latency is None:
         return None
     if not joint:
-        raise ValueError("--per-layer cannot meet a budget (--target-macs/--target-params): the budget plan is "
-                         "scored with every layer pruned together; drop --per-layer")
+        raise ValueError("--per-layer cannot meet a budget (--target-macs/--target-params/--target-speedup/"
+                         "--target-latency): the budget plan is scored with every layer pruned together; drop --per-layer")
     from prunekit.planning.budget import Budget
 
-    return Budget(macs=target_macs, params=target_params)
+    return Budget(macs=target_macs, params=target_params, speedup=target_speedup, latency=latency)
+
+
+_TIME_UNITS = {"ms": 1e-3, "s": 1.0, "us": 1e-6}
+
+
+def parse_latency(text: str) -> float:
+    """Seconds from ``"20ms"``, ``"0.02s"`` or ``"500us"`` (a unit is required: a bare number is ambiguous).
+
+    Example:
+        >>> parse_latency("20ms"), parse_latency("0.5 s")
+        (0.02, 0.5)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|us)\s*", text)
+    if match is None:
+        raise ValueError(f"--target-latency {text!r}: pass a time per forward with its unit, e.g. 20ms or 0.02s")
+    seconds = float(match.group(1)) * _TIME_UNITS[match.group(2)]
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--target-latency {text!r}: pass a time above 0, e.g. 20ms")
+    return seconds
 
 
 def _report(run: Any, files: Dict[str, str], hint: Optional[str], as_json: bool, quiet: bool) -> None:
@@ -269,6 +306,11 @@ def _print_budget_plan(run: Any) -> None:
     for label, cost in rows:
         params, macs = cost.fraction_of(dense)
         click.echo(f"  {label}: {cost.macs / 1e6:.2f} M MACs ({macs:.3f}), {cost.params / 1e6:.3f} M params ({params:.3f})")
+    if fit.speedup is not None:
+        predicted = dense.seconds / predicted_seconds if (predicted_seconds := fit.cost.seconds) else float("nan")
+        correction = f", after {fit.corrections} correction(s) of the target" if fit.corrections else ""
+        click.echo(f"  time ({fit.timing}): dense {dense.seconds * 1e3:.2f} ms; the compacted plan runs {fit.speedup} "
+                   f"faster (the latency model predicted {predicted:.2f}x{correction})")
     word = "drop" if result.higher_is_better else "rise"
     click.echo(f"{result.metric} with the whole plan applied at once: {run.score:.4f} (dense {result.baseline:.4f}; "
                f"{word} {fit.drop:.4g}, the scan's curves predicted {fit.predicted_drop:.4g})")

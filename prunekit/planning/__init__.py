@@ -3,9 +3,11 @@
 A scan (:mod:`prunekit.sensitivity`) measures one layer (or channel group) at a time;
 planning decides what to prune with every layer pruned together. :func:`fit_plan` grows
 the plan whose joint score stays within a tolerance (:mod:`prunekit.planning.fit`), or
-the plan that meets a :class:`Budget` of MACs or parameters where the scan says it hurts least
-(:mod:`prunekit.planning.budget`, its costs counted on what ``compact`` builds:
-:mod:`prunekit.planning.costs`);
+the plan that meets a :class:`Budget` of MACs, parameters, speed-up or latency where the scan
+says it hurts least (:mod:`prunekit.planning.budget`, walking the curves in
+:mod:`prunekit.planning.walk`, its costs counted on what ``compact`` builds:
+:mod:`prunekit.planning.costs`, its times by a per-layer model measured on this machine:
+:mod:`prunekit.planning.latency`);
 :func:`run_scan` runs the whole job of ``prunekit scan``: metric, method data, scan, fit,
 compaction check (:mod:`prunekit.planning.pipeline`). Applying a plan to a model is
 :func:`prunekit.apply_plan` (``prunekit.plans``, below the scanner, which scores plans).
@@ -29,6 +31,8 @@ _EXPORTS = {
     "BudgetError": "prunekit.planning.budget:BudgetError",
     "BudgetFit": "prunekit.planning.budget:BudgetFit",
     "Cost": "prunekit.planning.costs:Cost",
+    "LatencyModel": "prunekit.planning.latency:LatencyModel",
+    "measure_latency": "prunekit.planning.latency:measure_latency",
     "plan_costs": "prunekit.planning.costs:plan_costs",
     "PlanFit": "prunekit.planning.fitted:PlanFit",
     "fit_plan": "prunekit.planning.fit:fit_plan",
@@ -38,6 +42,7 @@ _EXPORTS = {
     "run_scan": "prunekit.planning.pipeline:run_scan",
 }
 
-__all__ = ["Budget", "BudgetError", "BudgetFit", "Cost", "DEFAULT_MAX_DROP", "PlanFit", "ScanInterrupted", "ScanRun", "fit_plan", "plan_costs", "run_scan"]
+__all__ = ["Budget", "BudgetError", "BudgetFit", "Cost", "DEFAULT_MAX_DROP", "LatencyModel", "PlanFit", "ScanInterrupted",
+           "ScanRun", "fit_plan", "measure_latency", "plan_costs", "run_scan"]
 
 lazy_exports(__name__, _EXPORTS)

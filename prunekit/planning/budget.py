@@ -1,7 +1,10 @@
-"""Fit a plan to a budget: "half the MACs", "a third of the weights", spent where the scan says it hurts least.
+"""Fit a plan to a budget: "half the MACs", "2x faster", "under 20 ms", spent where the scan says it hurts least.
 
-A :class:`Budget` names what the pruned model may cost, as fractions of the dense model's
-MACs per sample and parameters. :func:`fit_budget` walks the scan's curves: from dense, it
+A :class:`Budget` names what the pruned model may cost: fractions of the dense model's
+MACs per sample and parameters, a speed-up over the dense model, or a latency per forward
+(both timed on this machine, batch 1, by :mod:`prunekit.planning.latency`'s per-layer
+model rather than guessed from MACs). :func:`fit_budget` walks the scan's curves
+(:mod:`prunekit.planning.walk`): from dense, it
 repeatedly raises the layer (or channel group) whose next level buys the most of the budget
 per unit of predicted score drop (the single-layer drops the scan measured, each curve made
 non-decreasing; a step may jump levels, so a curve that is flat and then falls is not
@@ -11,7 +14,12 @@ read them; a unit ``compact`` keeps costs what it did). The last step is then na
 the fewest units (or weights) that meet the budget, so the plan lands on the budget rather
 than a scanned level past it. The plan found is scored once with every layer pruned
 together, and, for a channel plan, compacted on a copy to count what the small model really
-costs. With ``max_drop`` as well, a plan beyond the tolerance is refused, saying by how much.
+costs. A speed-up or latency budget is then checked where it matters: the compacted copy is
+timed beside the dense model (interleaved rounds, as ``prunekit compact`` times them), and
+when the measured speed-up misses the target by more than :data:`SPEEDUP_TOLERANCE`, the
+target is corrected by the ratio measured over predicted and the walk run again (at most
+:data:`CORRECTIONS` times; the closest plan is kept). With ``max_drop`` as well, a plan
+beyond the tolerance is refused, saying by how much.
 
 Example:
     >>> import torch
@@ -29,8 +37,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,30 +48,45 @@ from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import prepared_method
 from prunekit.planning.costs import Cost, PlanCosts, measured_costs, nonzero_costs, plan_costs, scanned_weights
 from prunekit.planning.fitted import PlanFit
+from prunekit.planning.walk import curves_of, walk
 from prunekit.sensitivity.result import SensitivityResult
 from prunekit.sensitivity.scoring import evaluate_plan
 from prunekit.sensitivity.tolerance import check_tolerance, score_drop, within_tolerance
 
-__all__ = ["Budget", "BudgetError", "BudgetFit", "fit_budget", "smallest_cost"]
+__all__ = ["Budget", "BudgetError", "BudgetFit", "CORRECTIONS", "SPEEDUP_TOLERANCE", "fit_budget", "smallest_cost",
+           "timed_costs"]
 
-_KINDS = {"macs": "MACs", "params": "parameters"}
+_FRACTIONS = {"macs": "MACs", "params": "parameters"}
+
+#: A timed budget is met when the measured speed-up is within this fraction of the target's.
+SPEEDUP_TOLERANCE = 0.05
+#: How many times a timed budget's target is corrected by what the compacted model measured.
+CORRECTIONS = 3
 
 
 class BudgetError(ValueError):
     """A budget that cannot be met (by any plan the scan offers, or within the tolerance)."""
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """What the pruned model may cost, as fractions of the dense model's (each in (0, 1]; None: no limit).
+    """What the pruned model may cost (None: no limit).
 
     Attributes:
-        macs: multiply-accumulates per sample (``0.5``: half the dense MACs).
-        params: parameters.
+        macs: multiply-accumulates per sample, a fraction of the dense model's in (0, 1] (``0.5``: half).
+        params: parameters, a fraction in (0, 1].
+        speedup: how many times faster than the dense model (> 1), timed on this machine at batch 1.
+        latency: seconds per forward at batch 1 on this machine (``0.02``: 20 ms).
 
     Example:
         >>> Budget(macs=0.5)
-        Budget(macs=0.5, params=None)
+        Budget(macs=0.5, params=None, speedup=None, latency=None)
+        >>> str(Budget(speedup=2, latency=0.02))
+        'speed-up >= 2x, latency <= 20 ms'
         >>> Budget(macs=0)
         Traceback (most recent call last):
         ...
@@ -71,27 +95,63 @@ class Budget:
 
     macs: Optional[float] = None
     params: Optional[float] = None
+    speedup: Optional[float] = None
+    latency: Optional[float] = None
 
     def __post_init__(self) -> None:
-        for kind, value in self.targets().items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                    or not 0 < value <= 1:
-                raise ValueError(f"{kind}={value!r} is not a fraction of the dense model's {_KINDS[kind]} in (0, 1]; "
+        for kind in _FRACTIONS:
+            value = getattr(self, kind)
+            if value is not None and not (_is_number(value) and 0 < value <= 1):
+                raise ValueError(f"{kind}={value!r} is not a fraction of the dense model's {_FRACTIONS[kind]} in (0, 1]; "
                                  f"pass e.g. 0.5 to keep half of them")
+        if self.speedup is not None and not (_is_number(self.speedup) and self.speedup > 1):
+            raise ValueError(f"speedup={self.speedup!r} is not a speed-up over the dense model (> 1); "
+                             "pass e.g. 2 for twice as fast")
+        if self.latency is not None and not (_is_number(self.latency) and self.latency > 0):
+            raise ValueError(f"latency={self.latency!r} is not a time per forward in seconds (> 0); pass e.g. 0.02 for 20 ms")
         if not self.targets():
-            raise ValueError("a Budget needs macs or params (fractions of the dense model's), e.g. Budget(macs=0.5)")
+            raise ValueError("a Budget needs macs, params (fractions of the dense model's), speedup or latency, "
+                             "e.g. Budget(macs=0.5) or Budget(speedup=2)")
 
     def targets(self) -> Dict[str, float]:
-        """``{"macs": fraction, "params": fraction}`` for the limits given."""
-        return {kind: getattr(self, kind) for kind in _KINDS if getattr(self, kind) is not None}
+        """The limits given, by name (``{"macs": 0.5, "speedup": 2.0}``)."""
+        return {kind: getattr(self, kind) for kind in ("macs", "params", "speedup", "latency")
+                if getattr(self, kind) is not None}
+
+    @property
+    def timed(self) -> bool:
+        """Whether the budget limits time (``speedup`` or ``latency``): the plan's latency is then measured."""
+        return self.speedup is not None or self.latency is not None
+
+    def fractions(self, dense: Cost) -> Dict[str, float]:
+        """Each limit as a fraction of ``dense``'s cost: ``macs``, ``params`` and ``seconds`` (the tighter of the time limits)."""
+        fractions = {kind: getattr(self, kind) for kind in _FRACTIONS if getattr(self, kind) is not None}
+        if self.timed:
+            if dense.seconds is None:
+                raise ValueError("a speed-up or latency budget needs the plan's time: count the costs with a latency "
+                                 "model (prunekit.planning.budget.timed_costs)")
+            limits = ([1 / self.speedup] if self.speedup is not None else []) + (
+                [self.latency / dense.seconds] if self.latency is not None else [])
+            fractions["seconds"] = min(limits)
+        return fractions
 
     def excess(self, cost: Cost, dense: Cost) -> float:
         """How far ``cost`` is over the budget, summed over the limits as fractions of the dense costs (0: met)."""
-        return sum(max(0.0, getattr(cost, kind) / max(getattr(dense, kind), 1) - target)
-                   for kind, target in self.targets().items())
+        return _excess(self.fractions(dense), cost, dense)
 
     def __str__(self) -> str:
-        return ", ".join(f"{_KINDS[kind]} <= {target:g} of dense" for kind, target in self.targets().items())
+        words = [f"{_FRACTIONS[kind]} <= {getattr(self, kind):g} of dense" for kind in _FRACTIONS
+                 if getattr(self, kind) is not None]
+        if self.speedup is not None:
+            words.append(f"speed-up >= {self.speedup:g}x")
+        if self.latency is not None:
+            words.append(f"latency <= {self.latency * 1e3:g} ms")
+        return ", ".join(words)
+
+
+def _excess(fractions: Mapping[str, float], cost: Cost, dense: Cost) -> float:
+    return sum(max(0.0, getattr(cost, kind) / max(getattr(dense, kind), 1e-30 if kind == "seconds" else 1) - target)
+               for kind, target in fractions.items())
 
 
 @dataclass(frozen=True)
@@ -100,13 +160,19 @@ class BudgetFit(PlanFit):
 
     Attributes:
         budget: what was asked for.
-        dense: the dense model's cost; ``cost``: the plan's, counted without building it.
+        dense: the dense model's cost; ``cost``: the plan's, counted without building it (with a timed
+            budget, ``seconds`` is the latency model's prediction).
         measured: the cost counted on the model built (a channel plan: compacted on a copy; a
-            fine-grained one: its non-zero weights); None when it could not be built.
+            fine-grained one: its non-zero weights); None when it could not be built. With a timed
+            budget its ``seconds`` is the compacted model's measured median.
         predicted_drop: the scan's single-layer drops of the plan's levels, added up.
         drop: the measured drop of ``score`` with every layer pruned together.
         dense_hardware: whether the costs hold on dense hardware (False for fine-grained plans:
             only hardware that skips zeros sees them).
+        speedup: with a timed budget, the compacted model's measured speed-up over the dense model
+            (a :class:`~prunekit.measure.timing.Speedup`, with its interval).
+        timing: with a timed budget, what the times were measured at (threads, batch, device, input size).
+        corrections: how many times the time target was corrected by a measurement.
     """
 
     budget: Optional[Budget] = None
@@ -116,55 +182,55 @@ class BudgetFit(PlanFit):
     predicted_drop: float = 0.0
     drop: float = 0.0
     dense_hardware: bool = True
+    speedup: Any = None
+    timing: Optional[str] = None
+    corrections: int = 0
 
     def summary(self) -> str:
-        """One line: the costs as fractions of dense, and the drop."""
+        """One line: the costs as fractions of dense (and the measured speed-up), and the drop."""
         cost = self.measured or self.cost
         params, macs = cost.fraction_of(self.dense)
         where = "" if self.dense_hardware else " (non-zero weights: only hardware that skips zeros runs them)"
+        timed = f", runs {self.speedup} faster ({self.timing})" if self.speedup is not None else ""
         return (f"budget {self.budget}: the plan keeps {macs:.3f} of the MACs and {params:.3f} of the "
-                f"parameters{where}; score drop {self.drop:.4g} with every layer pruned (predicted {self.predicted_drop:.4g})")
-
-
-class _Curve:
-    """One layer's scanned levels and predicted drops, from (0, 0), made non-decreasing."""
-
-    def __init__(self, levels: Sequence[float], drops: Sequence[float]) -> None:
-        self.levels, self.drops = [0.0], [0.0]
-        for level, drop in zip(levels, drops):
-            if math.isfinite(drop):
-                self.levels.append(float(level))
-                self.drops.append(max(self.drops[-1], drop))
-
-    def at(self, level: float) -> float:
-        """The predicted drop at ``level``: linear between scanned levels."""
-        for k in range(1, len(self.levels)):
-            if level <= self.levels[k] + 1e-12:
-                low, high = self.levels[k - 1], self.levels[k]
-                share = 0.0 if high == low else (level - low) / (high - low)
-                return self.drops[k - 1] + share * (self.drops[k] - self.drops[k - 1])
-        return self.drops[-1]
-
-
-def _curves(result: SensitivityResult, relative: bool, ceilings: Mapping[str, float]) -> Dict[str, _Curve]:
-    curves = {}
-    for layer in result.layers:
-        pairs = [(level, score_drop(score, result.baseline, result.higher_is_better, relative))
-                 for level, score in zip(result.sparsities, result.scores[layer])
-                 if level <= ceilings[layer] + 1e-12 and score is not None]
-        curves[layer] = _Curve([p[0] for p in pairs], [p[1] for p in pairs])
-    return curves
+                f"parameters{where}{timed}; score drop {self.drop:.4g} with every layer pruned "
+                f"(predicted {self.predicted_drop:.4g})")
 
 
 def _ceilings(method: PruningMethod, costs: PlanCosts) -> Dict[str, float]:
     return {layer: float(method.max_sparsity(block)) for layer, block in costs.blocks.items()}
 
 
+def timed_costs(
+    model: nn.Module, method: PruningMethod, layers: Sequence[str], input_size: Sequence[int], *,
+    latency: Any = None, progress: bool = False,
+) -> PlanCosts:
+    """The cost model of ``method``'s plans with seconds too: ``latency`` (measured now when None, see
+    :func:`~prunekit.planning.latency.measure_latency`).
+
+    Raises:
+        BudgetError: a fine-grained method (its plans run at the dense model's speed on dense hardware).
+    """
+    from prunekit.planning.latency import measure_latency
+
+    costs = plan_costs(model, method, layers, input_size)
+    if not costs.dense_hardware:
+        raise BudgetError(f"a {method.name} plan leaves its zeros in place and runs as fast as the dense model on "
+                          "this hardware: a speed-up or latency budget needs a channel method (e.g. --method channel)")
+    if latency is None:
+        latency = measure_latency(model, input_size, costs.narrowable(), progress=progress)
+    return costs.timed(latency)
+
+
 def smallest_cost(
     model: nn.Module, method: PruningMethod, layers: Sequence[str], levels: Sequence[float], input_size: Sequence[int],
+    *, costs: Optional[PlanCosts] = None,
 ) -> Tuple[Cost, Cost]:
-    """``(dense, smallest)``: the cost with every layer at its highest of ``levels`` it can take (before any scan)."""
-    costs = plan_costs(model, method, layers, input_size)
+    """``(dense, smallest)``: the cost with every layer at its highest of ``levels`` it can take (before any scan).
+
+    ``costs``: the cost model to count with (e.g. :func:`timed_costs`'s; default: MACs and params).
+    """
+    costs = costs if costs is not None else plan_costs(model, method, layers, input_size)
     ceilings = _ceilings(method, costs)
     plan = {}
     for layer in layers:
@@ -178,9 +244,14 @@ def check_reachable(budget: Budget, dense: Cost, smallest: Cost, what: str) -> N
     """Refuse a budget below ``smallest`` (the cost ``what``, e.g. "with every layer at its highest level"), naming both."""
     if budget.excess(smallest, dense) > 0:
         params, macs = smallest.fraction_of(dense)
+        timed = ""
+        if smallest.seconds is not None and dense.seconds is not None:
+            timed = (f", {smallest.seconds * 1e3:.3g} ms per forward (dense {dense.seconds * 1e3:.3g} ms, "
+                     f"{dense.seconds / max(smallest.seconds, 1e-30):.2f}x faster)")
         raise BudgetError(
             f"the budget ({budget}) is out of reach: {what} the plan keeps {macs:.3f} of the MACs and {params:.3f} "
-            "of the parameters at best; loosen the budget, scan higher levels (--sparsities up to 0.95) or prune more layers"
+            f"of the parameters{timed} at best; loosen the budget, scan higher levels (--sparsities up to 0.95) or "
+            "prune more layers"
         )
 
 
@@ -205,6 +276,9 @@ def fit_budget(
     max_drop: Optional[float] = None,
     relative: bool = False,
     check: bool = True,
+    latency: Any = None,
+    timing_repeats: int = 15,
+    progress: bool = False,
 ) -> BudgetFit:
     """The plan that meets ``budget`` with the smallest predicted drop along the scan's curves; see the module docstring.
 
@@ -215,9 +289,14 @@ def fit_budget(
         budget: what the plan may cost.
         method, stats, criterion: the method scanned (prepared: it owns its scores' data), as for
             :func:`~prunekit.planning.fit_plan`.
-        input_size: ``(C, H, W)`` the MACs are counted at (default: the metric's first batch).
+        input_size: ``(C, H, W)`` the MACs are counted (and the times measured) at (default: the metric's first batch).
         max_drop, relative: a tolerance the plan must hold as well (None: report the drop only).
-        check: count the costs on the model built (compacted on a copy for a channel plan).
+        check: count the costs on the model built (compacted on a copy for a channel plan). A timed
+            budget is always checked: its compacted copy is timed beside the dense model.
+        latency: a timed budget's :class:`~prunekit.planning.latency.LatencyModel` (None: measured now,
+            with the model's device and torch's threads, batch 1; cached on disk).
+        timing_repeats: interleaved rounds each check of a timed budget takes.
+        progress: show a bar while layers are timed.
 
     Raises:
         BudgetError: no plan the scan offers meets the budget, or the one that does is beyond ``max_drop``.
@@ -232,12 +311,29 @@ def fit_budget(
     if pruning.name != result.method:
         raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     size = tuple(input_size) if input_size is not None else _input_size(evaluate)
-    costs = plan_costs(model, pruning, result.layers, size)
-    curves = _curves(result, relative, _ceilings(pruning, costs))
+    if budget.timed:
+        costs = timed_costs(model, pruning, result.layers, size, latency=latency, progress=progress)
+    else:
+        costs = plan_costs(model, pruning, result.layers, size)
+    curves = curves_of(result, relative, _ceilings(pruning, costs))
     weights = scanned_weights(model, result)
     # a level counts whole units: a channel group's units, a fine-grained layer's weights
     units = {layer: len(block.units) for layer, block in costs.blocks.items()} if pruning.unit == "channels" else weights
-    plan = _spend(budget, costs, curves, units)
+    fractions = budget.fractions(costs.dense)
+
+    def spend(targets: Mapping[str, float]) -> Dict[str, float]:
+        plan, tally = walk(lambda cost: _excess(targets, cost, costs.dense), costs, curves, units)
+        if _excess(targets, tally.cost, costs.dense) > 0:
+            check_reachable(budget, costs.dense, tally.cost, "with every layer at its highest scanned level")
+        return plan
+
+    plan = spend(fractions)
+    measured, timing, corrections = None, None, 0
+    if budget.timed:
+        plan, measured, timing, corrections = _timed_plan(model, plan, pruning, size, costs, fractions, spend,
+                                                          timing_repeats)
+    elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
+        measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
     score = float(evaluate_plan(model, evaluate, plan, method=pruning)) if any(plan.values()) else float(result.baseline)
     drop = score_drop(score, float(result.baseline), result.higher_is_better, relative)
@@ -250,79 +346,83 @@ def fit_budget(
             f"the score by {drop:.4g} with every layer pruned, beyond max_drop={max_drop:g}: loosen the budget or "
             "raise --max-drop"
         )
-    measured = None
-    if check:  # a plan that prunes nothing builds the dense model: its cost is the count
-        measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else cost
     sparsity = sum(level * weights[layer] for layer, level in plan.items()) / (sum(weights.values()) or 1)
     return BudgetFit(plan=dict(plan), score=score, sparsity=sparsity, budget=budget, dense=costs.dense, cost=cost,
                      measured=measured, predicted_drop=float(predicted), drop=float(drop),
-                     dense_hardware=costs.dense_hardware)
+                     dense_hardware=costs.dense_hardware, speedup=timing,
+                     timing=costs.latency.describe() if budget.timed else None, corrections=corrections)
 
 
-def _spend(budget: Budget, costs: PlanCosts, curves: Mapping[str, _Curve], units: Mapping[str, int]) -> Dict[str, float]:
-    """The greedy walk along the curves, then the last step narrowed to the budget (module docstring)."""
-    plan = {layer: 0.0 for layer in curves}
-    dense = costs.dense
-    tally = costs.tally(plan)
-    excess = budget.excess(tally.cost, dense)
-    scale = max([curve.drops[-1] for curve in curves.values()] + [0.0])
-    floor = 1e-6 * scale if scale > 0 else 1e-12  # a step the scan saw cost nothing is not quite free
-    last: Optional[Tuple[str, float]] = None
-    while excess > 0:
-        best: Optional[Tuple[float, float, str, float]] = None
-        for layer, curve in curves.items():
-            here = curve.at(plan[layer])
-            for level in curve.levels:
-                if level <= plan[layer] + 1e-12:
-                    continue
-                gained = excess - budget.excess(tally.trial(layer, level), dense)
-                if gained <= 0:
-                    continue
-                ratio = (max(0.0, curve.at(level) - here) + floor) / gained
-                if best is None or (ratio, -gained) < (best[0], -best[1]):
-                    best = (ratio, gained, layer, level)
-        if best is None:
-            break  # nothing left to raise
-        _, _, layer, level = best
-        last = (layer, plan[layer])
-        plan[layer] = level
-        tally.set(layer, level)
-        excess = budget.excess(tally.cost, dense)
-    if excess > 0:
-        check_reachable(budget, dense, tally.cost, "with every layer at its highest scanned level")
-    if last is not None:
-        layer, start = last
-        plan[layer] = _narrowed(budget, tally, layer, start, units[layer])
-    return {layer: level for layer, level in plan.items() if level > 0}
+def _timed_plan(
+    model: nn.Module, plan: Dict[str, float], method: PruningMethod, size: Sequence[int], costs: Any,
+    fractions: Mapping[str, float], spend: Callable[[Mapping[str, float]], Dict[str, float]], repeats: int,
+) -> Tuple[Dict[str, float], Optional[Cost], Any, int]:
+    """Time the compacted plan beside the dense model; correct the time target by what it measured (module docstring).
+
+    Returns the closest plan, its measured cost (seconds: the compacted model's median), its
+    measured :class:`~prunekit.measure.timing.Speedup` and the corrections made.
+    """
+    target = fractions["seconds"]
+    goal = 1 / target
+    tried: List[Tuple[float, Dict[str, float], Optional[Cost], Any]] = []
+    aim = dict(fractions)
+    for attempt in range(CORRECTIONS + 1):
+        built, speedup = _built_and_timed(model, plan, method, size, repeats)
+        if built is None:
+            return plan, None, None, attempt
+        tried.append((abs(math.log(speedup.ratio / goal)), plan, built, speedup))
+        if abs(speedup.ratio / goal - 1) <= SPEEDUP_TOLERANCE or attempt == CORRECTIONS:
+            break
+        # the model was off by measured / predicted (m / p): the next walk aims at target * p / m
+        predicted = costs.of(plan).seconds / costs.dense.seconds
+        aim["seconds"] = max(1e-6, min(1.0, target * predicted * speedup.ratio))
+        try:
+            corrected = spend(aim)
+        except BudgetError:
+            break  # the corrected target is out of the scan's reach: keep the closest plan so far
+        if corrected == plan:
+            break
+        plan = corrected
+    _, plan, built, speedup = min(tried, key=lambda entry: entry[0])
+    return plan, built, speedup, len(tried) - 1
 
 
-def _narrowed(budget: Budget, tally: Any, layer: str, start: float, units: int) -> float:
-    """The lowest level of ``layer`` above ``start`` (whole units) at which the tally's plan still meets the budget."""
-    low = round(start * units)  # does not meet it (the walk took a step from here)
-    high = round(tally.plan[layer] * units)  # meets it
-    while high - low > 1:
-        middle = (low + high) // 2
-        if budget.excess(tally.trial(layer, middle / units), tally.costs.dense) > 0:
-            low = middle
-        else:
-            high = middle
-    return high / units
+def _built_and_timed(model: nn.Module, plan: Mapping[str, float], method: PruningMethod, size: Sequence[int],
+                     repeats: int) -> Tuple[Optional[Cost], Any]:
+    """The compacted copy's cost (seconds: its median time) and its speed-up over ``model``, timed side by side."""
+    from prunekit.compact.measured import WARMUP_ROUNDS
+    from prunekit.measure.timing import latency_samples, speedup
+
+    small = _compacted(model, plan, method, size)
+    if small is None:
+        return None, None
+    parameter = next(model.parameters())
+    example = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+    samples = latency_samples({"dense": model, "compact": small}, example, repeats=repeats, warmup=WARMUP_ROUNDS)
+    cost = measured_costs(small, size)
+    return Cost(cost.params, cost.macs, statistics.median(samples["compact"])), speedup(samples["dense"], samples["compact"])
 
 
-def _built_cost(model: nn.Module, plan: Mapping[str, float], method: PruningMethod, size: Sequence[int],
-                costs: PlanCosts) -> Optional[Cost]:
-    """What the model built from ``plan`` costs: compacted on a copy (channels), or its non-zero weights."""
+def _compacted(model: nn.Module, plan: Mapping[str, float], method: PruningMethod, size: Sequence[int]) -> Optional[nn.Module]:
     from prunekit.compact import UnsupportedGraphError, compact
     from prunekit.plans import apply_plan
     from prunekit.reparametrization import copy_model
 
     pruned = apply_plan(copy_model(model), plan, method=method)
-    if not costs.dense_hardware:
-        return nonzero_costs(pruned, size)
     parameter = next(model.parameters())
     try:
-        small = compact(pruned, torch.zeros((1, *size), dtype=parameter.dtype, device=parameter.device))
+        return compact(pruned, torch.zeros((1, *size), dtype=parameter.dtype, device=parameter.device))
     except (UnsupportedGraphError, ValueError):
         return None
-    return measured_costs(small, size)
 
+
+def _built_cost(model: nn.Module, plan: Mapping[str, float], method: PruningMethod, size: Sequence[int],
+                costs: PlanCosts) -> Optional[Cost]:
+    """What the model built from ``plan`` costs: compacted on a copy (channels), or its non-zero weights."""
+    if not costs.dense_hardware:
+        from prunekit.plans import apply_plan
+        from prunekit.reparametrization import copy_model
+
+        return nonzero_costs(apply_plan(copy_model(model), plan, method=method), size)
+    small = _compacted(model, plan, method, size)
+    return None if small is None else measured_costs(small, size)

@@ -47,10 +47,11 @@ __all__ = ["ChannelCosts", "Cost", "PlanCosts", "Tally", "WeightCosts", "measure
 
 @dataclass(frozen=True)
 class Cost:
-    """Parameters and multiply-accumulates per sample of a model."""
+    """Parameters and multiply-accumulates per sample of a model; ``seconds`` per forward where a latency model timed it."""
 
     params: int
     macs: int
+    seconds: Optional[float] = None
 
     def fraction_of(self, dense: "Cost") -> Tuple[float, float]:
         """``(params, macs)`` as fractions of ``dense``'s."""
@@ -151,6 +152,8 @@ class ChannelCosts(PlanCosts):
             return roots.setdefault(root, len(roots))
 
         self._layers: List[_Layer] = []
+        self._layer_names: List[str] = []
+        self.latency: Any = None  # a LatencyModel once timed(): costs count seconds too
         counted = 0
         modules = dict(model.named_modules())
         for name, module in modules.items():
@@ -171,6 +174,7 @@ class ChannelCosts(PlanCosts):
             weight = module.weight
             dense_macs = macs.get(name, (0, 0))[0]
             counted += weight.numel() + (bias.numel() if bias is not None else 0)
+            self._layer_names.append(name)
             self._layers.append(_Layer(out_units, in_units, groups, weight.numel() / pairs, dense_macs / pairs,
                                        0 if bias is None else 1))
         self._per_channel: List[Tuple[np.ndarray, int]] = []
@@ -192,6 +196,17 @@ class ChannelCosts(PlanCosts):
         self._removed: Dict[Tuple[str, float], np.ndarray] = {}
         self._unit_readers: "List[List[int]] | None" = None
         self.dense = self._cost(np.ones(self._unit_count + 1, dtype=bool))
+
+    def narrowable(self) -> Dict[str, Tuple[bool, bool]]:
+        """Per conv / Linear: whether plans can narrow its inputs and its outputs (what a latency model times)."""
+        return {name: (bool((layer.in_units >= 0).any()), bool((layer.out_units >= 0).any()))
+                for name, layer in zip(self._layer_names, self._layers)}
+
+    def timed(self, latency: Any) -> "ChannelCosts":
+        """Count seconds too, from ``latency`` (a :class:`~prunekit.planning.latency.LatencyModel` of this model)."""
+        self.latency = latency
+        self.dense = self._cost(np.ones(self._unit_count + 1, dtype=bool))
+        return self
 
     # ------------------------------------------------------------------ which units a level removes
 
@@ -234,17 +249,20 @@ class ChannelCosts(PlanCosts):
     def tally(self, plan: Mapping[str, float]) -> "Tally":
         return _ChannelTally(self, plan)
 
-    def _entry_cost(self, k: int, alive: np.ndarray) -> Tuple[float, float]:
-        """(params, MACs) of layer ``k`` (a conv / Linear, then the per-channel layers) with ``alive`` units."""
+    def _entry_cost(self, k: int, alive: np.ndarray) -> Tuple[float, float, float]:
+        """(params, MACs, seconds) of layer ``k`` (a conv / Linear, then the per-channel layers) with ``alive`` units."""
         if k >= len(self._layers):
             units, per_channel = self._per_channel[k - len(self._layers)]
-            return float(per_channel * int(alive[units].sum())), 0.0
+            return float(per_channel * int(alive[units].sum())), 0.0, 0.0
         layer = self._layers[k]
         kept_out = alive[layer.out_units]
         per_group_out = kept_out.reshape(layer.groups, -1).sum(axis=1)
         per_group_in = alive[layer.in_units].reshape(layer.groups, -1).sum(axis=1)
         pairs = float(per_group_out @ per_group_in)
-        return layer.params_per_pair * pairs + layer.bias * int(kept_out.sum()), layer.macs_per_pair * pairs
+        seconds = 0.0
+        if self.latency is not None:
+            seconds = self.latency.layer_seconds(self._layer_names[k], float(per_group_in.sum()), float(per_group_out.sum()))
+        return layer.params_per_pair * pairs + layer.bias * int(kept_out.sum()), layer.macs_per_pair * pairs, seconds
 
     def _entries(self) -> range:
         return range(len(self._layers) + len(self._per_channel))
@@ -266,9 +284,11 @@ class ChannelCosts(PlanCosts):
     def _cost(self, alive: np.ndarray) -> Cost:
         return self._total([self._entry_cost(k, alive) for k in self._entries()])
 
-    def _total(self, entries: Sequence[Tuple[float, float]]) -> Cost:
-        """The model's cost from every layer's ``(params, MACs)`` (summed afresh: no running sum drifts)."""
-        return Cost(int(round(self._fixed_params + sum(e[0] for e in entries))), int(round(sum(e[1] for e in entries))))
+    def _total(self, entries: Sequence[Tuple[float, float, float]]) -> Cost:
+        """The model's cost from every layer's ``(params, MACs, seconds)`` (summed afresh: no running sum drifts)."""
+        seconds = None if self.latency is None else float(sum(e[2] for e in entries))
+        return Cost(int(round(self._fixed_params + sum(e[0] for e in entries))), int(round(sum(e[1] for e in entries))),
+                    seconds)
 
 
 class Tally:
@@ -296,7 +316,7 @@ class _ChannelTally(Tally):
         self.entries = [costs._entry_cost(k, self.alive) for k in costs._entries()]
         self.cost = costs._total(self.entries)
 
-    def _changed(self, block: str, level: float) -> Tuple[np.ndarray, List[int], List[Tuple[float, float]]]:
+    def _changed(self, block: str, level: float) -> Tuple[np.ndarray, List[int], List[Tuple[float, float, float]]]:
         costs = self.costs
         alive = self.alive.copy()
         before = costs.removed_units(block, self.plan.get(block, 0.0))
@@ -311,7 +331,9 @@ class _ChannelTally(Tally):
         _, touched, new = self._changed(block, level)
         params = self.cost.params + sum(n[0] - self.entries[k][0] for k, n in zip(touched, new))
         macs = self.cost.macs + sum(n[1] - self.entries[k][1] for k, n in zip(touched, new))
-        return Cost(int(round(params)), int(round(macs)))
+        seconds = None if self.cost.seconds is None else \
+            self.cost.seconds + sum(n[2] - self.entries[k][2] for k, n in zip(touched, new))
+        return Cost(int(round(params)), int(round(macs)), seconds)
 
     def set(self, block: str, level: float) -> None:
         alive, touched, new = self._changed(block, level)

@@ -23,12 +23,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import get_method
 from prunekit.planning import fit as plan_fit  # read as plan_fit.fit_plan: what a test may replace
-from prunekit.planning.budget import Budget, check_reachable, smallest_cost
+from prunekit.planning.budget import Budget, check_reachable, smallest_cost, timed_costs
+from prunekit.planning.latency import cache_folder
 from prunekit.sensitivity.distributed import is_main_process
 from prunekit.sensitivity.folder import FIT_FORMAT
 from prunekit.sensitivity.metrics import Accuracy, OutputDistortion
@@ -86,12 +88,19 @@ class ScanRun:
         if self.budget is None or fit is None:
             return None
 
-        def cost(value: Any) -> Optional[Dict[str, int]]:
-            return None if value is None else {"params": value.params, "macs": value.macs}
+        def cost(value: Any) -> Optional[Dict[str, Any]]:
+            if value is None:
+                return None
+            return {"params": value.params, "macs": value.macs,
+                    **({"seconds": value.seconds} if value.seconds is not None else {})}
 
+        timed = {}
+        if fit.speedup is not None:
+            timed = {"speedup": {"ratio": fit.speedup.ratio, "interval": [fit.speedup.low, fit.speedup.high]},
+                     "timing": fit.timing, "corrections": fit.corrections}
         return {"budget": self.budget.targets(), "dense": cost(fit.dense), "plan": cost(fit.cost),
                 "measured": cost(fit.measured), "dense_hardware": fit.dense_hardware,
-                "predicted_drop": fit.predicted_drop, "drop": fit.drop}
+                "predicted_drop": fit.predicted_drop, "drop": fit.drop, **timed}
 
     def write(self, folder: Any, context: Mapping[str, Any], warn: Callable[[str], None] = lambda message: None,
               ) -> Dict[str, str]:
@@ -220,11 +229,18 @@ def run_scan(
     on_status(f"{data}metric: {evaluate.name}; {what} x {len(levels)} levels")
     if pruning.needs_data and pruning.data is None:
         pruning = pruning.prepare(model, batches, layers=None if layers is None else convs, progress=progress)
+    latency = None
     input_size = tuple(int(v) for v in (batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]).shape[1:])
     if budget is not None:
         if not joint:
             raise ValueError("a budget is met by the plan with every layer pruned together: drop --per-layer (joint=False)")
-        check_reachable(budget, *smallest_cost(model, pruning, list(blocks), levels, input_size),
+        costs = None
+        if budget.timed:  # the latency model is measured (or read from the cache) once, before the scan
+            on_status(f"timing {type(model).__name__}'s layers on this machine (batch 1, {torch.get_num_threads()} "
+                      f"thread(s); cached in {cache_folder()})")
+            costs = timed_costs(model, pruning, list(blocks), input_size, progress=progress)
+            latency = costs.latency
+        check_reachable(budget, *smallest_cost(model, pruning, list(blocks), levels, input_size, costs=costs),
                         "with every layer at its highest level")
     try:
         result = scan(model, evaluate, layers=None if layers is None else convs, sparsities=levels, method=pruning, progress=progress,
@@ -242,7 +258,7 @@ def run_scan(
         if budget is not None:
             on_status(f"fitting the plan to the budget ({budget}), costs counted on the compacted model")
             fitted = plan_fit.fit_plan(model, evaluate, result, max_drop, relative, budget=budget,
-                                       input_size=input_size, method=pruning)
+                                       input_size=input_size, method=pruning, latency=latency)
         elif joint:
             on_status("fitting the plan so that all its layers pruned together stay within the tolerance")
             options = dict(relative=relative, method=pruning, progress=progress, confidence=confidence)
