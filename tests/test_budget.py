@@ -154,9 +154,44 @@ def test_the_budget_goes_where_the_scan_says_pruning_hurts_least():
     scores = {"0": [0.5, 0.6, 0.7], "2": [0.3, 0.6, 0.9], "4": [0.01, 0.02, 0.03]}
     result = SensitivityResult("distortion", False, 0.0, levels, scores, method="filter-norm")
     metric = OutputDistortion(torch.randn(2, 3, 8, 8))
-    fit = fit_budget(model, metric, result, Budget(macs=0.75), method=method, input_size=(3, 8, 8))
+    fit = fit_budget(model, metric, result, Budget(macs=0.75), method=method, input_size=(3, 8, 8), compare=False)
     assert fit.plan.get("4", 0) > fit.plan.get("2", 0)
-    assert fit.predicted_drop < 0.1
+    assert fit.predicted_drop < 0.1 and (fit.shape, fit.candidates) == ("walk", 1)
+
+
+def test_the_walk_is_compared_with_one_level_for_every_layer_and_the_best_joint_score_is_kept(scanned, monkeypatch):
+    import prunekit.planning.budget as budget_module
+
+    model, metric, result = scanned
+    scored = []
+    original = budget_module.evaluate_plan
+
+    def recording(model_, metric_, plan, **kwargs):
+        score = original(model_, metric_, plan, **kwargs)
+        scored.append((dict(plan), float(score)))
+        return score
+
+    monkeypatch.setattr(budget_module, "evaluate_plan", recording)
+    budget = Budget(macs=0.4)
+    fit = fit_budget(model, metric, result, budget, method="filter-norm")
+    walk_only = fit_budget(model, metric, result, budget, method="filter-norm", compare=False)
+    assert fit.candidates == len(scored) - 1 >= 2  # the candidates, then the walk alone
+    assert fit.score == min(score for _, score in scored[:-1])  # distortion: lower is better
+    assert fit.score <= walk_only.score and walk_only.plan == scored[-1][0]
+    assert fit.shape in ("walk", "uniform", "walk + uniform")
+    costs = plan_costs(model, get_method("filter-norm"), result.layers, SIZE)
+    units = {key: len(block.units) for key, block in costs.blocks.items()}
+    ceilings = {key: get_method("filter-norm").max_sparsity(block) for key, block in costs.blocks.items()}
+
+    def one_level(plan):  # every layer at one level, up to rounding to whole units and each layer's ceiling
+        return len(plan) == len(result.layers) and any(
+            all(abs(plan[key] - min(level, ceilings[key])) <= 0.5 / units[key] + 1e-6 for key in plan)
+            for level in plan.values())
+
+    uniform = [plan for plan, _ in scored[:-1] if one_level(plan)]
+    assert uniform, "one level for every layer is among the candidates"
+    for plan, _ in scored[:-1]:
+        assert budget.excess(costs.of(plan), costs.dense) == 0  # every candidate meets the budget
 
 
 def test_a_budget_beyond_max_drop_is_refused_saying_by_how_much(scanned):

@@ -295,7 +295,10 @@ _INTERRUPTED = {
 
 def _print_budget_plan(run: Any) -> None:
     result, fit = run.result, run.fit
-    click.echo(f"\nplan fitted to the budget ({run.budget}):")
+    shape = {"walk": "the walk along the scan's curves", "uniform": "one level for every layer",
+             "walk + uniform": "the walk blended with one level for every layer"}[fit.shape]
+    click.echo(f"\nplan fitted to the budget ({run.budget}): {shape}, the best of {fit.candidates} plans "
+               "scored with every layer pruned")
     width = max((len(layer) for layer in run.plan), default=0)
     for layer, level in run.plan.items():
         click.echo(f"  {layer.ljust(width)}  {level:.4g}")

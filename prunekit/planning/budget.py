@@ -12,9 +12,11 @@ cut short), counting every step's cost on the model ``compact`` will build
 (:mod:`prunekit.planning.costs`: removing a group's channels also shrinks the layers that
 read them; a unit ``compact`` keeps costs what it did). The last step is then narrowed to
 the fewest units (or weights) that meet the budget, so the plan lands on the budget rather
-than a scanned level past it. The plan found is scored once with every layer pruned
-together, and, for a channel plan, compacted on a copy to count what the small model really
-costs. A speed-up or latency budget is then checked where it matters: the compacted copy is
+than a scanned level past it. Single-layer drops add up poorly when many layers are pruned at
+once, so the walk's plan is compared with one level for every layer and a blend of the two
+(:func:`~prunekit.planning.walk.scaled`), each meeting the budget, all scored with every layer
+pruned together on the scan's data; the best is kept and, for a channel plan, compacted on
+a copy to count what the small model really costs. A speed-up or latency budget is then checked where it matters: the compacted copy is
 timed beside the dense model (interleaved rounds, as ``prunekit compact`` times them), and
 when the measured speed-up misses the target by more than :data:`SPEEDUP_TOLERANCE`, the
 target is corrected by the ratio measured over predicted and the walk run again (at most
@@ -48,7 +50,7 @@ from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import prepared_method
 from prunekit.planning.costs import Cost, PlanCosts, measured_costs, nonzero_costs, plan_costs, scanned_weights
 from prunekit.planning.fitted import PlanFit
-from prunekit.planning.walk import curves_of, walk
+from prunekit.planning.walk import curves_of, scaled, walk
 from prunekit.sensitivity.result import SensitivityResult
 from prunekit.sensitivity.scoring import evaluate_plan
 from prunekit.sensitivity.tolerance import check_tolerance, score_drop, within_tolerance
@@ -173,6 +175,8 @@ class BudgetFit(PlanFit):
             (a :class:`~prunekit.measure.timing.Speedup`, with its interval).
         timing: with a timed budget, what the times were measured at (threads, batch, device, input size).
         corrections: how many times the time target was corrected by a measurement.
+        shape: which candidate the plan is (``"walk"``, ``"uniform"`` or ``"walk + uniform"``, see
+            ``compare`` in :func:`fit_budget`); ``candidates``: how many plans were scored jointly.
     """
 
     budget: Optional[Budget] = None
@@ -185,6 +189,8 @@ class BudgetFit(PlanFit):
     speedup: Any = None
     timing: Optional[str] = None
     corrections: int = 0
+    shape: str = "walk"
+    candidates: int = 1
 
     def summary(self) -> str:
         """One line: the costs as fractions of dense (and the measured speed-up), and the drop."""
@@ -279,6 +285,7 @@ def fit_budget(
     latency: Any = None,
     timing_repeats: int = 15,
     progress: bool = False,
+    compare: bool = True,
 ) -> BudgetFit:
     """The plan that meets ``budget`` with the smallest predicted drop along the scan's curves; see the module docstring.
 
@@ -297,6 +304,9 @@ def fit_budget(
             with the model's device and torch's threads, batch 1; cached on disk).
         timing_repeats: interleaved rounds each check of a timed budget takes.
         progress: show a bar while layers are timed.
+        compare: score the walk's plan, one level for every layer (``"uniform"``) and their blend
+            (``"walk + uniform"``), each meeting the budget, with every layer pruned together, and keep
+            the best (``BudgetFit.shape`` says which); False: the walk's plan alone.
 
     Raises:
         BudgetError: no plan the scan offers meets the budget, or the one that does is beyond ``max_drop``.
@@ -321,11 +331,39 @@ def fit_budget(
     units = {layer: len(block.units) for layer, block in costs.blocks.items()} if pruning.unit == "channels" else weights
     fractions = budget.fractions(costs.dense)
 
+    ceilings = _ceilings(pruning, costs)
+    scores: Dict[Tuple[Tuple[str, float], ...], float] = {}
+    shapes: Dict[str, str] = {}
+
+    def joint_score(plan: Mapping[str, float]) -> float:
+        key = tuple(sorted(plan.items()))
+        if key not in scores:
+            scores[key] = float(evaluate_plan(model, evaluate, plan, method=pruning)) if any(plan.values()) \
+                else float(result.baseline)
+        return scores[key]
+
     def spend(targets: Mapping[str, float]) -> Dict[str, float]:
-        plan, tally = walk(lambda cost: _excess(targets, cost, costs.dense), costs, curves, units)
-        if _excess(targets, tally.cost, costs.dense) > 0:
+        excess_of = lambda cost: _excess(targets, cost, costs.dense)  # noqa: E731
+        plan, tally = walk(excess_of, costs, curves, units)
+        if excess_of(tally.cost) > 0:
             check_reachable(budget, costs.dense, tally.cost, "with every layer at its highest scanned level")
-        return plan
+        if not compare:
+            return plan
+        # the walk adds single-layer drops; the candidates are scored with every layer pruned together
+        candidates = {"walk": plan}
+        uniform = scaled({layer: 1.0 for layer in curves}, excess_of, costs, ceilings, units)
+        if uniform is not None:
+            candidates["uniform"] = uniform
+            mean = sum(plan.values()) / max(len(curves), 1)
+            if mean > 0:
+                blend = scaled({layer: 1.0 + plan.get(layer, 0.0) / mean for layer in curves}, excess_of, costs,
+                               ceilings, units)
+                if blend is not None:
+                    candidates["walk + uniform"] = blend
+        sign = 1.0 if result.higher_is_better else -1.0
+        name = max(candidates, key=lambda key: (sign * joint_score(candidates[key]), key == "walk"))
+        shapes[str(sorted(candidates[name].items()))] = name
+        return candidates[name]
 
     plan = spend(fractions)
     measured, timing, corrections = None, None, 0
@@ -335,7 +373,7 @@ def fit_budget(
     elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
         measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
-    score = float(evaluate_plan(model, evaluate, plan, method=pruning)) if any(plan.values()) else float(result.baseline)
+    score = joint_score(plan)
     drop = score_drop(score, float(result.baseline), result.higher_is_better, relative)
     cost = costs.of(plan)
     if max_drop is not None and not within_tolerance(score, float(result.baseline), result.higher_is_better,
@@ -350,7 +388,8 @@ def fit_budget(
     return BudgetFit(plan=dict(plan), score=score, sparsity=sparsity, budget=budget, dense=costs.dense, cost=cost,
                      measured=measured, predicted_drop=float(predicted), drop=float(drop),
                      dense_hardware=costs.dense_hardware, speedup=timing,
-                     timing=costs.latency.describe() if budget.timed else None, corrections=corrections)
+                     timing=costs.latency.describe() if budget.timed else None, corrections=corrections,
+                     shape=shapes.get(str(sorted(plan.items())), "walk"), candidates=len(scores))
 
 
 def _timed_plan(

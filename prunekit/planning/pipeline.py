@@ -100,7 +100,8 @@ class ScanRun:
                      "timing": fit.timing, "corrections": fit.corrections}
         return {"budget": self.budget.targets(), "dense": cost(fit.dense), "plan": cost(fit.cost),
                 "measured": cost(fit.measured), "dense_hardware": fit.dense_hardware,
-                "predicted_drop": fit.predicted_drop, "drop": fit.drop, **timed}
+                "predicted_drop": fit.predicted_drop, "drop": fit.drop, "shape": fit.shape,
+                "candidates": fit.candidates, **timed}
 
     def write(self, folder: Any, context: Mapping[str, Any], warn: Callable[[str], None] = lambda message: None,
               ) -> Dict[str, str]:

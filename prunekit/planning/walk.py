@@ -21,7 +21,7 @@ from prunekit.planning.costs import Cost, PlanCosts, Tally
 from prunekit.sensitivity.result import SensitivityResult
 from prunekit.sensitivity.tolerance import score_drop
 
-__all__ = ["Curve", "curves_of", "walk"]
+__all__ = ["Curve", "curves_of", "scaled", "walk"]
 
 #: How far a cost is over the budget (0: met), from the cost alone.
 Excess = Callable[[Cost], float]
@@ -106,3 +106,38 @@ def _narrowed(excess_of: Excess, tally: Tally, layer: str, start: float, units: 
         else:
             high = middle
     return high / units
+
+
+def scaled(shape: Mapping[str, float], excess_of: Excess, costs: PlanCosts, ceilings: Mapping[str, float],
+           units: Mapping[str, int]) -> Optional[Dict[str, float]]:
+    """The plan ``{layer: min(ceiling, scale * shape[layer])}`` (whole units) at the least scale that meets the budget.
+
+    ``shape`` gives each layer's level relative to the others (all 1: one level for every layer).
+    None when even every layer at its ceiling does not meet the budget.
+
+    Example:
+        >>> from torch import nn
+        >>> from prunekit.methods.registry import get_method
+        >>> from prunekit.planning.costs import plan_costs
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> costs = plan_costs(model, get_method("filter-norm"), ["0", "2"], (3, 16, 16))
+        >>> half = lambda cost: max(0.0, cost.macs / costs.dense.macs - 0.5)
+        >>> scaled({"0": 1.0, "2": 1.0}, half, costs, {"0": 0.9, "2": 0.9}, {"0": 8, "2": 8})
+        {'0': 0.375, '2': 0.375}
+    """
+
+    def plan_at(scale: float) -> Dict[str, float]:
+        return {layer: min(ceilings[layer], round(min(1.0, scale * weight) * units[layer]) / units[layer])
+                for layer, weight in shape.items() if weight > 0}
+
+    top = max((ceilings[layer] / weight for layer, weight in shape.items() if weight > 0), default=0.0)
+    if top <= 0 or excess_of(costs.of(plan_at(top))) > 0:
+        return None
+    low, high = 0.0, top
+    for _ in range(40):
+        middle = (low + high) / 2
+        if excess_of(costs.of(plan_at(middle))) > 0:
+            low = middle
+        else:
+            high = middle
+    return {layer: level for layer, level in plan_at(high).items() if level > 0}
