@@ -342,7 +342,8 @@ def fit_budget(
                 else float(result.baseline)
         return scores[key]
 
-    def spend(targets: Mapping[str, float]) -> Dict[str, float]:
+    def spend(targets: Mapping[str, float], only: Optional[str] = None) -> Dict[str, float]:
+        """The best candidate meeting ``targets`` (``only``: that candidate's shape, e.g. for a corrected target)."""
         excess_of = lambda cost: _excess(targets, cost, costs.dense)  # noqa: E731
         plan, tally = walk(excess_of, costs, curves, units)
         if excess_of(tally.cost) > 0:
@@ -360,6 +361,8 @@ def fit_budget(
                                ceilings, units)
                 if blend is not None:
                     candidates["walk + uniform"] = blend
+        if only is not None and only in candidates:
+            candidates = {only: candidates[only]}
         sign = 1.0 if result.higher_is_better else -1.0
         name = max(candidates, key=lambda key: (sign * joint_score(candidates[key]), key == "walk"))
         shapes[str(sorted(candidates[name].items()))] = name
@@ -368,8 +371,10 @@ def fit_budget(
     plan = spend(fractions)
     measured, timing, corrections = None, None, 0
     if budget.timed:
-        plan, measured, timing, corrections = _timed_plan(model, plan, pruning, size, costs, fractions, spend,
-                                                          timing_repeats)
+        # a corrected target keeps the shape chosen first: switching shapes between corrections would not converge
+        first = shapes.get(str(sorted(plan.items())), "walk")
+        plan, measured, timing, corrections = _timed_plan(model, plan, pruning, size, costs, fractions,
+                                                          lambda aim: spend(aim, only=first), timing_repeats)
     elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
         measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
