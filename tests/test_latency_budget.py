@@ -187,6 +187,37 @@ def test_a_timed_budget_fit_measures_the_compacted_copy_and_leaves_the_model_as_
         assert torch.equal(value, before[key]), key
 
 
+def test_a_timed_fit_counts_with_the_cost_model_it_is_given_and_builds_none(monkeypatch):
+    model, metric, result = _scanned()
+    method = get_method("filter-norm")
+    latency = _synthetic_latency(plan_costs(model, method, result.layers, SIZE))
+    timed = plan_costs(model, method, result.layers, SIZE).timed(latency)
+    monkeypatch.setattr(budget_module, "_built_and_timed", lambda model_, plan, method_, size, repeats: (
+        timed.of(plan), Speedup(timed.dense.seconds / timed.of(plan).seconds, 1.0, 9.0, 0.95)))
+    expected = fit_budget(model, metric, result, Budget(speedup=1.5), method=method, input_size=SIZE, latency=latency)
+    monkeypatch.setattr(budget_module, "plan_costs", lambda *a, **k: pytest.fail("built a second cost model"))
+    given = fit_budget(model, metric, result, Budget(speedup=1.5), method=method, input_size=SIZE, costs=timed)
+    assert given.plan == expected.plan and given.cost == expected.cost
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="needs seconds in its cost model"):
+        fit_budget(model, metric, result, Budget(speedup=1.5), method=method, input_size=SIZE,
+                   costs=plan_costs(model, method, result.layers, SIZE))
+    with pytest.raises(ValueError, match="other layers than the scan's"):
+        fit_budget(model, metric, result, Budget(macs=0.5), method=method, input_size=SIZE,
+                   costs=plan_costs(model, method, result.layers[:1], SIZE))
+
+
+def test_run_scan_traces_the_timed_cost_model_once(monkeypatch):
+    built = []
+    real = budget_module.plan_costs
+    monkeypatch.setattr(budget_module, "plan_costs", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = randomize_batchnorms(_model())
+    run = run_scan(model, [torch.randn(2, *SIZE)], method="filter-norm", sparsities=(0.25, 0.5),
+                   budget=Budget(speedup=1.1), progress=False)
+    assert run.fit is not None and run.fit.speedup is not None
+    assert len(built) == 1  # timed_costs before the scan; the fit counts with that one
+
+
 def test_a_fine_grained_method_cannot_take_a_time_budget():
     model = _model()
     with pytest.raises(BudgetError, match="runs as fast as the dense model .* channel method"):

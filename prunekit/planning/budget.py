@@ -286,6 +286,7 @@ def fit_budget(
     timing_repeats: int = 15,
     progress: bool = False,
     compare: bool = True,
+    costs: Optional[PlanCosts] = None,
 ) -> BudgetFit:
     """The plan that meets ``budget`` with the smallest predicted drop along the scan's curves; see the module docstring.
 
@@ -307,6 +308,8 @@ def fit_budget(
         compare: score the walk's plan, one level for every layer (``"uniform"``) and their blend
             (``"walk + uniform"``), each meeting the budget, with every layer pruned together, and keep
             the best (``BudgetFit.shape`` says which); False: the walk's plan alone.
+        costs: the cost model of ``method``'s plans over the scanned layers at ``input_size``, when
+            already built (:func:`plan_costs`, or :func:`timed_costs` for a timed budget); None: built here.
 
     Raises:
         BudgetError: no plan the scan offers meets the budget, or the one that does is beyond ``max_drop``.
@@ -321,10 +324,13 @@ def fit_budget(
     if pruning.name != result.method:
         raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     size = tuple(input_size) if input_size is not None else _input_size(evaluate)
-    if budget.timed:
-        costs = timed_costs(model, pruning, result.layers, size, latency=latency, progress=progress)
-    else:
-        costs = plan_costs(model, pruning, result.layers, size)
+    if costs is None:
+        costs = timed_costs(model, pruning, result.layers, size, latency=latency, progress=progress) \
+            if budget.timed else plan_costs(model, pruning, result.layers, size)
+    elif sorted(costs.blocks) != sorted(result.layers):
+        raise ValueError("costs were counted over other layers than the scan's; build them with result.layers")
+    elif budget.timed and getattr(costs, "latency", None) is None:
+        raise ValueError("a timed budget needs seconds in its cost model: pass timed_costs(...), not plan_costs(...)")
     curves = curves_of(result, relative, _ceilings(pruning, costs))
     weights = scanned_weights(model, result)
     # a level counts whole units: a channel group's units, a fine-grained layer's weights

@@ -158,6 +158,7 @@ def fit_plan(
     order: str = "weights",
     min_gain: float = DEFAULT_MIN_GAIN,
     latency: Any = None,
+    costs: Any = None,
 ) -> PlanFit:
     """Grow a plan from dense, step by step, while the JOINT score stays within ``max_drop``; or fit it to a ``budget``.
 
@@ -186,7 +187,8 @@ def fit_plan(
         result: the finished scan.
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         budget, input_size: fit to a budget instead (above); ``latency``: a timed budget's
-            :class:`~prunekit.planning.latency.LatencyModel` (None: measured then, cached on disk).
+            :class:`~prunekit.planning.latency.LatencyModel` (None: measured then, cached on disk);
+            ``costs``: the budget's cost model when already built (see :func:`~prunekit.planning.budget.fit_budget`).
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
         method: the method object the scan was given (prepared: it owns its scores' data); default:
             the method the result names, with ``stats`` and ``criterion``.
@@ -221,7 +223,7 @@ def fit_plan(
     """
     if budget is not None:
         return fit_budget(model, evaluate, result, budget, method=method, stats=stats, criterion=criterion,
-                          input_size=input_size, max_drop=max_drop, relative=relative, latency=latency,
+                          input_size=input_size, max_drop=max_drop, relative=relative, latency=latency, costs=costs,
                           progress=progress)
     if max_drop is None:
         raise TypeError("fit_plan needs max_drop (the tolerance) or budget (e.g. Budget(macs=0.5))")

@@ -188,8 +188,7 @@ class _Layer:
     def counts(self, dense: int, narrow: bool, multiple: int = 1) -> Tuple[int, ...]:
         if not narrow:
             return (dense,)
-        values = {max(multiple, int(round(f * dense / multiple)) * multiple) for f in GRID}
-        return tuple(sorted(min(v, dense) for v in values))
+        return tuple(sorted({min(dense, max(multiple, int(round(f * dense / multiple)) * multiple)) for f in GRID}))
 
     def replica(self, kept_in: int, kept_out: int) -> nn.Module:
         m = self.module

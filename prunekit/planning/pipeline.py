@@ -230,17 +230,15 @@ def run_scan(
     on_status(f"{data}metric: {evaluate.name}; {what} x {len(levels)} levels")
     if pruning.needs_data and pruning.data is None:
         pruning = pruning.prepare(model, batches, layers=None if layers is None else convs, progress=progress)
-    latency = None
+    costs = None
     input_size = tuple(int(v) for v in (batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]).shape[1:])
     if budget is not None:
         if not joint:
             raise ValueError("a budget is met by the plan with every layer pruned together: drop --per-layer (joint=False)")
-        costs = None
         if budget.timed:  # the latency model is measured (or read from the cache) once, before the scan
             on_status(f"timing {type(model).__name__}'s layers on this machine (batch 1, {torch.get_num_threads()} "
                       f"thread(s); cached in {cache_folder()})")
             costs = timed_costs(model, pruning, list(blocks), input_size, progress=progress)
-            latency = costs.latency
         check_reachable(budget, *smallest_cost(model, pruning, list(blocks), levels, input_size, costs=costs),
                         "with every layer at its highest level")
     try:
@@ -259,7 +257,7 @@ def run_scan(
         if budget is not None:
             on_status(f"fitting the plan to the budget ({budget}), costs counted on the compacted model")
             fitted = plan_fit.fit_plan(model, evaluate, result, max_drop, relative, budget=budget,
-                                       input_size=input_size, method=pruning, latency=latency)
+                                       input_size=input_size, method=pruning, costs=costs)
         elif joint:
             on_status("fitting the plan so that all its layers pruned together stay within the tolerance")
             options = dict(relative=relative, method=pruning, progress=progress, confidence=confidence)
