@@ -30,7 +30,9 @@ from examples.style_transfer.adain_analysis import (
 from examples.style_transfer.adain_train import (
     CONTENT_TARGETS,
     MODES,
+    STAGES,
     TrainConfig,
+    list_images,
     train,
 )
 from examples.style_transfer.vgg import WeightsUnavailableError
@@ -121,6 +123,20 @@ def adain() -> None:
 @click.option("--probe", "probe_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Held-out images whose consistently inactive channels are logged.")
 @click.option("--probe-images", default=_DEFAULTS.probe_images, show_default=True, type=click.IntRange(1))
+@click.option("--stage", type=click.Choice(STAGES), default=_DEFAULTS.stage, show_default=True,
+              help="invert: the decoder alone learns to reconstruct the frozen encoder's relu4_1 (with --mode "
+              "baseline); stylise: AdaIN's training, e.g. from an invert run (--init-from).")
+@click.option("--pixel-weight", default=_DEFAULTS.pixel_weight, show_default=True, type=float,
+              help="Weight of the pixel MSE to the content (--stage invert).")
+@click.option("--init-from", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Start encoder, decoder and loss network from this checkpoint (e.g. an invert run's).")
+@click.option("--style-ramp", default=_DEFAULTS.style_ramp, show_default=True, type=click.IntRange(0),
+              help="Steps over which the style weight rises from 0 (0: at once).")
+@click.option("--probe-style", "probe_style_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Held-out styles for the stylise probe (default: the first training styles).")
+@click.option("--content-guard", default=_DEFAULTS.content_guard, show_default=True, type=float,
+              help="Halve the style weight whenever the held-out content distance exceeds this multiple of a "
+              "flat image's (0: never).")
 @click.option("--augment", is_flag=True,
               help="Jitter every crop: scale 0.7-1.4x, flips, colour (a full hue turn on styles).")
 @click.option("--workers", "num_workers", default=0, show_default=True, type=click.IntRange(0),
@@ -171,6 +187,47 @@ def _parse_checkpoints(values: Sequence[str]) -> List[Tuple[str, str]]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"--checkpoint labels {labels} repeat; give each run its own label")
     return pairs
+
+
+@adain.command("reconstruct")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              help="LABEL=PATH of a checkpoint or network file; repeat to compare (e.g. steps of a run).")
+@click.option("--content", "content_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Held-out photos (centre crops).")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(16), help="Crop size in pixels.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="PNG grid: content, flat, blurred and each network's reconstruction per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the distances as JSON.")
+@threads_option
+@_library_errors
+def reconstruct_command(checkpoints: Sequence[str], content_dir: str, size: int, out_path: str, as_json: bool) -> None:
+    """How well each decoder turns relu4_1 back into held-out photos (stage 1 of the staged recipe).
+
+    Prints the relu4_1 distance of each reconstruction to its photo beside a flat image's (its mean
+    colour) and the photo blurred to 1/8: below the blurred one, the layout and more is back.
+
+    \b
+    Example:
+        python -m examples.style_transfer adain reconstruct --checkpoint invert=runs/invert/checkpoint.pt --content real/heldout-content -o recon.png
+    """
+    from examples.style_transfer.adain_content import reconstruction_report
+    from examples.style_transfer.adain_network import load_network
+
+    images = load_heldout(content_dir, size)
+    for path in list_images(content_dir):
+        if path.resolve() == Path(out_path).resolve():
+            raise click.UsageError(f"-o {out_path} is one of the held-out images; choose another output path")
+    networks = {label: load_network(path) for label, path in _parse_checkpoints(checkpoints)}
+    report = reconstruction_report(networks, images, out_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    references = report["references"]
+    click.echo(f"relu4_1 distance to the {report['images']} held-out photos ({size} px; lower keeps more content): "
+               f"flat {references['flat']:.1f}, blurred 1/8 {references['blurred']:.1f}")
+    for label, row in report["networks"].items():
+        click.echo(f"  {label} (step {row['step']}): {row['distance']:.1f}")
+    click.echo(f"wrote {out_path}")
 
 
 @adain.command("analyze")

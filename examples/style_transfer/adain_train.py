@@ -17,9 +17,21 @@ content loss compares relu4_1 of the output with either the AdaIN target
 channel it switched off is off on both sides) or with the content image's
 relu4_1 under the loss network (``"content"``).
 
+Training can go in two stages (``stage``): ``invert`` trains the decoder alone
+to turn the frozen encoder's relu4_1 back into the image (content loss at
+relu4_1 against the image's own features, plus ``pixel_weight`` times the pixel
+MSE), and ``stylise`` (AdaIN's training) can start from such a run
+(``init_from``) with the style weight ramped up from zero over ``style_ramp``
+steps. Every ``probe_every`` steps the log records ``probe_content``: how far the
+held-out outputs' relu4_1 is from their content's (reconstructions in ``invert``,
+stylisations with the probe styles in ``stylise``), beside the same distance for
+flat and blurred versions of the content (:mod:`examples.style_transfer.adain_content`).
+With ``content_guard`` > 0, a stylising run halves its style weight whenever
+``probe_content`` exceeds ``content_guard`` times the flat image's distance.
+
 Every batch is a pure function of ``(seed, step)``, and a checkpoint holds the
-model, the optimisers, the step and the RNG, so a resumed run continues
-exactly as the uninterrupted one would.
+model, the optimisers, the step, the RNG and the style scale, so a resumed run
+continues exactly as the uninterrupted one would.
 
 Example:
     >>> config = TrainConfig("coco/", "wikiart/", "runs/compact", steps=160000)  # doctest: +SKIP
@@ -53,6 +65,7 @@ from examples.style_transfer.adain import (
     encoder_output,
     encoder_widths,
 )
+from examples.style_transfer.adain_content import content_distance, content_references
 from examples.style_transfer.vgg import FeatureExtractor, Preprocessor, default_preprocess
 from prunekit.datasets import IMAGE_EXTENSIONS
 from prunekit.io.files import PathLike, atomic_write, save_torch, write_json
@@ -66,6 +79,7 @@ __all__ = [
     "MODES",
     "LossNetwork",
     "PairedCropBatches",
+    "STAGES",
     "TrainConfig",
     "TrainedModel",
     "augment_crop",
@@ -83,6 +97,7 @@ __all__ = [
 
 MODES = ("compact", "baseline", "uncorrelation")
 CONTENT_TARGETS = ("adain", "content")
+STAGES = ("stylise", "invert")
 CHECKPOINT_FORMAT = "prunekit-adain-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -113,6 +128,16 @@ class TrainConfig:
         lr_decay: AdaIN's schedule ``lr / (1 + lr_decay * step)``.
         augment: jitter every crop (:func:`augment_crop`; scale 0.7-1.4x ``load_size``,
             flips, colour; a full hue turn on styles).
+        stage: ``stylise`` (AdaIN's training) or ``invert`` (the decoder alone learns to
+            reconstruct the content from the frozen encoder's relu4_1; ``mode`` baseline).
+        pixel_weight: weight of the pixel MSE to the content (``invert`` only).
+        init_from: a checkpoint (e.g. of an ``invert`` run) whose encoder, decoder and loss
+            network start this run; its encoder settings must match. Optimisers start afresh.
+        style_ramp: steps over which the style weight rises linearly from 0 (0: at once).
+        probe_style_dir: held-out styles for the ``stylise`` probe; ``None`` uses centre crops
+            of the first training styles.
+        content_guard: with ``stylise``, halve the style weight whenever the probe's content
+            distance exceeds this multiple of the flat image's (0: never).
     """
 
     content_dir: str
@@ -145,6 +170,12 @@ class TrainConfig:
     augment: bool = False
     num_workers: int = 0
     threads: Optional[int] = None
+    stage: str = "stylise"
+    pixel_weight: float = 0.0
+    init_from: Optional[str] = None
+    style_ramp: int = 0
+    probe_style_dir: Optional[str] = None
+    content_guard: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and its allowed values."""
@@ -154,6 +185,20 @@ class TrainConfig:
             raise ValueError(
                 f"content_target={self.content_target!r} is unknown; choose one of {', '.join(CONTENT_TARGETS)}"
             )
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is unknown; choose one of {', '.join(STAGES)}")
+        if self.stage == "invert" and self.mode != "baseline":
+            raise ValueError(
+                f"stage='invert' trains the decoder alone on a frozen encoder, but mode={self.mode!r} trains "
+                "the encoder; use mode='baseline' (--mode baseline) for the invert stage"
+            )
+        if self.pixel_weight and self.stage != "invert":
+            raise ValueError(
+                f"pixel_weight={self.pixel_weight} asks a stylisation to equal its content pixel by pixel; "
+                "use it with stage='invert' only (--stage invert)"
+            )
+        if isinstance(self.style_ramp, bool) or not isinstance(self.style_ramp, int) or self.style_ramp < 0:
+            raise ValueError(f"style_ramp={self.style_ramp!r} must be an int >= 0 (steps; 0: no ramp)")
         encoder_widths(self.width)
         encoder_arch(self.weights, self.arch)
         if self.preprocess is not None and self.preprocess not in Preprocessor.MODES:
@@ -170,7 +215,7 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
         for name in ("lr_decoder", "lr_encoder", "lr_decay", "content_weight", "style_weight",
-                     "channel_weight", "xor_weight", "uncorrelation_weight"):
+                     "channel_weight", "xor_weight", "uncorrelation_weight", "pixel_weight", "content_guard"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
@@ -179,6 +224,14 @@ class TrainConfig:
     def trains_encoder(self) -> bool:
         """Whether the encoder is updated (every mode but ``baseline``)."""
         return self.mode != "baseline"
+
+    def style_factor(self, step: int) -> float:
+        """The ramp's share of ``style_weight`` at 0-based ``step`` (1 once the ramp is over)."""
+        if self.stage == "invert":
+            return 0.0
+        if self.style_ramp == 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.style_ramp)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict (JSON and ``weights_only`` checkpoint friendly)."""
@@ -337,6 +390,12 @@ def _probe_images(config: TrainConfig, content: Sequence[Path], style: Sequence[
     return torch.stack([load_crop(path, config.crop, config.load_size) for path in files])
 
 
+def _probe_styles(config: TrainConfig, style: Sequence[Path], count: int) -> Tensor:
+    """One style per probe content image: the held-out styles (cycled), else the first training styles."""
+    files = list_images(config.probe_style_dir) if config.probe_style_dir is not None else list(style)
+    return torch.stack([load_crop(files[index % len(files)], config.crop, config.load_size) for index in range(count)])
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -407,9 +466,10 @@ def _optimizers(config: TrainConfig, net: AdaINNet) -> Dict[str, torch.optim.Opt
 
 def _checkpoint_state(
     config: TrainConfig, net: AdaINNet, loss_network: LossNetwork,
-    optimizers: Dict[str, torch.optim.Optimizer], step: int,
+    optimizers: Dict[str, torch.optim.Optimizer], step: int, style_scale: float = 1.0,
 ) -> Dict[str, Any]:
     return {
+        "style_scale": style_scale,
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "step": step,
@@ -453,6 +513,28 @@ def _structure_config(config: TrainConfig) -> TrainConfig:
         arch=encoder_arch(config.weights, config.arch),
         preprocess=config.preprocess or default_preprocess(config.weights),
     )
+
+
+_ENCODER_SETTINGS = ("width", "arch", "preprocess", "weights")
+
+
+def _start_from(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork) -> None:
+    """Load ``config.init_from``'s encoder, decoder and loss network into a fresh run's networks."""
+    assert config.init_from is not None
+    state = _read_checkpoint(config.init_from)
+    source = TrainConfig.from_dict(state["config"])
+    mine, theirs = _structure_config(config), _structure_config(source)
+    for name in _ENCODER_SETTINGS:
+        if name == "weights":
+            mine, theirs = config, source
+        if getattr(mine, name) != getattr(theirs, name):
+            raise ValueError(
+                f"init_from {config.init_from!r} was trained with {name}={getattr(source, name)!r}, this run asks "
+                f"for {name}={getattr(config, name)!r}; pass the same encoder settings (--{name.replace('_', '-')})"
+            )
+    net.encoder.load_state_dict(state["encoder"])
+    net.decoder.load_state_dict(state["decoder"])
+    loss_network.encoder.load_state_dict(state["loss_network"])
 
 
 def load_checkpoint(path: PathLike) -> TrainedModel:
@@ -502,15 +584,15 @@ def _rewrite_log(path: Path, entries: Sequence[Dict[str, Any]]) -> None:
 
 
 def plot_training_log(log_path: PathLike, png_path: PathLike, title: Optional[str] = None) -> None:
-    """PNG of the losses (left) and of the inactive relu4_1 channels (right) over the training steps."""
+    """PNG of the losses, the inactive relu4_1 channels and the held-out content distance over the steps."""
     from matplotlib.figure import Figure
 
     entries = read_log(log_path)
     if not entries:
         raise ValueError(f"{str(log_path)!r} has no entries to plot; train for at least log_every steps")
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    losses, channels = fig.subplots(1, 2)
-    for key in ("content", "style", "channel", "xor", "uncorrelation"):
+    fig = Figure(figsize=(16, 4), layout="constrained")
+    losses, channels, kept = fig.subplots(1, 3)
+    for key in ("content", "style", "pixel", "channel", "xor", "uncorrelation"):
         points = [(e["step"], e[key]) for e in entries if key in e and e[key] > 0]
         if points:
             losses.plot(*zip(*points), label=key)
@@ -526,6 +608,15 @@ def plot_training_log(log_path: PathLike, png_path: PathLike, title: Optional[st
     channels.set_xlabel("step")
     channels.set_ylabel(f"relu4_1 channels of {entries[-1].get('channels', '?')}")
     channels.legend()
+    for key, label in (("probe_content", "held-out outputs"), ("probe_content_flat", "flat (mean colour)"),
+                       ("probe_content_blurred", "blurred to 1/8")):
+        points = [(e["step"], e[key]) for e in entries if key in e]
+        if points:
+            kept.plot(*zip(*points), label=label, marker="." if key == "probe_content" else None,
+                      linestyle="-" if key == "probe_content" else "--")
+    kept.set_xlabel("step")
+    kept.set_ylabel("relu4_1 distance to the content (lower: more content kept)")
+    kept.legend()
     fig.suptitle(title or "AdaIN training")
     with atomic_write(png_path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
@@ -568,7 +659,10 @@ def _train_step(
     optimizers: Dict[str, torch.optim.Optimizer],
     content: Tensor,
     style: Tensor,
+    style_weight: float,
 ) -> Dict[str, Any]:
+    if config.stage == "invert":
+        return _invert_step(config, net, loss_network, optimizers, content)
     # One encoder pass over content and style: the regulariser (which keeps only
     # the latest forward) sees both, and the xor loss compares all 2B images.
     content_features, style_features = net.encode_pair(content, style)
@@ -588,7 +682,7 @@ def _train_step(
             reference = loss_network(content)["relu4_1"]
         content_value = F.mse_loss(output_features["relu4_1"], reference)
     style_value = style_loss(output_features, style_targets)
-    total = config.content_weight * content_value + config.style_weight * style_value
+    total = config.content_weight * content_value + style_weight * style_value
     if penalty is not None:
         total = total + penalty
     for optimizer in optimizers.values():
@@ -602,10 +696,58 @@ def _train_step(
         "loss": total.item(),
         "content": content_value.item(),
         "style": style_value.item(),
+        "style_weight": style_weight,
         **terms,
         "batch_inactive": count_inactive(both),
         "channels": both.shape[1],
     }
+
+
+def _invert_step(
+    config: TrainConfig,
+    net: AdaINNet,
+    loss_network: LossNetwork,
+    optimizers: Dict[str, torch.optim.Optimizer],
+    content: Tensor,
+) -> Dict[str, Any]:
+    # Stage 1: the decoder alone learns to reconstruct the content from the frozen encoder's relu4_1.
+    with torch.no_grad():
+        features = net.encode(content)
+        reference = loss_network(content)["relu4_1"]
+    output = net.decoder(features)
+    content_value = F.mse_loss(loss_network(output)["relu4_1"], reference)
+    pixel_value = F.mse_loss(output, content)
+    total = config.content_weight * content_value + config.pixel_weight * pixel_value
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    for optimizer in optimizers.values():
+        optimizer.step()
+    return {
+        "loss": total.item(),
+        "content": content_value.item(),
+        "pixel": pixel_value.item(),
+        "batch_inactive": count_inactive(features),
+        "channels": features.shape[1],
+    }
+
+
+@torch.no_grad()
+def _probe_content(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork, probe: Tensor,
+                   probe_style: Tensor) -> float:
+    """relu4_1 distance of the held-out outputs to their content (reconstructions or stylisations)."""
+    was_training = net.training
+    net.eval()
+    outputs = []
+    for index in range(0, probe.shape[0], config.batch_size):
+        content = probe[index: index + config.batch_size]
+        features = net.encode(content)
+        if config.stage == "stylise":
+            features = adain(features, net.encode(probe_style[index: index + config.batch_size]))
+        outputs.append(net.decoder(features).clamp(0.0, 1.0))
+    net.train(was_training)
+    net.encoder.train(was_training and config.trains_encoder)
+    return content_distance(loss_network, torch.cat(outputs), probe, config.batch_size)
 
 
 def _probe_inactive(net: AdaINNet, probe: Tensor, batch_size: int) -> int:
@@ -679,16 +821,20 @@ def train(
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         start = int(state["step"])
+        style_scale = float(state.get("style_scale", 1.0))
         torch.set_rng_state(state["rng"])
         # Entries logged after the checkpoint will be logged again.
         _rewrite_log(log_path, [e for e in read_log(log_path) if e["step"] <= start])
     else:
         torch.manual_seed(config.seed)
-        net, loss_network = _build(config)
+        net, loss_network = _build(_structure_config(config) if config.init_from else config)
+        if config.init_from:
+            _start_from(config, net, loss_network)
         net.to(device)
         loss_network.to(device)
         optimizers = _optimizers(config, net)
         start = 0
+        style_scale = 1.0
         _rewrite_log(log_path, [])
     # The run's own folders (from the checkpoint when resuming), and its threads.
     content_files = list_images(config.content_dir)
@@ -698,6 +844,8 @@ def train(
     write_json(out_dir / "config.json", config.to_dict())
 
     probe = _probe_images(config, content_files, style_files).to(device)
+    probe_style = _probe_styles(config, style_files, probe.shape[0]).to(device)
+    references = content_references(loss_network, probe)
     batches = PairedCropBatches(
         content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps,
         augment=config.augment,
@@ -717,10 +865,17 @@ def train(
             for step in range(start, config.steps):
                 content, style = (batch.to(device) for batch in next(iterator))
                 _set_lr(config, optimizers, step)
-                entry = _train_step(config, net, loss_network, regularizer, optimizers, content, style)
+                style_weight = config.style_weight * style_scale * config.style_factor(step)
+                entry = _train_step(config, net, loss_network, regularizer, optimizers, content, style, style_weight)
                 done = step + 1
                 if done % config.probe_every == 0 or done == config.steps:
                     entry["probe_inactive"] = _probe_inactive(net, probe, config.batch_size)
+                    entry["probe_content"] = _probe_content(config, net, loss_network, probe, probe_style)
+                    entry.update({f"probe_content_{name}": value for name, value in references.items()})
+                    if (config.stage == "stylise" and config.content_guard
+                            and entry["probe_content"] > config.content_guard * references["flat"]):
+                        style_scale /= 2.0
+                        entry["style_scale"] = style_scale
                 if done % config.log_every == 0 or "probe_inactive" in entry:
                     entry = {"step": done, **entry}
                     log.write(json.dumps(entry) + "\n")
@@ -729,7 +884,8 @@ def train(
                         on_log(entry)
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     log.flush()
-                    save_torch(_checkpoint_state(config, net, loss_network, optimizers, done), checkpoint_path)
+                    save_torch(_checkpoint_state(config, net, loss_network, optimizers, done, style_scale),
+                               checkpoint_path)
                     if plot:
                         plot_training_log(log_path, out_dir / "log.png", f"AdaIN, mode {config.mode}")
                 step = done
