@@ -3,8 +3,12 @@
 For each model with trained weights (digits-vgg, digits-resnet) and each budget (1/2, 1/3, 1/4
 of the dense MACs), side by side in one run:
 
-- prunekit: ``--method channel`` (activation l2), scanned one group at a time on 360 training
-  digits, the plan fitted to the budget (``fit_budget``), applied and compacted;
+- prunekit, three channel criteria, each scanned one group at a time on 360 training digits, the
+  plan fitted to the budget (``fit_budget``), applied and compacted: ``channel`` (activation l2),
+  ``filter-norm`` (the L2 norm of each filter: Torch-Pruning's magnitude criterion) and ``taylor``
+  (first-order Taylor importance from the cross-entropy gradients on the same 360 labelled digits:
+  Torch-Pruning's Taylor criterion), so that each Torch-Pruning recipe has a prunekit one on the
+  same criterion;
 - Torch-Pruning 1.6 ``MetaPruner`` with L2 magnitude importance, a uniform ratio and
   ``global_pruning=True``, and with Taylor importance (gradients of the loss on the same 360
   training digits) uniform; each ratio bisected until its compacted model's MACs (counted by
@@ -81,6 +85,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits-vgg,digits-resnet")
     parser.add_argument("--budgets", default="0.5,0.333,0.25")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--methods", default="channel,filter-norm,taylor", help="prunekit methods to fit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -98,14 +103,20 @@ def main() -> None:
         model = prunekit.load_model(name).eval()
         dense_macs = total_macs(model, size)
         metric = Accuracy(batches)
-        channel = get_method("channel").prepare(model, [b[0] for b in batches])
-        result = scan(model, metric, method=channel, sparsities=[i / 10 for i in range(1, 10)], progress=False)
+        scans = {}
+        for method_name in args.methods.split(","):
+            method = get_method(method_name)
+            if method.needs_data:  # activations for channel, labelled gradients for taylor
+                method = method.prepare(model, batches if method_name == "taylor" else [b[0] for b in batches])
+            scans[method_name] = method, scan(model, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
+                                              progress=False)
         for fraction in (float(b) for b in args.budgets.split(",")):
             target = fraction * dense_macs
-            fit = fit_budget(model, metric, result, Budget(macs=fraction), method=channel, input_size=size)
             models: Dict[str, nn.Module] = {"dense": model}
-            models["prunekit budget"] = prunekit.compact(
-                prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=channel), example)
+            for method_name, (method, result) in scans.items():
+                fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size)
+                models[f"prunekit {method_name}"] = prunekit.compact(
+                    prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=method), example)
             for how in ("uniform", "global", "taylor"):
                 models[f"TP {how}"] = at_budget(lambda r: torch_pruning(model, example, r, how, batches), size, target)
             samples = latency_samples(models, timing_input, repeats=args.rounds, warmup=3)
