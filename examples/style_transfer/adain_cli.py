@@ -498,6 +498,65 @@ def sweep_command(
     click.echo(format_sweep(report["rows"]))
 
 
+@adain.command("figure")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              help="LABEL=PATH of a network file or checkpoint; repeat (e.g. baseline=... compact=...).")
+@_heldout_options
+@click.option("--counts", default=None, help="Comma-separated N to prune; default: 0,100,200,300,400,500.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1),
+              help="Interleaved timing repeats per N.")
+@click.option("--ranking-images", default=64, show_default=True, type=click.IntRange(1),
+              help="For a checkpoint: training images (content and style each) its channels are ranked on.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
+@_library_errors
+def figure_command(
+    checkpoints: Sequence[str], content_dir: str, style_dir: str, size: int, limit: Optional[int], out_dir: str,
+    as_json: bool, counts: Optional[str], repeats: int, ranking_images: int, quiet: bool,
+) -> None:
+    """The pruning figure: held-out stylisations as the N weakest relu4_1 channels are removed, per network.
+
+    Channels are ranked on training images (a network file's own statistics, else centre crops of
+    the run's training folders). Writes OUT/adain_pruning.png, OUT/report.json and OUT/table.md.
+
+    \b
+    Example:
+        python -m examples.style_transfer adain figure --checkpoint baseline=base.pt --checkpoint compact=compact.pt --content real/heldout-content --style real/heldout-style --size 128 --out docs/figures
+    """
+    from examples.style_transfer.adain_figure import (
+        FIGURE_COUNTS,
+        draw_pruning_figure,
+        format_figure_table,
+        pruning_figure,
+        training_ranking,
+    )
+    from examples.style_transfer.adain_network import load_network
+
+    networks = {label: load_network(path) for label, path in _parse_checkpoints(checkpoints)}
+    content = load_heldout(content_dir, size, limit)
+    style = load_heldout(style_dir, size, limit)
+    pairs = min(content.shape[0], style.shape[0])
+    content, style = content[:pairs], style[:pairs]
+    rankings = {label: training_ranking(network, size, ranking_images) for label, network in networks.items()}
+    chosen = _parse_counts(counts) if counts else list(FIGURE_COUNTS)
+    report = pruning_figure(networks, content, style, rankings, chosen, repeats, progress=not quiet)
+    out = Path(out_dir)
+    draw_pruning_figure(report, content, style, out / "adain_pruning.png")
+    report.pop("outputs")  # tensors, drawn above
+    report.update({"heldout": {"pairs": pairs, "size": size, "content": content_dir, "style": style_dir},
+                   "checkpoints": dict(_parse_checkpoints(checkpoints)), "machine": machine_info()})
+    write_json(out / "report.json", report)
+    table = format_figure_table(report)
+    with atomic_write(out / "table.md", "w") as handle:
+        handle.write(table + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{pairs} held-out pairs of {size} px, {machine_info()['threads']} thread(s); wrote "
+               f"{out / 'adain_pruning.png'}, report.json, table.md")
+    click.echo(table)
+
+
 def write_demo_data(out_dir: str, count: int, size: int, seed: int) -> Dict[str, int]:
     """Generated content/style images for training and held-out evaluation, plus part 1's samples.
 
