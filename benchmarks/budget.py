@@ -14,8 +14,10 @@ of the dense MACs), side by side in one run:
   training digits) uniform; each ratio bisected until its compacted model's MACs (counted by
   prunekit's one counter) are at or just under the budget.
 
-Each compacted model is scored on the held-out digits (accuracy, the 360 shipped test images),
-no recovery, and timed at one thread, interleaved rounds, batch 64: the median latency over the
+Each compacted model is scored on the held-out digits (accuracy, the 360 shipped test images)
+without recovery, and again after the same recovery for every recipe (``prunekit.training.recover``:
+``--recover-steps`` Adam steps distilling the dense model's logits into the compacted one on the
+training digits, no labels, the best state on the last 128 training digits kept), and timed at one thread, interleaved rounds, batch 64: the median latency over the
 dense model's (a speed-up), with its 95 % interval. Run: ``python benchmarks/budget.py`` (``pip install
 torch-pruning``, the ``bench`` extra).
 """
@@ -37,7 +39,8 @@ from prunekit.measure.timing import latency_samples, speedup
 from prunekit.methods.registry import get_method
 from prunekit.planning import Budget
 from prunekit.planning.budget import fit_budget
-from prunekit.sensitivity import Accuracy, scan
+from prunekit.sensitivity import Accuracy, OutputDistortion, scan
+from prunekit.training.recover import recover
 
 
 def total_macs(model: nn.Module, size: Tuple[int, ...]) -> int:
@@ -86,6 +89,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.333,0.25")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--methods", default="channel,filter-norm,taylor", help="prunekit methods to fit")
+    parser.add_argument("--metric", choices=("accuracy", "distortion"), default="accuracy",
+                        help="what the scan and the fit score: accuracy on the 360 training digits, or the "
+                        "distortion of the logits against the dense model's (informative where accuracy collapses)")
+    parser.add_argument("--recover-fit", action="store_true",
+                        help="compare prunekit's budget candidates after that same recovery (fit_budget's recover=)")
+    parser.add_argument("--recover-steps", type=int, default=300, help="distillation steps for every recipe (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -98,11 +107,14 @@ def main() -> None:
     example = test_images[:1]
     size = tuple(example.shape[1:])
     timing_input = test_images[:64]
-    print("model         budget  recipe                MACs kept  held-out acc  speed-up over dense (95% interval)")
+    train_images = train.tensors[0]
+    recovery_data = [train_images[i:i + 64] for i in range(0, len(train_images) - 128, 64)]
+    recovery_held_out = [train_images[-128:]]
+    print("model         budget  recipe                MACs kept  held-out acc  recovered  speed-up over dense (95% interval)")
     for name in args.models.split(","):
         model = prunekit.load_model(name).eval()
         dense_macs = total_macs(model, size)
-        metric = Accuracy(batches)
+        metric = Accuracy(batches) if args.metric == "accuracy" else OutputDistortion([b[0] for b in batches])
         scans = {}
         for method_name in args.methods.split(","):
             method = get_method(method_name)
@@ -110,11 +122,16 @@ def main() -> None:
                 method = method.prepare(model, batches if method_name == "taylor" else [b[0] for b in batches])
             scans[method_name] = method, scan(model, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
                                               progress=False)
+        def recovered(student: nn.Module) -> None:  # the same recovery every recipe gets below
+            torch.manual_seed(0)
+            recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out, progress=False)
+
         for fraction in (float(b) for b in args.budgets.split(",")):
             target = fraction * dense_macs
             models: Dict[str, nn.Module] = {"dense": model}
             for method_name, (method, result) in scans.items():
-                fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size)
+                fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size,
+                                 recover=recovered if args.recover_fit and args.recover_steps else None)
                 models[f"prunekit {method_name}"] = prunekit.compact(
                     prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=method), example)
             for how in ("uniform", "global", "taylor"):
@@ -125,8 +142,13 @@ def main() -> None:
                     continue
                 kept = total_macs(pruned, size) / dense_macs
                 faster = speedup(samples["dense"], samples[recipe])
+                after = "-"
+                if args.recover_steps:
+                    student = prunekit.copy_model(pruned)
+                    recovered(student)
+                    after = f"{accuracy(student, test_images, test_labels):.4f}"
                 print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {accuracy(pruned, test_images, test_labels):12.4f}"
-                      f"  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
+                      f"  {after:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
         print(f"{name:13s} dense   {'':20s}  {1.0:9.3f}  {accuracy(model, test_images, test_labels):12.4f}")
     print(f"load {os.getloadavg()[0]:.2f}")
 

@@ -194,6 +194,38 @@ def test_the_walk_is_compared_with_one_level_for_every_layer_and_the_best_joint_
         assert budget.excess(costs.of(plan), costs.dense) == 0  # every candidate meets the budget
 
 
+def _mask_fingerprint(model):
+    return tuple(int(m.weight_mask.sum()) for m in model.modules() if hasattr(m, "weight_mask"))
+
+
+def test_with_recover_the_candidates_compete_after_recovery_on_copies(scanned):
+    model, metric, result = scanned
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    plain = fit_budget(model, metric, result, Budget(macs=0.4), method="filter-norm",
+                       recover=lambda pruned: seen.append(_mask_fingerprint(pruned)))
+    assert plain.recovered and "pruned and recovered" in plain.summary()
+    assert len(seen) == len(set(seen)) == plain.candidates >= 2  # each candidate recovered once, on its own copy
+    chosen = _mask_fingerprint(prunekit.apply_plan(prunekit.copy_model(model), plain.plan, method="filter-norm"))
+    assert chosen in seen
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(hasattr(m, "weight_orig") for m in model.modules())
+    # A recovery that repairs another candidate best makes that one the plan.
+    other = next(fingerprint for fingerprint in seen if fingerprint != chosen)
+
+    def repairs_other(pruned):
+        pruned.bonus = -1e3 if _mask_fingerprint(pruned) == other else 0.0
+
+    def scored(pruned):
+        return float(metric(pruned)) + getattr(pruned, "bonus", 0.0)
+
+    fit = fit_budget(model, scored, result, Budget(macs=0.4), method="filter-norm", input_size=SIZE,
+                     recover=repairs_other)
+    assert _mask_fingerprint(prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method="filter-norm")) == other
+    assert fit.score < -900  # the recovered score is the one reported
+    assert not fit_budget(model, metric, result, Budget(macs=0.4), method="filter-norm").recovered
+
+
 def test_a_budget_beyond_max_drop_is_refused_saying_by_how_much(scanned):
     model, metric, result = scanned
     with pytest.raises(BudgetError, match=r"drops the score by [\d.e-]+ with every layer pruned, beyond max_drop=1e-06"):

@@ -177,6 +177,8 @@ class BudgetFit(PlanFit):
         corrections: how many times the time target was corrected by a measurement.
         shape: which candidate the plan is (``"walk"``, ``"uniform"`` or ``"walk + uniform"``, see
             ``compare`` in :func:`fit_budget`); ``candidates``: how many plans were scored jointly.
+        recovered: whether each candidate was scored after ``fit_budget``'s ``recover`` (then
+            ``score`` and ``drop`` are the recovered model's).
     """
 
     budget: Optional[Budget] = None
@@ -191,6 +193,7 @@ class BudgetFit(PlanFit):
     corrections: int = 0
     shape: str = "walk"
     candidates: int = 1
+    recovered: bool = False
 
     def summary(self) -> str:
         """One line: the costs as fractions of dense (and the measured speed-up), and the drop."""
@@ -198,8 +201,9 @@ class BudgetFit(PlanFit):
         params, macs = cost.fraction_of(self.dense)
         where = "" if self.dense_hardware else " (non-zero weights: only hardware that skips zeros runs them)"
         timed = f", runs {self.speedup} faster ({self.timing})" if self.speedup is not None else ""
+        after = " and recovered" if self.recovered else ""
         return (f"budget {self.budget}: the plan keeps {macs:.3f} of the MACs and {params:.3f} of the "
-                f"parameters{where}{timed}; score drop {self.drop:.4g} with every layer pruned "
+                f"parameters{where}{timed}; score drop {self.drop:.4g} with every layer pruned{after} "
                 f"(predicted {self.predicted_drop:.4g})")
 
 
@@ -287,6 +291,7 @@ def fit_budget(
     progress: bool = False,
     compare: bool = True,
     costs: Optional[PlanCosts] = None,
+    recover: Optional[Callable[[nn.Module], Any]] = None,
 ) -> BudgetFit:
     """The plan that meets ``budget`` with the smallest predicted drop along the scan's curves; see the module docstring.
 
@@ -310,6 +315,10 @@ def fit_budget(
             the best (``BudgetFit.shape`` says which); False: the walk's plan alone.
         costs: the cost model of ``method``'s plans over the scanned layers at ``input_size``, when
             already built (:func:`plan_costs`, or :func:`timed_costs` for a timed budget); None: built here.
+        recover: called with a pruned copy of the model (masked by the plan; torch's reparametrization
+            keeps the zeros) before each candidate is scored, e.g. a short
+            :func:`~prunekit.training.recover` distillation, so the candidates compete on what is left after
+            the recovery the user will run; the model itself is never trained. None: scored as pruned.
 
     Raises:
         BudgetError: no plan the scan offers meets the budget, or the one that does is beyond ``max_drop``.
@@ -344,8 +353,12 @@ def fit_budget(
     def joint_score(plan: Mapping[str, float]) -> float:
         key = tuple(sorted(plan.items()))
         if key not in scores:
-            scores[key] = float(evaluate_plan(model, evaluate, plan, method=pruning)) if any(plan.values()) \
-                else float(result.baseline)
+            if recover is not None:
+                scores[key] = _recovered_score(model, plan, pruning, recover, evaluate)
+            elif any(plan.values()):
+                scores[key] = float(evaluate_plan(model, evaluate, plan, method=pruning))
+            else:
+                scores[key] = float(result.baseline)
         return scores[key]
 
     def spend(targets: Mapping[str, float], only: Optional[str] = None) -> Dict[str, float]:
@@ -400,7 +413,20 @@ def fit_budget(
                      measured=measured, predicted_drop=float(predicted), drop=float(drop),
                      dense_hardware=costs.dense_hardware, speedup=timing,
                      timing=costs.latency.describe() if budget.timed else None, corrections=corrections,
-                     shape=shapes.get(str(sorted(plan.items())), "walk"), candidates=len(scores))
+                     shape=shapes.get(str(sorted(plan.items())), "walk"), candidates=len(scores),
+                     recovered=recover is not None)
+
+
+def _recovered_score(model: nn.Module, plan: Mapping[str, float], method: PruningMethod,
+                     recover: Callable[[nn.Module], Any], evaluate: Callable[[nn.Module], float]) -> float:
+    """``evaluate`` of a copy of ``model`` pruned by ``plan`` after ``recover`` trained it."""
+    from prunekit.plans import apply_plan, copy_model
+
+    pruned = apply_plan(copy_model(model), dict(plan), method=method)
+    recover(pruned)
+    pruned.eval()
+    with torch.no_grad():
+        return float(evaluate(pruned))
 
 
 def _timed_plan(

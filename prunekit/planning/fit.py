@@ -159,6 +159,7 @@ def fit_plan(
     min_gain: float = DEFAULT_MIN_GAIN,
     latency: Any = None,
     costs: Any = None,
+    recover: Optional[Callable[[nn.Module], Any]] = None,
 ) -> PlanFit:
     """Grow a plan from dense, step by step, while the JOINT score stays within ``max_drop``; or fit it to a ``budget``.
 
@@ -188,7 +189,8 @@ def fit_plan(
         max_drop, relative: the tolerance, as for :meth:`SensitivityResult.plan`.
         budget, input_size: fit to a budget instead (above); ``latency``: a timed budget's
             :class:`~prunekit.planning.latency.LatencyModel` (None: measured then, cached on disk);
-            ``costs``: the budget's cost model when already built (see :func:`~prunekit.planning.budget.fit_budget`).
+            ``costs``: the budget's cost model when already built; ``recover``: train each candidate's
+            pruned copy before it is scored (both see :func:`~prunekit.planning.budget.fit_budget`).
         stats, criterion: for channel scans, as for :func:`prunekit.sensitivity.scan`.
         method: the method object the scan was given (prepared: it owns its scores' data); default:
             the method the result names, with ``stats`` and ``criterion``.
@@ -224,7 +226,7 @@ def fit_plan(
     if budget is not None:
         return fit_budget(model, evaluate, result, budget, method=method, stats=stats, criterion=criterion,
                           input_size=input_size, max_drop=max_drop, relative=relative, latency=latency, costs=costs,
-                          progress=progress)
+                          recover=recover, progress=progress)
     if max_drop is None:
         raise TypeError("fit_plan needs max_drop (the tolerance) or budget (e.g. Budget(macs=0.5))")
     if not result.complete:
