@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
@@ -60,6 +61,19 @@ def test_content_distance_is_zero_for_the_content_and_refuses_mismatched_shapes(
     assert content_distance(net, noisy, images, batch_size=1) == pytest.approx(content_distance(net, noisy, images))
     with pytest.raises(ValueError, match="differ in shape"):
         content_distance(net, images[:2], images)
+
+
+def test_the_structure_distance_ignores_what_adain_changes_and_sees_the_layout():
+    torch.manual_seed(0)
+    identity = nn.Identity()  # relu4_1 := the image itself, so the maps are known
+    images = F.interpolate(torch.rand(2, 3, 4, 4), size=(32, 32), mode="bilinear", align_corners=False)  # smooth
+    restyled = images * torch.tensor([2.0, 0.5, 3.0])[:, None, None] + 0.3  # each channel's mean and std changed
+    assert content_distance(identity, restyled, images) > 0.1
+    assert content_distance(identity, restyled, images, normalize=True) < 1e-6
+    shuffled = images[:, :, torch.randperm(32)]
+    assert content_distance(identity, shuffled, images, normalize=True) > 0.5
+    references = content_references(identity, images, normalize=True)
+    assert references["blurred"] < references["flat"]
 
 
 def test_the_invert_stage_trains_the_decoder_alone_towards_the_content(image_folders, tmp_path):

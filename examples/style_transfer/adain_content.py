@@ -9,7 +9,14 @@ the number readable:
 * ``blurred``: each image shrunk to 1/8 of its size and scaled back (coarse layout only).
 
 The distance is the mean squared difference of relu4_1 under the run's loss network (the
-frozen starting encoder), averaged over the images, as the training's content loss.
+frozen starting encoder), averaged over the images, as the training's content loss. A
+stylisation is far from its content by that measure even when it keeps every shape: AdaIN
+gives each channel the style's mean and std, and on HED's relu4_1 the AdaIN target itself is
+farther from the content's features than a flat image's are (measured: 228 against 215). With
+``normalize=True`` each channel of both maps is first normalised to zero mean and unit std over
+its positions (instance normalisation), which is exactly what AdaIN keeps of the content: the
+*structure* distance, 0 for a perfect AdaIN output, about 1 or more for an image without the
+content's layout.
 
 Example:
     >>> import torch
@@ -52,28 +59,39 @@ def blurred(images: Tensor, factor: int = BLUR_FACTOR) -> Tensor:
 
 
 @torch.no_grad()
-def content_distance(loss_network: nn.Module, outputs: Tensor, contents: Tensor, batch_size: int = 8) -> float:
+def content_distance(loss_network: nn.Module, outputs: Tensor, contents: Tensor, batch_size: int = 8,
+                     normalize: bool = False) -> float:
     """Mean squared relu4_1 difference between ``outputs`` and ``contents`` under ``loss_network``.
 
     ``loss_network`` maps images in [0, 1] to a dict of taps with ``"relu4_1"`` (or directly to
-    the relu4_1 tensor). Computed in float32 in chunks of ``batch_size`` images.
+    the relu4_1 tensor). Computed in float32 in chunks of ``batch_size`` images. ``normalize``:
+    compare instance-normalised maps (the structure distance, see the module docstring).
     """
     if outputs.shape != contents.shape:
         raise ValueError(f"outputs {tuple(outputs.shape)} and contents {tuple(contents.shape)} differ in shape")
     total, count = 0.0, 0
     for out, ref in zip(outputs.split(batch_size), contents.split(batch_size)):
         out_features, ref_features = (_relu4_1(loss_network, x.float()) for x in (out, ref))
+        if normalize:
+            out_features, ref_features = _instance_normalized(out_features), _instance_normalized(ref_features)
         total += float(F.mse_loss(out_features, ref_features, reduction="sum"))
         count += out_features.numel()
     return total / count
 
 
-def content_references(loss_network: nn.Module, contents: Tensor) -> Dict[str, float]:
+def content_references(loss_network: nn.Module, contents: Tensor, normalize: bool = False) -> Dict[str, float]:
     """The distance of the ``flat`` and the ``blurred`` version of ``contents`` to ``contents``."""
     return {
-        "flat": content_distance(loss_network, flat(contents), contents),
-        "blurred": content_distance(loss_network, blurred(contents), contents),
+        "flat": content_distance(loss_network, flat(contents), contents, normalize=normalize),
+        "blurred": content_distance(loss_network, blurred(contents), contents, normalize=normalize),
     }
+
+
+def _instance_normalized(features: Tensor, eps: float = 1e-5) -> Tensor:
+    flat_maps = features.flatten(2)
+    mean = flat_maps.mean(dim=2, keepdim=True)
+    std = (flat_maps.var(dim=2, unbiased=False, keepdim=True) + eps).sqrt()
+    return ((flat_maps - mean) / std).view_as(features)
 
 
 @torch.no_grad()

@@ -24,10 +24,12 @@ MSE), and ``stylise`` (AdaIN's training) can start from such a run
 (``init_from``) with the style weight ramped up from zero over ``style_ramp``
 steps. Every ``probe_every`` steps the log records ``probe_content``: how far the
 held-out outputs' relu4_1 is from their content's (reconstructions in ``invert``,
-stylisations with the probe styles in ``stylise``), beside the same distance for
-flat and blurred versions of the content (:mod:`examples.style_transfer.adain_content`).
-With ``content_guard`` > 0, a stylising run halves its style weight whenever
-``probe_content`` exceeds ``content_guard`` times the flat image's distance.
+stylisations with the probe styles in ``stylise``), and ``probe_structure``, the same
+on instance-normalised maps (what AdaIN keeps of the content), each beside the same
+distance for flat and blurred versions of the content
+(:mod:`examples.style_transfer.adain_content`). With ``content_guard`` > 0, a stylising
+run halves its style weight whenever ``probe_structure`` exceeds ``content_guard``
+times the flat image's.
 
 Every batch is a pure function of ``(seed, step)``, and a checkpoint holds the
 model, the optimisers, the step, the RNG and the style scale, so a resumed run
@@ -136,7 +138,7 @@ class TrainConfig:
         style_ramp: steps over which the style weight rises linearly from 0 (0: at once).
         probe_style_dir: held-out styles for the ``stylise`` probe; ``None`` uses centre crops
             of the first training styles.
-        content_guard: with ``stylise``, halve the style weight whenever the probe's content
+        content_guard: with ``stylise``, halve the style weight whenever the probe's structure
             distance exceeds this multiple of the flat image's (0: never).
     """
 
@@ -615,8 +617,16 @@ def plot_training_log(log_path: PathLike, png_path: PathLike, title: Optional[st
             kept.plot(*zip(*points), label=label, marker="." if key == "probe_content" else None,
                       linestyle="-" if key == "probe_content" else "--")
     kept.set_xlabel("step")
-    kept.set_ylabel("relu4_1 distance to the content (lower: more content kept)")
-    kept.legend()
+    kept.set_ylabel("held-out relu4_1 distance to content")
+    structure = [(e["step"], e["probe_structure"]) for e in entries if "probe_structure" in e]
+    if structure:
+        twin = kept.twinx()
+        twin.plot(*zip(*structure), color="tab:red", marker="x", label="structure (normalised), held-out outputs")
+        flat_structure = [(e["step"], e["probe_structure_flat"]) for e in entries if "probe_structure_flat" in e]
+        twin.plot(*zip(*flat_structure), color="tab:red", linestyle=":", label="structure, flat")
+        twin.set_ylabel("normalised relu4_1 distance", color="tab:red")
+        twin.legend(loc="upper right")
+    kept.legend(loc="upper left")
     fig.suptitle(title or "AdaIN training")
     with atomic_write(png_path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
@@ -734,8 +744,8 @@ def _invert_step(
 
 @torch.no_grad()
 def _probe_content(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork, probe: Tensor,
-                   probe_style: Tensor) -> float:
-    """relu4_1 distance of the held-out outputs to their content (reconstructions or stylisations)."""
+                   probe_style: Tensor) -> Tuple[float, float]:
+    """relu4_1 distance of the held-out outputs to their content (reconstructions or stylisations): raw, normalised."""
     was_training = net.training
     net.eval()
     outputs = []
@@ -747,7 +757,9 @@ def _probe_content(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork
         outputs.append(net.decoder(features).clamp(0.0, 1.0))
     net.train(was_training)
     net.encoder.train(was_training and config.trains_encoder)
-    return content_distance(loss_network, torch.cat(outputs), probe, config.batch_size)
+    outputs_ = torch.cat(outputs)
+    return (content_distance(loss_network, outputs_, probe, config.batch_size),
+            content_distance(loss_network, outputs_, probe, config.batch_size, normalize=True))
 
 
 def _probe_inactive(net: AdaINNet, probe: Tensor, batch_size: int) -> int:
@@ -846,6 +858,7 @@ def train(
     probe = _probe_images(config, content_files, style_files).to(device)
     probe_style = _probe_styles(config, style_files, probe.shape[0]).to(device)
     references = content_references(loss_network, probe)
+    structure_references = content_references(loss_network, probe, normalize=True)
     batches = PairedCropBatches(
         content_files, style_files, config.batch_size, config.crop, config.load_size, config.seed, config.steps,
         augment=config.augment,
@@ -870,10 +883,12 @@ def train(
                 done = step + 1
                 if done % config.probe_every == 0 or done == config.steps:
                     entry["probe_inactive"] = _probe_inactive(net, probe, config.batch_size)
-                    entry["probe_content"] = _probe_content(config, net, loss_network, probe, probe_style)
+                    entry["probe_content"], entry["probe_structure"] = _probe_content(
+                        config, net, loss_network, probe, probe_style)
                     entry.update({f"probe_content_{name}": value for name, value in references.items()})
+                    entry.update({f"probe_structure_{name}": value for name, value in structure_references.items()})
                     if (config.stage == "stylise" and config.content_guard
-                            and entry["probe_content"] > config.content_guard * references["flat"]):
+                            and entry["probe_structure"] > config.content_guard * structure_references["flat"]):
                         style_scale /= 2.0
                         entry["style_scale"] = style_scale
                 if done % config.log_every == 0 or "probe_inactive" in entry:
