@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -83,6 +83,26 @@ def at_budget(build: Callable[[float], nn.Module], size: Tuple[int, ...], target
     return best if best is not None else build(high)
 
 
+def recipes_at_budget(
+    model: nn.Module, scans: Dict[str, Tuple[object, object]], fraction: float, example: torch.Tensor,
+    metric: Callable[[nn.Module], float], build_tp: Callable[[float, str], nn.Module],
+    recover_fit: Optional[Callable[[nn.Module], None]] = None,
+) -> Dict[str, nn.Module]:
+    """The dense model, prunekit's compacted budget plan for each scanned method (name -> (method, scan)),
+    and each Torch-Pruning recipe (``build_tp(ratio, how)``) bisected to the same MACs."""
+    size = tuple(example.shape[1:])
+    models: Dict[str, nn.Module] = {"dense": model}
+    for name, (method, result) in scans.items():
+        fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size,
+                         recover=recover_fit)
+        models[f"prunekit {name}"] = prunekit.compact(
+            prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=method), example)
+    target = fraction * total_macs(model, size)
+    for how in ("uniform", "global", "taylor"):
+        models[f"TP {how}"] = at_budget(lambda ratio: build_tp(ratio, how), size, target)
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits-vgg,digits-resnet")
@@ -122,20 +142,15 @@ def main() -> None:
                 method = method.prepare(model, batches if method_name == "taylor" else [b[0] for b in batches])
             scans[method_name] = method, scan(model, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
                                               progress=False)
+
         def recovered(student: nn.Module) -> None:  # the same recovery every recipe gets below
             torch.manual_seed(0)
             recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out, progress=False)
 
         for fraction in (float(b) for b in args.budgets.split(",")):
-            target = fraction * dense_macs
-            models: Dict[str, nn.Module] = {"dense": model}
-            for method_name, (method, result) in scans.items():
-                fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size,
-                                 recover=recovered if args.recover_fit and args.recover_steps else None)
-                models[f"prunekit {method_name}"] = prunekit.compact(
-                    prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=method), example)
-            for how in ("uniform", "global", "taylor"):
-                models[f"TP {how}"] = at_budget(lambda r: torch_pruning(model, example, r, how, batches), size, target)
+            models = recipes_at_budget(model, scans, fraction, example, metric,
+                                       lambda ratio, how: torch_pruning(model, example, ratio, how, batches),
+                                       recovered if args.recover_fit and args.recover_steps else None)
             samples = latency_samples(models, timing_input, repeats=args.rounds, warmup=3)
             for recipe, pruned in models.items():
                 if recipe == "dense":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from typing import Dict, List
+from typing import List
 
 import torch
 from PIL import Image
@@ -37,12 +37,10 @@ from prunekit.datasets import builtin_photos, photo_files
 from prunekit.io.files import package_folder
 from prunekit.measure.timing import latency_samples, speedup
 from prunekit.methods.registry import get_method
-from prunekit.planning import Budget
-from prunekit.planning.budget import fit_budget
 from prunekit.sensitivity import OutputDistortion, scan
 from prunekit.training.recover import recover
 
-from budget import at_budget, total_macs  # benchmarks/budget.py, beside this file
+from budget import recipes_at_budget, total_macs  # benchmarks/budget.py, beside this file
 
 BACKBONE = [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)]
 SIDE = ["dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"]
@@ -141,14 +139,8 @@ def main() -> None:
                                    sparsities=[i / 10 for i in range(1, 10)], progress=False)
     print("budget  recipe                MACs kept  held-out distortion  recovered  speed-up over dense (95% interval)")
     for fraction in (float(b) for b in args.budgets.split(",")):
-        target = fraction * dense_macs
-        models: Dict[str, nn.Module] = {"dense": model}
-        for name, (method, result) in scans.items():
-            fit = fit_budget(model, metric, result, Budget(macs=fraction), method=method, input_size=size)
-            models[f"prunekit {name}"] = prunekit.compact(
-                prunekit.apply_plan(prunekit.copy_model(model), fit.plan, method=method), example)
-        for how in ("uniform", "global", "taylor"):
-            models[f"TP {how}"] = at_budget(lambda r: torch_pruning(model, example, r, how, photos), size, target)
+        models = recipes_at_budget(model, scans, fraction, example, metric,
+                                   lambda ratio, how: torch_pruning(model, example, ratio, how, photos))
         samples = latency_samples(models, example, repeats=args.rounds, warmup=2)
         for recipe, pruned in models.items():
             if recipe == "dense":
