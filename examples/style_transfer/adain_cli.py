@@ -394,8 +394,8 @@ def stylize_command(content: str, style: str, out_path: str, size: int, prune: i
     path = Path(checkpoint) if checkpoint else SHIPPED_NETWORKS["baseline" if baseline else "compact"]
     if checkpoint is None and not path.is_file():
         raise click.ClickException(
-            f"no trained network ships with the example yet ({path.name} is not in {path.parent}: CPU training "
-            "here did not reach a stylisation, see ADAIN.md); train one (scripts/train_adain_networks.sh, or "
+            f"the example's trained network {path.name} is not in {path.parent} (deleted from this checkout?); "
+            "restore it (git checkout), train one (scripts/train_adain_networks.sh, or "
             "adain train) and pass --checkpoint PATH (a checkpoint.pt or an adain export file)"
         )
     network = load_network(path)

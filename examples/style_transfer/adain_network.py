@@ -12,9 +12,10 @@ float16 by default and computed in float32.
 (``examples/style_transfer/weights/``; ``scripts/train_adain_networks.sh``
 trains and exports them): HED's VGG-16 encoder up to relu4_1 with a decoder
 trained from the same start on the same batches, ``baseline`` (frozen encoder)
-and ``compact`` (channel + xor losses). None ships yet: on this project's 2-core
-CPU, 3,500 steps did not train a decoder that stylises (ADAIN.md has the curves);
-``adain stylize`` says so and asks for ``--checkpoint``.
+and ``compact`` (channel + xor losses), trained by stages on this project's 2-core
+CPU (ADAIN.md, "Training by stages"): crude stylisations that keep the layout of
+most held-out photos. Without them (a checkout that deleted them) ``adain stylize``
+says so and asks for ``--checkpoint``.
 
 Example:
     >>> network = load_network("runs/compact.pt")  # doctest: +SKIP
