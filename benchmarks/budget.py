@@ -103,6 +103,28 @@ def recipes_at_budget(
     return models
 
 
+def measured_recipes(
+    models: Dict[str, nn.Module], timing_input: torch.Tensor, rounds: int, warmup: int, size: Tuple[int, ...],
+    score: Callable[[nn.Module], float], recovered: Optional[Callable[[nn.Module], None]],
+) -> List[Tuple[str, float, float, Optional[float], object]]:
+    """Per recipe but dense: (name, MACs kept, score as pruned, score after ``recovered`` on a copy or None, speed-up),
+    the recipes timed side by side with the dense model."""
+    samples = latency_samples(models, timing_input, repeats=rounds, warmup=warmup)
+    dense_macs = total_macs(models["dense"], size)
+    rows = []
+    for recipe, pruned in models.items():
+        if recipe == "dense":
+            continue
+        after = None
+        if recovered is not None:
+            student = prunekit.copy_model(pruned)
+            recovered(student)
+            after = score(student)
+        rows.append((recipe, total_macs(pruned, size) / dense_macs, score(pruned), after,
+                     speedup(samples["dense"], samples[recipe])))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits-vgg,digits-resnet")
@@ -133,7 +155,6 @@ def main() -> None:
     print("model         budget  recipe                MACs kept  held-out acc  recovered  speed-up over dense (95% interval)")
     for name in args.models.split(","):
         model = prunekit.load_model(name).eval()
-        dense_macs = total_macs(model, size)
         metric = Accuracy(batches) if args.metric == "accuracy" else OutputDistortion([b[0] for b in batches])
         scans = {}
         for method_name in args.methods.split(","):
@@ -151,19 +172,13 @@ def main() -> None:
             models = recipes_at_budget(model, scans, fraction, example, metric,
                                        lambda ratio, how: torch_pruning(model, example, ratio, how, batches),
                                        recovered if args.recover_fit and args.recover_steps else None)
-            samples = latency_samples(models, timing_input, repeats=args.rounds, warmup=3)
-            for recipe, pruned in models.items():
-                if recipe == "dense":
-                    continue
-                kept = total_macs(pruned, size) / dense_macs
-                faster = speedup(samples["dense"], samples[recipe])
-                after = "-"
-                if args.recover_steps:
-                    student = prunekit.copy_model(pruned)
-                    recovered(student)
-                    after = f"{accuracy(student, test_images, test_labels):.4f}"
-                print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {accuracy(pruned, test_images, test_labels):12.4f}"
-                      f"  {after:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
+            rows = measured_recipes(models, timing_input, args.rounds, 3, size,
+                                    lambda m: accuracy(m, test_images, test_labels),
+                                    recovered if args.recover_steps else None)
+            for recipe, kept, pruned_score, after, faster in rows:
+                after_text = "-" if after is None else f"{after:.4f}"
+                print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {pruned_score:12.4f}"
+                      f"  {after_text:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
         print(f"{name:13s} dense   {'':20s}  {1.0:9.3f}  {accuracy(model, test_images, test_labels):12.4f}")
     print(f"load {os.getloadavg()[0]:.2f}")
 

@@ -35,12 +35,11 @@ from torch import nn
 import prunekit
 from prunekit.datasets import builtin_photos, photo_files
 from prunekit.io.files import package_folder
-from prunekit.measure.timing import latency_samples, speedup
 from prunekit.methods.registry import get_method
 from prunekit.sensitivity import OutputDistortion, scan
 from prunekit.training.recover import recover
 
-from budget import recipes_at_budget, total_macs  # benchmarks/budget.py, beside this file
+from budget import measured_recipes, recipes_at_budget  # benchmarks/budget.py, beside this file
 
 BACKBONE = [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)]
 SIDE = ["dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"]
@@ -126,7 +125,6 @@ def main() -> None:
         reference = torch.cat([model(chunk) for chunk in held_out.split(4)]).double()
     example = photos[:1]
     size = tuple(example.shape[1:])
-    dense_macs = total_macs(model, size)
     metric = OutputDistortion(photos)
     recovery_data = random_crops(args.size, 24, seed=1)
     recovery_held_out = random_crops(args.size, 1, seed=2)
@@ -137,25 +135,20 @@ def main() -> None:
             method = method.prepare(model, [photos], layers=BACKBONE)
         scans[name] = method, scan(model, metric, layers=BACKBONE, method=method,
                                    sparsities=[i / 10 for i in range(1, 10)], progress=False)
+    def recovered(student: nn.Module) -> None:  # the same recovery for every recipe
+        torch.manual_seed(0)
+        recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out, progress=False)
+
     print("budget  recipe                MACs kept  held-out distortion  recovered  speed-up over dense (95% interval)")
     for fraction in (float(b) for b in args.budgets.split(",")):
         models = recipes_at_budget(model, scans, fraction, example, metric,
                                    lambda ratio, how: torch_pruning(model, example, ratio, how, photos))
-        samples = latency_samples(models, example, repeats=args.rounds, warmup=2)
-        for recipe, pruned in models.items():
-            if recipe == "dense":
-                continue
-            kept = total_macs(pruned, size) / dense_macs
-            faster = speedup(samples["dense"], samples[recipe])
-            recovered = "-"
-            if args.recover_steps:
-                student = prunekit.copy_model(pruned)
-                torch.manual_seed(0)
-                recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out,
-                        progress=False)
-                recovered = f"{distortion(student, reference, held_out):.4f}"
-            print(f"{fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {distortion(pruned, reference, held_out):19.4f}"
-                  f"  {recovered:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})", flush=True)
+        rows = measured_recipes(models, example, args.rounds, 2, size, lambda m: distortion(m, reference, held_out),
+                                recovered if args.recover_steps else None)
+        for recipe, kept, pruned_score, after, faster in rows:
+            after_text = "-" if after is None else f"{after:.4f}"
+            print(f"{fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {pruned_score:19.4f}"
+                  f"  {after_text:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})", flush=True)
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

@@ -532,7 +532,8 @@ def figure_command(
     )
     from examples.style_transfer.adain_network import load_network
 
-    networks = {label: load_network(path) for label, path in _parse_checkpoints(checkpoints)}
+    paths = dict(_parse_checkpoints(checkpoints))
+    networks = {label: load_network(path) for label, path in paths.items()}
     content = load_heldout(content_dir, size, limit)
     style = load_heldout(style_dir, size, limit)
     pairs = min(content.shape[0], style.shape[0])
@@ -544,7 +545,7 @@ def figure_command(
     draw_pruning_figure(report, content, style, out / "adain_pruning.png")
     report.pop("outputs")  # tensors, drawn above
     report.update({"heldout": {"pairs": pairs, "size": size, "content": content_dir, "style": style_dir},
-                   "checkpoints": dict(_parse_checkpoints(checkpoints)), "machine": machine_info()})
+                   "checkpoints": paths, "machine": machine_info()})
     write_json(out / "report.json", report)
     table = format_figure_table(report)
     with atomic_write(out / "table.md", "w") as handle:

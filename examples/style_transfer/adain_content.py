@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from prunekit.io.files import PathLike, atomic_write
 
-__all__ = ["BLUR_FACTOR", "blurred", "content_distance", "content_references", "flat", "reconstruct",
+__all__ = ["BLUR_FACTOR", "blurred", "content_distance", "content_distances", "content_references", "flat", "reconstruct",
            "reconstruction_report"]
 
 BLUR_FACTOR = 8
@@ -58,7 +58,6 @@ def blurred(images: Tensor, factor: int = BLUR_FACTOR) -> Tensor:
     return F.interpolate(small, size=images.shape[2:], mode="bilinear", align_corners=False)
 
 
-@torch.no_grad()
 def content_distance(loss_network: nn.Module, outputs: Tensor, contents: Tensor, batch_size: int = 8,
                      normalize: bool = False) -> float:
     """Mean squared relu4_1 difference between ``outputs`` and ``contents`` under ``loss_network``.
@@ -67,16 +66,24 @@ def content_distance(loss_network: nn.Module, outputs: Tensor, contents: Tensor,
     the relu4_1 tensor). Computed in float32 in chunks of ``batch_size`` images. ``normalize``:
     compare instance-normalised maps (the structure distance, see the module docstring).
     """
+    raw, structure = content_distances(loss_network, outputs, contents, batch_size)
+    return structure if normalize else raw
+
+
+@torch.no_grad()
+def content_distances(loss_network: nn.Module, outputs: Tensor, contents: Tensor,
+                      batch_size: int = 8) -> Tuple[float, float]:
+    """``(raw, structure)``: both :func:`content_distance` figures from one pass of the loss network."""
     if outputs.shape != contents.shape:
         raise ValueError(f"outputs {tuple(outputs.shape)} and contents {tuple(contents.shape)} differ in shape")
-    total, count = 0.0, 0
+    raw, structure, count = 0.0, 0.0, 0
     for out, ref in zip(outputs.split(batch_size), contents.split(batch_size)):
         out_features, ref_features = (_relu4_1(loss_network, x.float()) for x in (out, ref))
-        if normalize:
-            out_features, ref_features = _instance_normalized(out_features), _instance_normalized(ref_features)
-        total += float(F.mse_loss(out_features, ref_features, reduction="sum"))
+        raw += float(F.mse_loss(out_features, ref_features, reduction="sum"))
+        structure += float(F.mse_loss(_instance_normalized(out_features), _instance_normalized(ref_features),
+                                      reduction="sum"))
         count += out_features.numel()
-    return total / count
+    return raw / count, structure / count
 
 
 def content_references(loss_network: nn.Module, contents: Tensor, normalize: bool = False) -> Dict[str, float]:
@@ -129,14 +136,18 @@ def reconstruction_report(
     def per_image(candidates: Tensor) -> list:
         return [content_distance(loss_network, candidates[i: i + 1], images[i: i + 1]) for i in range(images.shape[0])]
 
+    def mean(values: list) -> float:  # the images share one size, so the mean of the per-image means
+        return sum(values) / len(values)
+
+    reference_rows = {name: per_image(value) for name, value in references.items()}
+    network_rows = {label: per_image(output) for label, output in outputs.items()}
     report: Dict[str, Any] = {
         "images": int(images.shape[0]),
-        "references": {name: content_distance(loss_network, value, images) for name, value in references.items()},
-        "references_per_image": {name: per_image(value) for name, value in references.items()},
+        "references": {name: mean(values) for name, values in reference_rows.items()},
+        "references_per_image": reference_rows,
         "networks": {
-            label: {"step": int(networks[label].step), "distance": content_distance(loss_network, output, images),
-                    "per_image": per_image(output)}
-            for label, output in outputs.items()
+            label: {"step": int(networks[label].step), "distance": mean(values), "per_image": values}
+            for label, values in network_rows.items()
         },
     }
     if grid_path is not None:

@@ -67,7 +67,7 @@ from examples.style_transfer.adain import (
     encoder_output,
     encoder_widths,
 )
-from examples.style_transfer.adain_content import content_distance, content_references
+from examples.style_transfer.adain_content import content_distances, content_references
 from examples.style_transfer.vgg import FeatureExtractor, Preprocessor, default_preprocess
 from prunekit.datasets import IMAGE_EXTENSIONS
 from prunekit.io.files import PathLike, atomic_write, save_torch, write_json
@@ -525,10 +525,9 @@ def _start_from(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork) -
     assert config.init_from is not None
     state = _read_checkpoint(config.init_from)
     source = TrainConfig.from_dict(state["config"])
-    mine, theirs = _structure_config(config), _structure_config(source)
+    built, trained = _structure_config(config), _structure_config(source)  # defaults resolved
     for name in _ENCODER_SETTINGS:
-        if name == "weights":
-            mine, theirs = config, source
+        mine, theirs = (config, source) if name == "weights" else (built, trained)  # weights: as named
         if getattr(mine, name) != getattr(theirs, name):
             raise ValueError(
                 f"init_from {config.init_from!r} was trained with {name}={getattr(source, name)!r}, this run asks "
@@ -672,7 +671,7 @@ def _train_step(
     style_weight: float,
 ) -> Dict[str, Any]:
     if config.stage == "invert":
-        return _invert_step(config, net, loss_network, optimizers, content)
+        return _invert_step(config, net, optimizers, content)
     # One encoder pass over content and style: the regulariser (which keeps only
     # the latest forward) sees both, and the xor loss compares all 2B images.
     content_features, style_features = net.encode_pair(content, style)
@@ -695,11 +694,7 @@ def _train_step(
     total = config.content_weight * content_value + style_weight * style_value
     if penalty is not None:
         total = total + penalty
-    for optimizer in optimizers.values():
-        optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    for optimizer in optimizers.values():
-        optimizer.step()
+    _optimise(optimizers, total)
     if regularizer is not None:
         regularizer.clear()
     return {
@@ -713,26 +708,29 @@ def _train_step(
     }
 
 
-def _invert_step(
-    config: TrainConfig,
-    net: AdaINNet,
-    loss_network: LossNetwork,
-    optimizers: Dict[str, torch.optim.Optimizer],
-    content: Tensor,
-) -> Dict[str, Any]:
-    # Stage 1: the decoder alone learns to reconstruct the content from the frozen encoder's relu4_1.
-    with torch.no_grad():
-        features = net.encode(content)
-        reference = loss_network(content)["relu4_1"]
-    output = net.decoder(features)
-    content_value = F.mse_loss(loss_network(output)["relu4_1"], reference)
-    pixel_value = F.mse_loss(output, content)
-    total = config.content_weight * content_value + config.pixel_weight * pixel_value
+def _optimise(optimizers: Dict[str, torch.optim.Optimizer], total: Tensor) -> None:
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     total.backward()
     for optimizer in optimizers.values():
         optimizer.step()
+
+
+def _invert_step(
+    config: TrainConfig,
+    net: AdaINNet,
+    optimizers: Dict[str, torch.optim.Optimizer],
+    content: Tensor,
+) -> Dict[str, Any]:
+    # Stage 1: the decoder alone learns to reconstruct the content from the frozen encoder's relu4_1,
+    # measured by that same encoder (the loss network's weights in baseline mode, the only mode here).
+    with torch.no_grad():
+        features = net.encode(content)
+    output = net.decoder(features)
+    content_value = F.mse_loss(net.encode(output), features)
+    pixel_value = F.mse_loss(output, content)
+    total = config.content_weight * content_value + config.pixel_weight * pixel_value
+    _optimise(optimizers, total)
     return {
         "loss": total.item(),
         "content": content_value.item(),
@@ -757,9 +755,7 @@ def _probe_content(config: TrainConfig, net: AdaINNet, loss_network: LossNetwork
         outputs.append(net.decoder(features).clamp(0.0, 1.0))
     net.train(was_training)
     net.encoder.train(was_training and config.trains_encoder)
-    outputs_ = torch.cat(outputs)
-    return (content_distance(loss_network, outputs_, probe, config.batch_size),
-            content_distance(loss_network, outputs_, probe, config.batch_size, normalize=True))
+    return content_distances(loss_network, torch.cat(outputs), probe, config.batch_size)
 
 
 def _probe_inactive(net: AdaINNet, probe: Tensor, batch_size: int) -> int:
