@@ -125,61 +125,91 @@ def measured_recipes(
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits-vgg,digits-resnet")
+def parser_with_options(description: str) -> argparse.ArgumentParser:
+    """The options every digits-like budget benchmark takes (this one, budget_mnist.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--budgets", default="0.5,0.333,0.25")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--methods", default="channel,filter-norm,taylor", help="prunekit methods to fit")
     parser.add_argument("--metric", choices=("accuracy", "distortion"), default="accuracy",
-                        help="what the scan and the fit score: accuracy on the 360 training digits, or the "
+                        help="what the scan and the fit score: accuracy on the labelled scan images, or the "
                         "distortion of the logits against the dense model's (informative where accuracy collapses)")
     parser.add_argument("--recover-fit", action="store_true",
                         help="compare prunekit's budget candidates after that same recovery (fit_budget's recover=)")
     parser.add_argument("--recover-steps", type=int, default=300, help="distillation steps for every recipe (0: none)")
-    args = parser.parse_args()
+    return parser
+
+
+def compare_at_budgets(
+    name: str, model: nn.Module, args: argparse.Namespace, batches: List[Tuple[torch.Tensor, torch.Tensor]],
+    test_images: torch.Tensor, test_labels: torch.Tensor, recovery_data: List[torch.Tensor],
+    recovery_held_out: List[torch.Tensor],
+) -> None:
+    """Scan ``model`` with each method on ``batches``, then print every recipe's row at every budget."""
+    example = test_images[:1]
+    size = tuple(example.shape[1:])
+    timing_input = test_images[:64]
+    metric = Accuracy(batches) if args.metric == "accuracy" else OutputDistortion([b[0] for b in batches])
+    scans = {}
+    for method_name in args.methods.split(","):
+        method = get_method(method_name)
+        if method.needs_data:  # activations for channel, labelled gradients for taylor
+            method = method.prepare(model, batches if method_name == "taylor" else [b[0] for b in batches])
+        scans[method_name] = method, scan(model, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
+                                          progress=False)
+
+    def recovered(student: nn.Module) -> None:  # the same recovery every recipe gets below
+        torch.manual_seed(0)
+        recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out, progress=False)
+
+    for fraction in (float(b) for b in args.budgets.split(",")):
+        models = recipes_at_budget(model, scans, fraction, example, metric,
+                                   lambda ratio, how: torch_pruning(model, example, ratio, how, batches),
+                                   recovered if args.recover_fit and args.recover_steps else None)
+        rows = measured_recipes(models, timing_input, args.rounds, 3, size,
+                                lambda m: accuracy(m, test_images, test_labels),
+                                recovered if args.recover_steps else None)
+        for recipe, kept, pruned_score, after, faster in rows:
+            after_text = "-" if after is None else f"{after:.4f}"
+            print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {pruned_score:12.4f}"
+                  f"  {after_text:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
+    print(f"{name:13s} dense   {'':20s}  {1.0:9.3f}  {accuracy(model, test_images, test_labels):12.4f}")
+
+
+HEADER = "model         budget  recipe                MACs kept  held-out acc  recovered  speed-up over dense (95% interval)"
+
+
+def one_thread(note: str = "") -> None:
+    """Time at one thread, seeded; print the machine, the load and ``note``."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}{note}")
+
+
+def digits_data() -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, List[torch.Tensor],
+                           List[torch.Tensor]]:
+    """``(scan batches: 360 labelled training digits, test images, test labels, recovery batches: the other
+    training digits but the last 128, recovery held-out: those 128)``."""
     train = digits_train_set()
     scan_images, scan_labels = train.tensors[0][:360], train.tensors[1][:360]
     batches = [(scan_images[i:i + 120], scan_labels[i:i + 120]) for i in range(0, 360, 120)]
     test_images, test_labels = digits_test_set().tensors
-    example = test_images[:1]
-    size = tuple(example.shape[1:])
-    timing_input = test_images[:64]
     train_images = train.tensors[0]
     recovery_data = [train_images[i:i + 64] for i in range(0, len(train_images) - 128, 64)]
-    recovery_held_out = [train_images[-128:]]
-    print("model         budget  recipe                MACs kept  held-out acc  recovered  speed-up over dense (95% interval)")
+    return batches, test_images, test_labels, recovery_data, [train_images[-128:]]
+
+
+def main() -> None:
+    parser = parser_with_options(__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-vgg,digits-resnet")
+    args = parser.parse_args()
+    one_thread()
+    batches, test_images, test_labels, recovery_data, recovery_held_out = digits_data()
+    print(HEADER)
     for name in args.models.split(","):
-        model = prunekit.load_model(name).eval()
-        metric = Accuracy(batches) if args.metric == "accuracy" else OutputDistortion([b[0] for b in batches])
-        scans = {}
-        for method_name in args.methods.split(","):
-            method = get_method(method_name)
-            if method.needs_data:  # activations for channel, labelled gradients for taylor
-                method = method.prepare(model, batches if method_name == "taylor" else [b[0] for b in batches])
-            scans[method_name] = method, scan(model, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
-                                              progress=False)
-
-        def recovered(student: nn.Module) -> None:  # the same recovery every recipe gets below
-            torch.manual_seed(0)
-            recover(student, model, recovery_data, args.recover_steps, held_out=recovery_held_out, progress=False)
-
-        for fraction in (float(b) for b in args.budgets.split(",")):
-            models = recipes_at_budget(model, scans, fraction, example, metric,
-                                       lambda ratio, how: torch_pruning(model, example, ratio, how, batches),
-                                       recovered if args.recover_fit and args.recover_steps else None)
-            rows = measured_recipes(models, timing_input, args.rounds, 3, size,
-                                    lambda m: accuracy(m, test_images, test_labels),
-                                    recovered if args.recover_steps else None)
-            for recipe, kept, pruned_score, after, faster in rows:
-                after_text = "-" if after is None else f"{after:.4f}"
-                print(f"{name:13s} {fraction:6.3f}  {recipe:20s}  {kept:9.3f}  {pruned_score:12.4f}"
-                      f"  {after_text:>9s}  {faster.ratio:.2f}x ({faster.low:.2f}-{faster.high:.2f})")
-        print(f"{name:13s} dense   {'':20s}  {1.0:9.3f}  {accuracy(model, test_images, test_labels):12.4f}")
+        compare_at_budgets(name, prunekit.load_model(name).eval(), args, batches, test_images, test_labels,
+                           recovery_data, recovery_held_out)
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

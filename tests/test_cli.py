@@ -311,7 +311,10 @@ def test_compact_removes_channel_pruned_channels_and_times_both(runner):
     assert document["within_noise"] == (low <= 1.0 <= high)
     for name, (q1, q3) in document["seconds_iqr"].items():
         assert q1 <= document["seconds"][name] <= q3
-    small = torch.load("small.pt", weights_only=False)
+    small = prunekit.models.zoo.load_model("small.pt")  # a compacted checkpoint: no pickled code to trust
+    assert small.features[5].out_channels == 16
+    report = runner.invoke(cli, ["report", "small.pt"])
+    assert report.exit_code == 0 and "features.5" in report.stdout, report.stderr
     pruned = prunekit.models.zoo.load_model("ch.pt")
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -160,7 +160,7 @@ def test_the_timed_check_corrects_the_target_until_the_measured_speedup_meets_it
     timed = plan_costs(model, get_method("filter-norm"), result.layers, SIZE).timed(latency)
     measured = []
 
-    def fake_timing(model_, plan, method, size, repeats):
+    def fake_timing(model_, plan, method, size, repeats, batch=1):
         ratio = timed.dense.seconds / (timed.of(plan).seconds * error)
         measured.append(ratio)
         return Cost(1, 1, timed.of(plan).seconds * error), Speedup(ratio, ratio * 0.99, ratio * 1.01, 0.95)
@@ -187,12 +187,37 @@ def test_a_timed_budget_fit_measures_the_compacted_copy_and_leaves_the_model_as_
         assert torch.equal(value, before[key]), key
 
 
+def test_a_batch_budget_is_timed_at_its_batch_end_to_end():
+    model, metric, result = _scanned()
+    fit = fit_plan(model, metric, result, budget=Budget(speedup=1.2, batch=4), method="filter-norm", input_size=SIZE)
+    assert "thread(s), batch 4" in fit.timing and str(fit.budget) == "speed-up >= 1.2x at batch 4"
+    one = measure_latency(model, SIZE, {name: (False, True) for name in result.layers}, repeats=1, dense_repeats=1,
+                          progress=False, cache=False)
+    with pytest.raises(ValueError, match="timed at batch 1, the budget asks for batch 4"):
+        fit_budget(model, metric, result, Budget(speedup=1.2, batch=4), method="filter-norm", input_size=SIZE,
+                   latency=one)
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    ({"speedup": 2, "batch": 0}, "batch=0 is not a batch size"), ({"speedup": 2, "batch": 2.5}, "batch=2.5"),
+    ({"macs": 0.5, "batch": 8}, "a MACs or parameters budget counts per input"),
+])
+def test_a_bad_timing_batch_is_refused(arguments, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Budget(**arguments)
+
+
+def test_timing_batch_without_a_time_budget_is_a_one_line_error(runner, one_error_line):
+    one_error_line(runner.invoke(cli, ["scan", "--target-macs", "0.5", "--timing-batch", "8"]),
+                   "--timing-batch 8 sets what --target-speedup/--target-latency are timed at")
+
+
 def test_a_timed_fit_counts_with_the_cost_model_it_is_given_and_builds_none(monkeypatch):
     model, metric, result = _scanned()
     method = get_method("filter-norm")
     latency = _synthetic_latency(plan_costs(model, method, result.layers, SIZE))
     timed = plan_costs(model, method, result.layers, SIZE).timed(latency)
-    monkeypatch.setattr(budget_module, "_built_and_timed", lambda model_, plan, method_, size, repeats: (
+    monkeypatch.setattr(budget_module, "_built_and_timed", lambda model_, plan, method_, size, repeats, batch=1: (
         timed.of(plan), Speedup(timed.dense.seconds / timed.of(plan).seconds, 1.0, 9.0, 0.95)))
     expected = fit_budget(model, metric, result, Budget(speedup=1.5), method=method, input_size=SIZE, latency=latency)
     monkeypatch.setattr(budget_module, "plan_costs", lambda *a, **k: pytest.fail("built a second cost model"))
@@ -264,7 +289,7 @@ def test_an_unreachable_latency_is_a_one_line_error(runner, one_error_line):
 def test_help_explains_the_time_budget_options(runner):
     text = runner.invoke(cli, ["scan", "--help"]).output
     assert "--target-speedup X" in text and "--target-latency TIME" in text
-    assert "20ms" in text and "batch 1" in text and "cached" in text
+    assert "20ms" in text and "--timing-batch N" in text and "cached" in text
 
 
 def test_scan_to_a_speedup_from_the_command_line_records_what_it_measured(runner):

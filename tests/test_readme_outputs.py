@@ -16,7 +16,9 @@ def test_the_readme_marks_its_quoted_outputs():
     quoted = checker.quoted_outputs(checker.README.read_text(encoding="utf-8"))
     commands = {q.command: q.slow for q in quoted}
     assert commands == {"prunekit scan": False, "prunekit scan --method channel --target-macs 0.5": False,
-                        "prunekit scan --model hed --out hed-scan": True}
+                        "prunekit scan --model hed --out hed-scan": True,
+                        "prunekit scan --model digits-resnet --method channel --target-macs 0.25 --steps 3 "
+                        "--recover-steps 100 --threads 1 --out staged -q": True}
     assert all(len(q.lines) > 5 for q in quoted)
 
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # imported when a command runs, not for -h or an argument error
 
-__all__ = ["architecture", "load_checkpoint_argument"]
+__all__ = ["architecture", "compacted_architecture", "load_checkpoint_argument"]
 
 
 def architecture(spec: str) -> str:
@@ -43,6 +43,21 @@ def architecture(spec: str) -> str:
         "cannot be saved as a prunekit checkpoint; pass --model as a VGG name or "
         "package.module:factory with --weights PATH"
     )
+
+
+def compacted_architecture(path: str) -> Optional[str]:
+    """The architecture a compacted checkpoint (:mod:`prunekit.io.compacted`) came from; None for any other input."""
+    from prunekit.io.compacted import is_compacted_checkpoint
+    from prunekit.io.sparse import is_sparse_file
+
+    if not os.path.isfile(path) or is_sparse_file(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a file this reads: the loader says why
+        return None
+    arch = obj.get("arch") if is_compacted_checkpoint(obj) else None
+    return arch if isinstance(arch, str) else None
 
 
 def load_checkpoint_argument(command: str, checkpoint: str, weights: Optional[str], trust_checkpoint: bool) -> nn.Module:

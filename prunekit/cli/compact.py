@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import click
 
 from prunekit.cli.errors import emit_json, library_errors
-from prunekit.cli.checkpoints import load_checkpoint_argument
+from prunekit.cli.checkpoints import architecture, compacted_architecture, load_checkpoint_argument
 from prunekit.input_size import check_input_fits, in_channels
 from prunekit.cli.options import (
     DEFAULT_IMAGE_SIZE,
@@ -43,8 +43,9 @@ __all__ = ["compact_command"]
               "and the speed-up with a 95 % bootstrap interval (\"within noise\" when it holds 1.0; "
               "\"not measurable here\" when it spans more than 1.5x: a busy machine).")
 @click.option("--out", default=None, metavar="PATH",
-              help="Also save the compacted model as a whole pickled module (loading it back needs "
-              "--trust-checkpoint; the pruned CHECKPOINT itself rebuilds it safely).")
+              help="Also save the compacted model: a compacted checkpoint (its architecture, layer shapes and "
+              "weights; every command loads it without running code from the file), or, for a CHECKPOINT that is a "
+              "pickled module, pickled like it.")
 @checkpoint_options
 @click.option("--exported", default=None, metavar="PATH.pt2",
               help="Also write the compacted model as a torch.export program (checked after loading it back).")
@@ -74,7 +75,6 @@ def compact_command(
 
     """
     from prunekit.compact.measured import WARMUP_ROUNDS, compact_and_measure
-    from prunekit.io.files import save_torch
 
     outputs = [("--out", out, "small.pt"), ("--exported", exported, "small.pt2"), ("--onnx", onnx_path, "small.onnx")]
     refuse_inputs([(flag, value) for flag, value, _ in outputs],
@@ -87,11 +87,11 @@ def compact_command(
     if size is None:
         size = (1, DIGITS_SIZE, DIGITS_SIZE) if in_channels(model) == 1 else (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     check_input_fits(model, size, "--input-size", input_size or "x".join(map(str, size)))
-    run = compact_and_measure(model, size, repeats, exported=exported, onnx=onnx_path)
+    source, dense = _dense_architecture(checkpoint, trust_checkpoint)
+    run = compact_and_measure(model, size, repeats, exported=exported, onnx=onnx_path, dense=dense)
     report, removed, checks = run.report, run.removed, run.checks
     timing: Dict[str, Any] = dict(run.timing, speedup=run.speedup) if removed else {}
-    if out is not None:
-        save_torch(run.small, out)
+    saved = _save(run.small, out, source or _recorded_architecture(checkpoint)) if out is not None else None
     if as_json:
         emit_json({"report": report.to_dict(), "removed": removed, "export_checks": checks, "out": out,
                    "seconds": {name: timing[name].median for name in ("pruned", "compact")} if removed else None,
@@ -104,17 +104,54 @@ def compact_command(
         return
     click.echo(str(report))
     if removed:
+        before = "pruned" if dense is None else f"dense {source}"
+        if dense is not None:
+            click.echo(f"{checkpoint} is already compacted: compared with its dense architecture ({source})")
         click.echo(
             f"latency per input of size {'x'.join(map(str, size))} (median of {repeats} interleaved rounds, after "
-            f"{WARMUP_ROUNDS} warm-up rounds): {timing['pruned']} pruned, {timing['compact']} compact; speed-up {timing['speedup']}"
+            f"{WARMUP_ROUNDS} warm-up rounds): {timing['pruned']} {before}, {timing['compact']} compact; speed-up {timing['speedup']}"
         )
     else:
         click.echo(f"nothing to remove: no output channel of {checkpoint} is all zeros (prune it with --method channel "
                    "first); the compacted model is the same size, so it was not timed")
-    if out is not None:
-        click.echo(f"wrote {out}: a pickled module; read it back with: prunekit report {shlex.quote(out)} "
-                   "--trust-checkpoint (the pruned CHECKPOINT rebuilds it safely)")
+    if saved is not None:
+        click.echo(saved)
     for name, target, runner in (("exported", exported, "torch.export.load"), ("onnx", onnx_path, "onnxruntime")):
         if target is not None:
             click.echo(f"wrote {target}: run with {runner}, relative difference {checks[name]:.2e} from the "
                        f"compacted model ({checks['compact_vs_source']:.2e} compacted vs the pruned source)")
+
+
+def _dense_architecture(checkpoint: str, trust_checkpoint: bool) -> Tuple[Optional[str], Any]:
+    """For a compacted checkpoint (``prunekit scan --steps``): its architecture's spec and that model, dense
+    (what it is compared with); else ``(None, None)``."""
+    source = compacted_architecture(checkpoint)
+    if source is None:
+        return None, None
+    from prunekit.models.zoo import load_model
+
+    return source, load_model(source, "none", trust_checkpoint=trust_checkpoint, progress=False).eval()
+
+
+def _recorded_architecture(checkpoint: str) -> Optional[str]:
+    """The spec that rebuilds CHECKPOINT's architecture; None for a pickled model."""
+    try:
+        return architecture(checkpoint)
+    except ValueError:
+        return None
+
+
+def _save(small: Any, out: str, arch: Optional[str]) -> str:
+    """Write the compacted model (a compacted checkpoint, or pickled like a pickled source); what to say."""
+    if arch is None:
+        from prunekit.io.files import save_torch
+
+        save_torch(small, out)
+        return f"wrote {out}: a pickled module, like its source; read it back with: prunekit report {shlex.quote(out)} --trust-checkpoint"
+    from prunekit.io.compacted import save_compacted
+    from prunekit.models.zoo import is_factory_spec
+
+    save_compacted(small.cpu(), out, arch)
+    trust = " --trust-checkpoint" if is_factory_spec(arch) else ""  # building a factory's model runs its code
+    return (f"wrote {out}: a compacted checkpoint; read it back with: prunekit report {shlex.quote(out)}{trust} "
+            "(its layers' shapes and weights, no pickled code: every command loads it)")

@@ -112,20 +112,25 @@ def recovery_batches(
     RGB images: the held-out images are ``held_out``'s, or else the last fifth of
     ``data``'s images (at least one, when there are two or more); training batches are
     random crops (mirrored at random) of the other images, loaded at 1.25x the size,
-    so that a few photos give many different inputs. The built-in digits: the last
-    fifth of the shipped test split is held out, the rest trains. Returns
+    so that a few photos give many different inputs. The built-in digits: scikit-learn's training
+    split (the shipped test split without scikit-learn), its last fifth held out. Returns
     ``(train, held_out, description)``.
     """
     from prunekit import datasets
 
     channels = in_channels(model)
     if channels == 1 and data.strip().lower() == "builtin":
-        inputs = torch.cat(batch_inputs(evaluation_data(model, data, image_size, None, None, seed)[0]))
+        try:  # the training split, so that the scores on the shipped test split stay held out
+            inputs = datasets.digits_train_set().tensors[0]
+            where = "scikit-learn's training split of the digits (the shipped test split, which scans score, is never trained on)"
+        except ImportError:
+            inputs = torch.cat(batch_inputs(evaluation_data(model, data, image_size, None, None, seed)[0]))
+            where = "the shipped test split (pip install scikit-learn to train on the training split instead)"
         cut = max(1, len(inputs) // 5)
         train, held = inputs[:-cut], inputs[-cut:]
         size = min(64, len(train))
         batches = [train[i : i + size] for i in range(0, len(train), size)]
-        return batches, [held], f"{len(train)} digits to train on, {len(held)} held out (the shipped test split)"
+        return batches, [held], f"{len(train)} digits to train on, {len(held)} held out, from {where}"
     if channels != 3:
         raise ValueError(f"--recover-data {data}: the model takes {channels} input channels; pass RGB images")
     size = image_size or DEFAULT_IMAGE_SIZE

@@ -30,11 +30,13 @@ __all__ = [
     "parse_input_size",
     "parse_layers",
     "parse_sparsities",
+    "recovery_options",
     "run_options",
     "threads_option",
 ]
 
 DEFAULT_BATCH = 8
+DEFAULT_RECOVER_BATCH = 2  # what benchmarks/recovery.py measured on HED (200 steps, 2 crops each)
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -235,6 +237,29 @@ def data_options(from_plan: bool = False) -> Callable[[Callable[..., Any]], Call
             "three real photos shipped with matplotlib and scikit-learn. FOLDER: every image below it (a "
             "folder named photos: ./photos; for --metric accuracy, one subfolder per class)." + also,
         )(func)
+        return func
+
+    return decorate
+
+
+def recovery_options(when: str, data_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--recover-steps`` (run ``when``), ``--recover-data`` (default ``data_default``), ``--held-out``,
+    ``--recover-lr``, ``--recover-batch-size``: label-free distillation of the dense model into the pruned one."""
+    from prunekit.defaults import DEFAULT_LR
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--recover-batch-size", type=click.IntRange(min=1), default=DEFAULT_RECOVER_BATCH,
+                            show_default=True,
+                            help="Crops per recovery step, as measured best on HED (the built-in digits: 64 per batch).")(func)
+        func = click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LR,
+                            show_default=True, help="Adam's learning rate for --recover-steps.")(func)
+        func = click.option("--held-out", default=None, metavar="photos|FOLDER",
+                            help="Images to judge recovery on (default: the last fifth of --recover-data's images).")(func)
+        func = click.option("--recover-data", default=None, metavar="builtin|photos|FOLDER",
+                            help=f"Images for --recover-steps (default: {data_default}).")(func)
+        func = click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                            help=f"{when}, distil the dense model into the pruned one for N Adam steps on unlabelled "
+                            "images (zeros stay zero; the best held-out state is kept).")(func)
         return func
 
     return decorate

@@ -23,6 +23,7 @@ from prunekit.cli.options import (
     method_options,
     model_options,
     parse_device,
+    recovery_options,
     run_options,
     threads_option,
 )
@@ -30,13 +31,11 @@ from prunekit.cli.paths import check_output_file, refuse_inputs
 from prunekit.cli.plan_file import PlanFile, check_recorded_model, read_plan_file
 from prunekit.cli.session import status
 from prunekit.input_size import in_channels
-from prunekit.defaults import DEFAULT_LR, DEFAULT_MODEL
+from prunekit.defaults import DEFAULT_MODEL
 from prunekit.methods.registry import method_names
 
 __all__ = ["prune_command"]
 
-DEFAULT_RECOVER_LR = DEFAULT_LR
-DEFAULT_RECOVER_BATCH = 2  # what benchmarks/recovery.py measured on HED (200 steps, 2 crops each)
 
 
 class _Context:
@@ -188,17 +187,7 @@ def _message(err: BaseException) -> str:
               "{layer: sparsity}.")
 @method_options(from_plan=True)
 @data_options(from_plan=True)
-@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="After pruning, distil the dense model into the pruned one for N Adam steps on unlabelled "
-              "images (zeros stay zero; the best held-out state is kept).")
-@click.option("--recover-data", default=None, metavar="builtin|photos|FOLDER",
-              help="Images for --recover-steps (default: --data, i.e. the plan's data).")
-@click.option("--held-out", default=None, metavar="photos|FOLDER",
-              help="Images to judge recovery on (default: the last fifth of --recover-data's images).")
-@click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECOVER_LR,
-              show_default=True, help="Adam's learning rate for --recover-steps.")
-@click.option("--recover-batch-size", type=click.IntRange(min=1), default=DEFAULT_RECOVER_BATCH, show_default=True,
-              help="Crops per recovery step, as measured best on HED (the built-in digits: 64 per batch).")
+@recovery_options("After pruning", "--data, i.e. the plan's data")
 @click.option("--recover-plot", default=None, metavar="PATH.png",
               help="Also draw the held-out distortion against the recovery step (the state kept circled).")
 @click.option("--gradual", is_flag=True,

@@ -24,11 +24,13 @@ from prunekit.cli.options import (
     parse_device,
     parse_layers,
     parse_sparsities,
+    recovery_options,
     run_options,
     threads_option,
 )
 from prunekit.cli.paths import check_output_folder
 from prunekit.cli.session import DEFAULT_TIMEOUT, process_group, status
+from prunekit.cli.stages import check_stage_options, run_stages
 from prunekit.sensitivity.folder import ScanFolder, recorded_path
 from prunekit.sensitivity.result import SensitivityResult
 
@@ -54,6 +56,7 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
         "prunekit scan --model vgg11 --data ./images --image-size 64 --layers features.0,features.3",
         "prunekit scan --model vgg19 --weights vgg19.pth --sparsities 0.5,0.7,0.9 --out vgg19-scan",
         "prunekit scan --model resnet18 --method channel --image-size 96 --target-macs 0.5",
+        "prunekit scan --model digits-resnet --method channel --target-macs 0.33 --steps 3 --recover-steps 100",
     ),
 )
 @model_options()
@@ -83,12 +86,21 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
               "(counted like --target-macs; both may be given).")
 @click.option("--target-speedup", type=float, default=None, metavar="X",
               help="Budget: the compacted model runs at least X times faster than the dense one (e.g. 2), "
-              "timed on this machine at batch 1 and --image-size with --threads (each layer timed alone at the "
+              "timed on this machine at --timing-batch and --image-size with --threads (each layer timed alone at the "
               "widths plans give it, cached in ~/.cache/prunekit or $PRUNEKIT_CACHE_DIR; the plan's compacted copy "
               "is then timed beside the dense model and the target corrected by what it measured). Channel methods only.")
 @click.option("--target-latency", default=None, metavar="TIME",
-              help="Budget: at most this time per forward at batch 1 on this machine, with a unit: 20ms or 0.02s "
-              "(timed like --target-speedup).")
+              help="Budget: at most this time per forward of --timing-batch inputs on this machine, with a unit: "
+              "20ms or 0.02s (timed like --target-speedup).")
+@click.option("--timing-batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="How many inputs each timed forward of --target-speedup/--target-latency takes: 1 for the "
+              "latency of one request, more for a server's batch.")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="With a budget: reach it in N stages. Each stage scans the model as it is (after the first, only "
+              "the groups the stage before pruned), fits an equal share of what is left of the budget, prunes, "
+              "compacts and recovers (--recover-steps); --out gets stage-K/ folders, stages.json and pruned.pt, "
+              "the final compacted model. A channel method only; --resume continues after the last stage done.")
+@recovery_options("After each stage of --steps N", "--data")
 @click.option("--confidence", type=float, default=None, metavar="P",
               help="Settle points early (e.g. 0.99): a point stops once a P-confidence interval on its "
               "full-data score lies wholly on one side of --max-drop (batches shuffled once with --seed; "
@@ -121,8 +133,10 @@ def scan_command(
     ctx: click.Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, data: str,
     image_size: Optional[int], batch_size: Optional[int], metric: Optional[str], method: str, criterion: Optional[str],
     sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, target_macs: Optional[float],
-    target_params: Optional[float], target_speedup: Optional[float], target_latency: Optional[str],
-    confidence: Optional[float], stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
+    target_params: Optional[float], target_speedup: Optional[float], target_latency: Optional[str], timing_batch: int,
+    steps: int,
+    recover_steps: int, recover_data: Optional[str], held_out: Optional[str], recover_lr: float,
+    recover_batch_size: int, confidence: Optional[float], stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
     quiet: bool, as_json: bool,
 ) -> None:
     """Measure how sensitive each conv layer is to pruning, and suggest a plan.
@@ -145,41 +159,39 @@ def scan_command(
 
     """
     levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
-    budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency)
+    budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency, timing_batch)
     from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.planning.pipeline import ScanInterrupted, run_scan
 
     pruning = configured_method(method, criterion)
-    if budget is not None and budget.timed and pruning.unit != "channels":
-        raise ValueError(f"--method {method} leaves its zeros in place and runs as fast as the dense model here: "
-                         "--target-speedup/--target-latency need a channel method (e.g. --method channel)")
+    recovery = dict(steps=recover_steps, data=recover_data, held_out=held_out, lr=recover_lr, batch_size=recover_batch_size)
+    _check_method(budget, pruning, method)
+    check_stage_options(steps, budget, pruning, joint, confidence, names, recovery)
     target = ctx.with_resource(process_group(parse_device(device), timeout))
-    folder = ScanFolder(out_dir)
-    if not resume and not force:
-        folder.refuse_other_scan({"model": model_spec, "weights": weights, "data": data, "method": method,
-                                  "sparsities": list(levels)})
-    previous = folder.partial_scan() if resume else None  # read before any work: a missing one fails fast
+    folder, previous = _scan_folder(out_dir, resume and steps == 1, force or steps > 1, {
+        "model": model_spec, "weights": weights, "data": data, "method": method, "sparsities": list(levels)})
 
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
                        factory_folder=os.getcwd(), seed=seed).to(target)
     convs = resolve_layers(model, names, pruning.layer_types)
-    batches, labelled, description, size, batch_size = evaluation_data(
-        model, data, image_size, batch_size, metric, seed
-    )
+    batches, labelled, description, size, batch_size = evaluation_data(model, data, image_size, batch_size, metric, seed)
     metric_name = metric or ("accuracy" if labelled else "distortion")
     options = {
         "model": model_spec, "weights": weights, "data": data, "image_size": size, "batch_size": batch_size,
         "metric": metric_name, "method": method, "criterion": pruning.options.get("criterion"),
         "sparsities": list(levels), "layers": list(convs), "seed": seed, "confidence": confidence,
     }
+    if steps > 1:  # --steps N: scan, fit, prune, compact and recover N times (prunekit.cli.stages)
+        return run_stages(ctx, model, model_spec, trust_checkpoint, (batches, labelled, metric_name, description), pruning,
+                          levels, max_drop, budget, steps, out_dir, resume, force, options, recovery, image_size, seed,
+                          quiet, as_json)
     try:
         run = run_scan(
             model, batches, labelled=labelled, metric=metric_name, method=pruning,
             layers=None if names is None else list(convs), sparsities=levels, max_drop=max_drop, relative=relative,
-            budget=budget,
-            confidence=confidence, seed=seed, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
+            budget=budget, confidence=confidence, seed=seed, stack_levels={"auto": "auto", "on": True, "off": False}[stack_levels],
             joint=joint, folder=folder, resume_from=previous, resume_fit=resume, options=options,
             meta={"prunekit": __version__}, data_description=description, progress=not quiet,
             on_status=lambda message: status(quiet, message),
@@ -218,8 +230,24 @@ def _checked_arguments(sparsities: str, layers: Optional[str], max_drop: Optiona
     return levels, names, out_dir
 
 
+def _scan_folder(out_dir: Path, resume: bool, force: bool, typed: Dict[str, Any]) -> Tuple[ScanFolder, Any]:
+    """The results folder, and with ``resume`` its partial scan (read before any work: a missing one fails fast);
+    without ``force``, another scan's results there are refused (the stages of --steps keep their own scans)."""
+    folder = ScanFolder(out_dir)
+    if not resume and not force:
+        folder.refuse_other_scan(typed)
+    return folder, folder.partial_scan() if resume else None
+
+
+def _check_method(budget: Any, pruning: Any, method: str) -> None:
+    if budget is not None and budget.timed and pruning.unit != "channels":
+        raise ValueError(f"--method {method} leaves its zeros in place and runs as fast as the dense model here: "
+                         "--target-speedup/--target-latency need a channel method (e.g. --method channel)")
+
+
 def _checked_budget(target_macs: Optional[float], target_params: Optional[float], joint: bool,
-                    target_speedup: Optional[float] = None, target_latency: Optional[str] = None) -> Any:
+                    target_speedup: Optional[float] = None, target_latency: Optional[str] = None,
+                    timing_batch: int = 1) -> Any:
     """The budget the options name (None: none), checked before torch loads."""
     for flag, value, what in (("--target-macs", target_macs, "MACs"), ("--target-params", target_params, "parameters")):
         if value is not None and not (math.isfinite(value) and 0 < value <= 1):
@@ -229,6 +257,9 @@ def _checked_budget(target_macs: Optional[float], target_params: Optional[float]
         raise ValueError(f"--target-speedup {target_speedup:g}: pass how many times faster than the dense model, "
                          "above 1 (e.g. 2 for twice as fast)")
     latency = None if target_latency is None else parse_latency(target_latency)
+    if timing_batch != 1 and target_speedup is None and latency is None:
+        raise ValueError(f"--timing-batch {timing_batch} sets what --target-speedup/--target-latency are timed at; "
+                         "pass one of them, or drop --timing-batch")
     if target_macs is None and target_params is None and target_speedup is None and latency is None:
         return None
     if not joint:
@@ -236,7 +267,7 @@ def _checked_budget(target_macs: Optional[float], target_params: Optional[float]
                          "--target-latency): the budget plan is scored with every layer pruned together; drop --per-layer")
     from prunekit.planning.budget import Budget
 
-    return Budget(macs=target_macs, params=target_params, speedup=target_speedup, latency=latency)
+    return Budget(macs=target_macs, params=target_params, speedup=target_speedup, latency=latency, batch=timing_batch)
 
 
 _TIME_UNITS = {"ms": 1e-3, "s": 1.0, "us": 1e-6}

@@ -53,7 +53,7 @@ class CompactRun:
 
 def compact_and_measure(
     model: nn.Module, input_size: Sequence[int], repeats: int = 20, *, exported: Optional[str] = None,
-    onnx: Optional[str] = None, seed: int = 0,
+    onnx: Optional[str] = None, seed: int = 0, dense: Optional[nn.Module] = None,
 ) -> CompactRun:
     """Compact ``model`` (masked or zero channels removed), compare costs, time both side by side, export.
 
@@ -65,6 +65,8 @@ def compact_and_measure(
         exported, onnx: also write the compacted model there as a ``torch.export`` program or ONNX, each
             checked after loading it back.
         seed: the seed of the random example input.
+        dense: the model the costs and times are compared with instead of ``model``: for a model ``compact``
+            already built (a compacted checkpoint), its dense architecture (timed in the ``"pruned"`` slot).
     """
     from prunekit.compact import compact, compaction_report
     from prunekit.measure.timing import latency_samples, speedup, spread
@@ -72,10 +74,11 @@ def compact_and_measure(
 
     example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
     small = compact(model, example_input=example)
-    report = compaction_report(model, small, tuple(input_size))
+    before = model if dense is None else dense
+    report = compaction_report(before, small, tuple(input_size))
     run = CompactRun(small, report, report.params_after < report.params_before, example=example)
     if run.removed:
-        samples = latency_samples({"pruned": model, "compact": small}, example, repeats=repeats, warmup=WARMUP_ROUNDS)
+        samples = latency_samples({"pruned": before, "compact": small}, example, repeats=repeats, warmup=WARMUP_ROUNDS)
         run.speedup = speedup(samples["pruned"], samples["compact"])
         run.timing = {"pruned": spread(samples["pruned"]), "compact": spread(samples["compact"])}
     if exported is not None or onnx is not None:

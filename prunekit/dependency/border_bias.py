@@ -37,11 +37,11 @@ class BorderBiasConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         kh, kw = self.kernel_size
-        self.register_buffer(
-            "border_weight",
-            torch.zeros(
-                self.out_channels, 1, kh, kw, device=self.weight.device, dtype=self.weight.dtype
-            ),
+        # A parameter (not trained: requires_grad is False) so that pruning a channel masks its border
+        # bias with its weights (torch's pruning reparametrizes parameters only).
+        self.border_weight = nn.Parameter(
+            torch.zeros(self.out_channels, 1, kh, kw, device=self.weight.device, dtype=self.weight.dtype),
+            requires_grad=False,
         )
 
     def border_bias(self, like: Tensor) -> Tensor:
@@ -79,7 +79,11 @@ class BorderBiasConv2d(nn.Conv2d):
         forwards see an old or a new entry, never half of one. ``torch.export``, ``torch.compile``
         and ONNX export compute it inline instead (no state in the graph).
         """
-        if torch.compiler.is_compiling():
+        if (torch.compiler.is_compiling() or not isinstance(self.border_weight, nn.Parameter)
+                or type(like) is not torch.Tensor):
+            # Pruned (the masked product is a new tensor every forward) or swapped for a masked copy by a
+            # scan: a new tensor may reuse a freed one's memory and version, so nothing is kept; nor is a
+            # result computed on a tensor subclass (the fake tensors a shape propagation runs on).
             return self.border_bias(like).to(dtype)
         key = (tuple(like.shape[-2:]), like.device, dtype, self.border_weight._version, self.border_weight.data_ptr())
         cached = self.__dict__.get("_border_cache")

@@ -229,10 +229,13 @@ def lowest_channels(scores: torch.Tensor, remaining: torch.Tensor, count: int) -
 
 
 def channel_targets(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d] = None) -> List[Tuple[nn.Module, str]]:
-    """The tensors that carry a conv's output channels: its weight and bias, and the BatchNorm's affine pair."""
+    """The tensors that carry a conv's output channels: its weight and bias (and the border bias of a conv
+    ``compact`` built, :class:`~prunekit.dependency.border_bias.BorderBiasConv2d`), and the BatchNorm's affine pair."""
     targets: List[Tuple[nn.Module, str]] = [(conv, "weight")]
     if conv.bias is not None:
         targets.append((conv, "bias"))
+    if isinstance(getattr(conv, "border_weight", None), nn.Parameter) or "border_weight_orig" in conv._parameters:
+        targets.append((conv, "border_weight"))
     if batchnorm is not None and batchnorm.affine:
         targets += [(batchnorm, "weight"), (batchnorm, "bias")]
     return targets

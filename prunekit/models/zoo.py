@@ -370,6 +370,13 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
             raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not an nn.Module")
         return obj
 
+    from prunekit.io.compacted import is_compacted_checkpoint, rebuild_compacted
+
+    if is_compacted_checkpoint(obj):
+        if not isinstance(obj.get("arch"), str):
+            raise ValueError(f"compacted checkpoint {str(path)!r} does not record its architecture; rebuild it with "
+                             "prunekit.io.compacted.rebuild_compacted(architecture, torch.load(path, weights_only=True), path)")
+        return rebuild_compacted(_build_recorded(obj["arch"], path, trust_checkpoint, progress), obj, path)
     if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and "state_dict" in obj:
         return load_state(_build_recorded(obj["arch"], path, trust_checkpoint, progress), obj, path)
     if isinstance(obj, Mapping):

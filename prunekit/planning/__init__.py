@@ -9,7 +9,8 @@ says it hurts least (:mod:`prunekit.planning.budget`, walking the curves in
 :mod:`prunekit.planning.costs`, its times by a per-layer model measured on this machine:
 :mod:`prunekit.planning.latency`);
 :func:`run_scan` runs the whole job of ``prunekit scan``: metric, method data, scan, fit,
-compaction check (:mod:`prunekit.planning.pipeline`). Applying a plan to a model is
+compaction check (:mod:`prunekit.planning.pipeline`); :func:`prune_in_stages` reaches a budget in
+stages of scan, fit, compaction and recovery (:mod:`prunekit.planning.stages`, ``prunekit scan --steps``). Applying a plan to a model is
 :func:`prunekit.apply_plan` (``prunekit.plans``, below the scanner, which scores plans).
 
 Example:
@@ -40,9 +41,11 @@ _EXPORTS = {
     "ScanInterrupted": "prunekit.planning.pipeline:ScanInterrupted",
     "ScanRun": "prunekit.planning.pipeline:ScanRun",
     "run_scan": "prunekit.planning.pipeline:run_scan",
+    "prune_in_stages": "prunekit.planning.stages:prune_in_stages",
+    "StagedRun": "prunekit.planning.stages:StagedRun",
 }
 
 __all__ = ["Budget", "BudgetError", "BudgetFit", "Cost", "DEFAULT_MAX_DROP", "LatencyModel", "PlanFit", "ScanInterrupted",
-           "ScanRun", "fit_plan", "measure_latency", "plan_costs", "run_scan"]
+           "ScanRun", "StagedRun", "fit_plan", "measure_latency", "plan_costs", "prune_in_stages", "run_scan"]
 
 lazy_exports(__name__, _EXPORTS)

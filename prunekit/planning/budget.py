@@ -2,7 +2,7 @@
 
 A :class:`Budget` names what the pruned model may cost: fractions of the dense model's
 MACs per sample and parameters, a speed-up over the dense model, or a latency per forward
-(both timed on this machine, batch 1, by :mod:`prunekit.planning.latency`'s per-layer
+(both timed on this machine at the budget's batch, 1 by default, by :mod:`prunekit.planning.latency`'s per-layer
 model rather than guessed from MACs). :func:`fit_budget` walks the scan's curves
 (:mod:`prunekit.planning.walk`): from dense, it
 repeatedly raises the layer (or channel group) whose next level buys the most of the budget
@@ -81,12 +81,14 @@ class Budget:
     Attributes:
         macs: multiply-accumulates per sample, a fraction of the dense model's in (0, 1] (``0.5``: half).
         params: parameters, a fraction in (0, 1].
-        speedup: how many times faster than the dense model (> 1), timed on this machine at batch 1.
-        latency: seconds per forward at batch 1 on this machine (``0.02``: 20 ms).
+        speedup: how many times faster than the dense model (> 1), timed on this machine at ``batch``.
+        latency: seconds per forward of ``batch`` inputs on this machine (``0.02``: 20 ms).
+        batch: how many inputs a timed forward takes (1: the latency of one request; more: a server's
+            batch, where the wider layers' arithmetic weighs more than their overheads).
 
     Example:
         >>> Budget(macs=0.5)
-        Budget(macs=0.5, params=None, speedup=None, latency=None)
+        Budget(macs=0.5, params=None, speedup=None, latency=None, batch=1)
         >>> str(Budget(speedup=2, latency=0.02))
         'speed-up >= 2x, latency <= 20 ms'
         >>> Budget(macs=0)
@@ -99,6 +101,7 @@ class Budget:
     params: Optional[float] = None
     speedup: Optional[float] = None
     latency: Optional[float] = None
+    batch: int = 1
 
     def __post_init__(self) -> None:
         for kind in _FRACTIONS:
@@ -111,6 +114,11 @@ class Budget:
                              "pass e.g. 2 for twice as fast")
         if self.latency is not None and not (_is_number(self.latency) and self.latency > 0):
             raise ValueError(f"latency={self.latency!r} is not a time per forward in seconds (> 0); pass e.g. 0.02 for 20 ms")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, numbers.Integral) or self.batch < 1:
+            raise ValueError(f"batch={self.batch!r} is not a batch size; pass an int >= 1 (the inputs a timed forward takes)")
+        if self.batch != 1 and not self.timed:
+            raise ValueError(f"batch={self.batch} sets what a speed-up or latency is timed at; a MACs or parameters "
+                             "budget counts per input: drop batch, or add speedup/latency")
         if not self.targets():
             raise ValueError("a Budget needs macs, params (fractions of the dense model's), speedup or latency, "
                              "e.g. Budget(macs=0.5) or Budget(speedup=2)")
@@ -148,7 +156,7 @@ class Budget:
             words.append(f"speed-up >= {self.speedup:g}x")
         if self.latency is not None:
             words.append(f"latency <= {self.latency * 1e3:g} ms")
-        return ", ".join(words)
+        return ", ".join(words) + (f" at batch {self.batch}" if self.batch != 1 else "")
 
 
 def _excess(fractions: Mapping[str, float], cost: Cost, dense: Cost) -> float:
@@ -213,10 +221,10 @@ def _ceilings(method: PruningMethod, costs: PlanCosts) -> Dict[str, float]:
 
 def timed_costs(
     model: nn.Module, method: PruningMethod, layers: Sequence[str], input_size: Sequence[int], *,
-    latency: Any = None, progress: bool = False,
+    latency: Any = None, progress: bool = False, batch: int = 1,
 ) -> PlanCosts:
-    """The cost model of ``method``'s plans with seconds too: ``latency`` (measured now when None, see
-    :func:`~prunekit.planning.latency.measure_latency`).
+    """The cost model of ``method``'s plans with seconds too: ``latency`` (measured now at ``batch`` when None,
+    see :func:`~prunekit.planning.latency.measure_latency`).
 
     Raises:
         BudgetError: a fine-grained method (its plans run at the dense model's speed on dense hardware).
@@ -228,7 +236,10 @@ def timed_costs(
         raise BudgetError(f"a {method.name} plan leaves its zeros in place and runs as fast as the dense model on "
                           "this hardware: a speed-up or latency budget needs a channel method (e.g. --method channel)")
     if latency is None:
-        latency = measure_latency(model, input_size, costs.narrowable(), progress=progress)
+        latency = measure_latency(model, input_size, costs.narrowable(), progress=progress, batch=batch)
+    elif latency.setting.get("batch") != batch:
+        raise ValueError(f"the latency model was timed at batch {latency.setting.get('batch')}, the budget asks for "
+                         f"batch {batch}; measure it at the budget's batch (measure_latency(..., batch={batch}))")
     return costs.timed(latency)
 
 
@@ -307,7 +318,7 @@ def fit_budget(
         check: count the costs on the model built (compacted on a copy for a channel plan). A timed
             budget is always checked: its compacted copy is timed beside the dense model.
         latency: a timed budget's :class:`~prunekit.planning.latency.LatencyModel` (None: measured now,
-            with the model's device and torch's threads, batch 1; cached on disk).
+            with the model's device and torch's threads, at the budget's batch; cached on disk).
         timing_repeats: interleaved rounds each check of a timed budget takes.
         progress: show a bar while layers are timed.
         compare: score the walk's plan, one level for every layer (``"uniform"``) and their blend
@@ -334,7 +345,7 @@ def fit_budget(
         raise ValueError(f"method {pruning.name!r} is not the scan's ({result.method!r}); fit with the method scanned")
     size = tuple(input_size) if input_size is not None else _input_size(evaluate)
     if costs is None:
-        costs = timed_costs(model, pruning, result.layers, size, latency=latency, progress=progress) \
+        costs = timed_costs(model, pruning, result.layers, size, latency=latency, progress=progress, batch=budget.batch) \
             if budget.timed else plan_costs(model, pruning, result.layers, size)
     elif sorted(costs.blocks) != sorted(result.layers):
         raise ValueError("costs were counted over other layers than the scan's; build them with result.layers")
@@ -393,7 +404,7 @@ def fit_budget(
         # a corrected target keeps the shape chosen first: switching shapes between corrections would not converge
         first = shapes.get(str(sorted(plan.items())), "walk")
         plan, measured, timing, corrections = _timed_plan(model, plan, pruning, size, costs, fractions,
-                                                          lambda aim: spend(aim, only=first), timing_repeats)
+                                                          lambda aim: spend(aim, only=first), timing_repeats, budget.batch)
     elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
         measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
@@ -432,6 +443,7 @@ def _recovered_score(model: nn.Module, plan: Mapping[str, float], method: Prunin
 def _timed_plan(
     model: nn.Module, plan: Dict[str, float], method: PruningMethod, size: Sequence[int], costs: Any,
     fractions: Mapping[str, float], spend: Callable[[Mapping[str, float]], Dict[str, float]], repeats: int,
+    batch: int = 1,
 ) -> Tuple[Dict[str, float], Optional[Cost], Any, int]:
     """Time the compacted plan beside the dense model; correct the time target by what it measured (module docstring).
 
@@ -443,7 +455,7 @@ def _timed_plan(
     tried: List[Tuple[float, Dict[str, float], Optional[Cost], Any]] = []
     aim = dict(fractions)
     for attempt in range(CORRECTIONS + 1):
-        built, speedup = _built_and_timed(model, plan, method, size, repeats)
+        built, speedup = _built_and_timed(model, plan, method, size, repeats, batch)
         if built is None:
             return plan, None, None, attempt
         tried.append((abs(math.log(speedup.ratio / goal)), plan, built, speedup))
@@ -464,7 +476,7 @@ def _timed_plan(
 
 
 def _built_and_timed(model: nn.Module, plan: Mapping[str, float], method: PruningMethod, size: Sequence[int],
-                     repeats: int) -> Tuple[Optional[Cost], Any]:
+                     repeats: int, batch: int = 1) -> Tuple[Optional[Cost], Any]:
     """The compacted copy's cost (seconds: its median time) and its speed-up over ``model``, timed side by side."""
     from prunekit.compact.measured import WARMUP_ROUNDS
     from prunekit.measure.timing import latency_samples, speedup
@@ -473,7 +485,7 @@ def _built_and_timed(model: nn.Module, plan: Mapping[str, float], method: Prunin
     if small is None:
         return None, None
     parameter = next(model.parameters())
-    example = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+    example = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
     samples = latency_samples({"dense": model, "compact": small}, example, repeats=repeats, warmup=WARMUP_ROUNDS)
     cost = measured_costs(small, size)
     return Cost(cost.params, cost.macs, statistics.median(samples["compact"])), speedup(samples["dense"], samples["compact"])

@@ -22,7 +22,9 @@ Example:
     >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
     >>> latency = measure_latency(model, (3, 24, 24), {"0": (False, True), "2": (True, False)},
     ...                           repeats=2, progress=False, cache=False)
-    >>> latency.layer_seconds("0", 3, 16) > latency.layer_seconds("0", 3, 4) > 0
+    >>> latency.tables["0"].inputs, latency.tables["0"].outputs  # conv 0's grid: its output widths timed
+    ((3,), (2, 4, 8, 12, 16))
+    >>> latency.layer_seconds("0", 3, 10) > 0  # between grid points: interpolated
     True
 """
 

@@ -236,9 +236,9 @@ def run_scan(
         if not joint:
             raise ValueError("a budget is met by the plan with every layer pruned together: drop --per-layer (joint=False)")
         if budget.timed:  # the latency model is measured (or read from the cache) once, before the scan
-            on_status(f"timing {type(model).__name__}'s layers on this machine (batch 1, {torch.get_num_threads()} "
-                      f"thread(s); cached in {cache_folder()})")
-            costs = timed_costs(model, pruning, list(blocks), input_size, progress=progress)
+            on_status(f"timing {type(model).__name__}'s layers on this machine (batch {budget.batch}, "
+                      f"{torch.get_num_threads()} thread(s); cached in {cache_folder()})")
+            costs = timed_costs(model, pruning, list(blocks), input_size, progress=progress, batch=budget.batch)
         check_reachable(budget, *smallest_cost(model, pruning, list(blocks), levels, input_size, costs=costs),
                         "with every layer at its highest level")
     try:
