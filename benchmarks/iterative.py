@@ -95,7 +95,8 @@ def main() -> None:
         for method_name in args.methods.split(","):
             method = get_method(method_name)
             if method.needs_data:
-                method = method.prepare(dense, [b[0] for b in batches])
+                # labelled gradients for taylor (as its stages prepare it), activations for channel
+                method = method.prepare(dense, batches if method_name == "taylor" else [b[0] for b in batches])
             scans[method_name] = method, scan(dense, metric, method=method, sparsities=[i / 10 for i in range(1, 10)],
                                               progress=False)
         for fraction in (float(b) for b in args.budgets.split(",")):

@@ -341,11 +341,11 @@ def prune_in_stages(
         speedup_target = max(speedup_target or 1.0, needed)
         on_status(f"latency <= {budget.latency * 1e3:g} ms needs a {needed:.2f}x speed-up (the dense model: "
                   f"{costs.dense.seconds * 1e3:.3g} ms predicted)")
-    overall = Budget(macs=budget.macs, params=budget.params, batch=budget.batch if (speedup_target or 0) > 1 else 1,
-                     speedup=speedup_target if speedup_target and speedup_target > 1 else None) if (
-        budget.macs or budget.params or (speedup_target and speedup_target > 1)) else None
-    if overall is None:
+    speedup_target = speedup_target if (speedup_target or 0) > 1 else None  # a latency already met needs none
+    if not (budget.macs or budget.params or speedup_target):
         raise ValueError(f"the budget ({budget}) is already met by the dense model: nothing to prune")
+    overall = Budget(macs=budget.macs, params=budget.params, speedup=speedup_target,
+                     batch=budget.batch if speedup_target else 1)
     key = {"options": dict(options or {}), "budget": budget.targets(), "steps": steps, "method": pruning.name,
            "criterion": pruning.options.get("criterion"), "sparsities": [float(s) for s in sparsities],
            "max_drop": max_drop, "rescan": rescan,
