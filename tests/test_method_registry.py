@@ -81,17 +81,25 @@ def test_the_help_of_method_is_each_class_docstring_read_without_importing_torch
     assert "taylor: whole output channels whose first-order Taylor importance" in " ".join(shown.output.split())
 
 
+def net_for(method):
+    """small_net, or for a method of Linear layers only (2:4) a small MLP on the same inputs; and two layers to prune."""
+    if nn.Conv2d in get_method(method).layer_types:
+        return small_net(), ("0", "3")
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 8)).eval(), ("1", "3")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_methods_plain_masks_are_the_masks_it_applies(method):
-    model = small_net()
+    model, layers = net_for(method)
     pruning = prepared(model, method)
     assert pruning.needs_data == (pruning.data is not None)
     assert get_method(method).data is None  # preparing makes a copy: the registry's instance owns nothing
-    blocks = pruning.blocks(model, ["0", "3"])
+    blocks = pruning.blocks(model, list(layers))
     scores = pruning.scores(model, blocks)
-    for layer in ("0", "3"):
+    for layer in layers:
         make = pruning.mask_maker(blocks[layer], None if scores is None else scores[layer])
-        for level in (0.0, 0.25, 0.5, 0.875):
+        for level in (0.0,) + (pruning.levels or (0.25, 0.5, 0.875)):
             pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=pruning)
             block = pruning.block(pruned, layer)
             applied = [getattr(module, name + "_mask", torch.ones_like(getattr(module, name)))

@@ -16,6 +16,7 @@ def test_the_readme_marks_its_quoted_outputs():
     quoted = checker.quoted_outputs(checker.README.read_text(encoding="utf-8"))
     commands = {q.command: q.slow for q in quoted}
     assert commands == {"prunekit scan": False, "prunekit scan --method channel --target-macs 0.5": False,
+                        "prunekit scan --method 2:4": False,
                         "prunekit scan --model hed --out hed-scan": True,
                         "prunekit scan --model digits-resnet --method channel --target-macs 0.25 --steps 3 "
                         "--recover-steps 100 --threads 1 --out staged -q": True}
@@ -33,7 +34,8 @@ def test_quoted_lines_must_appear_in_order():
 def test_the_main_commands_output_is_the_one_the_readme_quotes():
     fast = [q for q in checker.quoted_outputs(checker.README.read_text(encoding="utf-8")) if not q.slow]
     # nothing checked would pass: the quotes must parse
-    assert [q.command for q in fast] == ["prunekit scan", "prunekit scan --method channel --target-macs 0.5"]
+    assert [q.command for q in fast] == ["prunekit scan", "prunekit scan --method 2:4",
+                                         "prunekit scan --method channel --target-macs 0.5"]
     for quoted in fast:
         assert checker.check(quoted, timeout=600) is None
 

@@ -171,11 +171,12 @@ def test_scores_equal_apply_plan(method):
     model = randomize_batchnorms(small_vgg(batchnorm=True)).eval()
     metric = OutputDistortion(torch.randn(4, 3, 8, 8))
     pruning = get_method(method).prepare(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))])
-    result = scan(model, metric, sparsities=LEVELS, method=pruning, progress=False)
-    assert result.method == method
+    levels = pruning.levels or LEVELS  # a fixed pattern (2:4) has its own
+    result = scan(model, metric, sparsities=levels, method=pruning, progress=False)
+    assert result.method == method and result.layers
     metric.prepare(model)
     for layer in result.layers:
-        for level in LEVELS:
+        for level in levels:
             pruned = prunekit.apply_plan(prunekit.copy_model(model), {layer: level}, method=pruning)
             assert metric(pruned) == result.score(layer, level)
 

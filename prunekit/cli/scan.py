@@ -95,6 +95,11 @@ def _apply_hint(plan_path: Path, model_spec: str, trust_checkpoint: bool) -> str
 @click.option("--timing-batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="How many inputs each timed forward of --target-speedup/--target-latency takes: 1 for the "
               "latency of one request, more for a server's batch.")
+@click.option("--exact-widths", is_flag=True,
+              help="With --target-speedup/--target-latency: keep each group's channels as fitted. By default the "
+              "fitted plan's groups are tried rounded up to the widest of the next multiples of 4/8/16/32 that "
+              "this machine runs as fast (its layers timed at each width; within 3 %), and the rounded plan is "
+              "kept when it still meets the target and scores at least as well.")
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="With a budget: reach it in N stages. Each stage scans the model as it is (after the first, only "
               "the groups the stage before pruned), fits an equal share of what is left of the budget, prunes, "
@@ -134,8 +139,7 @@ def scan_command(
     image_size: Optional[int], batch_size: Optional[int], metric: Optional[str], method: str, criterion: Optional[str],
     sparsities: str, layers: Optional[str], max_drop: Optional[float], relative: bool, target_macs: Optional[float],
     target_params: Optional[float], target_speedup: Optional[float], target_latency: Optional[str], timing_batch: int,
-    steps: int,
-    recover_steps: int, recover_data: Optional[str], held_out: Optional[str], recover_lr: float,
+    exact_widths: bool, steps: int, recover_steps: int, recover_data: Optional[str], held_out: Optional[str], recover_lr: float,
     recover_batch_size: int, confidence: Optional[float], stack_levels: str, joint: bool, out: str, resume: bool, timeout: float, force: bool, device: str, seed: int,
     quiet: bool, as_json: bool,
 ) -> None:
@@ -159,13 +163,14 @@ def scan_command(
 
     """
     levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
-    budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency, timing_batch)
+    budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency, timing_batch, exact_widths)
     from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.planning.pipeline import ScanInterrupted, run_scan
 
     pruning = configured_method(method, criterion)
+    levels = _method_levels(ctx, pruning, levels)
     recovery = dict(steps=recover_steps, data=recover_data, held_out=held_out, lr=recover_lr, batch_size=recover_batch_size)
     _check_method(budget, pruning, method)
     check_stage_options(steps, budget, pruning, joint, confidence, names, recovery)
@@ -210,6 +215,14 @@ def scan_command(
     _report(run, files, hint, as_json, quiet)
 
 
+def _method_levels(ctx: click.Context, pruning: Any, levels: Tuple[float, ...]) -> Tuple[float, ...]:
+    """The levels to scan: a fixed-pattern method's own (2:4: 0.5) unless --sparsities was typed; checked against it."""
+    if pruning.levels is not None and ctx.get_parameter_source("sparsities") == click.core.ParameterSource.DEFAULT:
+        levels = tuple(pruning.levels)
+    pruning.check_levels(levels)
+    return levels
+
+
 def _checked_arguments(sparsities: str, layers: Optional[str], max_drop: Optional[float], confidence: Optional[float],
                        out: str, data: str) -> Tuple[Tuple[float, ...], Optional[List[str]], Path]:
     """The checks that need no torch, first: a bad argument answers in a tenth of a second."""
@@ -247,7 +260,7 @@ def _check_method(budget: Any, pruning: Any, method: str) -> None:
 
 def _checked_budget(target_macs: Optional[float], target_params: Optional[float], joint: bool,
                     target_speedup: Optional[float] = None, target_latency: Optional[str] = None,
-                    timing_batch: int = 1) -> Any:
+                    timing_batch: int = 1, exact_widths: bool = False) -> Any:
     """The budget the options name (None: none), checked before torch loads."""
     for flag, value, what in (("--target-macs", target_macs, "MACs"), ("--target-params", target_params, "parameters")):
         if value is not None and not (math.isfinite(value) and 0 < value <= 1):
@@ -260,6 +273,9 @@ def _checked_budget(target_macs: Optional[float], target_params: Optional[float]
     if timing_batch != 1 and target_speedup is None and latency is None:
         raise ValueError(f"--timing-batch {timing_batch} sets what --target-speedup/--target-latency are timed at; "
                          "pass one of them, or drop --timing-batch")
+    if exact_widths and target_speedup is None and latency is None:
+        raise ValueError("--exact-widths keeps the widths a --target-speedup/--target-latency plan would round up; "
+                         "pass one of them, or drop --exact-widths")
     if target_macs is None and target_params is None and target_speedup is None and latency is None:
         return None
     if not joint:
@@ -267,7 +283,8 @@ def _checked_budget(target_macs: Optional[float], target_params: Optional[float]
                          "--target-latency): the budget plan is scored with every layer pruned together; drop --per-layer")
     from prunekit.planning.budget import Budget
 
-    return Budget(macs=target_macs, params=target_params, speedup=target_speedup, latency=latency, batch=timing_batch)
+    return Budget(macs=target_macs, params=target_params, speedup=target_speedup, latency=latency, batch=timing_batch,
+                  round_widths=not exact_widths)
 
 
 _TIME_UNITS = {"ms": 1e-3, "s": 1.0, "us": 1e-6}
@@ -345,6 +362,12 @@ def _print_budget_plan(run: Any) -> None:
         correction = f", after {fit.corrections} correction(s) of the target" if fit.corrections else ""
         click.echo(f"  time ({fit.timing}): dense {dense.seconds * 1e3:.2f} ms; the compacted plan runs {fit.speedup} "
                    f"faster (the latency model predicted {predicted:.2f}x{correction})")
+    if fit.widths:
+        click.echo(f"  widths: {fit.widths}")
+    if fit.widened:
+        shown = ", ".join(f"{group} {fitted}->{kept}" for group, (fitted, kept) in list(fit.widened.items())[:6])
+        more = f" and {len(fit.widened) - 6} more" if len(fit.widened) > 6 else ""
+        click.echo(f"  widths rounded up (--exact-widths keeps them as fitted): {shown}{more}")
     word = "drop" if result.higher_is_better else "rise"
     click.echo(f"{result.metric} with the whole plan applied at once: {run.score:.4f} (dense {result.baseline:.4f}; "
                f"{word} {fit.drop:.4g}, the scan's curves predicted {fit.predicted_drop:.4g})")

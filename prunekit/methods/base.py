@@ -67,6 +67,19 @@ class PruningMethod(abc.ABC):
     default_options: ClassVar[Dict[str, Any]] = {}
     #: The layers a plan or scan of this method may name (and a scan covers by default).
     layer_types: Tuple[type, ...] = (nn.Conv2d,)
+    #: The only sparsities the method prunes to (besides 0), when it has a fixed pattern (2:4: ``(0.5,)``);
+    #: None: any level in [0, 1). Scans measure these levels, schedules cannot ramp between them.
+    levels: Optional[Tuple[float, ...]] = None
+
+    def check_levels(self, levels: Iterable[float]) -> None:
+        """Raise ValueError, naming the levels and the fix, when the method does not prune to ``levels``."""
+        if self.levels is None:
+            return
+        wrong = [level for level in levels if level and level not in self.levels]
+        if wrong:
+            allowed = ",".join(f"{level:g}" for level in self.levels)
+            raise ValueError(f"method {self.name!r} prunes only to {allowed} (a fixed pattern), not to "
+                             f"{', '.join(f'{level:g}' for level in wrong)}; scan --sparsities {allowed}")
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.default_options))

@@ -9,7 +9,7 @@ class's docstring in its source file, and the class is imported when it is first
 
 Example:
     >>> METHODS
-    ('channel', 'filter-norm', 'fine-grained', 'taylor')
+    ('channel', 'filter-norm', 'fine-grained', '2:4', 'taylor')
     >>> get_method("channel").needs_statistics
     True
     >>> get_method("channel", criterion="l0").options

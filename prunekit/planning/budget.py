@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -48,8 +48,9 @@ from torch import nn
 
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import prepared_method
-from prunekit.planning.costs import Cost, PlanCosts, measured_costs, nonzero_costs, plan_costs, scanned_weights
+from prunekit.planning.costs import ChannelCosts, Cost, PlanCosts, measured_costs, nonzero_costs, plan_costs, scanned_weights
 from prunekit.planning.fitted import PlanFit
+from prunekit.planning.rounding import round_widths
 from prunekit.planning.walk import curves_of, scaled, walk
 from prunekit.sensitivity.result import SensitivityResult
 from prunekit.sensitivity.scoring import evaluate_plan
@@ -85,10 +86,14 @@ class Budget:
         latency: seconds per forward of ``batch`` inputs on this machine (``0.02``: 20 ms).
         batch: how many inputs a timed forward takes (1: the latency of one request; more: a server's
             batch, where the wider layers' arithmetic weighs more than their overheads).
+        round_widths: with a speed-up or latency budget, try each group's kept channels rounded up to
+            the widest width this machine runs as fast (measured: :mod:`prunekit.planning.rounding`); the
+            rounded plan is timed and scored and kept only when it still meets the target and scores at
+            least as well. False keeps the widths as fitted. MACs and parameter budgets are never rounded.
 
     Example:
         >>> Budget(macs=0.5)
-        Budget(macs=0.5, params=None, speedup=None, latency=None, batch=1)
+        Budget(macs=0.5, params=None, speedup=None, latency=None, batch=1, round_widths=True)
         >>> str(Budget(speedup=2, latency=0.02))
         'speed-up >= 2x, latency <= 20 ms'
         >>> Budget(macs=0)
@@ -102,6 +107,7 @@ class Budget:
     speedup: Optional[float] = None
     latency: Optional[float] = None
     batch: int = 1
+    round_widths: bool = True
 
     def __post_init__(self) -> None:
         for kind in _FRACTIONS:
@@ -119,6 +125,8 @@ class Budget:
         if self.batch != 1 and not self.timed:
             raise ValueError(f"batch={self.batch} sets what a speed-up or latency is timed at; a MACs or parameters "
                              "budget counts per input: drop batch, or add speedup/latency")
+        if not isinstance(self.round_widths, bool):
+            raise ValueError(f"round_widths={self.round_widths!r} is not True or False")
         if not self.targets():
             raise ValueError("a Budget needs macs, params (fractions of the dense model's), speedup or latency, "
                              "e.g. Budget(macs=0.5) or Budget(speedup=2)")
@@ -187,6 +195,9 @@ class BudgetFit(PlanFit):
             ``compare`` in :func:`fit_budget`); ``candidates``: how many plans were scored jointly.
         recovered: whether each candidate was scored after ``fit_budget``'s ``recover`` (then
             ``score`` and ``drop`` are the recovered model's).
+        widened: with a timed budget and ``Budget.round_widths``, per group rounded up to a width this
+            machine runs as fast, ``(fitted kept units, kept units)`` (:mod:`prunekit.planning.rounding`);
+            empty when no group was, or the rounded plan was not kept; ``widths`` says which, in words.
     """
 
     budget: Optional[Budget] = None
@@ -202,6 +213,8 @@ class BudgetFit(PlanFit):
     shape: str = "walk"
     candidates: int = 1
     recovered: bool = False
+    widened: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    widths: str = ""
 
     def summary(self) -> str:
         """One line: the costs as fractions of dense (and the measured speed-up), and the drop."""
@@ -210,6 +223,8 @@ class BudgetFit(PlanFit):
         where = "" if self.dense_hardware else " (non-zero weights: only hardware that skips zeros runs them)"
         timed = f", runs {self.speedup} faster ({self.timing})" if self.speedup is not None else ""
         after = " and recovered" if self.recovered else ""
+        if self.widths:
+            timed += f"; {self.widths}"
         return (f"budget {self.budget}: the plan keeps {macs:.3f} of the MACs and {params:.3f} of the "
                 f"parameters{where}{timed}; score drop {self.drop:.4g} with every layer pruned{after} "
                 f"(predicted {self.predicted_drop:.4g})")
@@ -355,6 +370,8 @@ def fit_budget(
     weights = scanned_weights(model, result)
     # a level counts whole units: a channel group's units, a fine-grained layer's weights
     units = {layer: len(block.units) for layer, block in costs.blocks.items()} if pruning.unit == "channels" else weights
+    if pruning.levels is not None:  # a fixed pattern (2:4): a layer steps between 0 and its levels, nothing between
+        units = {layer: round(1 / min(pruning.levels)) for layer in units}
     fractions = budget.fractions(costs.dense)
 
     ceilings = _ceilings(pruning, costs)
@@ -400,11 +417,26 @@ def fit_budget(
 
     plan = spend(fractions)
     measured, timing, corrections = None, None, 0
+    widened: Dict[str, Tuple[int, int]] = {}
+    widths = ""
     if budget.timed:
         # a corrected target keeps the shape chosen first: switching shapes between corrections would not converge
         first = shapes.get(str(sorted(plan.items())), "walk")
         plan, measured, timing, corrections = _timed_plan(model, plan, pruning, size, costs, fractions,
-                                                          lambda aim: spend(aim, only=first), timing_repeats, budget.batch)
+                                                          lambda aim: spend(aim, only=first), timing_repeats,
+                                                          budget.batch)
+        if budget.round_widths and timing is not None and isinstance(costs, ChannelCosts):
+            done = round_widths(model, plan, costs, size, batch=budget.batch)
+            if done.changed:
+                shapes[str(sorted(done.plan.items()))] = shapes.get(str(sorted(plan.items())), "walk")
+                built, faster = _built_and_timed(model, done.plan, pruning, size, timing_repeats, budget.batch)
+                verdict = _rounding_verdict(faster, timing, 1 / fractions["seconds"], result.higher_is_better,
+                                            joint_score(done.plan), joint_score(plan))
+                added = sum(kept - fitted for fitted, kept in done.changed.values())
+                widths = (f"{len(done.changed)} group(s) rounded up to widths this machine runs as fast "
+                          f"(+{added} channels): {verdict}")
+                if verdict.startswith("kept"):
+                    plan, measured, timing, widened = done.plan, built, faster, done.changed
     elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
         measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
     predicted = sum(curves[layer].at(level) for layer, level in plan.items() if level > 0)
@@ -425,7 +457,7 @@ def fit_budget(
                      dense_hardware=costs.dense_hardware, speedup=timing,
                      timing=costs.latency.describe() if budget.timed else None, corrections=corrections,
                      shape=shapes.get(str(sorted(plan.items())), "walk"), candidates=len(scores),
-                     recovered=recover is not None)
+                     recovered=recover is not None, widened=widened, widths=widths)
 
 
 def _recovered_score(model: nn.Module, plan: Mapping[str, float], method: PruningMethod,
@@ -438,6 +470,19 @@ def _recovered_score(model: nn.Module, plan: Mapping[str, float], method: Prunin
     pruned.eval()
     with torch.no_grad():
         return float(evaluate(pruned))
+
+
+def _rounding_verdict(faster: Any, fitted: Any, goal: float, higher_is_better: bool, score: float,
+                      fitted_score: float) -> str:
+    """Whether the rounded plan is kept: it must still meet the target (within :data:`SPEEDUP_TOLERANCE`, or be no
+    slower than the plan as fitted measured) and score at least as well; the reason, in words."""
+    if faster is None:
+        return "not compacted, kept as fitted"
+    if faster.ratio < goal * (1 - SPEEDUP_TOLERANCE) and faster.ratio < fitted.ratio:
+        return f"they ran {faster.ratio:.2f}x, short of the target, so the widths were kept as fitted"
+    if (score < fitted_score) if higher_is_better else (score > fitted_score):
+        return f"they scored {score:.4g} against {fitted_score:.4g}, so the widths were kept as fitted"
+    return f"kept ({faster.ratio:.2f}x, score {score:.4g} against {fitted_score:.4g} as fitted)"
 
 
 def _timed_plan(

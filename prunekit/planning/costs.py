@@ -202,6 +202,12 @@ class ChannelCosts(PlanCosts):
         return {name: (bool((layer.in_units >= 0).any()), bool((layer.out_units >= 0).any()))
                 for name, layer in zip(self._layer_names, self._layers)}
 
+    def layer_widths(self, plan: Mapping[str, float]) -> Dict[str, Tuple[int, int]]:
+        """Per conv / Linear: its ``(kept inputs, kept outputs)`` in the model ``compact`` builds from ``plan``."""
+        alive = self.alive(plan)
+        return {name: (int(alive[layer.in_units].sum()), int(alive[layer.out_units].sum()))
+                for name, layer in zip(self._layer_names, self._layers)}
+
     def timed(self, latency: Any) -> "ChannelCosts":
         """Count seconds too, from ``latency`` (a :class:`~prunekit.planning.latency.LatencyModel` of this model)."""
         self.latency = latency

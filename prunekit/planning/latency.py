@@ -42,11 +42,12 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from prunekit._rollback import eval_mode
 from prunekit.io.files import read_json, write_json
 from prunekit.measure.timing import latency_samples
 from prunekit.progress import progress_bar
 
-__all__ = ["GRID", "LatencyModel", "LayerTiming", "cache_folder", "measure_latency", "timing_setting"]
+__all__ = ["GRID", "LatencyModel", "LayerTiming", "cache_folder", "measure_latency", "time_widths", "timing_setting"]
 
 #: Fractions of a layer's dense widths it is timed at (each axis a plan can narrow).
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -231,6 +232,79 @@ class _Layer:
         return LayerTiming(tuple(inputs), tuple(outputs), tuple(rows))
 
 
+class _OwnInput(nn.Module):
+    """A layer replica that runs on its own input (so replicas of different input widths are timed in one interleaved run)."""
+
+    def __init__(self, layer: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.example = layer, example
+
+    def forward(self, _: Any) -> torch.Tensor:
+        return self.layer(self.example)
+
+
+def time_widths(
+    model: nn.Module,
+    input_size: Sequence[int],
+    widths: Mapping[str, Sequence[Tuple[int, int]]],
+    *,
+    batch: int = 1,
+    repeats: int = 9,
+) -> Dict[str, Dict[Tuple[int, int], float]]:
+    """Seconds per forward of each named conv / Linear at exact ``(kept inputs, kept outputs)`` widths, timed here.
+
+    Where :func:`measure_latency` times a coarse grid once (cached) to predict any plan,
+    this times the few exact widths a decision needs: a layer's widths are timed in one
+    interleaved run (each on an input of its width, at the shape the layer sees in
+    ``model`` on a ``batch`` of ``input_size``), and each time is the median of ``repeats``
+    rounds. Nothing is cached: the widths are the plan's own. The model is not changed.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+        >>> times = time_widths(model, (3, 24, 24), {"2": [(16, 8), (9, 8)]}, repeats=2)
+        >>> sorted(times["2"]), all(t > 0 for t in times["2"].values())
+        ([(9, 8), (16, 8)], True)
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    parameter = next(model.parameters())
+    example, shapes = _example_and_shapes(model, input_size, list(widths), batch)
+    layers = dict(model.named_modules())
+    unknown = sorted(name for name in widths if name not in shapes or not isinstance(
+        layers[name], (nn.Linear, nn.modules.conv._ConvNd)))
+    if unknown:
+        raise ValueError(f"{unknown} are not convs / Linears that the model calls on a {tuple(input_size)} input; "
+                         "pass the names of layers its forward runs")
+    times: Dict[str, Dict[Tuple[int, int], float]] = {}
+    for name, pairs in widths.items():
+        layer = _Layer(model.get_submodule(name), shapes[name][0], shapes[name][1], (True, True))
+        replicas: Dict[str, nn.Module] = {}
+        for kept_in, kept_out in dict.fromkeys((int(i), int(o)) for i, o in pairs):
+            if not (1 <= kept_in <= layer.dense_in and 1 <= kept_out <= layer.dense_out):
+                raise ValueError(f"widths ({kept_in}, {kept_out}) of {name!r} are not within its dense widths "
+                                 f"({layer.dense_in}, {layer.dense_out})")
+            shape = list(layer.shape)
+            shape[layer.channel_axis] = kept_in
+            own = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+            replicas[f"{kept_in}x{kept_out}"] = _OwnInput(layer.replica(kept_in, kept_out), own)
+        samples = latency_samples(replicas, example[:0], repeats=repeats, warmup=1)
+        times[name] = {tuple(int(v) for v in key.split("x")): statistics.median(values)  # type: ignore[misc]
+                       for key, values in samples.items()}
+    return times
+
+
+def _example_and_shapes(model: nn.Module, input_size: Sequence[int], names: Sequence[str], batch: int
+                        ) -> Tuple[torch.Tensor, Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]]:
+    """A seeded ``batch`` of ``input_size`` on the model's device and dtype, and each named layer's shapes on it
+    (the model in eval mode meanwhile)."""
+    parameter = next(model.parameters())
+    example = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(0)).to(
+        parameter.device, parameter.dtype)
+    with eval_mode(model):
+        return example, _shapes(model, names, example)
+
+
 def _shapes(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """The input and output shape of each named layer on ``example`` (its first call)."""
     seen: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
@@ -292,15 +366,8 @@ def measure_latency(
     if repeats < 1 or dense_repeats < 1:
         raise ValueError(f"repeats={repeats} and dense_repeats={dense_repeats} must be >= 1")
     parameter = next(model.parameters())
-    example = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(0)).to(
-        parameter.device, parameter.dtype)
+    example, shapes = _example_and_shapes(model, input_size, list(layers), batch)
     setting = dict(timing_setting(parameter.device, batch, parameter.dtype))
-    was_training = model.training
-    model.eval()
-    try:
-        shapes = _shapes(model, list(layers), example)
-    finally:
-        model.train(was_training)
     timed = {name: _Layer(model.get_submodule(name), shapes[name][0], shapes[name][1], tuple(narrow))
              for name, narrow in layers.items() if name in shapes}
     folder = None if cache is False else (cache_folder() if cache is True else Path(cache))

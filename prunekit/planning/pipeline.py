@@ -97,7 +97,8 @@ class ScanRun:
         timed = {}
         if fit.speedup is not None:
             timed = {"speedup": {"ratio": fit.speedup.ratio, "interval": [fit.speedup.low, fit.speedup.high]},
-                     "timing": fit.timing, "corrections": fit.corrections}
+                     "timing": fit.timing, "corrections": fit.corrections,
+                     "widened": {group: list(pair) for group, pair in fit.widened.items()}, "widths": fit.widths}
         return {"budget": self.budget.targets(), "dense": cost(fit.dense), "plan": cost(fit.cost),
                 "measured": cost(fit.measured), "dense_hardware": fit.dense_hardware,
                 "predicted_drop": fit.predicted_drop, "drop": fit.drop, "shape": fit.shape,

@@ -345,7 +345,7 @@ def prune_in_stages(
     if not (budget.macs or budget.params or speedup_target):
         raise ValueError(f"the budget ({budget}) is already met by the dense model: nothing to prune")
     overall = Budget(macs=budget.macs, params=budget.params, speedup=speedup_target,
-                     batch=budget.batch if speedup_target else 1)
+                     batch=budget.batch if speedup_target else 1, round_widths=budget.round_widths)
     key = {"options": dict(options or {}), "budget": budget.targets(), "steps": steps, "method": pruning.name,
            "criterion": pruning.options.get("criterion"), "sparsities": [float(s) for s in sparsities],
            "max_drop": max_drop, "rescan": rescan,
@@ -367,6 +367,8 @@ def prune_in_stages(
                    "speedup": (stages[-1].speedup or 1.0) if stages else 1.0}
         share = stage_budget(overall, reached, steps - index + 1)
         timed_at = {"batch": overall.batch} if "speedup" in share and overall.batch != 1 else {}
+        if "speedup" in share:
+            timed_at["round_widths"] = overall.round_widths
         convs = resolve_layers(current, None, pruning.layer_types)
         groups = list(pruning.blocks(current, convs))
         if not share:

@@ -244,6 +244,7 @@ def scan(
     convs = resolve_layers(model, layers, pruning.layer_types)
     check_prunable(model, convs)
     levels = check_sparsities(sparsities)
+    pruning.check_levels(levels)
     blocks = pruning.blocks(model, convs)  # a channel method's groups: one point per group
     blocks = feasible_blocks(blocks, pruning, levels[-1], named=layers is not None)
     check_prunable(model, [layer for block in blocks.values() for layer in pruning.block_layers(block)])

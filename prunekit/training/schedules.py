@@ -104,6 +104,10 @@ class GradualPruner:
             raise ValueError(f"schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         self.model = model
         self.method: PruningMethod = prepared_method(method, stats, criterion)
+        if self.method.levels is not None:
+            raise ValueError(f"method {self.method.name!r} prunes only to {self.method.levels} (a fixed pattern): a "
+                             "schedule has no sparsities between; apply the plan at once (prunekit.apply_plan) "
+                             "and recover (prunekit.recover)")
         self.plan = check_plan(model, plan, self.method.layer_types)
         self.start_step, self.end_step, self.frequency, self.schedule = start_step, end_step, frequency, schedule
         self.initial = {layer: _current_sparsity(model, layer, self.method) for layer in self.plan}
