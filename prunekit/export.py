@@ -115,10 +115,9 @@ def to_semi_structured(model: nn.Module, layers: Any = None) -> nn.Module:
         ValueError: the model still holds pruning masks, a named layer is not 2:4, a weight is
             not on CUDA in fp16/bf16, or its shape is one the kernels do not take (torch's message).
     """
-    from torch.nn.utils import prune as torch_prune
+    from torch.nn.utils import prune
 
-    if any(isinstance(hook, torch_prune.BasePruningMethod) for module in model.modules()
-           for hook in module._forward_pre_hooks.values()):
+    if prune.is_pruned(model):
         raise ValueError("the model still holds pruning masks; make them permanent first: prunekit.finalize(model)")
     names = semi_structured_layers(model) if layers is None else list(layers)
     if not names:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from prunekit.layers import ConvBlock
-from prunekit.methods.base import PruningMethod, Target
+from prunekit.methods.fine_grained import FineGrainedMethod
 from prunekit.methods.registry import register_method
 
 __all__ = ["GROUP", "KEPT", "SemiStructured24", "SemiStructuredMethod", "is_semi_structured", "semi_structured_mask"]
@@ -119,11 +119,12 @@ class SemiStructured24(prune.BasePruningMethod):
 
 
 @register_method
-class SemiStructuredMethod(PruningMethod):
+class SemiStructuredMethod(FineGrainedMethod):
     """``"2:4"``: two of every four consecutive weights of each Linear layer zeroed (sparse tensor cores); data-free.
 
     A layer is pruned to exactly half zeros or left dense: the only level is 0.5. Its speed
     comes only on GPUs with sparse tensor cores, after :func:`prunekit.export.to_semi_structured`.
+    What it masks and how sparsity is counted are fine-grained pruning's (one weight tensor, its zeros).
 
     Example:
         >>> from prunekit.layers import conv_block
@@ -136,12 +137,6 @@ class SemiStructuredMethod(PruningMethod):
     layer_types = (nn.Linear,)
     unit = "weights"
     levels: Tuple[float, ...] = (KEPT / GROUP,)
-
-    def targets(self, block: ConvBlock) -> List[Target]:
-        return [(block.conv, "weight")]
-
-    def current_sparsity(self, block: ConvBlock) -> float:
-        return float((block.conv.weight.detach() == 0).float().mean())
 
     def max_sparsity(self, block: ConvBlock) -> float:
         return KEPT / GROUP

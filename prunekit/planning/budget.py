@@ -430,12 +430,11 @@ def fit_budget(
             if done.changed:
                 shapes[str(sorted(done.plan.items()))] = shapes.get(str(sorted(plan.items())), "walk")
                 built, faster = _built_and_timed(model, done.plan, pruning, size, timing_repeats, budget.batch)
-                verdict = _rounding_verdict(faster, timing, 1 / fractions["seconds"], result.higher_is_better,
-                                            joint_score(done.plan), joint_score(plan))
-                added = sum(kept - fitted for fitted, kept in done.changed.values())
+                keep, verdict = _rounding_verdict(faster, timing, 1 / fractions["seconds"], result.higher_is_better,
+                                                  joint_score(done.plan), joint_score(plan))
                 widths = (f"{len(done.changed)} group(s) rounded up to widths this machine runs as fast "
-                          f"(+{added} channels): {verdict}")
-                if verdict.startswith("kept"):
+                          f"(+{done.added} channels): {verdict}")
+                if keep:
                     plan, measured, timing, widened = done.plan, built, faster, done.changed
     elif check:  # a plan that prunes nothing builds the dense model: its cost is the count
         measured = _built_cost(model, plan, pruning, size, costs) if any(plan.values()) else costs.of(plan)
@@ -473,16 +472,16 @@ def _recovered_score(model: nn.Module, plan: Mapping[str, float], method: Prunin
 
 
 def _rounding_verdict(faster: Any, fitted: Any, goal: float, higher_is_better: bool, score: float,
-                      fitted_score: float) -> str:
-    """Whether the rounded plan is kept: it must still meet the target (within :data:`SPEEDUP_TOLERANCE`, or be no
-    slower than the plan as fitted measured) and score at least as well; the reason, in words."""
+                      fitted_score: float) -> Tuple[bool, str]:
+    """Whether the rounded plan is kept, and why in words: it must still meet the target (within
+    :data:`SPEEDUP_TOLERANCE`, or be no slower than the plan as fitted measured) and score at least as well."""
     if faster is None:
-        return "not compacted, kept as fitted"
+        return False, "not compacted, kept as fitted"
     if faster.ratio < goal * (1 - SPEEDUP_TOLERANCE) and faster.ratio < fitted.ratio:
-        return f"they ran {faster.ratio:.2f}x, short of the target, so the widths were kept as fitted"
+        return False, f"they ran {faster.ratio:.2f}x, short of the target, so the widths were kept as fitted"
     if (score < fitted_score) if higher_is_better else (score > fitted_score):
-        return f"they scored {score:.4g} against {fitted_score:.4g}, so the widths were kept as fitted"
-    return f"kept ({faster.ratio:.2f}x, score {score:.4g} against {fitted_score:.4g} as fitted)"
+        return False, f"they scored {score:.4g} against {fitted_score:.4g}, so the widths were kept as fitted"
+    return True, f"kept ({faster.ratio:.2f}x, score {score:.4g} against {fitted_score:.4g} as fitted)"
 
 
 def _timed_plan(

@@ -69,14 +69,18 @@ class RoundedPlan:
         """The groups whose width was rounded up."""
         return {group: pair for group, pair in self.widths.items() if pair[1] != pair[0]}
 
+    @property
+    def added(self) -> int:
+        """How many units (channels) rounding keeps that the plan as fitted removed."""
+        return sum(after - before for before, after in self.widths.values())
+
     def summary(self) -> str:
         """One line: how many groups were rounded up and how many channels that kept."""
         changed = self.changed
         if not changed:
             return f"widths: none of {len(self.widths)} groups runs as fast wider; kept as fitted"
-        kept = sum(after - before for before, after in changed.values())
         return (f"widths: {len(changed)} of {len(self.widths)} groups rounded up to widths this machine runs as fast "
-                f"(+{kept} channels kept)")
+                f"(+{self.added} channels kept)")
 
 
 def _candidates(kept: int, units: int, multiples: Sequence[int]) -> List[int]:
