@@ -30,19 +30,20 @@ import prunekit
 from prunekit.compact import compact
 from prunekit.dependency import channel_groups, unit_masks
 from prunekit.measure.macs import count_macs
-from prunekit.testing import randomize_batchnorms
+from prunekit.testing import randomize_batchnorms, randomize_layer_norms
 from prunekit.measure.timing import latency_samples, speedup
 from prunekit.measure.error import relative_error
 
 MODELS = [
     "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-    "densenet121", "regnet_x_400mf", "googlenet", "squeezenet1_1", "shufflenet_v2_x1_0",
+    "densenet121", "regnet_x_400mf", "googlenet", "squeezenet1_1", "shufflenet_v2_x1_0", "convnext_tiny",
 ]  # fmt: skip
 
 
 def build(name: str) -> nn.Module:
     kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(**kwargs).eval()
+    randomize_layer_norms(model, seed=1)  # a model with LayerNorms (ConvNeXt): their affine pairs and biases
     return randomize_batchnorms(model, seed=1, affine=False)  # statistics only, as the figures were measured
 
 

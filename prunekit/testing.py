@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["randomize_batchnorms"]
+__all__ = ["randomize_batchnorms", "randomize_layer_norms"]
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 1, affine: bool = True) -> nn.Module:
@@ -43,4 +43,30 @@ def randomize_batchnorms(model: nn.Module, seed: int = 1, affine: bool = True) -
                 if affine and module.affine:
                     module.weight.copy_(draw(0.5))
                     module.bias.copy_(draw(-0.5))
+    return model
+
+
+def randomize_layer_norms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """In a model with LayerNorms (ConvNeXt), give them seeded affine pairs and every conv and Linear a bias.
+
+    torchvision builds LayerNorms as weight 1, bias 0 and ConvNeXt's biases as 0, so a removed
+    channel would bring only zeros into a norm. Weights become 1 + 0.2 N(0, 1), LayerNorm biases
+    0.2 N(0, 1), conv and Linear biases 0.1 N(0, 1), drawn in module order from a generator seeded
+    with ``seed``. A model without LayerNorm is left as it is. Returns ``model``.
+
+    Example:
+        >>> norm = randomize_layer_norms(nn.Sequential(nn.LayerNorm(4)))[0]
+        >>> bool((norm.bias != 0).all())
+        True
+    """
+    if not any(isinstance(module, nn.LayerNorm) for module in model.modules()):
+        return model
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
     return model

@@ -27,6 +27,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import Parameter
 
 from prunekit._rollback import eval_mode
 from prunekit.compact.graph import CompactionPlan, UnsupportedGraphError, plan_compaction
@@ -87,7 +88,16 @@ def _rebuild(model: nn.Module, plan: CompactionPlan) -> None:
         _set_module(model, name, new)
     for name, keep in plan.keep_channels.items():
         module = modules[name]
-        _set_module(model, name, handler_of(module).resize(module, keep, keep, None))
+        _set_module(model, name, handler_of(module).resize(module, keep, keep, plan.folds.get(name)))
+    for target, (keep, dim) in plan.keep_scales.items():
+        owner_name, _, attribute = target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attribute)
+        kept = old.detach().index_select(dim, keep.to(old.device)).clone()
+        if isinstance(old, Parameter):
+            setattr(owner, attribute, Parameter(kept, requires_grad=old.requires_grad))
+        else:
+            owner._buffers[attribute] = kept
 
 
 def _eval_output(model: nn.Module, example_input: Any) -> Any:
@@ -137,9 +147,15 @@ def compact(
     A channel is removed when it is dead in every member of its unit; concatenations keep
     each producer's offsets, ``nn.Linear`` layers lose hidden units and the features of
     removed channels after a flatten, and ``nn.ConvTranspose2d`` (``groups=1``) loses input
-    channels whose constants are 0 and its own dead output channels. Anything ``torch.fx`` can trace is accepted; channels
+    channels whose constants are 0 and its own dead output channels. Channels run channels-last
+    through ``permute`` (ConvNeXt's blocks); a LayerNorm over the channels (``nn.LayerNorm``,
+    torchvision's ``LayerNorm2d``) loses a removed channel once its weight and bias are masked
+    there too (``ChannelGroup.norms``), and becomes a
+    :class:`~prunekit.dependency.partial_layer_norm.PartialLayerNorm` that still counts the removed
+    constants in its statistics; a per-channel parameter (a layer scale) keeps its kept values.
+    Anything ``torch.fx`` can trace is accepted; channels
     that meet an operation prunekit does not follow (a reshape that mixes channels, a
-    channel shuffle, a split at fixed sizes, LayerNorm) stay, and dead ones there are
+    channel shuffle, a split at fixed sizes, attention) stay, and dead ones there are
     refused naming the node. To compact an encoder and a decoder together (AdaIN style
     transfer), use :func:`compact_chain`.
 

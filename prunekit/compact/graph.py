@@ -37,8 +37,10 @@ class CompactionPlan:
         keep_out: for each conv / Linear whose output channels are removed, the kept ones.
         keep_in: for each consumer (conv or Linear), the kept input channels/features.
         folds: for each consumer, the removed inputs' constant contributions (float64):
-            [out, kh, kw] for a conv, [out] for a Linear.
-        keep_channels: for each BatchNorm2d / per-channel PReLU on a path, the kept channels.
+            [out, kh, kw] for a conv, [out] for a Linear; for each LayerNorm, the constants its
+            removed channels bring (it keeps their share of its statistics).
+        keep_channels: for each BatchNorm2d / LayerNorm / per-channel PReLU on a path, the kept channels.
+        keep_scales: for each per-channel parameter (a layer scale), its kept channels and the dim they lie along.
         pinned: layers with dead channels that reach the model output and are kept.
         batchnorm_constants: BatchNorms whose removed channels leave them as non-zero
             constants computed from their running statistics (exact in eval mode only: in
@@ -49,6 +51,7 @@ class CompactionPlan:
     keep_in: Dict[str, Tensor] = field(default_factory=dict)
     folds: Dict[str, Tensor] = field(default_factory=dict)
     keep_channels: Dict[str, Tensor] = field(default_factory=dict)
+    keep_scales: Dict[str, Tuple[Tensor, int]] = field(default_factory=dict)
     pinned: List[str] = field(default_factory=list)
     batchnorm_constants: List[str] = field(default_factory=list)
 
@@ -77,6 +80,7 @@ class _Constants:
         self.dead_constants = dead_constants
         self.values: Dict[fx.Node, Tensor] = {}
         self.batchnorms: List[str] = []
+        self.norm_inputs: Dict[str, Tensor] = {}
 
     def mask(self, ids: Tuple[int, ...]) -> Tensor:
         return torch.tensor([self.flow.find(i) in self.removed for i in ids], dtype=torch.bool)
@@ -108,6 +112,8 @@ class _Constants:
         flow = self.flow
 
         def substitute(value: Any) -> Any:
+            if isinstance(value, fx.Node) and value.op == "get_attr":
+                return flow.attribute(value.target).detach().double().cpu()  # a layer scale, [C, 1, 1] or [C]
             if isinstance(value, fx.Node):
                 tracked = flow.values.get(value)
                 if tracked is None:
@@ -216,6 +222,12 @@ def plan_compaction(model: nn.Module, prune_output_channels: bool = False) -> Co
         gone = constants.mask(ids)
         if bool(gone.any()):
             plan.keep_channels[name] = torch.nonzero(~gone).flatten()
+            if name in constants.norm_inputs:
+                plan.folds[name] = constants.norm_inputs[name][gone]
+    for target, (ids, dim) in flow.scales.items():
+        gone = constants.mask(ids)
+        if bool(gone.any()):
+            plan.keep_scales[target] = (torch.nonzero(~gone).flatten(), dim)
     for name, consumer in flow.consumers.items():
         gone = constants.mask(consumer.ids)
         if not bool(gone.any()):

@@ -13,7 +13,7 @@ together.
 Channels are *fixed* where removing them would change what the model is: channels of
 the model's input, channels that reach its output, and channels that meet anything this
 module does not know to be per-channel (a reshape that mixes channels, a channel
-shuffle, LayerNorm across channels, a module called twice, a tensor attribute added to
+shuffle, a module called twice, a tensor attribute that does not lie along them added to
 them). A fixed unit keeps the reason, with the graph node's name.
 
 The walk knows no op: each node's handler (:mod:`prunekit.dependency.registry`, the rules
@@ -104,7 +104,11 @@ class ChannelFlow:
         modules: ``dict(model.named_modules())`` of the traced model.
         producers: conv / Linear name -> the ids of its output channels.
         consumers: conv / Linear name -> what it reads.
-        per_channel: BatchNorm / per-channel PReLU name -> the ids of its channels.
+        per_channel: BatchNorm / LayerNorm / per-channel PReLU name -> the ids of its channels.
+        norms: the LayerNorms among them, whose weight must be masked with a removed channel (a
+            LayerNorm mixes its channels' statistics: a channel is constant after it only when masked there).
+        scales: a module's own parameter applied per channel (a layer scale, ``gamma * x``) -> the ids
+            of its channels and the dimension of the parameter they lie along.
         values: graph node -> its tracked channels (only for nodes that carry channels).
         fixed: per unit, the reasons it cannot be removed (see :meth:`reasons`).
         joins: per unit, the graph nodes that joined its channels (see :meth:`where_joined`).
@@ -115,10 +119,17 @@ class ChannelFlow:
     producers: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     consumers: Dict[str, Consumer] = field(default_factory=dict)
     per_channel: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    norms: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    scales: Dict[str, Tuple[Tuple[int, ...], int]] = field(default_factory=dict)
     values: Dict[fx.Node, Tracked] = field(default_factory=dict)
     fixed: Dict[int, List[str]] = field(default_factory=dict)
     joins: Dict[int, List[str]] = field(default_factory=dict)
     _parent: List[int] = field(default_factory=list)
+
+    def attribute(self, target: str) -> Any:
+        """The tensor a ``get_attr`` node reads (``"features.1.0.layer_scale"``)."""
+        owner, _, name = target.rpartition(".")
+        return getattr(self.modules[owner], name)
 
     # --- union-find -------------------------------------------------------------------
     def new_ids(self, count: int) -> Tuple[int, ...]:

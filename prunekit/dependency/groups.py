@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -42,10 +42,12 @@ class ChannelUnit:
     Attributes:
         channels: member name -> its output channels in this unit (one, or a grouped conv's group).
         fixed: why this unit cannot be removed (empty when it can).
+        norms: LayerNorm name -> its channels in this unit, masked with them (see :attr:`ChannelGroup.norms`).
     """
 
     channels: Dict[str, Tuple[int, ...]]
     fixed: Tuple[str, ...] = ()
+    norms: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def removable(self) -> bool:
@@ -60,11 +62,15 @@ class ChannelGroup:
         members: the layers, in the order the forward pass runs them; ``members[0]`` names the group.
         units: the units, in the order of the first member's channels.
         joined_by: the graph nodes that couple the members (``add()``, a grouped conv, ...).
+        norms: the LayerNorms the group's channels pass through. A LayerNorm mixes its channels'
+            statistics: a removed channel is constant after it (and ``compact`` can remove it) only
+            when the LayerNorm's weight and bias are masked at that channel too.
     """
 
     members: Tuple[str, ...]
     units: Tuple[ChannelUnit, ...]
     joined_by: Tuple[str, ...] = ()
+    norms: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -96,7 +102,7 @@ def channel_groups(model: nn.Module) -> List[ChannelGroup]:
 
     Every conv and ``nn.Linear`` belongs to exactly one group. A unit is fixed when its
     channels reach the model's output, come from its input, or meet an operation prunekit
-    does not follow (a reshape that mixes channels, a channel shuffle, LayerNorm); the reason
+    does not follow (a reshape that mixes channels, a channel shuffle, attention); the reason
     names the graph node, so that the layer can be left out.
 
     The groups are computed once per model while its modules (and their hooks) stay the same.
@@ -134,6 +140,10 @@ def _channel_groups(flow: ChannelFlow) -> List[ChannelGroup]:
             a, b = find(names[0]), find(other)
             if a != b:
                 parent[max(a, b, key=order.index)] = min(a, b, key=order.index)
+    norms: Dict[int, Dict[str, List[int]]] = {}
+    for name, ids in flow.norms.items():
+        for channel, i in enumerate(ids):
+            norms.setdefault(flow.find(i), {}).setdefault(name, []).append(channel)
     grouped: Dict[str, List[int]] = {}
     for root, members in units.items():
         grouped.setdefault(find(next(iter(members))), []).append(root)
@@ -145,11 +155,13 @@ def _channel_groups(flow: ChannelFlow) -> List[ChannelGroup]:
         members = tuple(name for name in order if find(name) == head)
         roots.sort(key=lambda r: min(units[r].get(head, [len(flow.producers[head])])))
         group_units = tuple(
-            ChannelUnit({name: tuple(units[r][name]) for name in members if name in units[r]}, tuple(flow.reasons(r)))
+            ChannelUnit({name: tuple(units[r][name]) for name in members if name in units[r]}, tuple(flow.reasons(r)),
+                        {name: tuple(norms[r][name]) for name in norms.get(r, {})})
             for r in roots
         )
         joined = tuple(dict.fromkeys(w for r in roots for w in flow.where_joined(r)))
-        groups.append(ChannelGroup(members, group_units, joined))
+        group_norms = tuple(dict.fromkeys(name for r in roots for name in norms.get(r, {})))
+        groups.append(ChannelGroup(members, group_units, joined, group_norms))
     return groups
 
 
@@ -169,7 +181,8 @@ def group_of(groups: List[ChannelGroup], layer: str) -> ChannelGroup:
 
 
 def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dict[str, Tensor]:
-    """For each member of ``group``, a bool [out] mask that is False on the channels of the ``removed`` units.
+    """For each member of ``group`` (and each of its :attr:`~ChannelGroup.norms`), a bool [out] mask that is
+    False on the channels of the ``removed`` units: mask each layer's weight and bias with it.
 
     Raises:
         ValueError: a removed unit is fixed (the message says why).
@@ -179,10 +192,13 @@ def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dic
         layer = model.get_submodule(name)
         channels = handler_of(layer).channels(layer)[1]
         masks[name] = torch.ones(channels, dtype=torch.bool, device=layer.weight.device)
+    for name in group.norms:
+        norm = model.get_submodule(name)
+        masks[name] = torch.ones(norm.weight.shape[0], dtype=torch.bool, device=norm.weight.device)
     for k in removed:
         unit = group.units[k]
         if unit.fixed:
             raise ValueError(f"unit {k} of channel group '{group.name}' cannot be removed: {unit.fixed[0]}")
-        for name, channels in unit.channels.items():
+        for name, channels in list(unit.channels.items()) + list(unit.norms.items()):
             masks[name][list(channels)] = False
     return masks

@@ -3,9 +3,9 @@
 The channel flow (:mod:`prunekit.dependency.flow`), the constants ``compact`` folds and the
 rebuild of smaller layers all ask the op's handler; none of them lists layer types. A handler
 is found by the op a graph node calls: an ``nn.Module`` class (its subclasses too, nearest
-class first), a function (``torch.cat``, ``operator.add``) or its dotted name
-(``"torchvision.ops.stochastic_depth.stochastic_depth"``, so that its package need not be
-imported), or a tensor method's name (``"view"``). An op without a handler is not followed: the channels that meet it are fixed,
+class first), a function (``torch.cat``, ``operator.add``), the dotted name of either
+(``"torchvision.ops.stochastic_depth.stochastic_depth"``, ``"torchvision.models.convnext.LayerNorm2d"``,
+so that its package need not be imported), or a tensor method's name (``"view"``). An op without a handler is not followed: the channels that meet it are fixed,
 with the node's name as the reason.
 
 A new op is one handler registered once::
@@ -56,6 +56,7 @@ class ConstantContext(Protocol):
 
     dead_constants: Dict[str, Tensor]
     batchnorms: list
+    norm_inputs: Dict[str, Tensor]  # per LayerNorm: the constants its removed channels bring (compact keeps them)
 
     def incoming(self, node: fx.Node) -> Tensor:
         """The constants of the removed channels in ``node``'s first argument (0 where none), float64."""
@@ -130,7 +131,7 @@ def bias_constant(module: nn.Module, count: int, device: Any) -> Tensor:
 
 _MODULES: Dict[type, Handler] = {}
 _FUNCTIONS: Dict[Callable[..., Any], Handler] = {}
-_FUNCTION_NAMES: Dict[str, Handler] = {}
+_DOTTED_NAMES: Dict[str, Handler] = {}  # functions and module classes, by module.qualname
 _METHODS: Dict[str, Handler] = {}
 _LOADED = False
 _VERSION = 0  # changes with every registration: traces and groups depend on the handlers
@@ -152,10 +153,10 @@ def _table(op: Op) -> Tuple[Dict[Any, Handler], Any]:
         parts = op.split(".")
         if not all(part.isidentifier() for part in parts):
             raise ValueError(
-                f"{op!r} is neither a tensor method's name nor a function's dotted name; give one, such as 'view' "
-                "or 'torchvision.ops.stochastic_depth.stochastic_depth'"
+                f"{op!r} is neither a tensor method's name nor a function's or module class's dotted name; give one, "
+                "such as 'view' or 'torchvision.ops.stochastic_depth.stochastic_depth'"
             )
-        return (_FUNCTION_NAMES, op) if len(parts) > 1 else (_METHODS, op)
+        return (_DOTTED_NAMES, op) if len(parts) > 1 else (_METHODS, op)
     if callable(op):
         return _FUNCTIONS, op
     raise TypeError(f"cannot register a handler for {op!r}: give an nn.Module class, a function or a method name")
@@ -170,8 +171,8 @@ def register_handler(op: Op, handler: Handler, *, replace: bool = False) -> Hand
 
     Args:
         op: an ``nn.Module`` class (its subclasses follow it unless they have their own), a
-            function a graph node calls (or its dotted name, ``module.function``), or a tensor
-            method's name. A module of the class
+            function a graph node calls, the dotted name of either (``module.function``,
+            ``module.Class``), or a tensor method's name. A module of the class
             itself is traced as one call (its forward is not traced into), so that its
             handler sees it whole.
         handler: a :class:`Handler` instance.
@@ -227,11 +228,19 @@ def version() -> int:
     return _VERSION
 
 
+def _dotted(op: Any) -> str:
+    return f"{getattr(op, '__module__', '')}.{getattr(op, '__qualname__', '')}"
+
+
+def _class_handler(cls: type) -> Optional[Handler]:
+    return _MODULES.get(cls) or _DOTTED_NAMES.get(_dotted(cls))
+
+
 def handler_of(module: nn.Module) -> Optional[Handler]:
     """The handler of a module: its class's, else its nearest base class's (None: not followed)."""
     _load_builtins()
     for cls in type(module).__mro__:
-        handler = _MODULES.get(cls)
+        handler = _class_handler(cls)
         if handler is not None:
             return handler
     return None
@@ -244,7 +253,7 @@ def has_module_handler(module: nn.Module) -> bool:
     else, and is traced into unless it is a leaf anyway (``torch.nn``'s own modules).
     """
     _load_builtins()
-    return type(module) in _MODULES
+    return _class_handler(type(module)) is not None
 
 
 def handler_for_method(name: str) -> Optional[Handler]:
@@ -265,8 +274,5 @@ def handler_for(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Handle
             handler = _FUNCTIONS.get(node.target)
         except TypeError:  # an unhashable callable
             return None
-        if handler is None:
-            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
-            handler = _FUNCTION_NAMES.get(name)
-        return handler
+        return handler or _DOTTED_NAMES.get(_dotted(node.target))
     return None

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from prunekit.dependency.border_bias import BorderBiasConv2d
+from prunekit.dependency.partial_layer_norm import PartialLayerNorm
 
 __all__ = ["COMPACTED_FORMAT", "compacted_checkpoint", "is_compacted_checkpoint", "rebuild_compacted", "save_compacted"]
 
@@ -87,6 +88,12 @@ def compacted_checkpoint(model: nn.Module, arch: Optional[str]) -> Dict[str, Any
     """
     layers = OrderedDict()
     for name, module in model.named_modules():
+        if isinstance(module, PartialLayerNorm):
+            raise ValueError(
+                f"'{name}' is a LayerNorm compact shrank (PartialLayerNorm, with resized layer scales beside it): "
+                "a compacted checkpoint cannot hold it yet. Save the masked model instead (prunekit.save_sparse) "
+                "and compact it after loading"
+            )
         kind = _TYPE_NAMES.get(type(module))
         if kind is not None and name:
             layers[name] = {"type": kind, "arguments": {key: _plain(value) for key, value in

@@ -7,8 +7,10 @@ file                   ops
 ``conv_transpose.py``  ``nn.ConvTranspose2d`` (``groups=1``)
 ``linear.py``          ``nn.Linear``
 ``batchnorm.py``       ``nn.BatchNorm2d``
+``layer_norm.py``      ``nn.LayerNorm`` on channels-last features, torchvision's ``LayerNorm2d``
 ``prelu.py``           ``nn.PReLU`` (one slope, or one per channel)
-``elementwise.py``     activations, arithmetic (residual additions, gates), dropout, stochastic depth
+``elementwise.py``     activations, arithmetic (residual additions, gates, layer scale), dropout, stochastic depth
+``permute.py``         ``permute`` to channels-last and back
 ``pooling.py``         pooling, resampling, padding, the spatial mean by hand
 ``flatten.py``         flatten (and ``view``/``reshape`` to [N, -1]) into an ``nn.Linear``
 ``cat.py``             ``torch.cat`` along the channels
@@ -24,7 +26,9 @@ from prunekit.dependency.handlers import (  # noqa: F401  (each registers its ha
     elementwise,
     flatten,
     indexing,
+    layer_norm,
     linear,
+    permute,
     pooling,
     prelu,
 )

@@ -3,7 +3,9 @@
 An activation module passes its one tensor's channels on and maps a removed channel's
 constant through itself. Arithmetic (``x + y``, ``x * gate``, ``torch.add``) joins its
 operands channel by channel: a residual addition couples the convs that add into one stream,
-a squeeze-and-excitation gate the channels it scales. Dropout is the identity in eval mode,
+a squeeze-and-excitation gate the channels it scales. A module's own parameter with one value
+per channel (ConvNeXt's layer scale, ``gamma * x`` with ``gamma`` of shape [C, 1, 1]) is
+followed too: ``compact`` keeps its kept channels' values. Dropout is the identity in eval mode,
 where compaction is exact; so is torchvision's ``stochastic_depth()`` (the residual branch
 dropped per sample in training), traced with ``training=False``.
 
@@ -18,14 +20,14 @@ Example:
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.dependency.flow import FlowTracer, arg
+from prunekit.dependency.flow import CONV, LAST, FlowTracer, Tracked, arg, tensor_args
 from prunekit.dependency.registry import ConstantContext, Handler, register_handler
 from prunekit.layers import ELEMENTWISE_ACTIVATIONS
 
@@ -59,11 +61,48 @@ class StochasticDepthHandler(IdentityInEvalHandler):
         tracer.pass_through(node)
 
 
+def channel_dim_of_parameter(shape: Tuple[int, ...], tracked: Tracked) -> Optional[int]:
+    """The dim of a parameter of ``shape`` that lies along ``tracked``'s channels when broadcast with it;
+    -1 when it is one value for all; None when it is neither.
+
+    Example:
+        >>> channel_dim_of_parameter((4, 1, 1), Tracked((0, 1, 2, 3), "conv")), channel_dim_of_parameter((1,), Tracked((0, 1), "last"))
+        (0, -1)
+    """
+    if all(size == 1 for size in shape):
+        return -1
+    channels = len(tracked.ids)
+    if tracked.layout == CONV and len(shape) >= 3 and shape[-3] == channels and shape[-2:] == (1, 1):
+        dim = len(shape) - 3
+    elif tracked.layout == LAST and shape and shape[-1] == channels:
+        dim = len(shape) - 1
+    else:
+        return None
+    return dim if all(size == 1 for size in shape[:dim]) else None
+
+
 class ArithmeticHandler(Handler):
-    """Element-wise functions and tensor methods: tracked operands joined channel by channel."""
+    """Element-wise functions and tensor methods: tracked operands joined channel by channel; a per-channel
+    parameter operand (a layer scale) goes with the channels."""
 
     def trace(self, tracer: FlowTracer, node: fx.Node, module: Optional[nn.Module]) -> None:
-        tracer.join(node)
+        operands = [a for a in tensor_args(node) if a not in tracer.shapes]
+        parameters = [a for a in operands if a.op == "get_attr"]
+        tracked = [tracer.tracked(a) for a in operands if a.op != "get_attr"]
+        if len(operands) != 2 or len(parameters) != 1 or tracked[0] is None:
+            tracer.join(node)
+            return
+        parameter = parameters[0]
+        value = tracer.flow.attribute(parameter.target)
+        uses = sum(len(n.users) for n in tracer.flow.graph.nodes if n.op == "get_attr" and n.target == parameter.target)
+        dim = channel_dim_of_parameter(tuple(getattr(value, "shape", ())), tracked[0])
+        if dim is None or uses != 1:
+            why = "is used more than once" if dim is not None else "does not lie along the channels"
+            tracer.unsupported(node, f"combines them with the tensor '{parameter.target}', which {why}")
+            return
+        if dim >= 0:
+            tracer.flow.scales[parameter.target] = (tracked[0].ids, dim)
+        tracer.flow.values[node] = tracked[0]
 
 
 _ACTIVATION = ActivationHandler()

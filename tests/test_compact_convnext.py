@@ -1,0 +1,165 @@
+"""ConvNeXt: channels through permute, channels-last LayerNorm, LayerNorm2d and layer scale, compacted exactly."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
+from prunekit.dependency import channel_groups, unit_masks
+from prunekit.dependency.handlers.permute import permuted_layout
+from prunekit.dependency.partial_layer_norm import PartialLayerNorm
+from prunekit.sensitivity.metrics import relative_error
+from prunekit.testing import randomize_layer_norms
+from test_compact_groups import mask_layer, mask_units, total_macs
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Norm affine pairs and biases away from their init, so removed channels carry non-zero constants."""
+    return randomize_layer_norms(model, seed).eval()
+
+
+def masked_tiny(seed: int, fraction: float):
+    """A randomised TinyConvNeXt with ``fraction`` of every group masked, an input and the masked output."""
+    torch.manual_seed(seed)
+    model = randomized(TinyConvNeXt())
+    mask_units(model, fraction)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+class TinyConvNeXt(nn.Module):
+    """A stem with LayerNorm2d, one ConvNeXt block (permute, LayerNorm, MLP, layer scale), a LayerNorm2d head."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.ConvNeXt(
+            [torchvision.models.convnext.CNBlockConfig(8, 16, 1), torchvision.models.convnext.CNBlockConfig(16, None, 1)],
+            num_classes=3,
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_convnext_tiny_stem_and_stage_widths_are_removable_with_their_layer_norms():
+    groups = {g.name: g for g in channel_groups(torchvision.models.convnext_tiny())}
+    stem = groups["features.0.0"]
+    assert len(stem.removable_units) == 96 and "features.1.2.block.5" in stem.members
+    assert {"features.0.1", "features.1.0.block.2", "features.2.0"} <= set(stem.norms)
+    assert len(groups["features.4.1"].removable_units) == 384
+    assert "classifier.0" in groups["features.6.1"].norms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_masked_convnext_compacts_exactly_in_each_dtype(dtype):
+    model, x, expected = masked_tiny(0, 0.5)
+    small = compact(model, x)
+    with torch.no_grad():
+        assert relative_error(small(x), expected) <= check_tolerance(torch.float32)
+        if dtype != torch.float32:  # the compacted model keeps the masked one's outputs in half precision too
+            reference = model.to(dtype)(x.to(dtype)).float()
+            actual = small.to(dtype)(x.to(dtype)).float()
+            assert relative_error(actual, reference) <= check_tolerance(dtype)
+    assert total_macs(small, x.shape) < 0.5 * total_macs(model.float(), x.shape)
+    block = small.net.features[1][0]
+    assert isinstance(block.block[2], PartialLayerNorm) and block.block[2].removed_count == 4
+    assert block.layer_scale.shape == (4, 1, 1) and block.block[5].out_features == 4
+    assert isinstance(small.net.features[0][1], PartialLayerNorm) and small.net.features[0][1].channel_dim == 1
+
+
+def test_compacting_a_compacted_convnext_again_stays_exact():
+    model, x, expected = masked_tiny(1, 0.25)
+    once = compact(model, x)
+    with torch.no_grad():
+        assert relative_error(once(x), expected) <= check_tolerance(torch.float32)
+    mask_units(once, 0.5)
+    with torch.no_grad():
+        expected = once(x)
+    twice = compact(once, x)
+    with torch.no_grad():
+        assert relative_error(twice(x), expected) <= check_tolerance(torch.float32)
+    norm = twice.net.features[1][0].block[2]
+    assert norm.channels == 3 and norm.removed_count == 5  # 8 channels: 2 removed, then 3 of the 6 left
+
+
+def test_a_channel_masked_in_its_producers_but_not_its_layer_norm_is_refused_naming_the_norm():
+    model = randomized(TinyConvNeXt())
+    stem = next(g for g in channel_groups(model) if g.name == "net.features.0.0")
+    for name, keep in unit_masks(model, stem, [0, 1]).items():
+        if name not in stem.norms:
+            mask_layer(model.get_submodule(name), keep)
+    with pytest.raises(UnsupportedGraphError, match=r"LayerNorm2d 'net.features.0.1'.*weight is not 0"):
+        compact(model, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_partial_layer_norm_normalises_kept_channels_as_the_whole_norm_did(channel_dim):
+    torch.manual_seed(2)
+    full = nn.LayerNorm(6)
+    with torch.no_grad():
+        full.weight.normal_(), full.bias.normal_()
+    x = torch.randn(3, 5, 6) * 4 + 2
+    constants = torch.tensor([0.7, -3.0])
+    x[..., 4:] = constants
+    part = PartialLayerNorm(4, removed_constants=constants, eps=full.eps, channel_dim=channel_dim)
+    with torch.no_grad():
+        part.weight.copy_(full.weight[:4]), part.bias.copy_(full.bias[:4])
+        expected = full(x)[..., :4]
+        kept = x[..., :4] if channel_dim == -1 else x[..., :4].permute(0, 2, 1)
+        actual = part(kept) if channel_dim == -1 else part(kept).permute(0, 2, 1)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_permute_moves_the_channels_to_dim_one_or_last_and_nowhere_else():
+    assert permuted_layout("conv", [0, 2, 3, 1]) == "last"
+    assert permuted_layout("last", (0, 3, 1, 2)) == "conv"
+    assert permuted_layout("conv", [0, 1, 3, 2]) == "conv"  # H and W swapped: channels stay
+    assert permuted_layout("conv", [0, 2, 1, 3]) is None
+    assert permuted_layout("conv", [1, 0, 2, 3]) is None  # the batch moved
+    assert permuted_layout("flat", [0, 1]) is None
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x).permute(0, 2, 1, 3).permute(0, 2, 1, 3))
+
+    group = channel_groups(Mixed())[0]
+    assert not group.removable_units and "permute" in group.fixed_reasons[0]
+
+
+class Scaled(nn.Module):
+    def __init__(self, shared: bool = False):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+        self.gamma = nn.Parameter(torch.randn(4, 1, 1))
+        self.shared = shared
+
+    def forward(self, x):
+        y = self.gamma * self.conv(x)
+        return self.head(y + self.gamma if self.shared else y)
+
+
+def test_a_layer_scale_goes_with_its_channels_and_a_shared_one_fixes_them():
+    model = Scaled().eval()
+    keep = torch.tensor([True, False, True, False])
+    mask_layer(model.conv, keep)
+    x = torch.randn(1, 3, 8, 8)
+    small = compact(model, x)
+    assert small.gamma.shape == (2, 1, 1) and small.gamma.requires_grad
+    torch.testing.assert_close(small.gamma, model.gamma[keep])
+    group = channel_groups(Scaled(shared=True))[0]
+    assert not group.removable_units and "'gamma', which is used more than once" in group.fixed_reasons[0]
+
+
+def test_a_compacted_checkpoint_refuses_a_shrunk_layer_norm_before_writing(tmp_path):
+    from prunekit.io.compacted import save_compacted
+
+    model = masked_tiny(2, 0.5)[0]
+    with pytest.raises(ValueError, match="PartialLayerNorm.*save_sparse"):
+        save_compacted(compact(model), tmp_path / "small.pt", arch=None)
+    assert not (tmp_path / "small.pt").exists()
