@@ -231,6 +231,11 @@ class FlowTracer:
         self.flow = ChannelFlow(graph=graph, modules=dict(model.named_modules()))
         self.modules = self.flow.modules
         self.calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        # How many nodes read each attribute (a layer scale read once can be resized with its channels).
+        self.attribute_uses = Counter()
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                self.attribute_uses[node.target] += len(node.users)
         self.shapes: Set[fx.Node] = set()  # values computed from shapes only: scalars, not channels
 
     def tracked(self, value: Any) -> Optional[Tracked]:

@@ -72,6 +72,14 @@ class PartialLayerNorm(nn.Module):
         self.register_buffer("removed_sum", constants.sum().to(device=device, dtype=stored))
         self.register_buffer("removed_square_sum", constants.square().sum().to(device=device, dtype=stored))
 
+    def add_removed(self, constants: Tensor) -> None:
+        """Count ``constants`` ([removed], what each newly removed channel holds) in the statistics too."""
+        constants = constants.detach().double().cpu()
+        self.removed_count += int(constants.numel())
+        with torch.no_grad():
+            self.removed_sum += constants.sum().to(self.removed_sum)
+            self.removed_square_sum += constants.square().sum().to(self.removed_square_sum)
+
     @property
     def normalized_shape(self):
         return (self.channels,)

@@ -94,7 +94,7 @@ class ArithmeticHandler(Handler):
             return
         parameter = parameters[0]
         value = tracer.flow.attribute(parameter.target)
-        uses = sum(len(n.users) for n in tracer.flow.graph.nodes if n.op == "get_attr" and n.target == parameter.target)
+        uses = tracer.attribute_uses[parameter.target]
         dim = channel_dim_of_parameter(tuple(getattr(value, "shape", ())), tracked[0])
         if dim is None or uses != 1:
             why = "is used more than once" if dim is not None else "does not lie along the channels"

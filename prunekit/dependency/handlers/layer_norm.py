@@ -82,19 +82,15 @@ class LayerNormHandler(Handler):
 def resize_layer_norm(norm: nn.Module, keep: Tensor, removed_constants: Tensor, channel_dim: int) -> PartialLayerNorm:
     """A :class:`PartialLayerNorm` of ``norm``'s channels ``keep`` that counts the removed ones, holding ``removed_constants``."""
     weight = norm.weight.detach()
-    count = int(removed_constants.numel())
     new = PartialLayerNorm(
-        len(keep), removed_count=getattr(norm, "removed_count", 0) + count, eps=norm.eps,
+        len(keep), removed_count=getattr(norm, "removed_count", 0), eps=norm.eps,
         bias=norm.bias is not None, channel_dim=channel_dim, device=weight.device, dtype=weight.dtype,
     )
     with torch.no_grad():
-        constants = removed_constants.double().cpu()
-        previous = (getattr(norm, "removed_sum", None), getattr(norm, "removed_square_sum", None))
-        sums = [constants.sum(), constants.square().sum()]
-        if previous[0] is not None:
-            sums = [total + before.double().cpu() for total, before in zip(sums, previous)]
-        stored = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float32 at least
-        new.removed_sum, new.removed_square_sum = (total.to(device=weight.device, dtype=stored) for total in sums)
+        if isinstance(norm, PartialLayerNorm):  # compacted before: its removed channels stay counted
+            new.removed_sum.copy_(norm.removed_sum)
+            new.removed_square_sum.copy_(norm.removed_square_sum)
+        new.add_removed(removed_constants)
         new.weight.copy_(weight.index_select(0, keep.to(weight.device)))
         if norm.bias is not None:
             new.bias.copy_(norm.bias.detach().index_select(0, keep.to(weight.device)))
