@@ -39,6 +39,7 @@ _EXPORTS = {
     "channel_activation": "prunekit.methods:channel_activation",
     "fine_grained_l1": "prunekit.methods:fine_grained_l1",
     "apply_plan": "prunekit.plans:apply_plan",
+    "uniform_plan": "prunekit.plans:uniform_plan",
     "copy_model": "prunekit.reparametrization:copy_model",
     "finalize": "prunekit.reparametrization:finalize",
     "RecoveryHistory": "prunekit.training.recover:RecoveryHistory",

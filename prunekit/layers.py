@@ -26,6 +26,7 @@ __all__ = [
     "check_prunable",
     "conv_layers",
     "get_module",
+    "output_channels",
     "prunable_layers",
     "resolve_layers",
 ]
@@ -223,12 +224,27 @@ class ConvBlock:
         return self.activation or self.batchnorm or self.conv
 
 
+def output_channels(layer: nn.Module) -> int:
+    """The output channels of a conv (``out_channels``) or an ``nn.Linear`` (``out_features``).
+
+    Example:
+        >>> output_channels(nn.Linear(3, 5)), output_channels(nn.Conv2d(3, 4, 1))
+        (5, 4)
+    """
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels
+    raise TypeError(f"{type(layer).__name__} is neither an nn.Conv2d nor an nn.Linear; it has no output channels")
+
+
 def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
     """Find the BatchNorm2d and activation that follow conv ``conv_name``.
 
     They are found only where the order of execution is certain: the modules
     after the conv inside the same ``nn.Sequential``. Elsewhere the block is the
-    conv alone.
+    conv alone. An ``nn.Linear``'s block is the layer and the activation directly
+    after it in its ``nn.Sequential`` (ConvNeXt's and the transformers' MLPs).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -239,16 +255,12 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
     if conv_name not in convs:
         module = dict(model.named_modules()).get(conv_name)
         if isinstance(module, nn.Linear):
-            return ConvBlock(conv_name, module)  # a Linear's block is the layer alone (fine-grained pruning)
+            return _linear_block(model, conv_name, module)
         raise KeyError(f"unknown layer {conv_name!r}; conv layers are: {', '.join(convs)}")
     conv = convs[conv_name]
-    parent_name, _, child = conv_name.rpartition(".")
-    parent = get_module(model, parent_name)
-    if not isinstance(parent, nn.Sequential):
+    children, prefix, index = _following(model, conv_name)
+    if children is None:
         return ConvBlock(conv_name, conv)
-    children = list(parent._modules.items())
-    index = [key for key, _ in children].index(child)
-    prefix = f"{parent_name}." if parent_name else ""
     bn_name = bn = act_name = act = None
     for key, module in children[index + 1 :]:
         if (
@@ -264,6 +276,25 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
         else:
             break
     return ConvBlock(conv_name, conv, bn_name, bn, act_name, act)
+
+
+def _following(model: nn.Module, name: str) -> Tuple[Optional[List[Tuple[str, nn.Module]]], str, int]:
+    """The children of the ``nn.Sequential`` holding ``name``, its prefix and ``name``'s index (None: no Sequential)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    if not isinstance(parent, nn.Sequential):
+        return None, "", -1
+    children = list(parent._modules.items())
+    return children, f"{parent_name}." if parent_name else "", [key for key, _ in children].index(child)
+
+
+def _linear_block(model: nn.Module, name: str, linear: nn.Linear) -> ConvBlock:
+    children, prefix, index = _following(model, name)
+    if children is not None and index + 1 < len(children):
+        key, module = children[index + 1]
+        if isinstance(module, ELEMENTWISE_ACTIVATIONS):
+            return ConvBlock(name, linear, activation_name=prefix + key, activation=module)
+    return ConvBlock(name, linear)  # type: ignore[arg-type]
 
 
 def check_prunable(model: nn.Module, layers: Iterable[str]) -> None:

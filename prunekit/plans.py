@@ -16,7 +16,9 @@ from prunekit.layers import check_prunable, resolve_layers
 from prunekit.methods.registry import METHODS, prepared_method
 from prunekit.reparametrization import copy_model, finalize, pruned_tensors
 
-__all__ = ["METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "plan_blocks", "pruned_tensors"]
+__all__ = [
+    "METHODS", "apply_plan", "check_plan", "copy_model", "finalize", "plan_blocks", "pruned_tensors", "uniform_plan",
+]
 
 
 def check_plan(
@@ -73,7 +75,7 @@ def apply_plan(
     stats: Optional[Mapping[str, object]] = None,
     criterion: Optional[str] = None,
 ) -> nn.Module:
-    """Prune each conv layer named in ``plan`` to its FINAL sparsity; return ``model``.
+    """Prune each layer named in ``plan`` to its FINAL sparsity; return ``model``.
 
     Values are final sparsities, not fractions of what remains: applying a plan
     twice, or a new plan over an older one, gives exactly the planned sparsity
@@ -83,7 +85,9 @@ def apply_plan(
 
     Args:
         model: the model to prune in place.
-        plan: conv layer name -> final sparsity in [0, 1] (see :func:`prunekit.conv_layers`).
+        plan: layer name -> final sparsity in [0, 1]: a conv (see :func:`prunekit.conv_layers`), or an
+            ``nn.Linear`` for the methods whose ``layer_types`` include it (fine-grained, 2:4, the
+            channel methods: its output features, coupled as a conv's channels are).
         method: a name from :func:`prunekit.methods.registry.method_names`, or a method object (one
             :meth:`~prunekit.methods.base.PruningMethod.prepare` gave owns what it scores by):
             ``"fine-grained"`` (:class:`FineGrainedL1` on the weight), ``"channel"``
@@ -112,3 +116,35 @@ def apply_plan(
         for key, sparsity in levels.items():
             pruning.apply(blocks[key], key, sparsity, scores.get(key))
     return model
+
+
+def uniform_plan(model: nn.Module, level: float, method: Any = "fine-grained") -> Dict[str, float]:
+    """A plan that prunes everything ``method`` can prune to ``level``: for fine-grained pruning every layer it
+    prunes, for a channel method every channel group with at least two removable units (its convs and ``nn.Linear``
+    layers, a ConvNeXt's and a transformer's MLPs included; never a classifier's outputs), keyed by the group's
+    first member.
+
+    Raises:
+        ValueError: ``level`` is outside [0, 1].
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        >>> uniform_plan(model, 0.5, "filter-norm")
+        {'0': 0.5}
+        >>> uniform_plan(model, 0.5)
+        {'0': 0.5, '3': 0.5}
+    """
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 <= float(level) <= 1.0:
+        raise ValueError(f"level={level!r} is not a sparsity: use a number in [0, 1]")
+    pruning = prepared_method(method, None, None)
+    layers = resolve_layers(model, None, pruning.layer_types)
+    if pruning.unit != "channels":
+        return {name: float(level) for name in layers}
+    from prunekit.dependency import UnsupportedGraphError, channel_groups
+
+    try:
+        groups = channel_groups(model)
+    except UnsupportedGraphError:  # no known couplings: each conv alone (compact decides what it can remove)
+        return {name: float(level) for name in resolve_layers(model)}
+    return {group.members[0]: float(level) for group in groups
+            if len(group.removable_units) >= 2 and all(name in layers for name in group.members)}

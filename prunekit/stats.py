@@ -1,6 +1,6 @@
 """Per-channel activation statistics of conv layers: how strongly and how often each channel fires.
 
-For every conv layer the response is read at the end of its conv block (after
+For every conv layer (and every ``nn.Linear`` named) the response is read at the end of its conv block (after
 the activation, see :func:`prunekit.layers.conv_block`) and summarised per
 channel: the mean per-image l2 norm (``l2``), the fraction of images in which
 the channel fires at all (``l0``) and the images x channels firing map
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
 from prunekit.io.files import PathLike, read_json, write_json
-from prunekit.layers import conv_block, resolve_layers
+from prunekit.layers import conv_block, output_channels, resolve_layers
 from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
@@ -149,9 +149,10 @@ class ChannelStats:
 class _LayerAccumulator:
     """Running sums for one conv layer, fed by a forward hook."""
 
-    def __init__(self, name: str, num_channels: int) -> None:
+    def __init__(self, name: str, num_channels: int, channels_last: bool = False) -> None:
         self.name = name
         self.num_channels = num_channels
+        self.channels_last = channels_last
         self.l2_sum = torch.zeros(num_channels, dtype=torch.float64)
         self.fire_count = torch.zeros(num_channels, dtype=torch.int64)
         self.per_image: List[Tensor] = []
@@ -167,12 +168,20 @@ class _LayerAccumulator:
                 f"the output of {self.name!r} is a {type(output).__name__}, not a Tensor; "
                 "collect_channel_stats needs a [N, C, H, W] tensor response"
             )
-        if output.ndim != 4 or output.shape[1] != self.num_channels:
+        if self.channels_last:  # an nn.Linear: [N, ..., C], every position of an image counts
+            if output.ndim < 2 or output.shape[-1] != self.num_channels:
+                raise ValueError(
+                    f"expected a batched [N, ..., {self.num_channels}] response for the Linear {self.name!r}, "
+                    f"got shape {tuple(output.shape)}; pass batched inputs"
+                )
+            flat = output.detach().reshape(output.shape[0], -1, self.num_channels).transpose(1, 2)
+        elif output.ndim != 4 or output.shape[1] != self.num_channels:
             raise ValueError(
                 f"expected a batched [N, {self.num_channels}, H, W] response for {self.name!r}, "
                 f"got shape {tuple(output.shape)}; pass batched [N, C, H, W] inputs"
             )
-        flat = output.detach().flatten(2)
+        else:
+            flat = output.detach().flatten(2)
         norms = torch.linalg.vector_norm(flat.double(), dim=2)
         fires = (flat != 0).any(dim=2)
         self.l2_sum += norms.sum(dim=0).cpu()
@@ -223,7 +232,9 @@ def collect_channel_stats(
     Args:
         model: any module containing ``Conv2d`` layers; it is not moved.
         data: iterable of batches: tensors, or tuples/lists whose first element is the input.
-        layers: conv layer names to measure; ``None`` measures every conv.
+        layers: conv (or ``nn.Linear``) layer names to measure; ``None`` measures every conv. A
+            Linear's response is ``[N, ..., C]`` (channels last): each image's norm runs over
+            every position (token, pixel) of its channel.
         max_batches: stop after this many batches (``None``: all of ``data``).
         device: where inputs are sent; defaults to the device of the model's parameters.
         progress: show a progress bar on stderr.
@@ -247,11 +258,12 @@ def collect_channel_stats(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches={max_batches!r} must be an int >= 1 or None")
-    convs = resolve_layers(model, layers)
+    convs = resolve_layers(model, layers) if layers is None else resolve_layers(model, layers, (nn.Conv2d, nn.Linear))
     device = torch.device(device) if device is not None else model_device(model)
 
     accumulators = OrderedDict(
-        (name, _LayerAccumulator(name, conv.out_channels)) for name, conv in convs.items()
+        (name, _LayerAccumulator(name, output_channels(layer), isinstance(layer, nn.Linear)))
+        for name, layer in convs.items()
     )
     flags = training_flags(model)
     handles = []

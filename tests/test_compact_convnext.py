@@ -11,7 +11,7 @@ from prunekit.dependency.handlers.permute import permuted_layout
 from prunekit.dependency.partial_layer_norm import PartialLayerNorm
 from prunekit.sensitivity.metrics import relative_error
 from prunekit.testing import randomize_layer_norms
-from test_compact_groups import mask_layer, mask_units, total_macs
+from test_compact_groups import compact_exactly, mask_layer, mask_units, total_macs
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -163,3 +163,48 @@ def test_a_compacted_checkpoint_refuses_a_shrunk_layer_norm_before_writing(tmp_p
     with pytest.raises(ValueError, match="PartialLayerNorm.*save_sparse"):
         save_compacted(compact(model), tmp_path / "small.pt", arch=None)
     assert not (tmp_path / "small.pt").exists()
+
+
+def _every_group(model: nn.Module):
+    """Every conv and each block's MLP hidden Linear (``block.3``): one member of every removable group."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Conv2d) or (isinstance(module, nn.Linear) and name.endswith("block.3"))]
+
+
+@pytest.mark.parametrize("method", ["filter-norm", "channel", "taylor"])
+def test_a_plan_at_half_of_every_group_masks_the_layer_norms_and_compacts_exactly(method):
+    from prunekit.methods.registry import get_method
+    from prunekit.plans import apply_plan
+
+    torch.manual_seed(2)
+    model = randomized(TinyConvNeXt())
+    x = torch.randn(2, 3, 32, 32)
+    layers = _every_group(model)
+    pruning = get_method(method)
+    if pruning.needs_data:
+        pruning = pruning.prepare(model, [x], layers=layers)
+    pruned = apply_plan(model, {layer: 0.5 for layer in layers}, method=pruning)
+    stem_norm = pruned.net.features[0][1]  # LayerNorm2d after the stem: masked with the stem group's units
+    assert int((stem_norm.weight == 0).sum()) == 4 and int((stem_norm.bias == 0).sum()) == 4
+    assert torch.equal(stem_norm.weight == 0, (pruned.net.features[0][0].weight == 0).flatten(1).all(1))
+    small = compact_exactly(pruned, x)
+    assert total_macs(small, x.shape) < 0.5 * total_macs(model, x.shape)
+    hidden = small.net.features[1][0].block[3]  # the MLP's hidden Linear (8 -> 32), named in the plan
+    assert (hidden.in_features, hidden.out_features) == (4, 16)
+
+
+def test_a_scan_masks_a_groups_layer_norms_as_apply_plan_does():
+    from prunekit.methods.registry import get_method
+
+    model = randomized(TinyConvNeXt())
+    pruning = get_method("filter-norm")
+    block = pruning.block(model, "net.features.0.0")
+    assert [name for name, _ in block.norms][:2] == ["net.features.0.1", "net.features.1.0.block.2"]
+    masks = pruning.mask_maker(block, pruning.scores(model, {block.name: block})[block.name])(0.5)
+    targets = pruning.targets(block)
+    assert len(masks) == len(targets)
+    by_target = {(id(module), name): mask for (module, name), mask in zip(targets, masks)}
+    norm = model.net.features[0][1]
+    stem = model.net.features[0][0]
+    assert torch.equal(by_target[(id(norm), "weight")] == 0, (by_target[(id(stem), "weight")] == 0).flatten(1).all(1))
+    assert int((by_target[(id(norm), "bias")] == 0).sum()) == 4

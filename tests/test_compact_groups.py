@@ -11,7 +11,7 @@ from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
 from prunekit.dependency import channel_groups, group_of, unit_masks
 from prunekit.measure.macs import count_macs
 from prunekit.sensitivity.metrics import relative_error
-from prunekit.testing import randomize_batchnorms
+from prunekit.testing import randomize_batchnorms, randomize_layer_norms
 
 
 def mask_layer(layer: nn.Module, keep: torch.Tensor) -> None:
@@ -48,15 +48,20 @@ def total_macs(model: nn.Module, shape) -> int:
     return sum(dense for dense, _ in count_macs(model, shape).values())
 
 
+def compact_exactly(masked: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``compact(masked, x)``, asserted to compute what ``masked`` computes on ``x`` within the dtype's tolerance."""
+    with torch.no_grad():
+        expected = masked(x)
+    small = compact(masked, x)
+    with torch.no_grad():
+        assert relative_error(small(x), expected) <= check_tolerance(x.dtype)
+    return small
+
+
 def assert_compacts_exactly(model: nn.Module, x: torch.Tensor, fraction: float = 0.5) -> nn.Module:
     model.eval()
     mask_units(model, fraction)
-    with torch.no_grad():
-        expected = model(x)
-    small = compact(model, x)
-    with torch.no_grad():
-        actual = small(x)
-    assert relative_error(actual, expected) <= check_tolerance(x.dtype)
+    small = compact_exactly(model, x)
     assert total_macs(small, x.shape) < 0.8 * total_macs(model, x.shape)
     return small
 
@@ -330,6 +335,21 @@ def _torchvision(name: str, **kwargs):
     return lambda: getattr(torchvision.models, name)(**kwargs)
 
 
+def _vgg(name: str):
+    """A torchvision VGG whose classifier keeps its shape (flatten -> Linear -> ReLU -> Dropout, three times) at
+    64 hidden units instead of 4096: the features' channels still meet the flattened first Linear, without
+    copying 120M classifier weights on every mask and compact."""
+
+    def build() -> nn.Module:
+        model = getattr(torchvision.models, name)()
+        model.classifier[0] = nn.Linear(512 * 7 * 7, 64)
+        model.classifier[3] = nn.Linear(64, 64)
+        model.classifier[6] = nn.Linear(64, 10)
+        return model
+
+    return build
+
+
 def _adain_pair():
     from examples.style_transfer.adain import build_decoder, build_encoder
 
@@ -354,7 +374,7 @@ SLOW = {
     "mobilenet_v3_large": (_torchvision("mobilenet_v3_large"), 64),
     "regnet_x_400mf": (_torchvision("regnet_x_400mf"), 64),
     "googlenet": (_torchvision("googlenet", aux_logits=False, init_weights=False), 64),
-    **{name: (_torchvision(name), 32) for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    **{name: (_vgg(name), 32) for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
 }
 
 
@@ -368,6 +388,42 @@ def test_every_common_cnn_compacts_exactly_with_half_of_each_groups_channels(nam
     model = build()
     randomize_batchnorms(model)
     assert_compacts_exactly(model, torch.rand(1, 3, size, size))
+
+
+def assert_plan_compacts_exactly(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``apply_plan`` at half of every removable group (``uniform_plan``), then ``compact``: exact and smaller."""
+    model.eval()
+    plan = prunekit.uniform_plan(model, 0.5, "filter-norm")
+    assert plan, "no removable group"
+    pruned = prunekit.apply_plan(prunekit.copy_model(model), plan, method="filter-norm")
+    small = compact_exactly(pruned, x)
+    assert total_macs(small, x.shape) < 0.8 * total_macs(model, x.shape)
+    return small
+
+
+NEWER = {
+    "convnext_tiny": (_torchvision("convnext_tiny"), 64),
+    "regnet_y_400mf": (_torchvision("regnet_y_400mf"), 64),
+}
+NEWER_SLOW = {
+    "efficientnet_v2_s": (_torchvision("efficientnet_v2_s"), 64),
+    "swin_t": (_torchvision("swin_t"), 64),  # its MLPs' hidden units; the stage widths wait for roll() and windows
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "mobilenet_v2", "efficientnet_b0", "squeezenet1_1", "hed", "adain-encoder-decoder", "unet"]
+    + list(NEWER) + [pytest.param(name, marks=pytest.mark.slow) for name in [*NEWER_SLOW, "densenet121", "googlenet",
+                                                                             "mobilenet_v3_large", "vgg16_bn"]],
+)
+def test_a_plan_at_half_of_every_removable_group_compacts_exactly(name):
+    build, size = {**FAST, **SLOW, **NEWER, **NEWER_SLOW}[name]
+    torch.manual_seed(0)
+    model = build()
+    randomize_batchnorms(model)
+    randomize_layer_norms(model, seed=0)
+    assert_plan_compacts_exactly(model, torch.rand(1, 3, size, size))
 
 
 def test_report_groups_lists_coupled_layers_and_what_is_fixed():

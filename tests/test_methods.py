@@ -267,13 +267,13 @@ def test_channel_activation_masks_batchnorm_so_channel_is_dead():
 
 
 def test_channel_activation_rejects_non_conv():
-    with pytest.raises(TypeError, match="nn.Conv2d"):
-        channel_activation(nn.Linear(3, 4), torch.ones(4), amount=1)
+    with pytest.raises(TypeError, match="nn.Conv2d or nn.Linear; got Conv1d"):
+        channel_activation(nn.Conv1d(3, 4, 3), torch.ones(4), amount=1)
 
 
 def test_channel_activation_rejects_mismatched_stats():
     conv = nn.Conv2d(3, 4, 3)
-    with pytest.raises(ValueError, match="3 channels but the conv has 4"):
+    with pytest.raises(ValueError, match="3 channels but the layer has 4"):
         channel_activation(conv, torch.ones(3), amount=1)
     assert not prune.is_pruned(conv)
 

@@ -164,7 +164,6 @@ def scan_command(
     """
     levels, names, out_dir = _checked_arguments(sparsities, layers, max_drop, confidence, out, data)
     budget = _checked_budget(target_macs, target_params, joint, target_speedup, target_latency, timing_batch, exact_widths)
-    from prunekit.layers import resolve_layers
     from prunekit.models.zoo import load_model
     from prunekit.sensitivity.distributed import is_main_process
     from prunekit.planning.pipeline import ScanInterrupted, run_scan
@@ -180,7 +179,7 @@ def scan_command(
 
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
                        factory_folder=os.getcwd(), seed=seed).to(target)
-    convs = resolve_layers(model, names, pruning.layer_types)
+    convs = pruning.layers_of(model, names)
     batches, labelled, description, size, batch_size = evaluation_data(model, data, image_size, batch_size, metric, seed)
     metric_name = metric or ("accuracy" if labelled else "distortion")
     options = {

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import copy
+from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch  # noqa: F401  (the docstring example uses it)
@@ -67,6 +68,8 @@ class PruningMethod(abc.ABC):
     default_options: ClassVar[Dict[str, Any]] = {}
     #: The layers a plan or scan of this method may name (and a scan covers by default).
     layer_types: Tuple[type, ...] = (nn.Conv2d,)
+    #: The layers a scan covers, and a budget fills, when none are named (None: every layer of :attr:`layer_types`).
+    default_layer_types: Optional[Tuple[type, ...]] = None
     #: The only sparsities the method prunes to (besides 0), when it has a fixed pattern (2:4: ``(0.5,)``);
     #: None: any level in [0, 1). Scans measure these levels, schedules cannot ramp between them.
     levels: Optional[Tuple[float, ...]] = None
@@ -126,12 +129,23 @@ class PruningMethod(abc.ABC):
         """What :meth:`prepare` measured on ``source`` (a description of the data), for plan files; None if nothing."""
         return f"{self.data_kind} measured on {source}" if self.needs_data else None
 
+    def layers_of(self, model: nn.Module, layers: Optional[Iterable[str]] = None) -> "OrderedDict[str, nn.Module]":
+        """The layers named in ``layers``, checked against :attr:`layer_types`; when None, every layer of
+        :attr:`default_layer_types`.
+
+        Raises:
+            KeyError: a name is not a layer this method prunes (the message lists those it does).
+        """
+        if layers is None:
+            return resolve_layers(model, None, self.default_layer_types or self.layer_types)
+        return resolve_layers(model, [layers] if isinstance(layers, str) else list(layers), self.layer_types)
+
     def data_layers(self, model: nn.Module, layers: Optional[Iterable[str]] = None) -> List[str]:
         """The layers :meth:`prepare` gathers data for: every member of the blocks of ``layers`` (default: every
-        layer of :attr:`layer_types`, which needs no blocks)."""
-        if layers is None:
+        layer of :attr:`default_layer_types`, and the members of their blocks)."""
+        if layers is None and self.default_layer_types is None:
             return list(resolve_layers(model, None, self.layer_types))
-        return self.statistics_layers(self.blocks(model, resolve_layers(model, list(layers), self.layer_types)))
+        return self.statistics_layers(self.blocks(model, self.layers_of(model, layers)))
 
     @abc.abstractmethod
     def targets(self, block: ConvBlock) -> List[Target]:

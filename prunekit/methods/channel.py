@@ -14,6 +14,7 @@ from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.dependency.flow import OUTPUT
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
+from prunekit.layers import output_channels
 from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
 from prunekit.methods.registry import register_method
 
@@ -27,7 +28,9 @@ __all__ = [
     "channel_targets",
     "layer_scores",
     "lowest_channels",
+    "mask_channels",
     "masked_channels",
+    "norm_targets",
 ]
 
 
@@ -241,6 +244,30 @@ def channel_targets(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d] = None)
     return targets
 
 
+def norm_targets(norm: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """The tensors that carry a LayerNorm's features: its weight and its bias (when it has one)."""
+    return [(norm, "weight")] + ([(norm, "bias")] if getattr(norm, "bias", None) is not None else [])
+
+
+def mask_channels(targets: Sequence[Tuple[nn.Module, str]], removed: torch.Tensor) -> None:
+    """Mask the channels ``removed`` (bool [C]) in every one of ``targets``, through torch's reparametrization.
+
+    A channel already masked in any of them is masked in all of them; each tensor gets a
+    :class:`ChannelActivation` whose ``scores`` are that final selection (0 = masked). Nothing
+    is changed if one of them fails.
+
+    Example:
+        >>> linear = nn.Linear(2, 3)
+        >>> mask_channels([(linear, "weight"), (linear, "bias")], torch.tensor([False, True, False]))
+        >>> linear.bias_mask.tolist()
+        [1.0, 0.0, 1.0]
+    """
+    selection = (~(masked_channels(targets) | removed.cpu())).float()
+    with rollback_on_error(list(dict.fromkeys(m for m, _ in targets))):
+        for target, name in targets:
+            ChannelActivation.apply(target, name, scores=selection, threshold=0.0)
+
+
 def masked_channels(targets: Sequence[Tuple[nn.Module, str]], everywhere: bool = False) -> torch.Tensor:
     """Bool tensor of the channels masked in ANY of ``targets`` (in ALL of them with ``everywhere``).
 
@@ -280,7 +307,7 @@ def channel_activation(
     criterion: str = "l2",
     batchnorm: Optional[nn.BatchNorm2d] = None,
 ) -> nn.Module:
-    """Mask the output channels of conv ``module`` with the lowest activation scores; return it.
+    """Mask the output channels of conv (or ``nn.Linear``) ``module`` with the lowest activation scores; return it.
 
     The conv's ``weight`` and ``bias`` are masked for the same channels (a zeroed
     weight with a live bias is not a dead channel), and so are the ``weight`` and
@@ -293,7 +320,7 @@ def channel_activation(
     check fails.
 
     Args:
-        module: an ``nn.Conv2d``.
+        module: an ``nn.Conv2d`` or an ``nn.Linear`` (its output features).
         stats: a :class:`prunekit.ChannelStats` for this conv, or a 1-D score tensor.
         amount: count (int) or fraction (float) of channels to mask.
         threshold: instead of ``amount``, mask channels scoring <= threshold.
@@ -305,19 +332,19 @@ def channel_activation(
         >>> conv.bias_mask.tolist()
         [1.0, 0.0, 1.0, 1.0]
     """
-    if not isinstance(module, nn.Conv2d):
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
         raise TypeError(
-            f"channel_activation prunes the output channels of an nn.Conv2d; got "
+            f"channel_activation prunes the output channels of an nn.Conv2d or nn.Linear; got "
             f"{type(module).__name__}. Pass the conv layer (see prunekit.conv_layers(model))"
         )
     if batchnorm is not None and not isinstance(batchnorm, nn.BatchNorm2d):
         raise TypeError(f"batchnorm must be an nn.BatchNorm2d, got {type(batchnorm).__name__}")
     _check_selection(amount, threshold)
     scores = channel_scores(stats, criterion)
-    channels = module.out_channels
+    channels = output_channels(module)
     if scores.numel() != channels:
         raise ValueError(
-            f"the statistics have {scores.numel()} channels but the conv has {channels} output "
+            f"the statistics have {scores.numel()} channels but the layer has {channels} output "
             "channels; collect the statistics on this layer of this model"
         )
     if batchnorm is not None and batchnorm.num_features != channels:
@@ -336,10 +363,7 @@ def channel_activation(
     # each tensor is then masked for exactly those (plus any channel already dead
     # in one of them): torch would otherwise pick per tensor, among that tensor's
     # own live channels, and the weight, bias and BatchNorm could disagree.
-    selection = (~(dead | chosen)).float()
-    with rollback_on_error([m for m, _ in targets]):
-        for target, name in targets:
-            ChannelActivation.apply(target, name, scores=selection, threshold=0.0)
+    mask_channels(targets, chosen)
     return module
 
 
@@ -359,6 +383,8 @@ class ChannelMethod(PruningMethod):
 
     name = "channel"
     unit = "channels"
+    layer_types = (nn.Conv2d, nn.Linear)
+    default_layer_types = (nn.Conv2d,)  # a Linear is scanned when named (ConvNeXt's MLPs); never a classifier unasked
     needs_statistics = True
     needs_data = True
     data_kind = "channel statistics"
@@ -395,7 +421,8 @@ class ChannelMethod(PruningMethod):
         return block.member_names
 
     def targets(self, block: GroupBlock) -> List[Target]:
-        return [target for member in block.members for target in channel_targets(member.conv, member.batchnorm)]
+        members = [target for member in block.members for target in channel_targets(member.conv, member.batchnorm)]
+        return members + [target for _, norm in block.norms for target in norm_targets(norm)]
 
     def current_sparsity(self, block: GroupBlock) -> float:
         return float(block.dead_units().float().mean())
@@ -409,10 +436,10 @@ class ChannelMethod(PruningMethod):
         for block in blocks.values():
             for member in block.members:
                 values = per_layer[member.conv_name]
-                if values.numel() != member.conv.out_channels:
+                if values.numel() != output_channels(member.conv):
                     raise ValueError(
-                        f"stats for {member.conv_name!r} have {values.numel()} channels but the conv has "
-                        f"{member.conv.out_channels}; collect them on this model"
+                        f"stats for {member.conv_name!r} have {values.numel()} channels but the layer has "
+                        f"{output_channels(member.conv)}; collect them on this model"
                     )
         return {
             key: unit_scores(block, [per_layer[name] for name in block.member_names]) for key, block in blocks.items()
@@ -432,14 +459,19 @@ class ChannelMethod(PruningMethod):
 
     @staticmethod
     def _masked_units(block: GroupBlock, everywhere: bool = False) -> torch.Tensor:
+        """Bool [units]: masked in any tensor of any member (in every tensor of every member and norm, ``everywhere``)."""
         per_member = [
             masked_channels(channel_targets(m.conv, m.batchnorm), everywhere=everywhere) for m in block.members
         ]
+        units = list(block.units)
+        if everywhere and block.norms:  # a norm left unmasked at a unit keeps it alive (compact would refuse it)
+            per_member += [masked_channels(norm_targets(norm), everywhere=True) for _, norm in block.norms]
+            units = [unit + norms for unit, norms in zip(units, block.norm_units)]
         combine = all if everywhere else any
         return torch.tensor([
             combine(bool(masked[list(channels)].all() if everywhere else masked[list(channels)].any())
-                    for masked, channels in zip(per_member, unit))
-            for unit in block.units
+                    for masked, channels in zip(per_member, unit) if channels)
+            for unit in units
         ], dtype=torch.bool)
 
     def apply(self, block: GroupBlock, layer: str, sparsity: float, scores: Optional[torch.Tensor]) -> None:
@@ -474,9 +506,11 @@ class ChannelMethod(PruningMethod):
             )
         removed = masked | lowest_channels(scores, remaining, target - done)
         members = [m for member in block.members for m in (member.conv, member.batchnorm) if m is not None]
-        with rollback_on_error(members):
+        with rollback_on_error(members + [norm for _, norm in block.norms]):
             for member, gone in zip(block.members, block.channel_masks(removed)):
                 channel_activation(member.conv, (~gone).float(), threshold=0.0, batchnorm=member.batchnorm)
+            for (_, norm), gone in zip(block.norms, block.norm_masks(removed)):
+                mask_channels(norm_targets(norm), gone)
 
     def mask_maker(self, block: GroupBlock, scores: Optional[torch.Tensor]) -> Callable[[float], List[torch.Tensor]]:
         assert scores is not None, "scores come from the method's scores()"
@@ -491,11 +525,13 @@ class ChannelMethod(PruningMethod):
                     f"channel group {block.name!r} at {sparsity:.4f} needs {count} of its {units} units, but only "
                     f"{int(remaining.sum())} can be removed; scan lower levels"
                 )
-            gone = block.channel_masks(lowest_channels(values, remaining, count))
+            removed = lowest_channels(values, remaining, count)
+            layers = [channel_targets(member.conv, member.batchnorm) for member in block.members]
+            layers += [norm_targets(norm) for _, norm in block.norms]
             out = []
-            for member, member_gone in zip(block.members, gone):
-                keep = ~member_gone
-                for module, name in channel_targets(member.conv, member.batchnorm):
+            for targets, gone in zip(layers, block.channel_masks(removed) + block.norm_masks(removed)):
+                keep = ~gone
+                for module, name in targets:
                     tensor = module._parameters[name]
                     shape = (keep.numel(),) + (1,) * (tensor.dim() - 1)
                     out.append(keep.to(device=tensor.device, dtype=tensor.dtype).reshape(shape).expand_as(tensor).contiguous())

@@ -30,14 +30,14 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.dependency import UnsupportedGraphError, channel_groups
-from prunekit.layers import ConvBlock, conv_block
+from prunekit.layers import ConvBlock, conv_block, output_channels
 
 __all__ = ["GroupBlock", "group_blocks", "group_key", "unit_scores"]
 
@@ -48,19 +48,34 @@ class GroupBlock:
 
     Attributes:
         name: the group's name (its first member's).
-        members: the member convs with their BatchNorm and activation.
+        members: the member convs (and ``nn.Linear`` layers) with their BatchNorm and activation.
         units: for each unit, each member's output channels in it (same order as ``members``).
         fixed: for each unit, why it cannot be removed (empty when it can).
+        norms: the LayerNorms (name, module) the channels pass through, masked with them.
+        norm_units: for each unit, each norm's features in it (same order as ``norms``).
     """
 
     name: str
     members: List[ConvBlock]
     units: List[Tuple[Tuple[int, ...], ...]]
     fixed: List[Tuple[str, ...]]
+    norms: List[Tuple[str, nn.Module]] = field(default_factory=list)
+    norm_units: List[Tuple[Tuple[int, ...], ...]] = field(default_factory=list)
 
     @property
     def member_names(self) -> List[str]:
         return [member.conv_name for member in self.members]
+
+    def norm_masks(self, removed_units: Tensor) -> List[Tensor]:
+        """For each of :attr:`norms` (the LayerNorms the group's channels pass through), bool [features]: True on
+        the features of the units in ``removed_units``, which are masked in its weight and bias with them."""
+        masks = [torch.zeros(norm.weight.shape[0], dtype=torch.bool) for _, norm in self.norms]
+        if not masks:
+            return masks
+        for k in torch.nonzero(removed_units).flatten().tolist():
+            for mask, channels in zip(masks, self.norm_units[k]):
+                mask[list(channels)] = True
+        return masks
 
     @property
     def removable(self) -> Tensor:
@@ -69,7 +84,7 @@ class GroupBlock:
 
     def channel_masks(self, removed_units: Tensor) -> List[Tensor]:
         """For each member, bool [out]: True on the channels of the units in ``removed_units`` (bool [units])."""
-        masks = [torch.zeros(m.conv.out_channels, dtype=torch.bool) for m in self.members]
+        masks = [torch.zeros(output_channels(m.conv), dtype=torch.bool) for m in self.members]
         for k in torch.nonzero(removed_units).flatten().tolist():
             for mask, channels in zip(masks, self.units[k]):
                 mask[list(channels)] = True
@@ -85,7 +100,7 @@ class GroupBlock:
 
 def _single(model: nn.Module, layer: str) -> GroupBlock:
     block = conv_block(model, layer)
-    channels = block.conv.out_channels
+    channels = output_channels(block.conv)
     return GroupBlock(layer, [block], [((c,),) for c in range(channels)], [()] * channels)
 
 
@@ -104,8 +119,8 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
     (what ``compact`` can then do is decided when it runs).
 
     Raises:
-        ValueError: a group couples a conv with an ``nn.Linear`` or a conv subclass that
-            channel methods do not prune (the message names it).
+        ValueError: a group couples a conv with a layer that channel methods do not prune (a
+            transposed conv, ...; the message names it).
     """
     layers = list(layers)
     try:
@@ -121,7 +136,7 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
             continue
         if group.name in blocks:
             continue
-        if len(group.members) == 1 and all(len(u.channels[layer]) == 1 for u in group.units):
+        if len(group.members) == 1 and not group.norms and all(len(u.channels[layer]) == 1 for u in group.units):
             single = _single(model, layer)
             single.fixed = [unit.fixed for unit in group.units]
             blocks[group.name] = single
@@ -129,14 +144,18 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
         members = []
         for name in group.members:
             module = model.get_submodule(name)
-            if not isinstance(module, nn.Conv2d):
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 raise ValueError(
                     f"'{layer}' is coupled with {type(module).__name__} '{name}' (channel group '{group.name}'); "
-                    "channel methods prune groups of convs only: leave these layers out of the plan"
+                    "channel methods prune groups of convs and nn.Linear layers only: leave these layers out of "
+                    "the plan"
                 )
             members.append(conv_block(model, name))
         units = [tuple(unit.channels.get(name, ()) for name in group.members) for unit in group.units]
-        blocks[group.name] = GroupBlock(group.name, members, units, [unit.fixed for unit in group.units])
+        norms = [(name, model.get_submodule(name)) for name in group.norms]
+        norm_units = [tuple(unit.norms.get(name, ()) for name in group.norms) for unit in group.units]
+        blocks[group.name] = GroupBlock(group.name, members, units, [unit.fixed for unit in group.units], norms,
+                                        norm_units)
     return blocks
 
 

@@ -120,7 +120,7 @@ def taylor_importance(
     Raises:
         ValueError: no batch, or labels that do not fit the output.
     """
-    convs = list(resolve_layers(model, None if layers is None else list(layers), (nn.Conv2d,)))
+    convs = list(resolve_layers(model, None if layers is None else list(layers), (nn.Conv2d, nn.Linear)))
     gates = {layer: _gate(model, layer) for layer in convs}
     parameters = list(dict.fromkeys(getattr(m, n) for pairs in gates.values() for m, n in pairs))
     device = next(iter(model.parameters())).device

@@ -198,7 +198,6 @@ def run_scan(
         BudgetError: ``budget`` is out of reach, or its plan is beyond ``max_drop``.
     """
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
-    from prunekit.layers import resolve_layers
     from prunekit.sensitivity import evaluate_plan, scan  # the package's names (what a test may replace)
 
     batches = list(batches)
@@ -222,7 +221,7 @@ def run_scan(
         raise ValueError("a relative tolerance divides by the dense score, and the dense model's distortion is 0: "
                          "drop --relative (relative=True); the tolerance is then an absolute distortion, e.g. 0.05")
     pruning = get_method(method)
-    convs = list(resolve_layers(model, None if layers is None else list(layers), pruning.layer_types))
+    convs = list(pruning.layers_of(model, layers))
     blocks = pruning.blocks(model, convs)
     what = f"{len(convs)} layers" if len(blocks) == len(convs) else (
         f"{len(blocks)} channel groups of {len(convs)} conv layers")

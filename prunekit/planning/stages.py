@@ -311,7 +311,6 @@ def prune_in_stages(
     from prunekit.compact import compact
     from prunekit.io.compacted import rebuild_compacted, save_compacted
     from prunekit.fingerprint import data_fingerprint, model_fingerprint
-    from prunekit.layers import resolve_layers
     from prunekit.planning.costs import measured_costs
     from prunekit.planning.pipeline import ScanInterrupted, run_scan
     from prunekit.plans import apply_plan
@@ -335,7 +334,7 @@ def prune_in_stages(
     dense_cost = measured_costs(dense, input_size)
     speedup_target = budget.speedup
     if budget.latency is not None:  # a latency is the speed-up it needs, as the latency model predicts it
-        costs = timed_costs(dense, pruning, list(pruning.blocks(dense, resolve_layers(dense, None, pruning.layer_types))),
+        costs = timed_costs(dense, pruning, list(pruning.blocks(dense, pruning.layers_of(dense))),
                             input_size, progress=progress, batch=budget.batch)
         needed = costs.dense.seconds / budget.latency
         speedup_target = max(speedup_target or 1.0, needed)
@@ -369,7 +368,7 @@ def prune_in_stages(
         timed_at = {"batch": overall.batch} if "speedup" in share and overall.batch != 1 else {}
         if "speedup" in share:
             timed_at["round_widths"] = overall.round_widths
-        convs = resolve_layers(current, None, pruning.layer_types)
+        convs = pruning.layers_of(current)
         groups = list(pruning.blocks(current, convs))
         if not share:
             on_status(f"stage {index} of {steps}: the budget is already met; nothing to prune")

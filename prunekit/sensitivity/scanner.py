@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-from prunekit.layers import check_prunable, model_device, resolve_layers
+from prunekit.layers import check_prunable, model_device
 from prunekit.measure.error import relative_error
 from prunekit.methods.base import Target
 from prunekit.methods.registry import METHODS, prepared_method
@@ -241,7 +241,7 @@ def scan(
                          "it pays) or False (bitwise, never stacked)")
     pruning = prepared_method(method, stats, criterion)
     method = pruning.name
-    convs = resolve_layers(model, layers, pruning.layer_types)
+    convs = pruning.layers_of(model, layers)
     check_prunable(model, convs)
     levels = check_sparsities(sparsities)
     pruning.check_levels(levels)
