@@ -112,6 +112,52 @@ def test_partial_layer_norm_normalises_kept_channels_as_the_whole_norm_did(chann
     torch.testing.assert_close(actual, expected)
 
 
+def _whole_norm_reference(x: torch.Tensor, constants: torch.Tensor, eps: float) -> torch.Tensor:
+    """The kept channels of a LayerNorm (no affine) over x's channels and the constant channels, in float64."""
+    whole = torch.cat([x.double(), constants.double().expand(*x.shape[:-1], -1)], dim=-1)
+    return torch.nn.functional.layer_norm(whole, whole.shape[-1:], eps=eps)[..., : x.shape[-1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("affine", ["none", "weight", "weight and bias"])
+def test_partial_layer_norm_matches_the_whole_norm_in_each_dtype_and_affine_form(dtype, affine):
+    torch.manual_seed(3)
+    constants = torch.randn(5) * 2 + 1
+    x = (torch.randn(2, 3, 7) * 3 - 2).to(dtype)  # a mean far from 0 and from the constants' mean
+    part = PartialLayerNorm(7, removed_constants=constants, elementwise_affine=affine != "none",
+                            bias=affine == "weight and bias", eps=1e-6, dtype=dtype)
+    expected = _whole_norm_reference(x, constants, 1e-6)
+    if part.weight is not None:
+        with torch.no_grad():
+            part.weight.normal_()
+            expected = expected * part.weight.double()
+            if part.bias is not None:
+                part.bias.normal_()
+                expected = expected + part.bias.double()
+    with torch.no_grad():
+        actual = part(x)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual, expected.to(dtype))  # torch's tolerances for the dtype
+
+
+def test_partial_layer_norm_counts_removed_channels_added_in_steps_as_if_added_at_once():
+    torch.manual_seed(4)
+    constants = torch.randn(9) * 3 + 2
+    at_once = PartialLayerNorm(4, removed_constants=constants)
+    in_steps = PartialLayerNorm(4, removed_constants=constants[:2])
+    in_steps.add_removed(constants[2:7])
+    merged = PartialLayerNorm(4)
+    merged.add_removed_statistics(in_steps.removed_count, in_steps.removed_mean, in_steps.removed_variance)
+    merged.add_removed(constants[7:])
+    assert merged.removed_count == at_once.removed_count == 9
+    assert merged.removed_mean == pytest.approx(float(constants.double().mean()), rel=1e-12)
+    assert merged.removed_variance == pytest.approx(float(constants.double().var(unbiased=False)), rel=1e-12)
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), at_once(x))
+        torch.testing.assert_close(at_once(x).double(), _whole_norm_reference(x, constants, at_once.eps))
+
+
 def test_permute_moves_the_channels_to_dim_one_or_last_and_nowhere_else():
     assert permuted_layout("conv", [0, 2, 3, 1]) == "last"
     assert permuted_layout("last", (0, 3, 1, 2)) == "conv"
@@ -208,3 +254,17 @@ def test_a_scan_masks_a_groups_layer_norms_as_apply_plan_does():
     stem = model.net.features[0][0]
     assert torch.equal(by_target[(id(norm), "weight")] == 0, (by_target[(id(stem), "weight")] == 0).flatten(1).all(1))
     assert int((by_target[(id(norm), "bias")] == 0).sum()) == 4
+
+
+def test_a_compacted_convnext_exports_with_its_partial_layer_norms(tmp_path):
+    from prunekit.export import export_onnx, export_program
+
+    model, x, expected = masked_tiny(5, 0.5)
+    small = compact(model, x)
+    assert any(isinstance(m, PartialLayerNorm) for m in small.modules())
+    assert export_program(small, x, tmp_path / "c.pt2") <= check_tolerance(torch.float32)
+    with torch.no_grad():
+        reloaded = torch.export.load(str(tmp_path / "c.pt2")).module()(x)
+    assert relative_error(reloaded, expected) <= check_tolerance(torch.float32)
+    pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime onnxscript")
+    assert export_onnx(small, x[:1], tmp_path / "c.onnx") < 1e-5

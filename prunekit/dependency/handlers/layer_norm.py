@@ -83,14 +83,13 @@ def resize_layer_norm(norm: nn.Module, keep: Tensor, removed_constants: Tensor, 
     """A :class:`PartialLayerNorm` of ``norm``'s channels ``keep`` that counts the removed ones, holding ``removed_constants``."""
     weight = norm.weight.detach()
     new = PartialLayerNorm(
-        len(keep), removed_count=getattr(norm, "removed_count", 0), eps=norm.eps,
-        bias=norm.bias is not None, channel_dim=channel_dim, device=weight.device, dtype=weight.dtype,
+        len(keep), eps=norm.eps, bias=norm.bias is not None, channel_dim=channel_dim,
+        device=weight.device, dtype=weight.dtype,
     )
+    if isinstance(norm, PartialLayerNorm):  # compacted before: its removed channels stay counted
+        new.add_removed_statistics(norm.removed_count, norm.removed_mean, norm.removed_variance)
+    new.add_removed(removed_constants)
     with torch.no_grad():
-        if isinstance(norm, PartialLayerNorm):  # compacted before: its removed channels stay counted
-            new.removed_sum.copy_(norm.removed_sum)
-            new.removed_square_sum.copy_(norm.removed_square_sum)
-        new.add_removed(removed_constants)
         new.weight.copy_(weight.index_select(0, keep.to(weight.device)))
         if norm.bias is not None:
             new.bias.copy_(norm.bias.detach().index_select(0, keep.to(weight.device)))
