@@ -202,13 +202,50 @@ def test_a_layer_scale_goes_with_its_channels_and_a_shared_one_fixes_them():
     assert not group.removable_units and "'gamma', which is used more than once" in group.fixed_reasons[0]
 
 
-def test_a_compacted_checkpoint_refuses_a_shrunk_layer_norm_before_writing(tmp_path):
+NORM, LAYER_SCALE = "net.features.1.0.block.2", "net.features.1.0.layer_scale"
+
+
+def _saved_compacted_tiny(tmp_path):
     from prunekit.io.compacted import save_compacted
 
-    model = masked_tiny(2, 0.5)[0]
-    with pytest.raises(ValueError, match="PartialLayerNorm.*save_sparse"):
-        save_compacted(compact(model), tmp_path / "small.pt", arch=None)
-    assert not (tmp_path / "small.pt").exists()
+    model, x, expected = masked_tiny(2, 0.5)
+    small = compact(model, x)
+    save_compacted(small, tmp_path / "small.pt", arch=None)
+    return small, x, torch.load(tmp_path / "small.pt", weights_only=True)
+
+
+def test_a_compacted_convnext_saves_its_partial_layer_norms_and_layer_scales_and_loads_back_bit_for_bit(tmp_path):
+    from prunekit.io.compacted import rebuild_compacted
+
+    small, x, document = _saved_compacted_tiny(tmp_path)
+    assert document["layers"][NORM]["type"] == "PartialLayerNorm" and document["parameters"][LAYER_SCALE] == [4, 1, 1]
+    rebuilt = rebuild_compacted(randomized(TinyConvNeXt()), document, tmp_path / "small.pt").eval()
+    for name in (NORM, "net.features.0.1"):  # channels last, and a LayerNorm2d's channels at dim 1
+        norm, again = small.get_submodule(name), rebuilt.get_submodule(name)
+        assert isinstance(again, PartialLayerNorm) and not again.weight.is_meta
+        assert ((again.channels, again.channel_dim, again.removed_count, again.removed_mean, again.removed_variance)
+                == (norm.channels, norm.channel_dim, norm.removed_count, norm.removed_mean, norm.removed_variance))
+    assert rebuilt.get_parameter(LAYER_SCALE).shape == (4, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), small(x))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda doc: doc["layers"][NORM]["arguments"].update(removed_variance=float("nan")), "not a finite mean"),
+    (lambda doc: doc["layers"][NORM]["arguments"].update(removed_count=-1), "out of range"),
+    (lambda doc: doc["parameters"].update({"net.features.1.0.nothing": [3]}), "'net.features.1.0.nothing' is not a parameter"),
+    (lambda doc: doc["parameters"].update({LAYER_SCALE: [2, "x"]}), "not a list of at most 8 sizes"),
+    (lambda doc: doc["parameters"].update({LAYER_SCALE: [5, 1, 1]}), "weights do not fit"),
+    (lambda doc: doc.update(parameters=[LAYER_SCALE]), "not a mapping of names to shapes"),
+])
+def test_a_damaged_compacted_convnext_checkpoint_is_refused_naming_the_entry(tmp_path, damage, message):
+    from prunekit.io.compacted import rebuild_compacted
+
+    _, _, document = _saved_compacted_tiny(tmp_path)
+    damage(document)
+    fresh = randomized(TinyConvNeXt())
+    with pytest.raises(ValueError, match=message):
+        rebuild_compacted(fresh, document, tmp_path / "small.pt")
 
 
 def _every_group(model: nn.Module):
@@ -268,3 +305,21 @@ def test_a_compacted_convnext_exports_with_its_partial_layer_norms(tmp_path):
     assert relative_error(reloaded, expected) <= check_tolerance(torch.float32)
     pytest.importorskip("onnxruntime", reason="pip install onnx onnxruntime onnxscript")
     assert export_onnx(small, x[:1], tmp_path / "c.onnx") < 1e-5
+
+
+@pytest.mark.slow
+def test_a_compacted_torchvision_convnext_loads_back_by_name_through_load_model(tmp_path):
+    import prunekit
+    from prunekit.io.compacted import save_compacted
+    from prunekit.models.zoo import load_model
+
+    torch.manual_seed(6)
+    model = randomize_layer_norms(torchvision.models.convnext_tiny().eval(), seed=6)
+    plan = prunekit.uniform_plan(model, 0.5, "filter-norm")
+    x = torch.rand(1, 3, 64, 64)
+    small = compact(prunekit.apply_plan(model, plan, method="filter-norm"), x)
+    save_compacted(small, tmp_path / "convnext.pt", arch="convnext_tiny")
+    loaded = load_model(str(tmp_path / "convnext.pt")).eval()
+    assert loaded.features[1][0].layer_scale.shape == (48, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import prunekit.planning.budget as budget_module
+import prunekit.planning.latency as latency_module
 import prunekit.planning.rounding as rounding_module
 from prunekit.cli import cli
 from prunekit.measure.timing import Speedup
@@ -123,6 +124,12 @@ def _fit_with(monkeypatch, rounded_ratio, score_of, **budget):
     result = scan(model, metric, method="filter-norm", sparsities=(0.25, 0.5, 0.75), progress=False)
     timer, calls = _fake_timer(_staircase(16))
     monkeypatch.setattr(rounding_module, "time_widths", timer)
+    # The fit's per-layer latency tables and dense time on the same fake clock: the fitted plan never depends on
+    # this machine's load (it did: a different fit, at times one whose rounding changes nothing).
+    monkeypatch.setattr(latency_module._Layer, "measure", lambda layer, repeats: latency_module.LayerTiming(
+        *layer.grid(), tuple(tuple(1e-3 * _staircase(16)(i, o) for o in layer.grid()[1]) for i in layer.grid()[0])))
+    monkeypatch.setattr(latency_module, "latency_samples", lambda models, *args, **kwargs: {
+        name: [0.02] * 3 for name in models})
     timed = []
 
     def fake_timing(model_, plan, method, size, repeats, batch=1):

@@ -3,11 +3,14 @@
 ``compact`` builds a model whose layers have fewer channels than its architecture's; a
 state_dict alone cannot be loaded back into that architecture, and pickling the whole
 module would make loading it run code stored in the file. A compacted checkpoint records
-instead, for every conv, BatchNorm, PReLU and Linear layer, the arguments that build it
-(read as plain numbers and names, never as code), beside the architecture's spec and the
-state_dict. Loading builds the architecture, swaps in layers of the recorded shapes (made
-on the ``meta`` device, so the file's weights are the only memory they take) and loads the
-weights strictly: every key and shape must match.
+instead, for every conv, BatchNorm, PReLU, Linear layer and shrunk LayerNorm
+(:class:`~prunekit.dependency.partial_layer_norm.PartialLayerNorm`, with its removed channels'
+count, mean and variance), the arguments that build it (read as plain numbers and names,
+never as code), the shape of every other parameter (a layer scale ``compact`` resized),
+the architecture's spec and the state_dict. Loading builds the architecture, swaps in
+layers and parameters of the recorded shapes (made on the ``meta`` device, so the file's
+weights are the only memory they take) and loads the weights strictly: every key and shape
+must match.
 
 Example:
     >>> import torch
@@ -27,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -59,8 +63,26 @@ def _batchnorm_arguments(module: nn.Module) -> Dict[str, Any]:
             "affine": module.affine, "track_running_stats": module.track_running_stats}
 
 
-# The layers compact builds (plain torch layers and its BorderBiasConv2d), by exact type: how to read the
-# arguments that built one, and what builds one from them.
+def _partial_layer_norm_arguments(module: PartialLayerNorm) -> Dict[str, Any]:
+    return {"channels": module.channels, "eps": module.eps, "elementwise_affine": module.elementwise_affine,
+            "bias": module.bias is not None, "channels_last": module.channel_dim == -1,
+            "removed_count": module.removed_count, "removed_mean": module.removed_mean,
+            "removed_variance": module.removed_variance}
+
+
+def _partial_layer_norm(channels: int, eps: float, elementwise_affine: bool, bias: bool, channels_last: bool,
+                        removed_count: int, removed_mean: float, removed_variance: float, device=None) -> PartialLayerNorm:
+    if not (math.isfinite(removed_mean) and math.isfinite(removed_variance) and removed_variance >= 0):
+        raise ValueError(f"the removed channels' mean {removed_mean!r} and variance {removed_variance!r} are not "
+                         "a finite mean and a variance >= 0")
+    norm = PartialLayerNorm(channels, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                            channel_dim=-1 if channels_last else 1, device=device)
+    norm.add_removed_statistics(removed_count, removed_mean, removed_variance)
+    return norm
+
+
+# The layers compact builds (plain torch layers, its BorderBiasConv2d and PartialLayerNorm), by exact type: how to
+# read the arguments that built one, and what builds one from them.
 _LAYERS: Dict[str, Tuple[type, Callable[[nn.Module], Dict[str, Any]]]] = {
     "Conv2d": (nn.Conv2d, _conv_arguments),
     "BorderBiasConv2d": (BorderBiasConv2d, _conv_arguments),
@@ -69,7 +91,10 @@ _LAYERS: Dict[str, Tuple[type, Callable[[nn.Module], Dict[str, Any]]]] = {
     "PReLU": (nn.PReLU, lambda module: {"num_parameters": module.num_parameters}),
     "Linear": (nn.Linear, lambda module: {"in_features": module.in_features, "out_features": module.out_features,
                                           "bias": module.bias is not None}),
+    "PartialLayerNorm": (PartialLayerNorm, _partial_layer_norm_arguments),
 }
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"PartialLayerNorm": _partial_layer_norm}  # others: the class
+_MAX_PARAMETER_DIMS = 8
 _TYPE_NAMES = {cls: name for name, (cls, _) in _LAYERS.items()}
 
 
@@ -86,20 +111,18 @@ def compacted_checkpoint(model: nn.Module, arch: Optional[str]) -> Dict[str, Any
         arch: the spec that rebuilds the architecture (``"hed"``, ``"resnet18"``, ...), or None when the
             loader builds it itself (:func:`rebuild_compacted`).
     """
-    layers = OrderedDict()
+    layers, parameters = OrderedDict(), OrderedDict()
     for name, module in model.named_modules():
-        if isinstance(module, PartialLayerNorm):
-            raise ValueError(
-                f"'{name}' is a LayerNorm compact shrank (PartialLayerNorm, with resized layer scales beside it): "
-                "a compacted checkpoint cannot hold it yet. Save the masked model instead (prunekit.save_sparse) "
-                "and compact it after loading"
-            )
         kind = _TYPE_NAMES.get(type(module))
         if kind is not None and name:
             layers[name] = {"type": kind, "arguments": {key: _plain(value) for key, value in
                                                         _LAYERS[kind][1](module).items()}}
+            continue
+        for key, parameter in module.named_parameters(recurse=False):  # a layer scale compact may have resized
+            parameters[f"{name}.{key}" if name else key] = list(parameter.shape)
     state = OrderedDict((key, value.detach().cpu().clone()) for key, value in model.state_dict().items())
-    return {"format": COMPACTED_FORMAT, "arch": arch, "layers": dict(layers), "state_dict": state}
+    return {"format": COMPACTED_FORMAT, "arch": arch, "layers": dict(layers), "parameters": dict(parameters),
+            "state_dict": state}
 
 
 def save_compacted(model: nn.Module, path: Any, arch: Optional[str]) -> None:
@@ -137,7 +160,7 @@ def _checked_argument(value: Any, where: str) -> Any:
 
 # The arguments each type records, read once off a small one (on meta: nothing is allocated).
 _SMALL = {"Conv2d": {"in_channels": 1, "out_channels": 1, "kernel_size": 1}, "BatchNorm2d": {"num_features": 1},
-          "PReLU": {}, "Linear": {"in_features": 1, "out_features": 1}}
+          "PReLU": {}, "Linear": {"in_features": 1, "out_features": 1}, "PartialLayerNorm": {"channels": 1}}
 _ARGUMENTS = {kind: frozenset(read(cls(**_SMALL.get(kind, _SMALL["Conv2d"]), device="meta")))
               for kind, (cls, read) in _LAYERS.items()}
 
@@ -151,11 +174,37 @@ def _built(kind: str, arguments: Any, where: str) -> nn.Module:
                          f"expected {sorted(expected)}")
     checked = {key: _checked_argument(value, f"{where}'s {key}") for key, value in arguments.items()}
     try:
-        return cls(**checked, device="meta")
+        return _BUILDERS.get(kind, cls)(**checked, device="meta")
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{where} ({kind}) cannot be built from {checked}: {err}") from None
 
 
+
+
+def _resize_parameters(model: nn.Module, shapes: Any, path: Any) -> None:
+    """Give each parameter ``shapes`` records (outside the recorded layers) that shape, on ``meta``: the file's
+    tensor then fills it."""
+    if not isinstance(shapes, Mapping):
+        raise ValueError(f"compacted checkpoint {str(path)!r} records its parameters as a {type(shapes).__name__}, "
+                         "not a mapping of names to shapes")
+    for name, shape in shapes.items():
+        where = f"compacted checkpoint {str(path)!r}: parameter {name!r}"
+        owner_name, _, key = name.rpartition(".") if isinstance(name, str) else ("", "", "")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            owner = None
+        current = owner._parameters.get(key) if owner is not None and key else None
+        if current is None:
+            raise ValueError(f"{where} is not a parameter of {type(model).__name__}; was the file saved from another "
+                             "architecture?")
+        if (not isinstance(shape, (list, tuple)) or len(shape) > _MAX_PARAMETER_DIMS
+                or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and 0 <= size <= 1 << 31
+                           for size in shape)):
+            raise ValueError(f"{where} has shape {shape!r}, not a list of at most {_MAX_PARAMETER_DIMS} sizes")
+        if tuple(current.shape) != tuple(shape):
+            owner._parameters[key] = nn.Parameter(torch.empty([int(size) for size in shape], device="meta"),
+                                                  requires_grad=current.requires_grad)
 
 
 def rebuild_compacted(model: nn.Module, document: Mapping[str, Any], path: Any) -> nn.Module:
@@ -185,6 +234,7 @@ def rebuild_compacted(model: nn.Module, document: Mapping[str, Any], path: Any) 
         parent_name, _, child = name.rpartition(".")
         layer = _built(record.get("type"), record.get("arguments"), where).train(modules[name].training)
         setattr(modules[parent_name] if parent_name else model, child, layer)
+    _resize_parameters(model, document.get("parameters", {}), path)
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"compacted checkpoint {str(path)!r}: state_dict entry {key!r} is not a named tensor")
