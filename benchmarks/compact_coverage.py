@@ -37,6 +37,7 @@ from prunekit.measure.error import relative_error
 MODELS = [
     "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
     "densenet121", "regnet_x_400mf", "googlenet", "squeezenet1_1", "shufflenet_v2_x1_0", "convnext_tiny",
+    "regnet_y_400mf", "efficientnet_v2_s", "swin_t",
 ]  # fmt: skip
 
 
