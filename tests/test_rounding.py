@@ -171,6 +171,15 @@ def test_a_rounded_plan_that_misses_the_target_or_scores_worse_is_not_kept(monke
     assert reason in fit.widths and fit.widths.endswith("so the widths were kept as fitted")
 
 
+def test_a_rounding_that_keeps_every_channel_is_not_timed_nor_kept(monkeypatch):
+    """Rounded back to every group's full width, the plan is the dense model: a noisy clock must not keep it."""
+    monkeypatch.setattr(budget_module, "round_widths", lambda model, plan, costs, size, batch=1: RoundedPlan(
+        plan={name: 0.0 for name in plan}, widths={name: (10, 64) for name in plan}))
+    fit, timed, _ = _fit_with(monkeypatch, 1.5, _removed)  # the dense model 'measures' 1.5x: it must not be believed
+    assert len(timed) == 1 and fit.plan == timed[0] and any(fit.plan.values()) and fit.widened == {}
+    assert fit.widths.endswith("that keeps every channel, so the widths were kept as fitted")
+
+
 def test_exact_widths_times_no_rounded_plan(monkeypatch):
     fit, timed, calls = _fit_with(monkeypatch, 1.28, _removed, round_widths=False)
     assert calls == [] and len(timed) == 1 and fit.widened == {} and fit.widths == ""

@@ -427,7 +427,11 @@ def fit_budget(
                                                           budget.batch)
         if budget.round_widths and timing is not None and isinstance(costs, ChannelCosts):
             done = round_widths(model, plan, costs, size, batch=budget.batch)
-            if done.changed:
+            if done.changed and not any(done.plan.values()):
+                # every group back at full width: the dense model, which no timing can show faster than itself
+                widths = (f"{len(done.changed)} group(s) rounded up to widths this machine runs as fast "
+                          f"(+{done.added} channels): that keeps every channel, so the widths were kept as fitted")
+            elif done.changed:
                 shapes[str(sorted(done.plan.items()))] = shapes.get(str(sorted(plan.items())), "walk")
                 built, faster = _built_and_timed(model, done.plan, pruning, size, timing_repeats, budget.batch)
                 keep, verdict = _rounding_verdict(faster, timing, 1 / fractions["seconds"], result.higher_is_better,
