@@ -135,6 +135,13 @@ class PruningMethod(abc.ABC):
 
         Raises:
             KeyError: a name is not a layer this method prunes (the message lists those it does).
+
+        Example:
+            >>> from prunekit.methods import get_method
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4))
+            >>> pruning = get_method("filter-norm")
+            >>> list(pruning.layers_of(model)), list(pruning.layers_of(model, ["0", "3"]))
+            (['0'], ['0', '3'])
         """
         if layers is None:
             return resolve_layers(model, None, self.default_layer_types or self.layer_types)
