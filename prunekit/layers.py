@@ -27,6 +27,7 @@ __all__ = [
     "conv_layers",
     "get_module",
     "output_channels",
+    "CHANNEL_LAYER_TYPES",
     "prunable_layers",
     "resolve_layers",
 ]
@@ -86,9 +87,11 @@ def _kinds(types: Tuple[type, ...]) -> str:
 
 
 def resolve_layers(
-    model: nn.Module, layers: Optional[Iterable[str]] = None, types: Tuple[type, ...] = (nn.Conv2d,)
+    model: nn.Module, layers: Optional[Iterable[str]] = None, types: Tuple[type, ...] = (nn.Conv2d,),
+    default_types: Optional[Tuple[type, ...]] = None,
 ) -> "OrderedDict[str, nn.Module]":
-    """Return the layers named in ``layers`` (every layer of ``types`` when ``None``), checking every name.
+    """Return the layers of ``types`` named in ``layers``, checking every name; when ``layers`` is ``None``, every
+    layer of ``default_types`` (default: of ``types``).
 
     Raises:
         KeyError: a name is not such a layer of ``model``; the message lists the valid names.
@@ -99,6 +102,8 @@ def resolve_layers(
         >>> list(resolve_layers(model, ["2"]))
         ['2']
     """
+    if layers is None and default_types is not None:
+        types = default_types
     found = prunable_layers(model, types)
     what = "conv layers" if types == (nn.Conv2d,) else f"{_kinds(types)} layers"
     if not found:
@@ -222,6 +227,10 @@ class ConvBlock:
     def output_module(self) -> nn.Module:
         """The last module of the block."""
         return self.activation or self.batchnorm or self.conv
+
+
+#: The layers whose output channels channel pruning removes (a Linear's are its output features).
+CHANNEL_LAYER_TYPES: Tuple[type, ...] = (nn.Conv2d, nn.Linear)
 
 
 def output_channels(layer: nn.Module) -> int:

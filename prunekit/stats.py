@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
 from prunekit.io.files import PathLike, read_json, write_json
-from prunekit.layers import conv_block, output_channels, resolve_layers
+from prunekit.layers import CHANNEL_LAYER_TYPES, conv_block, output_channels, resolve_layers
 from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.plotting import new_figure, save_png
 from prunekit.progress import progress_bar
@@ -258,7 +258,7 @@ def collect_channel_stats(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches={max_batches!r} must be an int >= 1 or None")
-    convs = resolve_layers(model, layers) if layers is None else resolve_layers(model, layers, (nn.Conv2d, nn.Linear))
+    convs = resolve_layers(model, layers, CHANNEL_LAYER_TYPES, default_types=(nn.Conv2d,))
     device = torch.device(device) if device is not None else model_device(model)
 
     accumulators = OrderedDict(

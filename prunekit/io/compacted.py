@@ -71,7 +71,8 @@ def _partial_layer_norm_arguments(module: PartialLayerNorm) -> Dict[str, Any]:
 
 
 def _partial_layer_norm(channels: int, eps: float, elementwise_affine: bool, bias: bool, channels_last: bool,
-                        removed_count: int, removed_mean: float, removed_variance: float, device=None) -> PartialLayerNorm:
+                        removed_count: int, removed_mean: float, removed_variance: float,
+                        device=None) -> PartialLayerNorm:
     if not (math.isfinite(removed_mean) and math.isfinite(removed_variance) and removed_variance >= 0):
         raise ValueError(f"the removed channels' mean {removed_mean!r} and variance {removed_variance!r} are not "
                          "a finite mean and a variance >= 0")

@@ -143,9 +143,7 @@ class PruningMethod(abc.ABC):
             >>> list(pruning.layers_of(model)), list(pruning.layers_of(model, ["0", "3"]))
             (['0'], ['0', '3'])
         """
-        if layers is None:
-            return resolve_layers(model, None, self.default_layer_types or self.layer_types)
-        return resolve_layers(model, [layers] if isinstance(layers, str) else list(layers), self.layer_types)
+        return resolve_layers(model, layers, self.layer_types, self.default_layer_types)
 
     def data_layers(self, model: nn.Module, layers: Optional[Iterable[str]] = None) -> List[str]:
         """The layers :meth:`prepare` gathers data for: every member of the blocks of ``layers`` (default: every

@@ -14,7 +14,7 @@ from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.dependency.flow import OUTPUT
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
-from prunekit.layers import output_channels
+from prunekit.layers import CHANNEL_LAYER_TYPES, output_channels
 from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
 from prunekit.methods.registry import register_method
 
@@ -332,7 +332,7 @@ def channel_activation(
         >>> conv.bias_mask.tolist()
         [1.0, 0.0, 1.0, 1.0]
     """
-    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+    if not isinstance(module, CHANNEL_LAYER_TYPES):
         raise TypeError(
             f"channel_activation prunes the output channels of an nn.Conv2d or nn.Linear; got "
             f"{type(module).__name__}. Pass the conv layer (see prunekit.conv_layers(model))"
@@ -383,7 +383,7 @@ class ChannelMethod(PruningMethod):
 
     name = "channel"
     unit = "channels"
-    layer_types = (nn.Conv2d, nn.Linear)
+    layer_types = CHANNEL_LAYER_TYPES
     default_layer_types = (nn.Conv2d,)  # a Linear is scanned when named (ConvNeXt's MLPs); never a classifier unasked
     needs_statistics = True
     needs_data = True

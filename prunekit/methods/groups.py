@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.dependency import UnsupportedGraphError, channel_groups
-from prunekit.layers import ConvBlock, conv_block, output_channels
+from prunekit.layers import CHANNEL_LAYER_TYPES, ConvBlock, conv_block, output_channels
 
 __all__ = ["GroupBlock", "group_blocks", "group_key", "unit_scores"]
 
@@ -69,13 +69,7 @@ class GroupBlock:
     def norm_masks(self, removed_units: Tensor) -> List[Tensor]:
         """For each of :attr:`norms` (the LayerNorms the group's channels pass through), bool [features]: True on
         the features of the units in ``removed_units``, which are masked in its weight and bias with them."""
-        masks = [torch.zeros(norm.weight.shape[0], dtype=torch.bool) for _, norm in self.norms]
-        if not masks:
-            return masks
-        for k in torch.nonzero(removed_units).flatten().tolist():
-            for mask, channels in zip(masks, self.norm_units[k]):
-                mask[list(channels)] = True
-        return masks
+        return _unit_masks([norm.weight.shape[0] for _, norm in self.norms], self.norm_units, removed_units)
 
     @property
     def removable(self) -> Tensor:
@@ -84,11 +78,7 @@ class GroupBlock:
 
     def channel_masks(self, removed_units: Tensor) -> List[Tensor]:
         """For each member, bool [out]: True on the channels of the units in ``removed_units`` (bool [units])."""
-        masks = [torch.zeros(output_channels(m.conv), dtype=torch.bool) for m in self.members]
-        for k in torch.nonzero(removed_units).flatten().tolist():
-            for mask, channels in zip(masks, self.units[k]):
-                mask[list(channels)] = True
-        return masks
+        return _unit_masks([output_channels(m.conv) for m in self.members], self.units, removed_units)
 
     def dead_units(self) -> Tensor:
         """Bool [units]: units whose channels have all-zero weights in every member."""
@@ -96,6 +86,20 @@ class GroupBlock:
         return torch.tensor([
             all(bool(d[list(channels)].all()) for d, channels in zip(dead, unit)) for unit in self.units
         ], dtype=torch.bool)
+
+
+def _unit_masks(
+    sizes: Sequence[int], units: Sequence[Tuple[Tuple[int, ...], ...]], removed_units: Tensor
+) -> List[Tensor]:
+    """Bool [size] per layer: True on that layer's channels of every unit in ``removed_units`` (``units[k]``: each
+    layer's channels in unit k)."""
+    masks = [torch.zeros(size, dtype=torch.bool) for size in sizes]
+    if not masks:  # no such layers (a group without LayerNorms): no per-unit lists either
+        return masks
+    for k in torch.nonzero(removed_units).flatten().tolist():
+        for mask, channels in zip(masks, units[k]):
+            mask[list(channels)] = True
+    return masks
 
 
 def _single(model: nn.Module, layer: str) -> GroupBlock:
@@ -144,7 +148,7 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
         members = []
         for name in group.members:
             module = model.get_submodule(name)
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            if not isinstance(module, CHANNEL_LAYER_TYPES):
                 raise ValueError(
                     f"'{layer}' is coupled with {type(module).__name__} '{name}' (channel group '{group.name}'); "
                     "channel methods prune groups of convs and nn.Linear layers only: leave these layers out of "

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-from prunekit.layers import conv_block, resolve_layers
+from prunekit.layers import CHANNEL_LAYER_TYPES, conv_block, resolve_layers
 from prunekit.methods.channel import ChannelMethod
 from prunekit.methods.registry import register_method
 from prunekit.progress import progress_bar
@@ -114,13 +114,14 @@ def taylor_importance(
     """Each conv's per-channel first-order Taylor importance (float32 ``[C]``, lowest pruned first), on ``batches``.
 
     ``batches``: tensors, or ``(inputs, labels)`` pairs (see the module docstring for the loss);
-    ``layers``: conv names (default: every conv). The model runs in eval mode; its parameters,
+    ``layers``: conv or ``nn.Linear`` names (default: every conv). The model runs in eval mode; its parameters,
     their ``.grad``, ``requires_grad`` and the train/eval flags are left as they were.
 
     Raises:
         ValueError: no batch, or labels that do not fit the output.
     """
-    convs = list(resolve_layers(model, None if layers is None else list(layers), (nn.Conv2d, nn.Linear)))
+    convs = list(resolve_layers(model, None if layers is None else list(layers), CHANNEL_LAYER_TYPES,
+                                default_types=(nn.Conv2d,)))
     gates = {layer: _gate(model, layer) for layer in convs}
     parameters = list(dict.fromkeys(getattr(m, n) for pairs in gates.values() for m, n in pairs))
     device = next(iter(model.parameters())).device
