@@ -55,6 +55,7 @@ __all__ = [
     "FLAT",
     "LAST",
     "OUTPUT",
+    "PAIR",
     "ChannelFlow",
     "Consumer",
     "FlowTracer",
@@ -72,8 +73,9 @@ class UnsupportedGraphError(ValueError):
 
 
 # Layouts of a tracked tensor: channels on dim 1 of [N, C, H, W]; on dim 1 of a flattened
-# [N, C * block] (each channel a contiguous block of features); on the last dim (an nn.Linear's output).
-CONV, FLAT, LAST = "conv", "flat", "last"
+# [N, C * block] (each channel a contiguous block of features); on the last dim (an nn.Linear's output); on the
+# last dim of the first item of an (output, weights) pair (what nn.MultiheadAttention returns).
+CONV, FLAT, LAST, PAIR = "conv", "flat", "last", "pair"
 OUTPUT = "reaches the model output"
 
 
@@ -322,6 +324,9 @@ class FlowTracer:
             self.unsupported(node, "combines them with a tensor whose channels prunekit does not follow")
             return
         first = tracked[0]
+        if first.layout == PAIR:
+            self.unsupported(node, "combines (output, weights) pairs, not tensors")
+            return
         if any(t.layout != first.layout or len(t.ids) != len(first.ids) for t in tracked[1:]):
             self.unsupported(node, "combines tensors whose channels do not line up")
             return

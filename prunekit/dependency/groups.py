@@ -182,7 +182,8 @@ def group_of(groups: List[ChannelGroup], layer: str) -> ChannelGroup:
 
 def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dict[str, Tensor]:
     """For each member of ``group`` (and each of its :attr:`~ChannelGroup.norms`), a bool [out] mask that is
-    False on the channels of the ``removed`` units: mask each layer's weight and bias with it.
+    False on the channels of the ``removed`` units: mask each layer's weight and bias with it (an attention's
+    ``in_proj_weight`` and ``in_proj_bias``, whose rows are its channels).
 
     Raises:
         ValueError: a removed unit is fixed (the message says why).
@@ -191,7 +192,7 @@ def unit_masks(model: nn.Module, group: ChannelGroup, removed: List[int]) -> Dic
     for name in group.members:
         layer = model.get_submodule(name)
         channels = handler_of(layer).channels(layer)[1]
-        masks[name] = torch.ones(channels, dtype=torch.bool, device=layer.weight.device)
+        masks[name] = torch.ones(channels, dtype=torch.bool, device=next(layer.parameters()).device)
     for name in group.norms:
         norm = model.get_submodule(name)
         masks[name] = torch.ones(norm.weight.shape[0], dtype=torch.bool, device=norm.weight.device)

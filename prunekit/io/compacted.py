@@ -3,9 +3,10 @@
 ``compact`` builds a model whose layers have fewer channels than its architecture's; a
 state_dict alone cannot be loaded back into that architecture, and pickling the whole
 module would make loading it run code stored in the file. A compacted checkpoint records
-instead, for every conv, BatchNorm, PReLU, Linear layer and shrunk LayerNorm
+instead, for every conv, BatchNorm, PReLU, Linear layer, shrunk LayerNorm
 (:class:`~prunekit.dependency.partial_layer_norm.PartialLayerNorm`, with its removed channels'
-count, mean and variance), the arguments that build it (read as plain numbers and names,
+count, mean and variance) and attention that lost heads
+(:class:`~prunekit.dependency.pruned_attention.PrunedMultiheadAttention`), the arguments that build it (read as plain numbers and names,
 never as code), the shape of every other parameter (a layer scale ``compact`` resized),
 the architecture's spec and the state_dict. Loading builds the architecture, swaps in
 layers and parameters of the recorded shapes (made on the ``meta`` device, so the file's
@@ -40,6 +41,7 @@ from torch import nn
 
 from prunekit.dependency.border_bias import BorderBiasConv2d
 from prunekit.dependency.partial_layer_norm import PartialLayerNorm
+from prunekit.dependency.pruned_attention import PrunedMultiheadAttention
 
 __all__ = ["COMPACTED_FORMAT", "compacted_checkpoint", "is_compacted_checkpoint", "rebuild_compacted", "save_compacted"]
 
@@ -82,6 +84,11 @@ def _partial_layer_norm(channels: int, eps: float, elementwise_affine: bool, bia
     return norm
 
 
+def _attention_arguments(module: PrunedMultiheadAttention) -> Dict[str, Any]:
+    return {"embed_dim": module.embed_dim, "num_heads": module.num_heads, "head_dim": module.head_dim,
+            "bias": module.in_proj_bias is not None, "dropout": module.dropout, "batch_first": module.batch_first}
+
+
 # The layers compact builds (plain torch layers, its BorderBiasConv2d and PartialLayerNorm), by exact type: how to
 # read the arguments that built one, and what builds one from them.
 _LAYERS: Dict[str, Tuple[type, Callable[[nn.Module], Dict[str, Any]]]] = {
@@ -93,6 +100,7 @@ _LAYERS: Dict[str, Tuple[type, Callable[[nn.Module], Dict[str, Any]]]] = {
     "Linear": (nn.Linear, lambda module: {"in_features": module.in_features, "out_features": module.out_features,
                                           "bias": module.bias is not None}),
     "PartialLayerNorm": (PartialLayerNorm, _partial_layer_norm_arguments),
+    "PrunedMultiheadAttention": (PrunedMultiheadAttention, _attention_arguments),
 }
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"PartialLayerNorm": _partial_layer_norm}  # others: the class
 _MAX_PARAMETER_DIMS = 8
@@ -113,9 +121,14 @@ def compacted_checkpoint(model: nn.Module, arch: Optional[str]) -> Dict[str, Any
             loader builds it itself (:func:`rebuild_compacted`).
     """
     layers, parameters = OrderedDict(), OrderedDict()
+    whole = []  # recorded layers that build their own children (an attention's out_proj)
     for name, module in model.named_modules():
+        if any(name.startswith(f"{parent}.") for parent in whole):
+            continue
         kind = _TYPE_NAMES.get(type(module))
         if kind is not None and name:
+            if next(module.children(), None) is not None:
+                whole.append(name)
             layers[name] = {"type": kind, "arguments": {key: _plain(value) for key, value in
                                                         _LAYERS[kind][1](module).items()}}
             continue
@@ -161,7 +174,8 @@ def _checked_argument(value: Any, where: str) -> Any:
 
 # The arguments each type records, read once off a small one (on meta: nothing is allocated).
 _SMALL = {"Conv2d": {"in_channels": 1, "out_channels": 1, "kernel_size": 1}, "BatchNorm2d": {"num_features": 1},
-          "PReLU": {}, "Linear": {"in_features": 1, "out_features": 1}, "PartialLayerNorm": {"channels": 1}}
+          "PReLU": {}, "Linear": {"in_features": 1, "out_features": 1}, "PartialLayerNorm": {"channels": 1},
+          "PrunedMultiheadAttention": {"embed_dim": 1, "num_heads": 1, "head_dim": 1}}
 _ARGUMENTS = {kind: frozenset(read(cls(**_SMALL.get(kind, _SMALL["Conv2d"]), device="meta")))
               for kind, (cls, read) in _LAYERS.items()}
 

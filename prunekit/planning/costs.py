@@ -157,8 +157,8 @@ class ChannelCosts(PlanCosts):
         counted = 0
         modules = dict(model.named_modules())
         for name, module in modules.items():
-            if name not in flow.producers:
-                continue
+            if name not in flow.producers or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue  # (an attention's heads: no channel method removes them; its parameters count as fixed)
             out_units = np.array([index(i) for i in flow.producers[name]], dtype=np.int64)
             consumer = flow.consumers.get(name)
             inputs, _ = handler_of(module).channels(module)

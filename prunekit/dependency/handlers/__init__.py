@@ -14,11 +14,13 @@ file                   ops
 ``pooling.py``         pooling, resampling, padding, the spatial mean by hand
 ``flatten.py``         flatten (and ``view``/``reshape`` to [N, -1]) into an ``nn.Linear``
 ``cat.py``             ``torch.cat`` along the channels
-``indexing.py``        indexing and fixed-size splits (refused)
+``indexing.py``        indexing and fixed-size splits (refused), an attention's output item
+``attention.py``       ``nn.MultiheadAttention`` (self-attention): whole heads
 =====================  ===============================================================
 """
 
 from prunekit.dependency.handlers import (  # noqa: F401  (each registers its handlers)
+    attention,
     batchnorm,
     cat,
     conv,

@@ -1,0 +1,194 @@
+"""Attention heads: nn.MultiheadAttention's heads are channel units, removed exactly by compact."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import prune
+
+from prunekit.compact import UnsupportedGraphError, check_tolerance, compact
+from prunekit.dependency import channel_groups, group_of, unit_masks
+from prunekit.dependency.pruned_attention import PrunedMultiheadAttention
+from prunekit.io.compacted import compacted_checkpoint, rebuild_compacted
+from prunekit.measure.error import relative_error
+
+HEADS, HIDDEN = 4, 32
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=HEADS,
+                                                 hidden_dim=HIDDEN, mlp_dim=64, num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(std=0.2)  # value biases a removed head leaves behind
+    return model
+
+
+def attention_groups(model: nn.Module):
+    return [g for g in channel_groups(model) if g.name.endswith("self_attention")]
+
+
+def mask_heads(model: nn.Module, heads, with_bias: bool = True) -> None:
+    """Mask ``heads`` (unit indices) of every attention: their query, key and value rows (and biases)."""
+    for group in attention_groups(model):
+        for name, keep in unit_masks(model, group, list(heads)).items():
+            attention = model.get_submodule(name)
+            prune.custom_from_mask(attention, "in_proj_weight", keep[:, None].expand_as(attention.in_proj_weight))
+            if with_bias:
+                prune.custom_from_mask(attention, "in_proj_bias", keep)
+
+
+def test_each_head_of_a_vits_attention_is_one_removable_unit_of_its_query_key_and_value_rows():
+    model = tiny_vit()
+    groups = attention_groups(model)
+    assert [g.name for g in groups] == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    head_dim = HIDDEN // HEADS
+    for group in groups:
+        assert len(group.units) == HEADS and len(group.removable_units) == HEADS
+        rows = group.units[1].channels[group.name]
+        assert rows == tuple(part * HIDDEN + head_dim + d for part in range(3) for d in range(head_dim))
+    # The residual stream (out_proj's outputs) stays, with the reason.
+    stream = group_of(channel_groups(model), "encoder.layers.encoder_layer_0.mlp.3")
+    assert not stream.removable_units
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias-masked", "value-bias-folded"])
+def test_compact_removes_masked_heads_exactly_and_the_attention_keeps_its_embed_dim(with_bias):
+    model, x = tiny_vit(), torch.randn(3, 3, 32, 32)
+    mask_heads(model, [0, 2], with_bias=with_bias)
+    with torch.no_grad():
+        expected = model(x)
+    small = compact(model, x)
+    for i in range(2):
+        attention = small.get_submodule(f"encoder.layers.encoder_layer_{i}.self_attention")
+        assert isinstance(attention, PrunedMultiheadAttention)
+        assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (HIDDEN, 2, HIDDEN // HEADS)
+        assert tuple(attention.in_proj_weight.shape) == (3 * 16, HIDDEN) and attention.out_proj.in_features == 16
+    with torch.no_grad():
+        error = relative_error(small(x), expected)
+    assert error <= check_tolerance(torch.float32)
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)  # the input is unchanged
+    # Compacted again, with more heads gone.
+    mask_heads(small, [0], with_bias=with_bias)
+    with torch.no_grad():
+        again_expected = small(x)
+    smaller = compact(small, x)
+    assert smaller.encoder.layers[1].self_attention.num_heads == 1
+    with torch.no_grad():
+        assert relative_error(smaller(x), again_expected) <= check_tolerance(torch.float32)
+
+
+def test_a_head_masked_in_part_is_refused_naming_the_attention():
+    model = tiny_vit()
+    attention = model.encoder.layers[0].self_attention
+    keep = torch.ones(3 * HIDDEN, dtype=torch.bool)
+    keep[2 * HIDDEN: 2 * HIDDEN + HIDDEN // HEADS] = False  # head 0's value rows only
+    prune.custom_from_mask(attention, "in_proj_weight", keep[:, None].expand_as(attention.in_proj_weight))
+    with pytest.raises(UnsupportedGraphError, match="encoder_layer_0.self_attention.*not dead"):
+        compact(model)
+
+
+class Attending(nn.Module):
+    """A query Linear into an attention: cross-attention, kdim/vdim, or bias_k/bias_v."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.query, self.memory = nn.Linear(8, 8), nn.Linear(8, 4 if kind == "kdim" else 8)
+        options = {"kdim": {"kdim": 4, "vdim": 4}, "bias_kv": {"add_bias_kv": True}}.get(kind, {})
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True, **options)
+
+    def forward(self, x):
+        q = self.query(x)
+        if self.kind == "bias_kv":
+            return self.attention(q, q, q)[0]
+        memory = self.memory(x)
+        return self.attention(q, memory, memory)[0]
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("cross", "attends to another tensor than its query"),
+    ("kdim", "separate query, key and value weights"),
+    ("bias_kv", "adds bias_k/bias_v"),
+])
+def test_attentions_prunekit_does_not_follow_keep_their_heads_with_the_reason(kind, reason):
+    groups = channel_groups(Attending(kind))
+    assert "attention" not in [g.name for g in groups]  # no heads offered
+    query = group_of(groups, "query")
+    assert not query.removable_units and any(reason in r for r in query.fixed_reasons), query.fixed_reasons
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within the dtype's rounding: torch.testing's tolerances in float32; in fp16 / bf16 (two kernels round
+    each step differently, so single near-zero outputs differ by an ulp of the output's scale) the relative L2
+    error compact's self-check allows."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected)
+    else:
+        assert relative_error(actual.float(), expected.float()) <= check_tolerance(expected.dtype)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pruned_attention_with_every_head_computes_what_multihead_attention_does(batch_first, dtype):
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        reference.in_proj_bias.normal_()
+        reference.out_proj.bias.normal_()
+    from prunekit.dependency.handlers.attention import resize_attention
+
+    pruned = resize_attention(reference, None, None).eval()
+    reference, pruned = reference.to(dtype), pruned.to(dtype)
+    x = torch.randn(2, 6, 16, dtype=dtype)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    additive = torch.randn(8, 6, 6).masked_fill(causal, float("-inf")).to(dtype)
+    additive_padding = torch.zeros(2, 6).masked_fill(padding, float("-inf")).to(dtype)
+    with torch.no_grad():
+        for kwargs in ({"need_weights": False}, {}, {"average_attn_weights": False},
+                       {"key_padding_mask": padding, "need_weights": False}, {"attn_mask": causal},
+                       {"attn_mask": additive, "key_padding_mask": additive_padding}):
+            expected, expected_weights = reference(x, x, x, **kwargs)
+            actual, weights = pruned(x, x, x, **kwargs)
+            close(actual, expected)
+            if expected_weights is None:
+                assert weights is None
+            else:
+                close(weights, expected_weights)
+        unbatched = x[0] if batch_first else x[:, 0]
+        close(pruned(unbatched, unbatched, unbatched)[0], reference(unbatched, unbatched, unbatched)[0])
+
+
+def test_a_vit_with_heads_removed_round_trips_through_a_compacted_checkpoint_and_exports():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    mask_heads(model, [1, 3], with_bias=False)
+    small = compact(model, x)
+    document = compacted_checkpoint(small, arch=None)
+    record = document["layers"]["encoder.layers.encoder_layer_0.self_attention"]
+    assert record == {"type": "PrunedMultiheadAttention", "arguments": {
+        "embed_dim": HIDDEN, "num_heads": 2, "head_dim": HIDDEN // HEADS, "bias": True, "dropout": 0.0,
+        "batch_first": True}}
+    assert "encoder.layers.encoder_layer_0.self_attention.out_proj" not in document["layers"]
+    rebuilt = rebuild_compacted(tiny_vit(), document, "vit.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), small(x))
+    exported = torch.export.export(small, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), small(x))
+
+
+def test_a_damaged_attention_record_is_refused_naming_it():
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    mask_heads(model, [0])
+    document = compacted_checkpoint(compact(model, x), arch=None)
+    document["layers"]["encoder.layers.encoder_layer_1.self_attention"]["arguments"]["dropout"] = 7.0
+    with pytest.raises(ValueError, match="encoder_layer_1.self_attention.*dropout is 7.0"):
+        rebuild_compacted(tiny_vit(), document, "vit.pt")
