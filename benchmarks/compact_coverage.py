@@ -29,6 +29,7 @@ from torch.nn.utils import prune
 import prunekit
 from prunekit.compact import compact
 from prunekit.dependency import channel_groups, unit_masks
+from prunekit.layers import channel_tensor_names, channel_weight
 from prunekit.measure.macs import count_macs
 from prunekit.testing import randomize_batchnorms, randomize_layer_norms
 from prunekit.measure.timing import latency_samples, speedup
@@ -37,35 +38,41 @@ from prunekit.measure.error import relative_error
 MODELS = [
     "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
     "densenet121", "regnet_x_400mf", "googlenet", "squeezenet1_1", "shufflenet_v2_x1_0", "convnext_tiny",
-    "regnet_y_400mf", "efficientnet_v2_s", "swin_t",
+    "regnet_y_400mf", "efficientnet_v2_s", "swin_t", "vit_b_16:mlp", "vit_b_16",
 ]  # fmt: skip
+# "NAME:mlp": only the groups of convs and Linear layers (a ViT's MLP hidden units), not the attentions' heads,
+# which Torch-Pruning cannot remove (its nn.MultiheadAttention pruner narrows embed_dim with the residual stream).
 
 
 def build(name: str) -> nn.Module:
+    name = name.partition(":")[0]
     kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(**kwargs).eval()
+    if isinstance(getattr(model, "heads", None), nn.Sequential):
+        nn.init.normal_(model.heads.head.weight)  # a ViT's zero-initialised head would make every output 0
     randomize_layer_norms(model, seed=1)  # a model with LayerNorms (ConvNeXt): their affine pairs and biases
     return randomize_batchnorms(model, seed=1, affine=False)  # statistics only, as the figures were measured
 
 
-def mask_half(model: nn.Module) -> Dict[str, List[int]]:
-    """Mask half of each group's removable units (lowest summed L1 first); each group's first member's dead channels."""
+def mask_half(model: nn.Module, heads: bool = True) -> Dict[str, List[int]]:
+    """Mask half of each group's removable units (lowest summed L1 first); each group's first member's dead channels.
+    ``heads=False`` leaves the attentions alone."""
     first_member: Dict[str, List[int]] = {}
     for group in channel_groups(model):
         removable = list(group.removable_units)
-        if len(removable) < 2:
+        if len(removable) < 2 or (not heads and isinstance(model.get_submodule(group.name), nn.MultiheadAttention)):
             continue
         scores = torch.tensor([
-            sum(float(model.get_submodule(n).weight.detach()[list(c)].abs().sum()) for n, c in group.units[k].channels.items())
+            sum(float(channel_weight(model.get_submodule(n)).detach()[list(c)].abs().sum())
+                for n, c in group.units[k].channels.items())
             for k in removable
         ])
         drop = [removable[i] for i in scores.argsort()[: len(removable) // 2].tolist()]
         for name, keep in unit_masks(model, group, drop).items():
             layer = model.get_submodule(name)
-            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-            prune.custom_from_mask(layer, "weight", keep.view(shape).expand_as(layer.weight))
-            if layer.bias is not None:
-                prune.custom_from_mask(layer, "bias", keep)
+            for tensor_name in channel_tensor_names(layer):  # weight and bias (an attention's in-projection's)
+                tensor = getattr(layer, tensor_name)
+                prune.custom_from_mask(layer, tensor_name, keep.view((-1,) + (1,) * (tensor.dim() - 1)).expand_as(tensor))
         head = group.members[0]
         first_member[head] = sorted(c for k in drop for c in group.units[k].channels.get(head, ()))
     return first_member
@@ -112,7 +119,7 @@ def main() -> None:
         dense = build(name)
         masked = copy.deepcopy(dense)
         try:
-            dead = mask_half(masked)
+            dead = mask_half(masked, heads=not name.endswith(":mlp"))
             small = compact(masked, x)
         except Exception as err:  # noqa: BLE001 - the benchmark reports what each model does
             print(f"{name} | prunekit refused: {' '.join(str(err).split())[:160]}")
@@ -120,12 +127,14 @@ def main() -> None:
         with torch.no_grad():
             reference = masked(x)
             rel_pk = relative_error(small(x), reference)
+        attentions = [n for n in dead if isinstance(masked.get_submodule(n), nn.MultiheadAttention)]
         try:
-            tp_model = torch_pruning_version(masked, dead, x)
+            tp_model = None if attentions else torch_pruning_version(masked, dead, x)
         except Exception as err:  # noqa: BLE001
             tp_model, tp_error = None, f"failed: {type(err).__name__}"
         else:
-            tp_error = "not installed" if tp_model is None else ""
+            tp_error = ("no head pruning for nn.MultiheadAttention" if attentions else
+                        "not installed" if tp_model is None else "")
         models = {"dense": dense, "prunekit": small}
         if tp_model is not None:
             with torch.no_grad():

@@ -28,6 +28,8 @@ __all__ = [
     "get_module",
     "output_channels",
     "CHANNEL_LAYER_TYPES",
+    "channel_tensor_names",
+    "channel_weight",
     "prunable_layers",
     "resolve_layers",
 ]
@@ -83,7 +85,8 @@ def prunable_layers(model: nn.Module, types: Tuple[type, ...] = (nn.Conv2d,)) ->
 
 
 def _kinds(types: Tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in types)
+    names = [t.__name__ for t in types]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def resolve_layers(
@@ -229,22 +232,54 @@ class ConvBlock:
         return self.activation or self.batchnorm or self.conv
 
 
-#: The layers whose output channels channel pruning removes (a Linear's are its output features).
-CHANNEL_LAYER_TYPES: Tuple[type, ...] = (nn.Conv2d, nn.Linear)
+#: The layers whose output channels channel pruning removes (a Linear's are its output features; an attention's,
+#: the rows of its query, key and value projections, removed a head at a time).
+CHANNEL_LAYER_TYPES: Tuple[type, ...] = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+
+
+def _is_attention(layer: nn.Module) -> bool:
+    """``nn.MultiheadAttention``, or the attention ``compact`` makes of it (it has the same tensors)."""
+    return isinstance(getattr(layer, "in_proj_weight", None), torch.Tensor) and hasattr(layer, "num_heads")
+
+
+def channel_tensor_names(layer: nn.Module) -> Tuple[str, ...]:
+    """The names of ``layer``'s tensors whose rows are its output channels: its weight and bias, or an attention's
+    ``in_proj_weight`` and ``in_proj_bias`` (without a bias: the weight alone).
+
+    Example:
+        >>> channel_tensor_names(nn.Conv2d(3, 4, 1, bias=False)), channel_tensor_names(nn.MultiheadAttention(8, 2))
+        (('weight',), ('in_proj_weight', 'in_proj_bias'))
+    """
+    names = ("in_proj_weight", "in_proj_bias") if _is_attention(layer) else ("weight", "bias")
+    return names if getattr(layer, names[1], None) is not None else names[:1]
+
+
+def channel_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight whose rows are ``layer``'s output channels (an attention's: ``in_proj_weight``).
+
+    Example:
+        >>> tuple(channel_weight(nn.MultiheadAttention(8, 2)).shape)
+        (24, 8)
+    """
+    return getattr(layer, channel_tensor_names(layer)[0])
 
 
 def output_channels(layer: nn.Module) -> int:
-    """The output channels of a conv (``out_channels``) or an ``nn.Linear`` (``out_features``).
+    """The output channels of a conv (``out_channels``), an ``nn.Linear`` (``out_features``) or an attention (its
+    ``3 * embed_dim`` query, key and value rows).
 
     Example:
-        >>> output_channels(nn.Linear(3, 5)), output_channels(nn.Conv2d(3, 4, 1))
-        (5, 4)
+        >>> output_channels(nn.Linear(3, 5)), output_channels(nn.Conv2d(3, 4, 1)), output_channels(nn.MultiheadAttention(8, 2))
+        (5, 4, 24)
     """
+    if _is_attention(layer):
+        return int(layer.in_proj_weight.shape[0])
     if isinstance(layer, nn.Linear):
         return layer.out_features
     if isinstance(layer, nn.Conv2d):
         return layer.out_channels
-    raise TypeError(f"{type(layer).__name__} is neither an nn.Conv2d nor an nn.Linear; it has no output channels")
+    raise TypeError(f"{type(layer).__name__} is no nn.Conv2d, nn.Linear or nn.MultiheadAttention; it has no output "
+                    "channels")
 
 
 def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
@@ -253,7 +288,7 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
     They are found only where the order of execution is certain: the modules
     after the conv inside the same ``nn.Sequential``. Elsewhere the block is the
     conv alone. An ``nn.Linear``'s block is the layer and the activation directly
-    after it in its ``nn.Sequential`` (ConvNeXt's and the transformers' MLPs).
+    after it in its ``nn.Sequential`` (ConvNeXt's and the transformers' MLPs); an attention's is the attention.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -265,6 +300,8 @@ def conv_block(model: nn.Module, conv_name: str) -> ConvBlock:
         module = dict(model.named_modules()).get(conv_name)
         if isinstance(module, nn.Linear):
             return _linear_block(model, conv_name, module)
+        if module is not None and _is_attention(module):
+            return ConvBlock(conv_name, module)  # type: ignore[arg-type]  (its response: its in-projection)
         raise KeyError(f"unknown layer {conv_name!r}; conv layers are: {', '.join(convs)}")
     conv = convs[conv_name]
     children, prefix, index = _following(model, conv_name)

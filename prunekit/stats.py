@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit._rollback import restore_training, training_flags
@@ -198,6 +199,21 @@ class _LayerAccumulator:
         )
 
 
+class _InProjection:
+    """An attention's response: its query, key and value projections of the query it is given, [N, ..., 3 * E]."""
+
+    def __init__(self, accumulator: _LayerAccumulator) -> None:
+        self.accumulator = accumulator
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> None:
+        query = args[0] if args else kwargs.get("query")
+        if not isinstance(query, Tensor):
+            raise TypeError(f"the attention {self.accumulator.name!r} was called without a query tensor")
+        if query.dim() == 3 and not module.batch_first:
+            query = query.transpose(0, 1)  # [L, N, E] -> [N, L, E]: each image's tokens together
+        self.accumulator(module, args, F.linear(query, module.in_proj_weight, module.in_proj_bias))
+
+
 def _batch_input(batch: Any, index: int) -> Tensor:
     if isinstance(batch, Tensor):
         return batch
@@ -234,7 +250,9 @@ def collect_channel_stats(
         data: iterable of batches: tensors, or tuples/lists whose first element is the input.
         layers: conv (or ``nn.Linear``) layer names to measure; ``None`` measures every conv. A
             Linear's response is ``[N, ..., C]`` (channels last): each image's norm runs over
-            every position (token, pixel) of its channel.
+            every position (token, pixel) of its channel. An ``nn.MultiheadAttention``'s response is
+            its query, key and value projections of its query, ``[N, tokens, 3 * embed_dim]``: a head
+            responds through its rows.
         max_batches: stop after this many batches (``None``: all of ``data``).
         device: where inputs are sent; defaults to the device of the model's parameters.
         progress: show a progress bar on stderr.
@@ -262,14 +280,17 @@ def collect_channel_stats(
     device = torch.device(device) if device is not None else model_device(model)
 
     accumulators = OrderedDict(
-        (name, _LayerAccumulator(name, output_channels(layer), isinstance(layer, nn.Linear)))
+        (name, _LayerAccumulator(name, output_channels(layer), not isinstance(layer, nn.Conv2d)))
         for name, layer in convs.items()
     )
     flags = training_flags(model)
     handles = []
     try:
         for name, acc in accumulators.items():
-            handles.append(conv_block(model, name).output_module.register_forward_hook(acc))
+            if isinstance(convs[name], nn.MultiheadAttention):
+                handles.append(convs[name].register_forward_hook(_InProjection(acc), with_kwargs=True))
+            else:
+                handles.append(conv_block(model, name).output_module.register_forward_hook(acc))
         model.eval()
         length = max_batches
         if length is None and hasattr(data, "__len__"):

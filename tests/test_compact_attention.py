@@ -192,3 +192,113 @@ def test_a_damaged_attention_record_is_refused_naming_it():
     document["layers"]["encoder.layers.encoder_layer_1.self_attention"]["arguments"]["dropout"] = 7.0
     with pytest.raises(ValueError, match="encoder_layer_1.self_attention.*dropout is 7.0"):
         rebuild_compacted(tiny_vit(), document, "vit.pt")
+
+
+# --- channel methods over heads ---------------------------------------------------------------------------------
+
+
+def _prepared(name: str, model: nn.Module, layers):
+    from prunekit.methods.registry import get_method
+
+    torch.manual_seed(1)
+    batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    return get_method(name).prepare(model, batches, layers=layers)
+
+
+@pytest.mark.parametrize("method", ["filter-norm", "channel", "taylor"])
+def test_a_plan_at_half_of_every_group_removes_half_of_every_attentions_heads_exactly(method):
+    import prunekit
+
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = prunekit.uniform_plan(model, 0.5, method)
+    attentions = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    assert all(plan.get(name) == 0.5 for name in attentions), plan
+    pruning = _prepared(method, model, list(plan))
+    pruned = prunekit.apply_plan(prunekit.copy_model(model), plan, method=pruning)
+    for name in attentions:
+        attention = pruned.get_submodule(name)
+        dead_rows = (attention.in_proj_weight == 0).all(1)
+        assert int(dead_rows.sum()) == 3 * HIDDEN // 2 and torch.equal(attention.in_proj_bias == 0, dead_rows)
+    with torch.no_grad():
+        expected = pruned(x)
+    small = compact(pruned, x)
+    assert [small.get_submodule(name).num_heads for name in attentions] == [HEADS // 2] * 2
+    with torch.no_grad():
+        assert relative_error(small(x), expected) <= check_tolerance(torch.float32)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_attentions_channel_statistics_are_its_in_projections_per_image():
+    from prunekit.stats import collect_channel_stats
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attention = nn.Linear(4, 8), nn.MultiheadAttention(8, 2)  # [tokens, batch, features]
+
+        def forward(self, x):
+            x = self.embed(x)
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = SequenceFirst().eval()
+    x = torch.randn(5, 3, 4)  # 5 tokens of 3 images
+    stats = collect_channel_stats(model, [x], layers=["attention"])["attention"]
+    assert stats.num_images == 3 and stats.l2.shape == (24,)
+    with torch.no_grad():
+        rows = nn.functional.linear(model.embed(x), model.attention.in_proj_weight, model.attention.in_proj_bias)
+    expected = rows.transpose(0, 1).norm(dim=1).mean(0)  # per image: the norm over its tokens
+    torch.testing.assert_close(stats.l2, expected)
+    assert list(prunekit_default_layers(model)) == ["attention"]
+
+
+def prunekit_default_layers(model: nn.Module):
+    from prunekit.methods.registry import get_method
+
+    return get_method("channel").layers_of(model)
+
+
+def test_a_channel_scan_of_a_vit_covers_its_heads_with_suffix_forwards():
+    import warnings
+
+    from prunekit.sensitivity import OutputDistortion, scan
+    from prunekit.sensitivity.scanner import SuffixFallbackWarning
+
+    model = tiny_vit()
+    layers = [f"encoder.layers.encoder_layer_{i}.{part}" for i in range(2) for part in ("self_attention", "mlp.0")]
+    pruning = _prepared("channel", model, layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SuffixFallbackWarning)
+        result = scan(model, OutputDistortion(torch.randn(2, 3, 32, 32)), method=pruning, sparsities=[0.25, 0.75],
+                      layers=layers, progress=False)
+    attentions = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    assert [layer for layer in result.layers if layer in attentions] == attentions
+    assert all(result.scores[name][1] > result.scores[name][0] > 0 for name in attentions), result.scores
+
+
+def test_load_model_builds_a_vit_for_the_image_size_and_refuses_imagenet_weights_at_another():
+    from prunekit.input_size import check_input_fits
+    from prunekit.models.zoo import load_model
+
+    model = load_model("vit_b_16", image_size=32, seed=0)
+    assert model.image_size == 32 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+    assert load_model("resnet18", image_size=32, seed=0).fc.out_features == 1000  # others ignore it
+    with pytest.raises(ValueError, match="vit_b_16's ImageNet weights are for 224x224 inputs, not 64"):
+        load_model("vit_b_16", "imagenet", image_size=64)
+    with pytest.raises(ValueError, match="--image-size 64: VisionTransformer refuses an input of 3x64x64: Wrong image "
+                                         "height! Expected 32 but got 64!; pass the size it was built for"):
+        check_input_fits(model, (3, 64, 64), "--image-size", 64)
+
+
+@pytest.mark.slow
+def test_prunekit_scan_of_vit_b_16_scans_its_heads_at_the_image_size(tmp_path):
+    from click.testing import CliRunner
+
+    from prunekit.cli import cli
+
+    result = CliRunner().invoke(cli, ["scan", "--model", "vit_b_16", "--method", "channel", "--image-size", "32",
+                                      "--sparsities", "0.5", "--out", str(tmp_path / "scan"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "encoder.layers.encoder_layer_11.self_attention" in result.output
+    assert "full forwards" not in result.output

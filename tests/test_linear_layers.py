@@ -70,7 +70,7 @@ def test_channel_scans_cover_the_convs_unless_linears_are_named():
     assert list(pruning.layers_of(model)) == ["0"]  # a classifier is never pruned unasked
     assert list(pruning.layers_of(model, ["3"])) == ["3"]
     assert pruning.data_layers(model) == ["0"]
-    with pytest.raises(KeyError, match="unknown layer '1'; Conv2d or Linear layers are: 0, 3, 5"):
+    with pytest.raises(KeyError, match="unknown layer '1'; Conv2d, Linear or MultiheadAttention layers are: 0, 3, 5"):
         pruning.layers_of(model, ["1"])
 
 

@@ -267,7 +267,7 @@ def test_channel_activation_masks_batchnorm_so_channel_is_dead():
 
 
 def test_channel_activation_rejects_non_conv():
-    with pytest.raises(TypeError, match="nn.Conv2d or nn.Linear; got Conv1d"):
+    with pytest.raises(TypeError, match="nn.Conv2d, nn.Linear or nn.MultiheadAttention; got Conv1d"):
         channel_activation(nn.Conv1d(3, 4, 3), torch.ones(4), amount=1)
 
 

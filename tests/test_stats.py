@@ -137,7 +137,7 @@ def test_hooks_removed_when_forward_fails():
 
 
 def test_unknown_layer_lists_conv_names():
-    with pytest.raises(KeyError, match="unknown layer 'bad'; Conv2d or Linear layers are: 0, 2"):
+    with pytest.raises(KeyError, match="unknown layer 'bad'; Conv2d, Linear or MultiheadAttention layers are: 0, 2"):
         collect_channel_stats(known_model(), KNOWN_BATCHES, layers=["bad"])
 
 

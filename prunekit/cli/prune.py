@@ -113,13 +113,13 @@ def _report(model: Any, pruning: Any, report: Any, history: Any, out: str, arch:
 
 
 def _load(context: _Context, model_spec: str, weights: Optional[str], trust_checkpoint: bool, quiet: bool,
-          seed: Optional[int] = None) -> Any:
+          seed: Optional[int] = None, image_size: Optional[int] = None) -> Any:
     from prunekit.models.zoo import load_model
 
     typed = "--model" not in context.from_plan
     try:
         return load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
-                          factory_folder=os.getcwd() if typed else None, seed=seed)
+                          factory_folder=os.getcwd() if typed else None, seed=seed, image_size=image_size)
     except FileNotFoundError as err:
         recorded = [o for o in ("--model", "--weights") if o in context.from_plan]
         if recorded:
@@ -248,7 +248,7 @@ def prune_command(
         status(quiet, f"from {plan_path}: {', '.join(context.from_plan)}")
     with _blamed_on_plan(context):
         # The seed draws random weights (a factory without --weights) as the scan had them.
-        model = _load(context, model_spec, weights, trust_checkpoint, quiet, seed=seed).to(target)
+        model = _load(context, model_spec, weights, trust_checkpoint, quiet, seed=seed, image_size=image_size).to(target)
         arch = _architecture_or_pickle(model_spec, trust_checkpoint, out)
         _check_layers(model, plan, model_spec, pruning.layer_types)
         pruning = _prepared(model, pruning, plan, data, image_size, batch_size, seed, quiet)

@@ -178,7 +178,7 @@ def scan_command(
         "model": model_spec, "weights": weights, "data": data, "method": method, "sparsities": list(levels)})
 
     model = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint, progress=not quiet,
-                       factory_folder=os.getcwd(), seed=seed).to(target)
+                       factory_folder=os.getcwd(), seed=seed, image_size=image_size).to(target)
     convs = pruning.layers_of(model, names)
     batches, labelled, description, size, batch_size = evaluation_data(model, data, image_size, batch_size, metric, seed)
     metric_name = metric or ("accuracy" if labelled else "distortion")

@@ -14,7 +14,7 @@ from prunekit.defaults import CRITERIA, check_criterion
 from prunekit.dependency.flow import OUTPUT
 from prunekit.methods._amount import Amount, check_amount, count_to_prune
 from prunekit.methods.base import PruningMethod, Target
-from prunekit.layers import CHANNEL_LAYER_TYPES, output_channels
+from prunekit.layers import CHANNEL_LAYER_TYPES, channel_tensor_names, output_channels
 from prunekit.methods.groups import GroupBlock, group_blocks, unit_scores
 from prunekit.methods.registry import register_method
 
@@ -232,11 +232,10 @@ def lowest_channels(scores: torch.Tensor, remaining: torch.Tensor, count: int) -
 
 
 def channel_targets(conv: nn.Conv2d, batchnorm: Optional[nn.BatchNorm2d] = None) -> List[Tuple[nn.Module, str]]:
-    """The tensors that carry a conv's output channels: its weight and bias (and the border bias of a conv
-    ``compact`` built, :class:`~prunekit.dependency.border_bias.BorderBiasConv2d`), and the BatchNorm's affine pair."""
-    targets: List[Tuple[nn.Module, str]] = [(conv, "weight")]
-    if conv.bias is not None:
-        targets.append((conv, "bias"))
+    """The tensors that carry a conv's output channels: its weight and bias (an attention's ``in_proj_weight`` and
+    ``in_proj_bias``; the border bias of a conv ``compact`` built,
+    :class:`~prunekit.dependency.border_bias.BorderBiasConv2d`), and the BatchNorm's affine pair."""
+    targets: List[Tuple[nn.Module, str]] = [(conv, name) for name in channel_tensor_names(conv)]
     if isinstance(getattr(conv, "border_weight", None), nn.Parameter) or "border_weight_orig" in conv._parameters:
         targets.append((conv, "border_weight"))
     if batchnorm is not None and batchnorm.affine:
@@ -334,7 +333,7 @@ def channel_activation(
     """
     if not isinstance(module, CHANNEL_LAYER_TYPES):
         raise TypeError(
-            f"channel_activation prunes the output channels of an nn.Conv2d or nn.Linear; got "
+            f"channel_activation prunes the output channels of an nn.Conv2d, nn.Linear or nn.MultiheadAttention; got "
             f"{type(module).__name__}. Pass the conv layer (see prunekit.conv_layers(model))"
         )
     if batchnorm is not None and not isinstance(batchnorm, nn.BatchNorm2d):
@@ -384,7 +383,8 @@ class ChannelMethod(PruningMethod):
     name = "channel"
     unit = "channels"
     layer_types = CHANNEL_LAYER_TYPES
-    default_layer_types = (nn.Conv2d,)  # a Linear is scanned when named (ConvNeXt's MLPs); never a classifier unasked
+    # A Linear is scanned when named (ConvNeXt's MLPs), never a classifier unasked; an attention's heads always are.
+    default_layer_types = (nn.Conv2d, nn.MultiheadAttention)
     needs_statistics = True
     needs_data = True
     data_kind = "channel statistics"

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor, nn
 
+from prunekit.layers import channel_weight
 from prunekit.methods._amount import Amount
 from prunekit.methods.channel import ChannelMethod, channel_activation
 from prunekit.methods.registry import register_method
@@ -28,6 +29,8 @@ __all__ = ["FilterNormMethod", "filter_norm", "filter_norms"]
 
 def filter_norms(conv: nn.Conv2d, p: int = 1) -> Tensor:
     """The L``p`` norm of each output filter of ``conv`` (one score per output channel), in float32.
+
+    An attention's "filters" are the rows of its ``in_proj_weight``: a head scores by its query, key and value rows.
 
     Masked entries count as zero (the norm of ``weight = weight_orig * weight_mask``).
 
@@ -40,7 +43,7 @@ def filter_norms(conv: nn.Conv2d, p: int = 1) -> Tensor:
     """
     if p not in (1, 2):
         raise ValueError(f"p={p!r}: filter norms are L1 (p=1, Li et al.) or L2 (p=2)")
-    return conv.weight.detach().float().flatten(1).norm(p=p, dim=1)
+    return channel_weight(conv).detach().float().flatten(1).norm(p=p, dim=1)
 
 
 def filter_norm(

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.dependency import UnsupportedGraphError, channel_groups
-from prunekit.layers import CHANNEL_LAYER_TYPES, ConvBlock, conv_block, output_channels
+from prunekit.layers import CHANNEL_LAYER_TYPES, ConvBlock, channel_weight, conv_block, output_channels
 
 __all__ = ["GroupBlock", "group_blocks", "group_key", "unit_scores"]
 
@@ -82,7 +82,7 @@ class GroupBlock:
 
     def dead_units(self) -> Tensor:
         """Bool [units]: units whose channels have all-zero weights in every member."""
-        dead = [(m.conv.weight.detach().flatten(1) == 0).all(dim=1).cpu() for m in self.members]
+        dead = [(channel_weight(m.conv).detach().flatten(1) == 0).all(dim=1).cpu() for m in self.members]
         return torch.tensor([
             all(bool(d[list(channels)].all()) for d, channels in zip(dead, unit)) for unit in self.units
         ], dtype=torch.bool)
@@ -151,7 +151,7 @@ def group_blocks(model: nn.Module, layers: Iterable[str]) -> Dict[str, GroupBloc
             if not isinstance(module, CHANNEL_LAYER_TYPES):
                 raise ValueError(
                     f"'{layer}' is coupled with {type(module).__name__} '{name}' (channel group '{group.name}'); "
-                    "channel methods prune groups of convs and nn.Linear layers only: leave these layers out of "
+                    "channel methods prune groups of convs, nn.Linear layers and attentions only: leave these layers out of "
                     "the plan"
                 )
             members.append(conv_block(model, name))

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-from prunekit.layers import CHANNEL_LAYER_TYPES, conv_block, resolve_layers
+from prunekit.layers import CHANNEL_LAYER_TYPES, channel_tensor_names, conv_block, resolve_layers
 from prunekit.methods.channel import ChannelMethod
 from prunekit.methods.registry import register_method
 from prunekit.progress import progress_bar
@@ -48,7 +48,7 @@ def _gate(model: nn.Module, layer: str) -> List[Tuple[nn.Module, str]]:
     block = conv_block(model, layer)
     if block.batchnorm is not None and block.batchnorm.affine:
         return [(block.batchnorm, "weight"), (block.batchnorm, "bias")]
-    return [(block.conv, "weight")] + ([(block.conv, "bias")] if block.conv.bias is not None else [])
+    return [(block.conv, name) for name in channel_tensor_names(block.conv)]
 
 
 def _split(batch: Any) -> Tuple[Tensor, Optional[Tensor]]:

@@ -261,12 +261,29 @@ class RecordedFactoryError(ValueError):
 # Model specs
 
 
-def _torchvision(name: str, weights: Optional[str], progress: bool) -> nn.Module:
+# torchvision transformers whose architecture is built for one input size: the argument that sets it.
+_SIZED = {"torchvision.models.vision_transformer": lambda side: {"image_size": side},
+          "torchvision.models.maxvit": lambda side: {"input_size": (side, side)}}
+
+
+def _size_arguments(name: str, builder: Any, weights: Optional[str], image_size: Optional[int]) -> Dict[str, Any]:
+    """What builds torchvision's ``name`` for ``image_size`` inputs (ViT and MaxViT fix their size; others need none)."""
+    sized = _SIZED.get(getattr(builder, "__module__", ""))
+    if sized is None or image_size is None or image_size == 224:
+        return {}
+    if weights == "imagenet":
+        raise ValueError(f"{name}'s ImageNet weights are for 224x224 inputs, not {image_size}; pass --image-size 224, "
+                         "or random weights (--weights none) at another size")
+    return sized(int(image_size))
+
+
+def _torchvision(name: str, weights: Optional[str], progress: bool, image_size: Optional[int] = None) -> nn.Module:
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
+    sized = _size_arguments(name, builder, weights, image_size)
     if weights != "imagenet":
-        return builder(weights=None)
+        return builder(weights=None, **sized)
     enum = torchvision.models.get_model_weights(name).DEFAULT
     try:
         state = enum.get_state_dict(progress=progress, check_hash=True)
@@ -388,13 +405,14 @@ def _checkpoint(path: Path, trust_checkpoint: bool, progress: bool) -> nn.Module
     raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a model checkpoint")
 
 
-def _build(spec: str, weights: Optional[str], progress: bool, folder: Optional[PathLike] = None) -> nn.Module:
+def _build(spec: str, weights: Optional[str], progress: bool, folder: Optional[PathLike] = None,
+           image_size: Optional[int] = None) -> nn.Module:
     """Build a named architecture (built-in, torchvision or factory) with the default or no weights."""
     name = spec.lower()
     if name in _BUILDERS:
         return _BUILDERS[name](weights, progress)
     if not _FACTORY_SPEC.match(spec) and is_model_name(name):
-        return _torchvision(name, weights, progress)
+        return _torchvision(name, weights, progress, image_size)
     return _factory(spec, folder)
 
 
@@ -423,6 +441,7 @@ def load_model(
     *,
     factory_folder: Optional[PathLike] = None,
     seed: Optional[int] = None,
+    image_size: Optional[int] = None,
 ) -> nn.Module:
     """Build the model named by ``spec``, load ``weights`` and return it in eval mode.
 
@@ -441,6 +460,8 @@ def load_model(
             a factory that a checkpoint file names.
         seed: seed torch's global generator first (``torch.manual_seed``), so that random weights (a
             factory or torchvision model without weights) are the same in every run given that seed.
+        image_size: the side of the square images the model will see: torchvision's ViT and MaxViT, built for one
+            input size, are built for this one (their ImageNet weights only for 224); other models ignore it.
 
     Raises:
         FileNotFoundError: a checkpoint or weights file does not exist.
@@ -508,7 +529,7 @@ def load_model(
                 f"weights file {weights!r} not found; --weights takes imagenet, none or a state_dict path"
             )
         folder = factory_folder if kind == "factory" else None
-        model = _build(spec.strip(), "none" if file_weights else weights, progress, folder)
+        model = _build(spec.strip(), "none" if file_weights else weights, progress, folder, image_size)
         if file_weights:
             load_weights(model, weights)
 

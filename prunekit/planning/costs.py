@@ -38,6 +38,7 @@ from torch import nn
 
 from prunekit.dependency.flow import trace_channel_flow
 from prunekit.dependency.registry import handler_of
+from prunekit.layers import channel_weight
 from prunekit.measure.macs import count_macs
 from prunekit.methods.base import PruningMethod
 from prunekit.methods.registry import get_method
@@ -362,7 +363,7 @@ def scanned_weights(model: Optional[nn.Module], result: Any) -> Dict[str, int]:
     weights = {}
     for layer in result.layers:
         members = pruning.block_layers(blocks[layer]) if layer in blocks else [layer]
-        weights[layer] = sum(int(model.get_submodule(name).weight.numel()) for name in members)
+        weights[layer] = sum(int(channel_weight(model.get_submodule(name)).numel()) for name in members)
     return weights
 
 
