@@ -200,8 +200,7 @@ def test_a_damaged_attention_record_is_refused_naming_it():
 def _prepared(name: str, model: nn.Module, layers):
     from prunekit.methods.registry import get_method
 
-    torch.manual_seed(1)
-    batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
     return get_method(name).prepare(model, batches, layers=layers)
 
 

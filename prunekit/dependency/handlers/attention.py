@@ -74,9 +74,9 @@ class AttentionHandler(Handler):
             return
         if tracked is None:
             tracked = Tracked(tracer.input_ids(module.embed_dim, "features of the model's input"), LAST)
-        inner = module.num_heads * _head_dim(module)
-        rows = flow.new_ids(3 * inner)
         head_dim = _head_dim(module)
+        inner = module.num_heads * head_dim
+        rows = flow.new_ids(3 * inner)
         for head in range(module.num_heads):
             members = [rows[part * inner + head * head_dim + d] for part in range(3) for d in range(head_dim)]
             for other in members[1:]:
